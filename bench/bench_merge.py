@@ -1,0 +1,334 @@
+"""Benchmark `weightops merge` against mergekit on a synthetic Llama family.
+
+For each merge method one recipe (mergekit YAML) is written and given to both
+tools. Each tool runs as a child process so its wall time and peak RSS can be
+measured in isolation; the outputs are then compared tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import safe_open
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_family import FINE_TUNES, make_family
+from peers import WORK, ensure_mergekit, mergekit_version
+
+REPO = Path(__file__).resolve().parent.parent
+BENCHMARKS_MD = REPO / "BENCHMARKS.md"
+START, END = "<!-- bench_merge:start -->", "<!-- bench_merge:end -->"
+METHODS = ("linear", "task_arithmetic", "ties")
+# bf16 has an 8-bit significand: a correct fp32 merge rounded to bf16 differs from
+# another by about one ulp, so anything beyond this is a real disagreement.
+REL_FRO_BAR = 2.0**-8
+MAX_ABS_BAR = 2.0**-6
+
+
+@dataclass
+class Run:
+    seconds: float
+    peak_mib: float
+
+
+@dataclass
+class Parity:
+    worst_rel_fro: float
+    worst_rel_fro_tensor: str
+    worst_max_abs: float
+    worst_max_abs_tensor: str
+    only_weightops: list[str]
+    only_mergekit: list[str]
+    dtype_mismatches: list[str]
+
+    @property
+    def within_bar(self) -> bool:
+        return (
+            self.worst_rel_fro <= REL_FRO_BAR
+            and self.worst_max_abs <= MAX_ABS_BAR
+            and not self.only_weightops
+            and not self.only_mergekit
+        )
+
+
+def ensure_family(n_layers: int) -> dict[str, Path]:
+    root = WORK / f"family-{n_layers}L"
+    names = ("base", *FINE_TUNES)
+    if all((root / n / "model.safetensors.index.json").exists() for n in names):
+        return {n: root / n for n in names}
+    print(f"building {n_layers}-layer family in {root}", flush=True)
+    return make_family(root, n_layers=n_layers)
+
+
+def recipe(method: str, family: dict[str, Path]) -> dict:
+    fts = [str(family[n]) for n in FINE_TUNES]
+    common = {"merge_method": method, "dtype": "float32", "out_dtype": "bfloat16"}
+    if method == "linear":
+        models = [{"model": m, "parameters": {"weight": w}} for m, w in zip(fts, (0.5, 0.3, 0.2), strict=True)]
+        return {**common, "models": models}
+    if method == "task_arithmetic":
+        models = [{"model": m, "parameters": {"weight": 0.5}} for m in fts]
+        return {**common, "base_model": str(family["base"]), "models": models}
+    if method == "ties":
+        models = [{"model": m, "parameters": {"weight": 1.0, "density": 0.5}} for m in fts]
+        return {
+            **common,
+            "base_model": str(family["base"]),
+            "models": models,
+            "parameters": {"normalize": True},
+        }
+    raise ValueError(f"no recipe for method {method!r}")
+
+
+def write_recipe(method: str, family: dict[str, Path], n_layers: int) -> Path:
+    path = WORK / "recipes" / f"{method}-{n_layers}L.yml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe(method, family), sort_keys=False))
+    return path
+
+
+def weightops_cmd(recipe_path: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "weightops", "merge", str(recipe_path), "-o", str(out), "--force"]
+
+
+def mergekit_cmd(exe: Path, recipe_path: Path, out: Path) -> list[str]:
+    return [str(exe), str(recipe_path), str(out)]
+
+
+def measure(cmd: list[str], out: Path, log: Path) -> Run:
+    """Run cmd to completion; wall time and the child's peak RSS from wait4."""
+    # Neither tool should be able to reuse or trip over a previous result.
+    shutil.rmtree(out, ignore_errors=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as fh:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
+        raise RuntimeError(f"{shlex.join(cmd)} exited {proc.returncode}; log {log}:\n{tail}")
+    return Run(seconds, usage.ru_maxrss / 1024)  # ru_maxrss is KiB on Linux
+
+
+def load_tensor_index(out: Path) -> dict[str, Path]:
+    index: dict[str, Path] = {}
+    for shard in sorted(out.glob("*.safetensors")):
+        with safe_open(shard, framework="pt") as f:
+            index.update(dict.fromkeys(f.keys(), shard))
+    return index
+
+
+def read(shard: Path, name: str) -> torch.Tensor:
+    with safe_open(shard, framework="pt") as f:
+        return f.get_tensor(name)
+
+
+def compare(out_w: Path, out_m: Path) -> Parity:
+    """Worst per-tensor disagreement, with the mergekit output as reference."""
+    idx_w, idx_m = load_tensor_index(out_w), load_tensor_index(out_m)
+    common = sorted(idx_w.keys() & idx_m.keys())
+    parity = Parity(
+        0.0, "", 0.0, "",
+        only_weightops=sorted(idx_w.keys() - idx_m.keys()),
+        only_mergekit=sorted(idx_m.keys() - idx_w.keys()),
+        dtype_mismatches=[],
+    )
+    for name in common:
+        w, m = read(idx_w[name], name), read(idx_m[name], name)
+        if w.dtype != m.dtype:
+            parity.dtype_mismatches.append(f"{name}: {w.dtype} vs {m.dtype}")
+        w, m = w.double(), m.double()
+        if w.shape != m.shape:
+            parity.worst_rel_fro, parity.worst_rel_fro_tensor = float("inf"), name
+            continue
+        diff = w - m
+        rel_fro = (diff.norm() / m.norm().clamp_min(1e-30)).item()
+        max_abs = (diff.abs().max() / m.abs().max().clamp_min(1e-30)).item()
+        if rel_fro > parity.worst_rel_fro:
+            parity.worst_rel_fro, parity.worst_rel_fro_tensor = rel_fro, name
+        if max_abs > parity.worst_max_abs:
+            parity.worst_max_abs, parity.worst_max_abs_tensor = max_abs, name
+    return parity
+
+
+def machine() -> str:
+    mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")),
+        platform.processor(),
+    )
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {mem_kib / 2**20:.0f} GiB RAM, "
+        f"Python {platform.python_version()}, torch {torch.__version__}"
+    )
+
+
+def fmt_ratio(a: float, b: float | None) -> str:
+    return f"{a / b:.2f}" if b else "n/a"
+
+
+def render(
+    command: str,
+    n_layers: int,
+    repeats: int,
+    rows: dict[str, tuple[Run, Run | None, Parity | None]],
+    flatness: tuple[Run, Run] | None,
+    peer: str | None,
+) -> str:
+    lines = [
+        f"Synthetic Llama family, {n_layers} layers (~150M parameters at 16), bf16, two shards per model; "
+        f"recipes compute in float32 and write bfloat16. Median wall time and max peak RSS over "
+        f"{repeats} alternating runs per tool.",
+        "",
+        f"- Command: `{command}`",
+        f"- Machine: {machine()}",
+        f"- Peer: {peer or 'not run (--skip-peer)'}",
+        "",
+        "| method | weightops s | mergekit s | time ratio (w/m) | weightops peak MiB | "
+        "mergekit peak MiB | RSS ratio | max rel Frobenius | within bf16 bar |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    notes = []
+    for method, (w, m, parity) in rows.items():
+        m_s = f"{m.seconds:.2f}" if m else "n/a"
+        m_rss = f"{m.peak_mib:.0f}" if m else "n/a"
+        rel = f"{parity.worst_rel_fro:.2e}" if parity else "n/a"
+        ok = ("yes" if parity.within_bar else "**no**") if parity else "n/a"
+        lines.append(
+            f"| {method} | {w.seconds:.2f} | {m_s} | {fmt_ratio(w.seconds, m and m.seconds)} | "
+            f"{w.peak_mib:.0f} | {m_rss} | {fmt_ratio(w.peak_mib, m and m.peak_mib)} | {rel} | {ok} |"
+        )
+        if parity:
+            notes.append(
+                f"- {method}: worst rel Frobenius {parity.worst_rel_fro:.2e} "
+                f"(`{parity.worst_rel_fro_tensor}`), worst max-abs/max|m| {parity.worst_max_abs:.2e} "
+                f"(`{parity.worst_max_abs_tensor}`); only in weightops: {parity.only_weightops or 'none'}; "
+                f"only in mergekit: {parity.only_mergekit or 'none'}; "
+                f"dtype mismatches: {parity.dtype_mismatches or 'none'}"
+            )
+    lines += [
+        "",
+        "Bar: rel Frobenius <= 2^-8 and max abs diff <= 2^-6 * max|m| for every tensor "
+        "(m = mergekit output), and the same tensor names in both outputs.",
+        "",
+        *notes,
+    ]
+    if flatness:
+        small, large = flatness
+        lines += [
+            "",
+            "Peak RSS of `weightops merge` (linear) versus model depth:",
+            "",
+            f"- 8 layers: {small.peak_mib:.0f} MiB",
+            f"- {n_layers} layers: {large.peak_mib:.0f} MiB",
+            f"- ratio {n_layers}L/8L: {large.peak_mib / small.peak_mib:.2f}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def write_section(body: str) -> None:
+    section = f"{START}\n## Merge: weightops vs mergekit\n\n{body}{END}\n"
+    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else (
+        "# Benchmarks\n\nNumbers produced by the scripts in `bench/`; each section is "
+        "regenerated by the command it lists.\n\n"
+    )
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        tail = rest.split(END, 1)[1].lstrip("\n")
+        text = head + section + ("\n" + tail if tail else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    BENCHMARKS_MD.write_text(text)
+
+
+def bench_method(
+    method: str, family: dict[str, Path], n_layers: int, repeats: int, mergekit: Path | None
+) -> tuple[Run, Run | None, Parity | None]:
+    recipe_path = write_recipe(method, family, n_layers)
+    out_w, out_m = WORK / "out" / f"{method}-weightops", WORK / "out" / f"{method}-mergekit"
+    logs = WORK / "logs"
+    w_runs: list[Run] = []
+    m_runs: list[Run] = []
+    for rep in range(repeats):
+        # Alternate which tool goes first so page-cache warmth favours neither.
+        order = ["w", "m"] if rep % 2 == 0 else ["m", "w"]
+        for tool in order:
+            if tool == "w":
+                w_runs.append(measure(weightops_cmd(recipe_path, out_w), out_w,
+                                      logs / f"{method}-weightops-{rep}.log"))
+            elif mergekit:
+                m_runs.append(measure(mergekit_cmd(mergekit, recipe_path, out_m), out_m,
+                                      logs / f"{method}-mergekit-{rep}.log"))
+    w = summarize(w_runs)
+    m = summarize(m_runs) if m_runs else None
+    parity = compare(out_w, out_m) if mergekit else None
+    return w, m, parity
+
+
+def summarize(runs: list[Run]) -> Run:
+    return Run(statistics.median(r.seconds for r in runs), max(r.peak_mib for r in runs))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="comma-separated subset of " + ",".join(METHODS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--skip-peer", action="store_true", help="run weightops only")
+    parser.add_argument("--no-write", action="store_true", help=f"do not update {BENCHMARKS_MD.name}")
+    args = parser.parse_args()
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        parser.error(f"unknown methods: {sorted(unknown)}")
+
+    family = ensure_family(args.layers)
+    mergekit = None if args.skip_peer else ensure_mergekit()
+    peer = None if args.skip_peer else mergekit_version()
+
+    rows = {}
+    for method in methods:
+        print(f"{method}: {args.repeats} runs per tool", flush=True)
+        rows[method] = bench_method(method, family, args.layers, args.repeats, mergekit)
+
+    flatness = None
+    if args.layers != 8:
+        # Streaming should keep peak RSS roughly independent of depth.
+        small_family = ensure_family(8)
+        small_recipe = write_recipe("linear", small_family, 8)
+        out = WORK / "out" / "linear-8L-weightops"
+        small = measure(weightops_cmd(small_recipe, out), out, WORK / "logs" / "linear-8L-weightops.log")
+        if "linear" in rows:
+            large = rows["linear"][0]
+        else:
+            big_recipe = write_recipe("linear", family, args.layers)
+            out = WORK / "out" / "linear-weightops"
+            large = measure(weightops_cmd(big_recipe, out), out, WORK / "logs" / "linear-weightops.log")
+        flatness = (small, large)
+
+    command = shlex.join(["python", "bench/bench_merge.py", *sys.argv[1:]])
+    body = render(command, args.layers, args.repeats, rows, flatness, peer)
+    print(body)
+    if not args.no_write:
+        write_section(body)
+        print(f"updated {BENCHMARKS_MD}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from weightops.cli import main
+
+main()

@@ -1,0 +1,34 @@
+"""The `weightops` command: one typer app, one module per command."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from weightops.cli import _common, demo, inspect, merge, validate
+
+app = typer.Typer(
+    name="weightops",
+    help="Weight-space alignment tooling for LLM checkpoints: streaming merges of "
+    "Hugging Face safetensors checkpoints (mergekit recipes run unchanged).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+) -> None:
+    _common.DEBUG = debug
+
+
+for module in (merge, validate, inspect, demo):
+    module.register(app)
+
+
+def main() -> None:
+    sys.exit(app())

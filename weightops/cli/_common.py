@@ -1,0 +1,62 @@
+"""What every command shares: error reporting and size parsing."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import sys
+from collections.abc import Iterator
+
+import typer
+
+from weightops.errors import RecipeError, WeightopsError
+
+DEBUG = False
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000; '512MiB' -> 536_870_912."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in _UNITS or float(m.group(1)) <= 0:
+        raise typer.BadParameter(f"{text!r} is not a size; write e.g. 5GB, 500MB or 2GiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn WeightopsError into one line on stderr and exit 1, Ctrl-C into exit 130;
+    with --debug the traceback is shown instead."""
+    try:
+        yield
+    except RecipeError as e:
+        if DEBUG:
+            raise
+        noun = "problem" if len(e.problems) == 1 else "problems"
+        typer.echo(f"error: {e.source}: {len(e.problems)} {noun}", err=True)
+        typer.echo(e.details(), err=True)
+        raise typer.Exit(1) from None
+    except WeightopsError as e:
+        if DEBUG:
+            raise
+        raise fail(str(e)) from None
+    except KeyboardInterrupt:
+        if DEBUG:
+            raise
+        typer.echo("\ninterrupted: nothing was written", err=True)
+        raise typer.Exit(130) from None
+    except MemoryError:
+        if DEBUG:
+            raise
+        raise fail("out of memory; try --device cpu, fewer --threads, or a machine with more RAM") from None
+
+
+def stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()

@@ -1,0 +1,101 @@
+"""Tiny checkpoints built from transformers configs, for the demo and the tests.
+
+Nothing can be downloaded, so examples are made here: a random model of a real
+architecture (Llama, Qwen2, Gemma, GPT-2, …) saved as a normal Hugging Face folder
+with a small byte-level tokenizer, plus "fine-tunes" that add seeded random task
+vectors to it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  tie_word_embeddings=False),
+    "qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  tie_word_embeddings=True),
+    "gemma": dict(model_type="gemma", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                  max_position_embeddings=128),
+    "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=4, n_head=4, n_positions=128),
+}
+VOCAB = 320
+
+
+def _tokenizer(folder: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    # One token per printable character; enough to tokenize the demo's prompts.
+    vocab = {chr(i) if chr(i).isprintable() and not chr(i).isspace() else f"<0x{i:02X}>": i for i in range(256)}
+    tok = Tokenizer(models.WordLevel(vocab={**vocab, "<unk>": 256, "<eos>": 257}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
+    fast.save_pretrained(folder)
+
+
+def _quiet() -> None:
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+def tiny_model(folder: str | Path, family: str = "llama", *, seed: int = 0, layers: int | None = None,
+               shard_size: str | int = "1GB", dtype: torch.dtype = torch.float32) -> Path:
+    """Save a random `family` model with a tokenizer into `folder`; return the folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _quiet()
+    folder = Path(folder)
+    cfg = dict(FAMILIES[family])
+    model_type = cfg.pop("model_type")
+    if layers is not None:
+        cfg["n_layer" if model_type == "gpt2" else "num_hidden_layers"] = layers
+    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, **cfg)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            # Norm gains start at exactly 1 in a fresh model; perturb them so merges of
+            # norms are tested on real numbers too.
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(folder, max_shard_size=shard_size)
+    _tokenizer(folder)
+    return folder
+
+
+def fine_tune(base: str | Path, folder: str | Path, *, seed: int, scale: float = 0.01,
+              shard_size: str | int = "1GB") -> Path:
+    """Save base + a seeded random task vector (dense noise plus a sparse strong part)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet()
+    model = AutoModelForCausalLM.from_pretrained(base)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            noise = torch.randn(p.shape, generator=g) * scale
+            strong = (torch.rand(p.shape, generator=g) < 0.05) * torch.randn(p.shape, generator=g) * 5 * scale
+            p.add_((noise + strong).to(p.dtype))
+    model.save_pretrained(folder, max_shard_size=shard_size)
+    AutoTokenizer.from_pretrained(base).save_pretrained(folder)
+    return Path(folder)
+
+
+def demo_models(root: str | Path, family: str = "llama") -> dict[str, Path]:
+    """The demo family: a base and two fine-tunes under root/demo-models."""
+    root = Path(root) / "demo-models"
+    base = tiny_model(root / "base", family, seed=0, shard_size="100KB")
+    return {
+        "base": base,
+        "ft_a": fine_tune(base, root / "ft_a", seed=1, shard_size="100KB"),
+        "ft_b": fine_tune(base, root / "ft_b", seed=2, shard_size="100KB"),
+    }

@@ -1,0 +1,143 @@
+"""A Hugging Face checkpoint on disk: a folder (one file or a sharded index) or one file.
+
+Opening a checkpoint reads headers only. Tensors are read one at a time on demand.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from weightops.arch import embedding_name, tied_lm_head_name
+from weightops.errors import CheckpointError
+from weightops.io.safetensors_file import TensorInfo, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+_PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+_CONVERT_HINT = (
+    "weightops reads safetensors only, because pickled checkpoints can run arbitrary code; "
+    "convert it once in a trusted environment: "
+    "AutoModelForCausalLM.from_pretrained(PATH).save_pretrained(NEW_PATH, safe_serialization=True)"
+)
+
+
+class Checkpoint:
+    """Tensor names, shapes and dtypes of a checkpoint, and where each one lives."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.files, self.index_path = _locate(self.path)
+        self.tensors: dict[str, TensorInfo] = {}
+        self.metadata: dict[str, str] = {}
+        weight_map = _read_index(self.index_path) if self.index_path else None
+        for file in self.files:
+            infos, meta = read_header(file)
+            self.metadata.update(meta)
+            for name, info in infos.items():
+                if name in self.tensors:
+                    raise CheckpointError(
+                        f"{self.path}: tensor {name!r} is stored in both "
+                        f"{self.tensors[name].path.name} and {file.name}"
+                    )
+                self.tensors[name] = info
+        if weight_map is not None:
+            _check_index(self.index_path, weight_map, self.tensors)
+        self.aliases: dict[str, str] = {}
+        tied = tied_lm_head_name(self.tensors.keys(), self.config)
+        if tied is not None:
+            self.aliases[tied] = embedding_name(self.tensors.keys())  # type: ignore[assignment]
+
+    @property
+    def folder(self) -> Path:
+        return self.path if self.path.is_dir() else self.path.parent
+
+    @cached_property
+    def config(self) -> dict[str, Any]:
+        """config.json as a dict ({} for a bare file without one)."""
+        cfg = self.folder / "config.json"
+        if not cfg.is_file():
+            return {}
+        try:
+            return json.loads(cfg.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{cfg}: not valid JSON ({e})") from e
+
+    def info(self, name: str) -> TensorInfo | None:
+        """The stored tensor for `name`, following a tied lm_head to the embedding."""
+        info = self.tensors.get(name)
+        if info is None and name in self.aliases:
+            info = self.tensors.get(self.aliases[name])
+        return info
+
+    @property
+    def nbytes(self) -> int:
+        return sum(i.nbytes for i in self.tensors.values())
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, {len(self.tensors)} tensors)"
+
+
+def _locate(path: Path) -> tuple[list[Path], Path | None]:
+    if not path.exists():
+        raise CheckpointError(
+            f"{path}: no such model folder or file",
+            hint="weightops reads local checkpoints; check the path, or download the model first "
+            "(huggingface-cli download REPO --local-dir PATH)",
+        )
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            if any(path.match(p) for p in _PICKLED):
+                raise CheckpointError(f"{path}: pickled checkpoint refused", hint=_CONVERT_HINT)
+            raise CheckpointError(f"{path}: not a .safetensors file")
+        return [path], None
+    index = path / INDEX_NAME
+    if index.is_file():
+        return _index_files(index), index
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files, None
+    if any(path.glob(p) for p in _PICKLED):
+        raise CheckpointError(f"{path}: only pickled (.bin/.pt) weights found", hint=_CONVERT_HINT)
+    raise CheckpointError(
+        f"{path}: no .safetensors weights in this folder",
+        hint="point at a Hugging Face model folder or a .safetensors file",
+    )
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    try:
+        data = json.loads(index.read_text())
+        weight_map = data["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError
+        return {str(k): str(v) for k, v in weight_map.items()}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(
+            f"{index}: not a valid safetensors index (needs a 'weight_map' object)",
+            hint="re-save the model or delete the index if the folder holds a single file",
+        ) from e
+
+
+def _index_files(index: Path) -> list[Path]:
+    files = []
+    for name in dict.fromkeys(_read_index(index).values()):
+        file = index.parent / name
+        if not file.is_file():
+            raise CheckpointError(
+                f"{index}: lists shard {name} which does not exist",
+                hint="the download is incomplete; fetch the missing shard",
+            )
+        files.append(file)
+    return files
+
+
+def _check_index(index: Path | None, weight_map: dict[str, str], found: dict[str, TensorInfo]) -> None:
+    for name, file in weight_map.items():
+        info = found.get(name)
+        if info is None or info.path.name != file:
+            raise CheckpointError(
+                f"{index}: says tensor {name!r} is in {file}, but it is not there",
+                hint="the index does not match the shards; re-save the model",
+            )

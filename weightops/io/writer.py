@@ -1,0 +1,213 @@
+"""Writing a sharded safetensors checkpoint, streaming and atomically.
+
+The plan knows every output tensor's name, shape and dtype before any is computed, so
+the shard layout and every header are fixed up front: headers are written first, space
+for the data is reserved (so a full disk fails before any work, not after an hour),
+and each tensor is written at its final offset the moment it is ready. Nothing is held
+back to fill a shard, so memory stays at the tensors in flight.
+
+Everything goes into a hidden temporary folder beside the target, renamed into place
+only when complete; any failure or interrupt removes it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from weightops.errors import OutputError
+from weightops.io.checkpoint import INDEX_NAME
+from weightops.io.safetensors_file import DTYPE_NAMES
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one output tensor goes."""
+
+    shard: int
+    offset: int  # absolute byte offset in the shard file
+    nbytes: int
+
+
+@dataclass
+class Layout:
+    """Shard assignment of the output tensors, in plan order."""
+
+    files: list[str]
+    headers: list[bytes]
+    slots: dict[str, Slot]
+    shard_sizes: list[int] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.shard_sizes)
+
+
+def _header_bytes(entries: dict[str, dict], metadata: dict[str, str]) -> bytes:
+    raw = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode()
+    return raw + b" " * (-len(raw) % 8)
+
+
+def plan_layout(
+    tensors: list[tuple[str, tuple[int, ...], torch.dtype]],
+    max_shard_bytes: int,
+    metadata: dict[str, str],
+) -> Layout:
+    """Assign tensors to shards of at most `max_shard_bytes` of data (a tensor larger
+    than the limit gets a shard of its own), HF file names, headers and offsets."""
+    groups: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
+    used = 0
+    for name, shape, dtype in tensors:
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if groups[-1] and used + nbytes > max_shard_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append((name, shape, dtype, nbytes))
+        used += nbytes
+    n = len(groups)
+    files = (
+        ["model.safetensors"]
+        if n == 1
+        else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    )
+    headers, slots, sizes = [], {}, []
+    for shard, group in enumerate(groups):
+        entries, pos = {}, 0
+        for name, shape, dtype, nbytes in group:
+            entries[name] = {
+                "dtype": DTYPE_NAMES[dtype],
+                "shape": list(shape),
+                "data_offsets": [pos, pos + nbytes],
+            }
+            pos += nbytes
+        header = _header_bytes(entries, metadata)
+        start = 8 + len(header)
+        for name, _, _, nbytes in group:
+            slots[name] = Slot(shard, start + entries[name]["data_offsets"][0], nbytes)
+        headers.append(header)
+        sizes.append(start + pos)
+    return Layout(files, headers, slots, sizes)
+
+
+def _disk_error(path: Path, e: OSError) -> OutputError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OutputError(
+            f"{path}: disk full while writing the output",
+            hint="free some space or write elsewhere with -o; nothing was left behind",
+        )
+    return OutputError(f"{path}: cannot write: {e.strerror or e}")
+
+
+class ShardWriter:
+    """Open shard files with their headers written and their space reserved."""
+
+    def __init__(self, folder: Path, layout: Layout) -> None:
+        self.folder = folder
+        self.layout = layout
+        self._fds: list[int] = []
+        try:
+            for name, header, size in zip(layout.files, layout.headers, layout.shard_sizes):
+                fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                self._fds.append(fd)
+                _reserve(fd, size)
+                _pwrite_all(fd, len(header).to_bytes(8, "little") + header, 0)
+        except OSError as e:
+            self.close()
+            raise _disk_error(folder, e) from e
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        slot = self.layout.slots[name]
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        if data.numel() != slot.nbytes:
+            raise OutputError(f"{name}: computed {data.numel()} bytes, planned {slot.nbytes}")
+        try:
+            _pwrite_all(self._fds[slot.shard], memoryview(data.numpy()), slot.offset)
+        except OSError as e:
+            raise _disk_error(self.folder, e) from e
+
+    def finish(self) -> None:
+        """Flush everything to disk so the folder is complete once it is renamed."""
+        try:
+            for fd in self._fds:
+                os.fsync(fd)
+        except OSError as e:
+            raise _disk_error(self.folder, e) from e
+        finally:
+            self.close()
+
+    def write_index(self, total_data_bytes: int) -> None:
+        if len(self.layout.files) == 1:
+            return
+        weight_map = {name: self.layout.files[s.shard] for name, s in self.layout.slots.items()}
+        index = {"metadata": {"total_size": total_data_bytes}, "weight_map": weight_map}
+        (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+
+def _reserve(fd: int, size: int) -> None:
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        # Some filesystems cannot preallocate; a sparse file still works, and a full
+        # disk then shows up on write instead.
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+        os.ftruncate(fd, size)
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+class StagingFolder:
+    """A temporary folder beside `target` that becomes `target` on commit, or vanishes."""
+
+    def __init__(self, target: Path, *, force: bool) -> None:
+        self.target = target
+        if target.exists() and not target.is_dir():
+            raise OutputError(f"{target}: exists and is not a folder", hint="choose another -o")
+        if target.is_dir() and any(target.iterdir()) and not force:
+            raise OutputError(
+                f"{target}: output folder exists and is not empty",
+                hint="pass --force to replace it, or choose another -o",
+            )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self.path = target.parent / f".{target.name}.weightops-tmp-{os.getpid()}"
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.path.mkdir()
+
+    def check_space(self, needed: int) -> None:
+        free = shutil.disk_usage(self.path).free
+        if needed > free:
+            raise OutputError(
+                f"{self.target}: the output needs {needed / 1e9:.2f} GB but only "
+                f"{free / 1e9:.2f} GB are free",
+                hint="free some space or write elsewhere with -o",
+            )
+
+    def commit(self) -> None:
+        old = None
+        if self.target.exists():
+            old = self.target.parent / f".{self.target.name}.weightops-old-{os.getpid()}"
+            os.rename(self.target, old)
+        os.rename(self.path, self.target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)

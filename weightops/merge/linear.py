@@ -1,0 +1,36 @@
+"""Linear: weighted average of the inputs."""
+
+from __future__ import annotations
+
+import torch
+
+from weightops.merge.registry import NonNegative, PerModel, merge_method
+
+
+@merge_method("linear", min_models=1, reference="https://arxiv.org/abs/2203.05482")
+def linear(
+    tensors: list[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    weight: PerModel[NonNegative],
+    normalize: bool = True,
+) -> torch.Tensor:
+    """Weighted average of the inputs (Wortsman et al., "Model soups", ICML 2022).
+
+    θ = Σᵢ wᵢ·θᵢ / Σᵢ wᵢ   (without the division when normalize is false)
+
+    Parameters:
+      weight (per model, required, ≥ 0): the mixing weight of each model.
+      normalize (default true): divide by the sum of the weights, so weights need not
+        sum to 1. With normalize the weights of a tensor must not all be 0.
+    base_model is not used: list every model to average under `models`.
+    """
+    total = sum(weight)
+    out = torch.zeros_like(tensors[0])
+    for t, w in zip(tensors, weight):
+        out.add_(t, alpha=w)
+    if normalize:
+        if total == 0:
+            raise ValueError("the weights sum to 0, so they cannot be normalized")
+        out /= total
+    return out

@@ -1,0 +1,270 @@
+"""The registry of merge methods.
+
+A method is a pure tensor function registered with `@merge_method`. Its parameters are
+read from its keyword-only signature:
+
+    @merge_method("ties", base="required", reference="https://arxiv.org/abs/2306.01708")
+    def ties(tensors, base, *, weight: PerModel[float], density: PerModel[Unit] = 1.0,
+             lambda_: float = 1.0, normalize: bool = True) -> Tensor: ...
+
+- `tensors` is the list of input tensors (fp32, same shape), `base` the base model's
+  tensor or None. The result is one tensor of the same shape.
+- `PerModel[T]` parameters take one value per input model (from each model's
+  `parameters`, falling back to the recipe's global `parameters`); the function gets a list.
+- Other parameters are shared by all inputs of a tensor (global or slice `parameters`).
+- A trailing underscore is dropped from the recipe name (`lambda_` is `lambda`).
+- `Annotated[float, Range(gt=0, le=1)]` bounds a value; the recipe is checked against it.
+- A parameter without a default is required.
+- A parameter named `rng` is not a recipe parameter: the engine passes a torch.Generator
+  seeded from the recipe's `seed` parameter and the tensor's name, so random methods are
+  reproducible and independent of the order tensors are processed in.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal, Protocol, TypeVar
+
+import torch
+
+from weightops.errors import RecipeError
+
+T = TypeVar("T")
+
+
+class _PerModelMarker:
+    pass
+
+
+PER_MODEL = _PerModelMarker()
+PerModel = Annotated[list[T], PER_MODEL]
+
+
+@dataclass(frozen=True)
+class Range:
+    """Closed/open bounds for a numeric parameter."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+
+    def check(self, value: float) -> str | None:
+        if self.gt is not None and not value > self.gt:
+            return f"must be > {self.gt}"
+        if self.ge is not None and not value >= self.ge:
+            return f"must be >= {self.ge}"
+        if self.lt is not None and not value < self.lt:
+            return f"must be < {self.lt}"
+        if self.le is not None and not value <= self.le:
+            return f"must be <= {self.le}"
+        return None
+
+
+Unit = Annotated[float, Range(gt=0, le=1)]
+NonNegative = Annotated[float, Range(ge=0)]
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    kind: type
+    per_model: bool
+    default: Any
+    required: bool
+    range: Range | None = None
+
+    def validate(self, value: Any) -> tuple[Any, str | None]:
+        """Coerce one scalar value; return (value, error message or None)."""
+        if self.kind is bool:
+            if isinstance(value, bool):
+                return value, None
+            return value, "must be true or false"
+        if self.kind in (int, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                try:
+                    value = float(value) if isinstance(value, str) else None
+                except ValueError:
+                    value = None
+                if value is None:
+                    return value, "must be a number"
+            if value != value or value in (float("inf"), float("-inf")):
+                return value, "must be a finite number"
+            if self.kind is int:
+                if float(value) != int(value):
+                    return value, "must be a whole number"
+                value = int(value)
+            else:
+                value = float(value)
+            if self.range is not None and (msg := self.range.check(value)):
+                return value, msg
+            return value, None
+        return value, None
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    fn: Callable[..., torch.Tensor]
+    params: dict[str, ParamSpec]
+    base: Literal["required", "optional", "unused"]
+    min_models: int
+    max_models: int | None
+    reference: str
+    wants_rng: bool = False
+    wants_stats: bool = False
+    observer: Callable[[], Observer] | None = None
+    doc: str = field(default="", repr=False)
+
+    @property
+    def summary(self) -> str:
+        return (self.doc.strip().splitlines() or [""])[0]
+
+    def __call__(
+        self,
+        tensors: list[torch.Tensor],
+        base: torch.Tensor | None,
+        params: dict[str, Any],
+        rng: torch.Generator | None = None,
+        stats: object = None,
+    ) -> torch.Tensor:
+        kwargs = {_py_name(self.fn, k): v for k, v in params.items() if k in self.params}
+        if self.wants_rng:
+            kwargs["rng"] = rng
+        if self.wants_stats:
+            kwargs["stats"] = stats
+        return self.fn(tensors, base, **kwargs)
+
+
+class Observer(Protocol):
+    """Gathers whole-model statistics in a first streaming pass over every tensor.
+
+    `observe` sees each floating-point output tensor's inputs (compute dtype, on the
+    device) and resolved parameters; `result()` is passed to the method as `stats`.
+    Keep what it gathers small (per-tensor scalars, per-layer vectors): it is held in
+    memory for the whole run and must be picklable.
+    """
+
+    def observe(
+        self, name: str, tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict[str, Any]
+    ) -> None: ...
+
+    def result(self) -> object: ...
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def _py_name(fn: Callable[..., Any], name: str) -> str:
+    sig = inspect.signature(fn).parameters
+    return name if name in sig else name + "_"
+
+
+def merge_method(
+    name: str,
+    *,
+    base: Literal["required", "optional", "unused"] = "unused",
+    min_models: int = 1,
+    max_models: int | None = None,
+    reference: str = "",
+    observer: Callable[[], Observer] | None = None,
+) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    """Register a merge method under `name`; duplicate names are an error.
+
+    With `observer`, the engine first runs a statistics pass (see Observer) and passes
+    its result to the method's keyword-only `stats` argument.
+    """
+
+    def register(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        if name in _REGISTRY:
+            raise ValueError(f"merge method {name!r} is already registered")
+        if (observer is None) != ("stats" not in inspect.signature(fn).parameters):
+            raise ValueError(f"merge method {name!r}: an observer and a `stats` argument go together")
+        if not fn.__doc__:
+            raise ValueError(f"merge method {name!r} needs a docstring (paper, formula, parameters)")
+        hints = typing.get_type_hints(fn, include_extras=True)
+        params: dict[str, ParamSpec] = {}
+        wants_rng = wants_stats = False
+        for p in inspect.signature(fn).parameters.values():
+            if p.kind is not inspect.Parameter.KEYWORD_ONLY:
+                continue
+            if p.name == "rng":
+                wants_rng = True
+                continue
+            if p.name == "stats":
+                wants_stats = True
+                continue
+            params[p.name.rstrip("_")] = _param_spec(p, hints.get(p.name, Any))
+        _REGISTRY[name] = MethodSpec(
+            name=name,
+            fn=fn,
+            params=params,
+            base=base,
+            min_models=min_models,
+            max_models=max_models,
+            reference=reference,
+            wants_rng=wants_rng,
+            wants_stats=wants_stats,
+            observer=observer,
+            doc=inspect.getdoc(fn) or "",
+        )
+        return fn
+
+    return register
+
+
+def _param_spec(p: inspect.Parameter, hint: Any) -> ParamSpec:
+    per_model = False
+    rng: Range | None = None
+    # Unwrap Annotated layers: PerModel[Unit] is Annotated[list[Annotated[float, Range]], PER_MODEL].
+    while typing.get_origin(hint) is Annotated:
+        for meta in hint.__metadata__:
+            if meta is PER_MODEL:
+                per_model = True
+            elif isinstance(meta, Range):
+                rng = meta
+        hint = hint.__origin__
+        if typing.get_origin(hint) is list:
+            hint = typing.get_args(hint)[0]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    kind = hint if hint in (bool, int, float, str) else float
+    required = p.default is inspect.Parameter.empty
+    return ParamSpec(
+        name=p.name.rstrip("_"),
+        kind=kind,
+        per_model=per_model,
+        default=None if required else p.default,
+        required=required,
+        range=rng,
+    )
+
+
+def get_method(name: str) -> MethodSpec:
+    """The method registered as `name`; an unknown name lists the valid ones."""
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise RecipeError("merge_method", [("merge_method", unknown_method_message(name))])
+    return _REGISTRY[name]
+
+
+def unknown_method_message(name: str) -> str:
+    _load_builtin()
+    close = difflib.get_close_matches(name, _REGISTRY, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown merge method {name!r}{hint} Valid methods: {', '.join(sorted(_REGISTRY))}"
+
+
+def all_methods() -> dict[str, MethodSpec]:
+    _load_builtin()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def _load_builtin() -> None:
+    # Importing the package registers every built-in method module.
+    import weightops.merge  # noqa: F401

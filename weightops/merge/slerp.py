@@ -1,0 +1,53 @@
+"""SLERP: spherical linear interpolation between two models."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import torch
+
+from weightops.merge.registry import Range, merge_method
+
+DOT_THRESHOLD = 0.9995
+EPS = 1e-8
+
+
+@merge_method(
+    "slerp", base="required", min_models=1, max_models=1,
+    reference="https://en.wikipedia.org/wiki/Slerp",
+)
+def slerp(
+    tensors: list[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    t: Annotated[float, Range(ge=0, le=1)],
+) -> torch.Tensor:
+    """Spherical interpolation from the base (t = 0) to the other model (t = 1)
+    (Shoemake 1985; the usual way to blend two LLM checkpoints).
+
+    Each tensor is flattened; with Ω the angle between the two normalised tensors,
+      θ = sin((1−t)Ω)/sin Ω · θ_base + sin(tΩ)/sin Ω · θ_other,
+    and plain linear interpolation when |cos Ω| > 0.9995 (nearly parallel or
+    antiparallel, where the formula is ill-conditioned).
+
+    Parameters:
+      t (required, 0 ≤ t ≤ 1): position on the arc; usually a gradient over depth,
+        e.g. [0, 0.5, 1], with filters for self_attn / mlp. As in mergekit, tensors
+        outside decoder blocks (embeddings, final norm, lm_head) see the first
+        gradient value.
+    Exactly one model besides base_model.
+    """
+    a = base.reshape(-1)
+    b = tensors[0].reshape(-1)
+    na = torch.linalg.vector_norm(a)
+    nb = torch.linalg.vector_norm(b)
+    na = na if na > EPS else torch.ones_like(na)
+    nb = nb if nb > EPS else torch.ones_like(nb)
+    dot = torch.dot(a / na, b / nb).clamp(-1, 1)
+    if dot.abs() > DOT_THRESHOLD:
+        return torch.lerp(base, tensors[0], t)
+    omega = torch.acos(dot)
+    so = torch.sin(omega)
+    ca = torch.sin((1 - t) * omega) / so
+    cb = torch.sin(t * omega) / so
+    return base * ca + tensors[0] * cb

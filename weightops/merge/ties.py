@@ -1,0 +1,46 @@
+"""TIES-merging: trim, elect sign, disjoint merge."""
+
+from __future__ import annotations
+
+import torch
+
+from weightops.merge.registry import PerModel, Unit, merge_method
+from weightops.merge.sparsify import combine, magnitude, rescale_l1
+
+
+@merge_method("ties", base="required", reference="https://arxiv.org/abs/2306.01708")
+def ties(
+    tensors: list[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    weight: PerModel[float],
+    density: PerModel[Unit] = 1.0,
+    lambda_: float = 1.0,
+    normalize: bool = True,
+    rescale: bool = False,
+    int8_mask: bool = False,
+) -> torch.Tensor:
+    """TIES-merging (Yadav et al., "Resolving Interference When Merging Models", NeurIPS 2023).
+
+    δᵢ = top-k by magnitude of (θᵢ − θ_base), k = ⌊density·n⌋   (trim)
+    s = sign(Σᵢ wᵢδᵢ)                                          (elect sign, ties → +)
+    θ = θ_base + λ · Σᵢ [sign(wᵢδᵢ) = s]·wᵢδᵢ / Σᵢ [sign(wᵢδᵢ) = s]·wᵢ   (disjoint mean)
+
+    Parameters:
+      weight (per model, required): scale of each task vector, usually 0.3 … 1.
+      density (per model, default 1.0, 0 < density ≤ 1): share of each task vector
+        kept; the paper uses 0.2, LLM merges often 0.5 … 0.7.
+      lambda (default 1.0): global scale of the merged task vector.
+      normalize (default true): divide by the summed weights of the agreeing models.
+      rescale (default false): rescale each trimmed vector to its original L1 norm.
+      int8_mask: accepted so mergekit recipes run; masks here are always booleans.
+    Entries tied at the trim threshold are kept in index order until exactly k survive
+    (mergekit leaves that order to its sort); the differences are far below bf16 rounding.
+    """
+    del int8_mask
+    deltas = []
+    for t, d in zip(tensors, density):
+        delta = t - base
+        trimmed = magnitude(delta, d)
+        deltas.append(rescale_l1(delta, trimmed) if rescale else trimmed)
+    return combine(deltas, base, weight, consensus=True, normalize=normalize, lam=lambda_)
