@@ -52,6 +52,7 @@ class Parity:
     only_weightops: list[str]
     only_mergekit: list[str]
     dtype_mismatches: list[str]
+    n_compared: int
 
     @property
     def within_bar(self) -> bool:
@@ -146,6 +147,7 @@ def compare(out_w: Path, out_m: Path) -> Parity:
         only_weightops=sorted(idx_w.keys() - idx_m.keys()),
         only_mergekit=sorted(idx_m.keys() - idx_w.keys()),
         dtype_mismatches=[],
+        n_compared=len(common),
     )
     for name in common:
         w, m = read(idx_w[name], name), read(idx_m[name], name)
@@ -189,6 +191,7 @@ def render(
     rows: dict[str, tuple[Run, Run | None, Parity | None]],
     flatness: tuple[Run, Run] | None,
     peer: str | None,
+    load: tuple[float, float],
 ) -> str:
     lines = [
         f"Synthetic Llama family, {n_layers} layers (~150M parameters at 16), bf16, two shards per model; "
@@ -198,6 +201,8 @@ def render(
         f"- Command: `{command}`",
         f"- Machine: {machine()}",
         f"- Peer: {peer or 'not run (--skip-peer)'}",
+        # Other work on the machine inflates both tools' times unevenly; say so.
+        f"- 1-minute load average: {load[0]:.1f} at start, {load[1]:.1f} at end",
         "",
         "| method | weightops s | mergekit s | time ratio (w/m) | weightops peak MiB | "
         "mergekit peak MiB | RSS ratio | max rel Frobenius | within bf16 bar |",
@@ -213,7 +218,12 @@ def render(
             f"| {method} | {w.seconds:.2f} | {m_s} | {fmt_ratio(w.seconds, m and m.seconds)} | "
             f"{w.peak_mib:.0f} | {m_rss} | {fmt_ratio(w.peak_mib, m and m.peak_mib)} | {rel} | {ok} |"
         )
-        if parity:
+        if parity and parity.worst_rel_fro == parity.worst_max_abs == 0:
+            notes.append(f"- {method}: all {parity.n_compared} common tensors bit-identical; "
+                         f"only in weightops: {parity.only_weightops or 'none'}; "
+                         f"only in mergekit: {parity.only_mergekit or 'none'}; "
+                         f"dtype mismatches: {parity.dtype_mismatches or 'none'}")
+        elif parity:
             notes.append(
                 f"- {method}: worst rel Frobenius {parity.worst_rel_fro:.2e} "
                 f"(`{parity.worst_rel_fro_tensor}`), worst max-abs/max|m| {parity.worst_max_abs:.2e} "
@@ -298,6 +308,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown methods: {sorted(unknown)}")
 
+    load_start = os.getloadavg()[0]
     family = ensure_family(args.layers)
     mergekit = None if args.skip_peer else ensure_mergekit()
     peer = None if args.skip_peer else mergekit_version()
@@ -323,7 +334,8 @@ def main() -> None:
         flatness = (small, large)
 
     command = shlex.join(["python", "bench/bench_merge.py", *sys.argv[1:]])
-    body = render(command, args.layers, args.repeats, rows, flatness, peer)
+    load = (load_start, os.getloadavg()[0])
+    body = render(command, args.layers, args.repeats, rows, flatness, peer, load)
     print(body)
     if not args.no_write:
         write_section(body)

@@ -27,7 +27,10 @@ _ROLES: list[tuple[str, re.Pattern[str]]] = [
         ("attn_q", r"(?:q_proj|query)\.(?:weight|bias)$"),
         ("attn_k", r"(?:k_proj|key)\.(?:weight|bias)$"),
         ("attn_v", r"(?:v_proj|value)\.(?:weight|bias)$"),
-        ("attn_o", r"(?:o_proj|attn\.c_proj|attention\.dense|self_attn\.dense|out_proj)\.(?:weight|bias)$"),
+        (
+            "attn_o",
+            r"(?:o_proj|attn\.c_proj|attention\.dense|self_attn\.dense|out_proj)\.(?:weight|bias)$",
+        ),
         ("mlp_gate_up", r"gate_up_proj\.(?:weight|bias)$"),
         ("mlp_gate", r"(?:gate_proj|w1)\.(?:weight|bias)$"),
         ("mlp_up", r"(?:up_proj|c_fc|dense_h_to_4h|fc1|w3)\.(?:weight|bias)$"),
@@ -93,7 +96,9 @@ def num_layers(config: dict[str, Any], names: Iterable[str] = ()) -> int:
 
 def layer_count_key(config: dict[str, Any]) -> str | None:
     cfg = text_config(config)
-    return next((k for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers") if k in cfg), None)
+    return next(
+        (k for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers") if k in cfg), None
+    )
 
 
 def family(config: dict[str, Any]) -> str:

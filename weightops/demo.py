@@ -14,15 +14,36 @@ from typing import Any
 import torch
 
 FAMILIES: dict[str, dict[str, Any]] = {
-    "llama": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                  tie_word_embeddings=False),
-    "qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                  tie_word_embeddings=True),
-    "gemma": dict(model_type="gemma", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=1, head_dim=16,
-                  max_position_embeddings=128),
+    "llama": dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    ),
+    "qwen2": dict(
+        model_type="qwen2",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    ),
+    "gemma": dict(
+        model_type="gemma",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=128,
+    ),
     "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=4, n_head=4, n_positions=128),
 }
 VOCAB = 320
@@ -33,11 +54,18 @@ def _tokenizer(folder: Path) -> None:
     from transformers import PreTrainedTokenizerFast
 
     # One token per printable character; enough to tokenize the demo's prompts.
-    vocab = {chr(i) if chr(i).isprintable() and not chr(i).isspace() else f"<0x{i:02X}>": i for i in range(256)}
-    tok = Tokenizer(models.WordLevel(vocab={**vocab, "<unk>": 256, "<eos>": 257}, unk_token="<unk>"))
+    vocab = {
+        chr(i) if chr(i).isprintable() and not chr(i).isspace() else f"<0x{i:02X}>": i
+        for i in range(256)
+    }
+    tok = Tokenizer(
+        models.WordLevel(vocab={**vocab, "<unk>": 256, "<eos>": 257}, unk_token="<unk>")
+    )
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>"
+    )
     fast.save_pretrained(folder)
 
 
@@ -48,8 +76,15 @@ def _quiet() -> None:
     logging.set_verbosity_error()
 
 
-def tiny_model(folder: str | Path, family: str = "llama", *, seed: int = 0, layers: int | None = None,
-               shard_size: str | int = "1GB", dtype: torch.dtype = torch.float32) -> Path:
+def tiny_model(
+    folder: str | Path,
+    family: str = "llama",
+    *,
+    seed: int = 0,
+    layers: int | None = None,
+    shard_size: str | int = "1GB",
+    dtype: torch.dtype = torch.float32,
+) -> Path:
     """Save a random `family` model with a tokenizer into `folder`; return the folder."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -72,8 +107,14 @@ def tiny_model(folder: str | Path, family: str = "llama", *, seed: int = 0, laye
     return folder
 
 
-def fine_tune(base: str | Path, folder: str | Path, *, seed: int, scale: float = 0.01,
-              shard_size: str | int = "1GB") -> Path:
+def fine_tune(
+    base: str | Path,
+    folder: str | Path,
+    *,
+    seed: int,
+    scale: float = 0.01,
+    shard_size: str | int = "1GB",
+) -> Path:
     """Save base + a seeded random task vector (dense noise plus a sparse strong part)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -83,7 +124,12 @@ def fine_tune(base: str | Path, folder: str | Path, *, seed: int, scale: float =
     with torch.no_grad():
         for p in model.parameters():
             noise = torch.randn(p.shape, generator=g) * scale
-            strong = (torch.rand(p.shape, generator=g) < 0.05) * torch.randn(p.shape, generator=g) * 5 * scale
+            strong = (
+                (torch.rand(p.shape, generator=g) < 0.05)
+                * torch.randn(p.shape, generator=g)
+                * 5
+                * scale
+            )
             p.add_((noise + strong).to(p.dtype))
     model.save_pretrained(folder, max_shard_size=shard_size)
     AutoTokenizer.from_pretrained(base).save_pretrained(folder)

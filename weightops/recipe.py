@@ -10,6 +10,7 @@ before any tensor is read.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -128,7 +129,9 @@ def _yaml_path(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif not str(part).startswith(("function-", "list[", "tuple[", "dict[", "str", "bool", "int", "float")):
+        elif not str(part).startswith(
+            ("function-", "list[", "tuple[", "dict[", "str", "bool", "int", "float")
+        ):
             out += f".{part}" if out else str(part)
     return out
 
@@ -143,8 +146,9 @@ def _pydantic_problems(err: ValidationError) -> list[tuple[str, str]]:
     return list(seen.items())
 
 
-def parse_recipe(text: str, source: str = "recipe") -> Recipe:
-    """Parse YAML text into a Recipe, checking structure, method and parameters."""
+def parse_recipe(text: str, source: str = "recipe", *, recipe_dir: Path | None = None) -> Recipe:
+    """Parse YAML text into a Recipe, checking structure, method and parameters, and
+    (with `recipe_dir`) that every model exists; one RecipeError lists every problem."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -153,14 +157,42 @@ def parse_recipe(text: str, source: str = "recipe") -> Recipe:
         raise RecipeError(source, [(where, f"not valid YAML: {getattr(e, 'problem', e)}")]) from e
     if not isinstance(data, dict):
         raise RecipeError(source, [("", "a recipe is a YAML mapping with merge_method, models, …")])
+    problems: list[tuple[str, str]] = []
     try:
-        recipe = Recipe.model_validate(data)
+        recipe: Recipe | None = Recipe.model_validate(data)
     except ValidationError as e:
-        raise RecipeError(source, _pydantic_problems(e)) from None
-    problems = check_recipe(recipe)
+        problems += _pydantic_problems(e)
+        recipe = _without_unknown_keys(data, e)
+    if recipe is not None:
+        problems += check_recipe(recipe)
+        if recipe_dir is not None:
+            problems += [
+                (where, f"model {ref!r} not found (no such folder or file)")
+                for where, ref in _model_refs(recipe)
+                if resolve_model(ref, recipe_dir) is None
+            ]
     if problems:
         raise RecipeError(source, problems)
+    assert recipe is not None
     return recipe
+
+
+def _without_unknown_keys(data: dict[str, Any], err: ValidationError) -> Recipe | None:
+    """The recipe with its unknown keys dropped, so that the other checks can still
+    report their problems in the same run; None if it is broken in other ways too."""
+    if any(e["type"] != "extra_forbidden" for e in err.errors()):
+        return None
+    data = copy.deepcopy(data)
+    for e in err.errors():
+        *parents, key = e["loc"]
+        node: Any = data
+        for part in parents:
+            node = node[part]
+        node.pop(key, None)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError:
+        return None
 
 
 def load_recipe(path: str | Path, *, check_paths: bool = True) -> Recipe:
@@ -170,16 +202,7 @@ def load_recipe(path: str | Path, *, check_paths: bool = True) -> Recipe:
         text = path.read_text()
     except OSError as e:
         raise RecipeError(str(path), [("", f"cannot read recipe: {e.strerror or e}")]) from e
-    recipe = parse_recipe(text, str(path))
-    if check_paths:
-        problems = [
-            (where, f"model {p!r} not found (no such folder or file)")
-            for where, p in _model_refs(recipe)
-            if resolve_model(p, path.parent) is None
-        ]
-        if problems:
-            raise RecipeError(str(path), problems)
-    return recipe
+    return parse_recipe(text, str(path), recipe_dir=path.parent if check_paths else None)
 
 
 def resolve_model(ref: str, recipe_dir: Path | None = None) -> Path | None:
@@ -215,7 +238,12 @@ def check_recipe(recipe: Recipe) -> list[tuple[str, str]]:
         if getattr(recipe, key) is not None:
             problems.append((key, why))
     if recipe.tokenizer_source == "union":
-        problems.append(("tokenizer_source", "'union' (vocabulary merging) is not supported yet; use 'base' or a model path"))
+        problems.append(
+            (
+                "tokenizer_source",
+                "'union' (vocabulary merging) is not supported yet; use 'base' or a model path",
+            )
+        )
     if (recipe.models is None) == (recipe.slices is None):
         problems.append(("", "give exactly one of 'models' or 'slices'"))
     methods = all_methods()
@@ -233,29 +261,55 @@ def check_recipe(recipe: Recipe) -> list[tuple[str, str]]:
 def _input_groups(recipe: Recipe) -> list[tuple[str, str | None, list[tuple[str, str]]]]:
     """(yaml path, base model, [(yaml path, model)]) for each group merged together."""
     if recipe.models is not None:
-        return [("models", recipe.base_model, [(f"models[{i}]", m.model) for i, m in enumerate(recipe.models)])]
+        return [
+            (
+                "models",
+                recipe.base_model,
+                [(f"models[{i}]", m.model) for i, m in enumerate(recipe.models)],
+            )
+        ]
     return [
-        (f"slices[{i}]", s.base_model or recipe.base_model,
-         [(f"slices[{i}].sources[{j}]", src.model) for j, src in enumerate(s.sources)])
+        (
+            f"slices[{i}]",
+            s.base_model or recipe.base_model,
+            [(f"slices[{i}].sources[{j}]", src.model) for j, src in enumerate(s.sources)],
+        )
         for i, s in enumerate(recipe.slices or [])
     ]
 
 
-def _check_inputs(method: MethodSpec, where: str, base: str | None, inputs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+def _check_inputs(
+    method: MethodSpec, where: str, base: str | None, inputs: list[tuple[str, str]]
+) -> list[tuple[str, str]]:
     problems = []
     name = method.name
     if method.base == "required" and not base:
         problems.append(("base_model", f"{name} needs a base_model"))
     if method.base == "unused" and base and base not in [m for _, m in inputs]:
-        problems.append(("base_model", f"{name} does not use base_model; list the model under {where} with its parameters instead"))
+        problems.append(
+            (
+                "base_model",
+                f"{name} does not use base_model; list the model under {where} with its parameters instead",
+            )
+        )
     others = [m for _, m in inputs if method.base == "unused" or m != base]
     if len(others) < method.min_models:
         need = method.min_models
         what = "besides base_model " if method.base != "unused" else ""
-        problems.append((where, f"{name} needs at least {need} model{'s' if need > 1 else ''} {what}(got {len(others)})"))
+        problems.append(
+            (
+                where,
+                f"{name} needs at least {need} model{'s' if need > 1 else ''} {what}(got {len(others)})",
+            )
+        )
     if method.max_models is not None and len(others) > method.max_models:
         what = "besides base_model " if method.base != "unused" else ""
-        problems.append((where, f"{name} takes at most {method.max_models} model {what}per tensor (got {len(others)})"))
+        problems.append(
+            (
+                where,
+                f"{name} takes at most {method.max_models} model {what}per tensor (got {len(others)})",
+            )
+        )
     return problems
 
 
@@ -280,7 +334,9 @@ def _check_parameters(method: MethodSpec, recipe: Recipe) -> list[tuple[str, str
         for key, setting in (params or {}).items():
             spec = method.params.get(key)
             if spec is None:
-                problems.append((f"{where}.{key}", f"{method.name} has no parameter {key!r} (valid: {valid})"))
+                problems.append(
+                    (f"{where}.{key}", f"{method.name} has no parameter {key!r} (valid: {valid})")
+                )
             else:
                 problems += _check_values(spec, setting, f"{where}.{key}")
     global_keys = set(recipe.parameters or {})
@@ -288,20 +344,37 @@ def _check_parameters(method: MethodSpec, recipe: Recipe) -> list[tuple[str, str
         for key, setting in (params or {}).items():
             spec = method.params.get(key)
             if spec is None:
-                problems.append((f"{where}.{key}", f"{method.name} has no parameter {key!r} (valid: {valid})"))
+                problems.append(
+                    (f"{where}.{key}", f"{method.name} has no parameter {key!r} (valid: {valid})")
+                )
             elif not spec.per_model:
-                problems.append((f"{where}.{key}", f"{key} applies to the whole merge; put it under the top-level parameters"))
+                problems.append(
+                    (
+                        f"{where}.{key}",
+                        f"{key} applies to the whole merge; put it under the top-level parameters",
+                    )
+                )
             else:
                 problems += _check_values(spec, setting, f"{where}.{key}")
         if is_base:
             continue
         for spec in method.params.values():
-            if spec.per_model and spec.required and spec.name not in (params or {}) and spec.name not in global_keys:
-                problems.append((f"{where}.parameters", f"{method.name} needs {spec.name!r} for model {model!r}"))
+            if (
+                spec.per_model
+                and spec.required
+                and spec.name not in (params or {})
+                and spec.name not in global_keys
+            ):
+                problems.append(
+                    (
+                        f"{where}.parameters",
+                        f"{method.name} needs {spec.name!r} for model {model!r}",
+                    )
+                )
     for spec in method.params.values():
-        if not spec.per_model and spec.required and spec.name not in global_keys:
-            if not any(spec.name in (s.parameters or {}) for s in recipe.slices or []):
-                problems.append(("parameters", f"{method.name} needs parameter {spec.name!r}"))
+        in_slices = any(spec.name in (s.parameters or {}) for s in recipe.slices or [])
+        if not spec.per_model and spec.required and spec.name not in global_keys and not in_slices:
+            problems.append(("parameters", f"{method.name} needs parameter {spec.name!r}"))
     return problems
 
 
@@ -310,9 +383,23 @@ def _per_model_blocks(recipe: Recipe) -> list[tuple[str, str, Parameters | None,
     uses_base = recipe.merge_method in all_methods() and recipe.method.base != "unused"
     blocks = []
     for i, m in enumerate(recipe.models or []):
-        blocks.append((f"models[{i}].parameters", m.model, m.parameters, uses_base and m.model == recipe.base_model))
+        blocks.append(
+            (
+                f"models[{i}].parameters",
+                m.model,
+                m.parameters,
+                uses_base and m.model == recipe.base_model,
+            )
+        )
     for i, s in enumerate(recipe.slices or []):
         base = s.base_model or recipe.base_model
         for j, src in enumerate(s.sources):
-            blocks.append((f"slices[{i}].sources[{j}].parameters", src.model, src.parameters, uses_base and src.model == base))
+            blocks.append(
+                (
+                    f"slices[{i}].sources[{j}].parameters",
+                    src.model,
+                    src.parameters,
+                    uses_base and src.model == base,
+                )
+            )
     return blocks

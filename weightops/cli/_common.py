@@ -13,8 +13,18 @@ from weightops.errors import RecipeError, WeightopsError
 
 DEBUG = False
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text: str) -> int:
@@ -55,7 +65,9 @@ def user_errors() -> Iterator[None]:
     except MemoryError:
         if DEBUG:
             raise
-        raise fail("out of memory; try --device cpu, fewer --threads, or a machine with more RAM") from None
+        raise fail(
+            "out of memory; try --device cpu, fewer --threads, or a machine with more RAM"
+        ) from None
 
 
 def stdout_is_terminal() -> bool:

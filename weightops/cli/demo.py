@@ -21,9 +21,17 @@ def recipes_dir() -> Path:
 
 
 def demo(
-    recipe: str = typer.Option("ties", "--recipe", help="Example recipe to run: a name from recipes/."),
-    workdir: Path | None = typer.Option(None, "--workdir", help="Keep models and output here (default: a temporary folder)."),
-    models_only: bool = typer.Option(False, "--models-only", help="Only write ./demo-models (or WORKDIR/demo-models) for running recipes/ by hand."),
+    recipe: str = typer.Option(
+        "ties", "--recipe", help="Example recipe to run: a name from recipes/."
+    ),
+    workdir: Path | None = typer.Option(
+        None, "--workdir", help="Keep models and output here (default: a temporary folder)."
+    ),
+    models_only: bool = typer.Option(
+        False,
+        "--models-only",
+        help="Only write ./demo-models (or WORKDIR/demo-models) for running recipes/ by hand.",
+    ),
 ) -> None:
     """Build a tiny Llama base and two fine-tunes, merge them with an example recipe,
     and load the result with transformers' from_pretrained.
@@ -69,7 +77,9 @@ def _run(recipe_path: Path, workdir: Path) -> None:
     local = workdir / recipe_path.name
     shutil.copy(recipe_path, local)
     echo(f"2. merging with {recipe_path.name}:")
-    echo("   " + "\n   ".join(line for line in recipe_path.read_text().splitlines() if line.strip()))
+    echo(
+        "   " + "\n   ".join(line for line in recipe_path.read_text().splitlines() if line.strip())
+    )
     recipe = load_recipe(local)
     out = workdir / "merged"
     plan = build_plan(recipe, workdir)

@@ -44,7 +44,9 @@ def describe_checkpoint(path: Path) -> dict:
 
 
 def inspect(
-    model: Path = typer.Argument(..., help="Model folder or .safetensors file.", show_default=False),
+    model: Path = typer.Argument(
+        ..., help="Model folder or .safetensors file.", show_default=False
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ) -> None:
     """Show a checkpoint's architecture, parameter count, dtypes, tensors and size per

@@ -15,11 +15,19 @@ def merge(
     output: Path | None = typer.Option(
         None, "-o", "--output", help="Output folder (default: the recipe's `output:` key)."
     ),
-    shard_size: str = typer.Option("5GB", "--shard-size", help="Largest shard, e.g. 2GB or 500MiB."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing non-empty output folder."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]; compute is fp32 there."),
+    shard_size: str = typer.Option(
+        "5GB", "--shard-size", help="Largest shard, e.g. 2GB or 500MiB."
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Replace an existing non-empty output folder."
+    ),
+    device: str = typer.Option(
+        "auto", "--device", help="auto, cpu or cuda[:N]; compute is fp32 there."
+    ),
     threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads for compute."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, output size and peak memory; write nothing."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the plan, output size and peak memory; write nothing."
+    ),
     progress: bool | None = typer.Option(
         None, "--progress/--no-progress", help="Progress bar (default: only on a terminal)."
     ),
@@ -45,7 +53,9 @@ def merge(
         if out is None:
             raise fail("no output folder: pass -o OUT or set `output:` in the recipe")
         plan = build_plan(r, recipe.parent)
-        options = RunOptions(shard_size=size, device=device, threads=threads, force=force, progress=progress)
+        options = RunOptions(
+            shard_size=size, device=device, threads=threads, force=force, progress=progress
+        )
         if dry_run:
             resolve_device(device)
             _print_plan(plan, out, options)
@@ -62,7 +72,9 @@ def merge(
 def _print_plan(plan, out: Path, options) -> None:
     from weightops.io.writer import plan_layout
 
-    layout = plan_layout([(t.name, t.shape, t.out_dtype) for t in plan.tasks], options.shard_size, {})
+    layout = plan_layout(
+        [(t.name, t.shape, t.out_dtype) for t in plan.tasks], options.shard_size, {}
+    )
     echo = typer.echo
     echo(f"method      {plan.method.name}")
     for i, path in enumerate(plan.models):
@@ -70,14 +82,18 @@ def _print_plan(plan, out: Path, options) -> None:
     echo(f"output      {out} ({len(layout.files)} shard{'s' if len(layout.files) > 1 else ''})")
     echo(f"tensors     {len(plan.tasks)}")
     echo(f"output size {plan.output_bytes / 1e9:.3f} GB")
-    echo(f"peak memory {plan.peak_bytes(options.prefetch) / 1e9:.3f} GB (estimated: {options.prefetch} tensors read ahead + the largest in compute)")
+    echo(
+        f"peak memory {plan.peak_bytes(options.prefetch) / 1e9:.3f} GB (estimated: {options.prefetch} tensors read ahead + the largest in compute)"
+    )
     if plan.method.observer:
         echo("passes      2 (statistics, then merge)")
     echo("")
     for task in plan.tasks:
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in task.params if v is not None)
         what = "copy" if task.copy else plan.method.name
-        echo(f"{task.name}  {list(task.shape)} {str(task.out_dtype).removeprefix('torch.')}  {what}({params})")
+        echo(
+            f"{task.name}  {list(task.shape)} {str(task.out_dtype).removeprefix('torch.')}  {what}({params})"
+        )
 
 
 def _fmt(v: object) -> str:

@@ -24,9 +24,12 @@ from weightops.merge.registry import MethodSpec
 from weightops.recipe import Recipe, Setting, evaluate, resolve_model
 
 DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
     "float64": torch.float64,
 }
 _MAX_LISTED = 8
@@ -130,7 +133,9 @@ class _Planner:
     def problem(self, msg: str) -> None:
         self.problems.append(msg)
 
-    def resolve(self, name: str, t: float, sources: list[_Source], shared: dict[str, Setting]) -> dict[str, Any]:
+    def resolve(
+        self, name: str, t: float, sources: list[_Source], shared: dict[str, Setting]
+    ) -> dict[str, Any]:
         params: dict[str, Any] = {}
         for spec in self.method.params.values():
             if spec.per_model:
@@ -151,15 +156,24 @@ class _Planner:
             self.problem(f"{name}: the linear weights sum to 0 here, so they cannot be normalized")
         return params
 
-    def add(self, out_name: str, t: float, base: _Source | None, sources: list[_Source],
-            shared: dict[str, Setting], in_layer: int | None) -> None:
+    def add(
+        self,
+        out_name: str,
+        t: float,
+        base: _Source | None,
+        sources: list[_Source],
+        shared: dict[str, Setting],
+        in_layer: int | None,
+    ) -> None:
         """Plan one output tensor from the same-named tensor of each source."""
         refs: list[InputRef] = []
         shape = None
         stored_dtype = None
         for src in [*([base] if base else []), *sources]:
             ckpt = self.ckpts[src.model]
-            name = out_name if in_layer is None else rename_layer(out_name, src.first_layer + in_layer)
+            name = (
+                out_name if in_layer is None else rename_layer(out_name, src.first_layer + in_layer)
+            )
             info = ckpt.info(name)
             if info is None:
                 self.problem(f"tensor {name!r} is missing in {self.paths[src.model]}")
@@ -218,9 +232,17 @@ def _plan_models(p: _Planner) -> tuple[int, dict[str, Any]]:
     ref = p.ckpts[lead.model]
     depth = num_layers(ref.config, ref.tensors)
     # A tied lm_head is absent from the reference's files, so the output stays tied too.
-    for name in _sorted_names(ref):
+    names = _sorted_names(ref)
+    for name in names:
         t = _depth_fraction(describe(name).layer, depth)
         p.add(name, t, base, sources, p.global_params, None)
+    # The reference decides the output's tensors, so one that only the other inputs
+    # have would be dropped silently; a tied lm_head is the one allowed difference.
+    known = set(names) | set(ref.aliases)
+    reference = p.paths[lead.model]
+    for src in sources:
+        for name in sorted(set(p.ckpts[src.model].tensors) - known):
+            p.problem(f"tensor {name!r} of {p.paths[src.model]} is missing in {reference}")
     return lead.model, dict(ref.config)
 
 
@@ -236,7 +258,9 @@ def _plan_slices(p: _Planner) -> tuple[int, dict[str, Any]]:
     for i, s in enumerate(r.slices or []):
         lengths = {src.layer_range[1] - src.layer_range[0] for src in s.sources}
         if len(lengths) != 1 or min(lengths) <= 0:
-            p.problem(f"slices[{i}]: every source needs the same positive number of layers (got {sorted(lengths)})")
+            p.problem(
+                f"slices[{i}]: every source needs the same positive number of layers (got {sorted(lengths)})"
+            )
             continue
         length = lengths.pop()
         base_ref = s.base_model or r.base_model
@@ -250,7 +274,9 @@ def _plan_slices(p: _Planner) -> tuple[int, dict[str, Any]]:
                 sources.append(entry)
             depth = num_layers(p.ckpts[entry.model].config, p.ckpts[entry.model].tensors)
             if src.layer_range[0] < 0 or src.layer_range[1] > depth:
-                p.problem(f"slices[{i}]: layer_range {list(src.layer_range)} is outside the {depth} layers of {src.model}")
+                p.problem(
+                    f"slices[{i}]: layer_range {list(src.layer_range)} is outside the {depth} layers of {src.model}"
+                )
         if uses_base and base is None and base_ref:
             base = _Source(p.idx(base_ref), {}, s.sources[0].layer_range[0])
         lead = base or sources[0]

@@ -8,8 +8,15 @@ from typing import TextIO
 
 
 class Progress:
-    def __init__(self, total: int, total_bytes: int, label: str, *, stream: TextIO | None = None,
-                 enabled: bool | None = None) -> None:
+    def __init__(
+        self,
+        total: int,
+        total_bytes: int,
+        label: str,
+        *,
+        stream: TextIO | None = None,
+        enabled: bool | None = None,
+    ) -> None:
         self.stream = stream or sys.stderr
         self.enabled = self.stream.isatty() if enabled is None else enabled
         self.total, self.total_bytes, self.label = total, total_bytes, label

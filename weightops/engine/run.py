@@ -1,17 +1,18 @@
 """The streaming executor: read ahead, compute one tensor, hand it to the writer.
 
-Three things overlap: worker threads read the next tasks' inputs from disk (in their
+Three things overlap: worker threads read the next pieces' inputs from disk (in their
 stored dtype, so read-ahead costs half of fp32 for bf16 models), the calling thread
-computes the current tensor in the compute dtype on the chosen device, and a writer
-thread puts finished tensors at their final offsets. At most `prefetch` tasks are read
-ahead and two results wait for the writer, so memory is bounded by a few tensors,
-never by the depth of the model.
+computes the current piece in the compute dtype on the chosen device, and a writer
+thread puts finished pieces at their final offsets. A piece is a whole tensor, or for
+elementwise methods a block of rows of a large tensor (so a 128k-vocabulary embedding
+never needs to be in memory whole). Read-ahead and pending writes are bounded in
+bytes, so memory is a few pieces, never the depth or width of the model.
 """
 
 from __future__ import annotations
 
 import collections
-import os
+import math
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +29,9 @@ from weightops.io.checkpoint import Checkpoint
 from weightops.io.safetensors_file import FileReader
 from weightops.io.writer import ShardWriter, StagingFolder, plan_layout
 
+# Elementwise methods work on row blocks of at most this many entries (16 MB in fp32).
+CHUNK_ELEMENTS = 1 << 22
+
 
 @dataclass
 class RunOptions:
@@ -37,6 +41,8 @@ class RunOptions:
     force: bool = False
     progress: bool | None = None  # None: only on a terminal
     prefetch: int = 2
+    read_ahead_bytes: int = 256 * 2**20
+    chunk_elements: int = CHUNK_ELEMENTS
 
 
 def resolve_device(name: str) -> torch.device:
@@ -52,71 +58,147 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@dataclass(frozen=True)
+class Piece:
+    """A whole output tensor (rows None) or rows [r0, r1) of it."""
+
+    task: TensorTask
+    rows: tuple[int, int] | None
+    in_bytes: int
+
+    @property
+    def fraction(self) -> float:
+        if self.rows is None:
+            return 1.0
+        return (self.rows[1] - self.rows[0]) / self.task.shape[0]
+
+    @property
+    def out_offset(self) -> int:
+        """Byte offset of this piece inside the output tensor."""
+        if self.rows is None:
+            return 0
+        return self.rows[0] * (self.task.out_bytes // self.task.shape[0])
+
+
+def pieces(plan: Plan, chunk_elements: int | None) -> Iterator[Piece]:
+    for task in plan.tasks:
+        in_bytes = plan.task_input_bytes(task)
+        rows = task.shape[0] if task.shape else 0
+        if (
+            chunk_elements
+            and plan.method.elementwise
+            and not task.copy
+            and task.numel > chunk_elements
+            and rows > 1
+        ):
+            step = max(1, chunk_elements // (task.numel // rows))
+            for r0 in range(0, rows, step):
+                r1 = min(rows, r0 + step)
+                yield Piece(task, (r0, r1), math.ceil(in_bytes * (r1 - r0) / rows))
+        else:
+            yield Piece(task, None, in_bytes)
+
+
 Loaded = tuple[list[torch.Tensor], torch.Tensor | None]
 
 
 class _Stream:
-    """Reads each task's inputs ahead of use on a small thread pool."""
+    """Reads each piece's inputs ahead of use on a small thread pool."""
 
-    def __init__(self, plan: Plan, prefetch: int) -> None:
+    def __init__(self, plan: Plan, options: RunOptions, *, chunked: bool) -> None:
         self.plan = plan
-        self.prefetch = max(0, prefetch)
+        self.options = options
+        self.chunk = options.chunk_elements if chunked else None
         self.reader = FileReader()
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="weightops-read")
         self._infos = {i: Checkpoint(p) for i, p in enumerate(plan.models)}
 
-    def _read(self, ref: InputRef) -> torch.Tensor:
-        return self.reader.read(self._infos[ref.model].tensors[ref.name])
-
-    def _load(self, task: TensorTask) -> Loaded:
+    def _load(self, piece: Piece) -> Loaded:
+        task = piece.task
         cache: dict[InputRef, torch.Tensor] = {}
         for ref in [*task.inputs, *([task.base] if task.base else [])]:
             if ref not in cache:
-                cache[ref] = self._read(ref)
+                cache[ref] = self.reader.read(self._infos[ref.model].tensors[ref.name], piece.rows)
         return [cache[r] for r in task.inputs], (cache[task.base] if task.base else None)
 
-    def __iter__(self) -> Iterator[tuple[TensorTask, Loaded]]:
-        tasks = iter(self.plan.tasks)
-        queue: collections.deque[tuple[TensorTask, Future[Loaded]]] = collections.deque()
+    def __iter__(self) -> Iterator[tuple[Piece, list[Loaded]]]:
+        """Yield (piece, [inputs]). The consumer pops the inputs out of the list, so
+        nothing here keeps them alive while it computes. While a piece is computed,
+        the next ones are read if their bytes, with the current piece's, fit in the
+        read-ahead budget; a piece larger than the budget is read on its own."""
+        todo = pieces(self.plan, self.chunk)
+        queue: collections.deque[tuple[Piece, Future[Loaded]]] = collections.deque()
+        upcoming: list[Piece] = []
 
-        def submit() -> None:
-            task = next(tasks, None)
-            if task is not None:
-                queue.append((task, self.pool.submit(self._load, task)))
+        def fill(current: int) -> None:
+            ahead = current + sum(p.in_bytes for p, _ in queue)
+            while True:
+                if not upcoming:
+                    nxt = next(todo, None)
+                    if nxt is None:
+                        return
+                    upcoming.append(nxt)
+                piece = upcoming[0]
+                fits = len(queue) <= self.options.prefetch and (
+                    ahead + piece.in_bytes <= self.options.read_ahead_bytes
+                )
+                if not (fits or (not queue and current == 0)):
+                    return
+                upcoming.pop()
+                queue.append((piece, self.pool.submit(self._load, piece)))
+                ahead += piece.in_bytes
 
-        for _ in range(self.prefetch + 1):
-            submit()
+        fill(0)
         while queue:
-            task, future = queue.popleft()
-            loaded = future.result()
-            submit()
-            yield task, loaded
+            piece, future = queue.popleft()
+            box = [future.result()]
+            del future
+            fill(piece.in_bytes)
+            yield piece, box
+            fill(0)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.reader.close()
 
 
-def _compute(plan: Plan, task: TensorTask, loaded: Loaded, device: torch.device, stats: object) -> torch.Tensor:
+def _to_compute(plan: Plan, loaded: Loaded, device: torch.device) -> Loaded:
     tensors, base = loaded
-    if task.copy:
-        return tensors[0]
     dtype = plan.compute_dtype
-    inputs = [t.to(device=device, dtype=dtype) for t in tensors]
-    base_t = base.to(device=device, dtype=dtype) if base is not None else None
+    # Convert one input at a time, letting go of each stored-dtype copy as we go.
+    inputs = []
+    while tensors:
+        inputs.append(tensors.pop(0).to(device=device, dtype=dtype))
+    return inputs, (base.to(device=device, dtype=dtype) if base is not None else None)
+
+
+def _compute(
+    plan: Plan, piece: Piece, loaded: Loaded, device: torch.device, stats: object
+) -> torch.Tensor:
+    task = piece.task
+    if task.copy:
+        return loaded[0][0]
+    inputs, base = _to_compute(plan, loaded, device)
+    del loaded
     rng = None
     if task.seed is not None:
         rng = torch.Generator(device=device)
         rng.manual_seed(task.seed)
     try:
         with torch.no_grad():
-            out = plan.method(inputs, base_t, dict(task.params), rng=rng, stats=stats)
+            out = plan.method(inputs, base, dict(task.params), rng=rng, stats=stats)
     except WeightopsError:
         raise
     except (ValueError, RuntimeError) as e:
         raise MergeError(f"{task.name}: {plan.method.name} failed: {e}") from e
-    if out.shape != task.shape:
-        raise MergeError(f"{task.name}: {plan.method.name} returned shape {list(out.shape)}, expected {list(task.shape)}")
+    del inputs, base
+    expected = (
+        task.shape if piece.rows is None else (piece.rows[1] - piece.rows[0], *task.shape[1:])
+    )
+    if tuple(out.shape) != tuple(expected):
+        raise MergeError(
+            f"{task.name}: {plan.method.name} returned shape {list(out.shape)}, expected {list(expected)}"
+        )
     if not torch.isfinite(out).all():
         raise MergeError(
             f"{task.name}: the merge produced NaN or Inf",
@@ -126,16 +208,16 @@ def _compute(plan: Plan, task: TensorTask, loaded: Loaded, device: torch.device,
 
 
 def _statistics(plan: Plan, options: RunOptions, device: torch.device) -> object:
-    """The statistics pass: stream every tensor once through the method's observer."""
+    """The statistics pass: stream every tensor once, whole, through the observer."""
     observer = plan.method.observer()
-    stream = _Stream(plan, options.prefetch)
+    stream = _Stream(plan, options, chunked=False)
     progress = Progress(len(plan.tasks), plan.output_bytes, "statistics", enabled=options.progress)
     try:
-        for task, (tensors, base) in stream:
+        for piece, box in stream:
+            task = piece.task
             if not task.copy:
-                inputs = [t.to(device=device, dtype=plan.compute_dtype) for t in tensors]
-                base_t = base.to(device=device, dtype=plan.compute_dtype) if base is not None else None
-                observer.observe(task.name, inputs, base_t, dict(task.params))
+                inputs, base = _to_compute(plan, box.pop(), device)
+                observer.observe(task.name, inputs, base, dict(task.params))
             progress.update(task.out_bytes, task.name)
     finally:
         stream.close()
@@ -151,15 +233,18 @@ def execute(plan: Plan, out: Path, options: RunOptions | None = None) -> Path:
         torch.set_num_threads(options.threads)
     staging = StagingFolder(out, force=options.force)
     try:
+        staging.create()
         metadata = {
             "format": "pt",
             "weightops_version": __version__,
             "weightops_recipe": plan.recipe.to_yaml(),
         }
-        layout = plan_layout([(t.name, t.shape, t.out_dtype) for t in plan.tasks], options.shard_size, metadata)
+        layout = plan_layout(
+            [(t.name, t.shape, t.out_dtype) for t in plan.tasks], options.shard_size, metadata
+        )
         staging.check_space(layout.total_bytes)
         stats = _statistics(plan, options, device) if plan.method.observer else None
-        writer = ShardWriter(staging.path, layout)
+        writer = ShardWriter(staging.path, layout, display=out)
         try:
             _apply(plan, writer, options, device, stats)
             writer.finish()
@@ -174,22 +259,35 @@ def execute(plan: Plan, out: Path, options: RunOptions | None = None) -> Path:
     return out
 
 
-def _apply(plan: Plan, writer: ShardWriter, options: RunOptions, device: torch.device, stats: object) -> None:
-    stream = _Stream(plan, options.prefetch)
+_PENDING_WRITE_BYTES = 64 * 2**20
+
+
+def _apply(
+    plan: Plan, writer: ShardWriter, options: RunOptions, device: torch.device, stats: object
+) -> None:
+    stream = _Stream(plan, options, chunked=True)
     write_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightops-write")
-    pending: collections.deque[Future[None]] = collections.deque()
+    pending: collections.deque[tuple[Future[None], int]] = collections.deque()
     progress = Progress(len(plan.tasks), plan.output_bytes, "merge", enabled=options.progress)
     try:
-        for task, loaded in stream:
-            result = _compute(plan, task, loaded, device, stats)
-            del loaded
-            pending.append(write_pool.submit(writer.write, task.name, result))
+        for piece, box in stream:
+            result = _compute(plan, piece, box.pop(), device, stats)
+            size = result.numel() * result.element_size()
+            pending.append(
+                (write_pool.submit(writer.write, piece.task.name, result, piece.out_offset), size)
+            )
             del result
-            while len(pending) > 2 or (pending and pending[0].done()):
-                pending.popleft().result()
-            progress.update(task.out_bytes, task.name)
+            # Keep at most a few results waiting for the disk, bounded in bytes.
+            while pending and (
+                pending[0][0].done()
+                or len(pending) > 2
+                or sum(s for _, s in pending) > _PENDING_WRITE_BYTES
+            ):
+                pending.popleft()[0].result()
+            if piece.rows is None or piece.rows[1] == piece.task.shape[0]:
+                progress.update(piece.task.out_bytes, piece.task.name)
         while pending:
-            pending.popleft().result()
+            pending.popleft()[0].result()
     finally:
         write_pool.shutdown(wait=True, cancel_futures=True)
         stream.close()
@@ -201,19 +299,24 @@ def _side_files(plan: Plan, folder: Path) -> None:
     sidefiles.copy_generation_config(plan.config_source, folder)
     tokenizer = sidefiles.copy_tokenizer(plan.tokenizer_source, folder, plan.recipe.chat_template)
     recipe = plan.recipe
-    inputs = [f"- `{p}`" + (" (base)" if recipe.base_model and os.fspath(p).endswith(recipe.base_model.rstrip("/")) else "") for p in plan.models]
+    base = recipe.base_model
+    inputs = [
+        f"- `{p}`" + (" (base)" if base and p.name == base.rstrip("/").split("/")[-1] else "")
+        for p in plan.models
+    ]
+    reference = f" ({plan.method.reference})" if plan.method.reference else ""
     summary = [
         f"This model was made by merging {len(plan.models)} checkpoint(s) with the "
-        f"`{plan.method.name}` method" + (f" ({plan.method.reference})." if plan.method.reference else "."),
+        f"`{plan.method.name}` method{reference}.",
         "",
         "## Inputs",
         "",
         *inputs,
         "",
-        f"Tokenizer from `{plan.tokenizer_source}`" + (f" ({', '.join(tokenizer)})." if tokenizer else " (no tokenizer files found)."),
+        f"Tokenizer from `{plan.tokenizer_source}`"
+        + (f" ({', '.join(tokenizer)})." if tokenizer else " (no tokenizer files found)."),
     ]
-    sidefiles.write_card(folder, title=folder_title(plan), summary=summary, recipe_yaml=recipe.to_yaml(), version=__version__)
-
-
-def folder_title(plan: Plan) -> str:
-    return f"{plan.method.name} merge of {', '.join(p.name for p in plan.models)}"
+    title = f"{plan.method.name} merge of {', '.join(p.name for p in plan.models)}"
+    sidefiles.write_card(
+        folder, title=title, summary=summary, recipe_yaml=recipe.to_yaml(), version=__version__
+    )

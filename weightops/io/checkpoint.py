@@ -133,7 +133,9 @@ def _index_files(index: Path) -> list[Path]:
     return files
 
 
-def _check_index(index: Path | None, weight_map: dict[str, str], found: dict[str, TensorInfo]) -> None:
+def _check_index(
+    index: Path | None, weight_map: dict[str, str], found: dict[str, TensorInfo]
+) -> None:
     for name, file in weight_map.items():
         info = found.get(name)
         if info is None or info.path.name != file:

@@ -112,10 +112,14 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, size: in
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
     if dtype is None:
-        raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {entry.get('dtype')!r}")
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has unsupported dtype {entry.get('dtype')!r}"
+        )
     if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
         raise bad
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+    if not (
+        isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+    ):
         raise bad
     begin, end = offsets
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -141,10 +145,18 @@ class FileReader:
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
 
-    def read(self, info: TensorInfo) -> torch.Tensor:
-        """Return a fresh CPU tensor with the stored dtype and shape."""
-        out = torch.empty(info.shape, dtype=info.dtype)
-        if info.nbytes == 0:
+    def read(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Return a fresh CPU tensor with the stored dtype: the whole tensor, or rows
+        [r0, r1) of its first dimension (contiguous bytes in the file)."""
+        start, shape = info.start, info.shape
+        if rows is not None:
+            r0, r1 = rows
+            row_bytes = info.nbytes // shape[0]
+            start += r0 * row_bytes
+            shape = (r1 - r0, *shape[1:])
+        out = torch.empty(shape, dtype=info.dtype)
+        nbytes = out.numel() * out.element_size()
+        if nbytes == 0:
             return out
         with self._lock:
             fd = self._fds.get(info.path)
@@ -152,11 +164,13 @@ class FileReader:
                 fd = self._fds[info.path] = os.open(info.path, os.O_RDONLY)
         buf = memoryview(out.view(-1).view(torch.uint8).numpy())
         done = 0
-        while done < info.nbytes:
+        while done < nbytes:
             try:
-                n = os.preadv(fd, [buf[done:]], info.start + done)
+                n = os.preadv(fd, [buf[done:]], start + done)
             except OSError as e:
-                raise CheckpointError(f"{info.path}: reading {info.name!r} failed: {e.strerror}") from e
+                raise CheckpointError(
+                    f"{info.path}: reading {info.name!r} failed: {e.strerror}"
+                ) from e
             if n == 0:
                 raise CheckpointError(
                     f"{info.path}: file ended while reading {info.name!r}",

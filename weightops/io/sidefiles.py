@@ -33,7 +33,9 @@ def copy_generation_config(source: Path, folder: Path) -> None:
         shutil.copy2(gen, folder / gen.name)
 
 
-def copy_tokenizer(source: Path | None, folder: Path, chat_template: str | None = None) -> list[str]:
+def copy_tokenizer(
+    source: Path | None, folder: Path, chat_template: str | None = None
+) -> list[str]:
     """Copy the tokenizer files that exist in `source`; return their names."""
     copied = []
     if source is not None:
@@ -47,7 +49,9 @@ def copy_tokenizer(source: Path | None, folder: Path, chat_template: str | None 
     return copied
 
 
-def write_card(folder: Path, *, title: str, summary: list[str], recipe_yaml: str, version: str) -> None:
+def write_card(
+    folder: Path, *, title: str, summary: list[str], recipe_yaml: str, version: str
+) -> None:
     lines = [
         "---",
         "library_name: transformers",

@@ -12,6 +12,7 @@ only when complete; any failure or interrupt removes it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -108,29 +109,34 @@ def _disk_error(path: Path, e: OSError) -> OutputError:
 class ShardWriter:
     """Open shard files with their headers written and their space reserved."""
 
-    def __init__(self, folder: Path, layout: Layout) -> None:
+    def __init__(self, folder: Path, layout: Layout, display: Path | None = None) -> None:
         self.folder = folder
+        self.display = display or folder  # the path users know: the final output folder
         self.layout = layout
         self._fds: list[int] = []
         try:
-            for name, header, size in zip(layout.files, layout.headers, layout.shard_sizes):
+            for name, header, size in zip(
+                layout.files, layout.headers, layout.shard_sizes, strict=False
+            ):
                 fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 self._fds.append(fd)
                 _reserve(fd, size)
                 _pwrite_all(fd, len(header).to_bytes(8, "little") + header, 0)
         except OSError as e:
             self.close()
-            raise _disk_error(folder, e) from e
+            raise _disk_error(self.display, e) from e
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, at: int = 0) -> None:
+        """Write `tensor` (the whole output tensor, or a row block starting `at` bytes
+        into it) at its place in the shard."""
         slot = self.layout.slots[name]
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        if data.numel() != slot.nbytes:
-            raise OutputError(f"{name}: computed {data.numel()} bytes, planned {slot.nbytes}")
+        if at + data.numel() > slot.nbytes:
+            raise OutputError(f"{name}: computed {at + data.numel()} bytes, planned {slot.nbytes}")
         try:
-            _pwrite_all(self._fds[slot.shard], memoryview(data.numpy()), slot.offset)
+            _pwrite_all(self._fds[slot.shard], memoryview(data.numpy()), slot.offset + at)
         except OSError as e:
-            raise _disk_error(self.folder, e) from e
+            raise _disk_error(self.display, e) from e
 
     def finish(self) -> None:
         """Flush everything to disk so the folder is complete once it is renamed."""
@@ -138,7 +144,7 @@ class ShardWriter:
             for fd in self._fds:
                 os.fsync(fd)
         except OSError as e:
-            raise _disk_error(self.folder, e) from e
+            raise _disk_error(self.display, e) from e
         finally:
             self.close()
 
@@ -175,7 +181,8 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
 
 
 class StagingFolder:
-    """A temporary folder beside `target` that becomes `target` on commit, or vanishes."""
+    """A temporary folder beside `target` that becomes `target` on commit, or vanishes
+    (with any parent folders it had to create) on discard."""
 
     def __init__(self, target: Path, *, force: bool) -> None:
         self.target = target
@@ -186,8 +193,18 @@ class StagingFolder:
                 f"{target}: output folder exists and is not empty",
                 hint="pass --force to replace it, or choose another -o",
             )
-        target.parent.mkdir(parents=True, exist_ok=True)
         self.path = target.parent / f".{target.name}.weightops-tmp-{os.getpid()}"
+        self._made: list[Path] = []
+
+    def create(self) -> None:
+        missing = []
+        parent = self.target.parent
+        while not parent.exists():
+            missing.append(parent)
+            parent = parent.parent
+        for folder in reversed(missing):
+            folder.mkdir()
+            self._made.append(folder)
         shutil.rmtree(self.path, ignore_errors=True)
         self.path.mkdir()
 
@@ -206,8 +223,12 @@ class StagingFolder:
             old = self.target.parent / f".{self.target.name}.weightops-old-{os.getpid()}"
             os.rename(self.target, old)
         os.rename(self.path, self.target)
+        self._made = []
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
     def discard(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+        for folder in reversed(self._made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()

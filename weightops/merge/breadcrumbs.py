@@ -7,13 +7,15 @@ from typing import Annotated
 import torch
 
 from weightops.merge.registry import PerModel, Range, Unit, merge_method
-from weightops.merge.sparsify import combine, magnitude_outliers
+from weightops.merge.sparsify import combine, magnitude_outliers, task_vectors
 
 Gamma = Annotated[float, Range(ge=0, lt=1)]
 
 
 def _breadcrumbs(tensors, base, weight, density, gamma, lam, normalize, consensus) -> torch.Tensor:
-    deltas = [magnitude_outliers(t - base, d, g) for t, d, g in zip(tensors, density, gamma)]
+    deltas = task_vectors(tensors, base)
+    for i, (d, g) in enumerate(zip(density, gamma, strict=True)):
+        deltas[i] = magnitude_outliers(deltas[i], d, g)
     return combine(deltas, base, weight, consensus=consensus, normalize=normalize, lam=lam)
 
 

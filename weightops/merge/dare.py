@@ -5,16 +5,15 @@ from __future__ import annotations
 import torch
 
 from weightops.merge.registry import PerModel, Unit, merge_method
-from weightops.merge.sparsify import combine, random_drop
-
-
+from weightops.merge.sparsify import combine, random_drop, task_vectors
 
 
 def _dare(tensors, base, weight, density, lam, normalize, rescale, rng, consensus) -> torch.Tensor:
-    deltas = []
-    for t, d in zip(tensors, density):
-        delta = random_drop(t - base, d, rng)
-        deltas.append(delta / d if rescale and d < 1 else delta)
+    deltas = task_vectors(tensors, base)
+    for i, d in enumerate(density):
+        deltas[i] = random_drop(deltas[i], d, rng)
+        if rescale and d < 1:
+            deltas[i].div_(d)
     return combine(deltas, base, weight, consensus=consensus, normalize=normalize, lam=lam)
 
 
@@ -34,10 +33,10 @@ def dare_linear(
 ) -> torch.Tensor:
     """DARE (Yu et al., "Language Models are Super Mario: Absorbing Abilities from
     Homologous Models as a Free Lunch", ICML 2024).
-    
+
         δᵢ = mᵢ ⊙ (θᵢ − θ_base) / density,   mᵢ ~ Bernoulli(density)     (drop and rescale)
         θ = θ_base + λ · Σᵢ wᵢ·δᵢ
-    
+
     Parameters:
       weight (per model, required): scale of each task vector.
       density (per model, default 1.0, 0 < density ≤ 1): keep probability; DARE
@@ -70,10 +69,10 @@ def dare_ties(
 ) -> torch.Tensor:
     """DARE (Yu et al., "Language Models are Super Mario: Absorbing Abilities from
     Homologous Models as a Free Lunch", ICML 2024).
-    
+
         δᵢ = mᵢ ⊙ (θᵢ − θ_base) / density,   mᵢ ~ Bernoulli(density)     (drop and rescale)
         θ = θ_base + λ · (TIES sign election and disjoint sum over wᵢ·δᵢ)
-    
+
     Parameters:
       weight (per model, required): scale of each task vector.
       density (per model, default 1.0, 0 < density ≤ 1): keep probability; DARE

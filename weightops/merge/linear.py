@@ -7,7 +7,9 @@ import torch
 from weightops.merge.registry import NonNegative, PerModel, merge_method
 
 
-@merge_method("linear", min_models=1, reference="https://arxiv.org/abs/2203.05482")
+@merge_method(
+    "linear", min_models=1, elementwise=True, reference="https://arxiv.org/abs/2203.05482"
+)
 def linear(
     tensors: list[torch.Tensor],
     base: torch.Tensor | None,
@@ -26,8 +28,8 @@ def linear(
     base_model is not used: list every model to average under `models`.
     """
     total = sum(weight)
-    out = torch.zeros_like(tensors[0])
-    for t, w in zip(tensors, weight):
+    out = tensors[0].mul_(weight[0])
+    for t, w in zip(tensors[1:], weight[1:], strict=True):
         out.add_(t, alpha=w)
     if normalize:
         if total == 0:

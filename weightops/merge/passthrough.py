@@ -7,7 +7,9 @@ import torch
 from weightops.merge.registry import PerModel, merge_method
 
 
-@merge_method("passthrough", max_models=1, reference="https://github.com/arcee-ai/mergekit")
+@merge_method(
+    "passthrough", max_models=1, elementwise=True, reference="https://github.com/arcee-ai/mergekit"
+)
 def passthrough(
     tensors: list[torch.Tensor],
     base: torch.Tensor | None,

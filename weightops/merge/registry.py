@@ -7,8 +7,10 @@ read from its keyword-only signature:
     def ties(tensors, base, *, weight: PerModel[float], density: PerModel[Unit] = 1.0,
              lambda_: float = 1.0, normalize: bool = True) -> Tensor: ...
 
-- `tensors` is the list of input tensors (fp32, same shape), `base` the base model's
-  tensor or None. The result is one tensor of the same shape.
+- `tensors` is the list of input tensors (compute dtype, same shape), `base` the base
+  model's tensor or None. The result is one tensor of the same shape. The inputs are
+  the method's own copies: it may overwrite them (and should, where that saves a
+  model-sized temporary), so callers outside the engine pass clones they can lose.
 - `PerModel[T]` parameters take one value per input model (from each model's
   `parameters`, falling back to the recipe's global `parameters`); the function gets a list.
 - Other parameters are shared by all inputs of a tensor (global or slice `parameters`).
@@ -118,6 +120,7 @@ class MethodSpec:
     reference: str
     wants_rng: bool = False
     wants_stats: bool = False
+    elementwise: bool = False
     observer: Callable[[], Observer] | None = None
     doc: str = field(default="", repr=False)
 
@@ -151,7 +154,11 @@ class Observer(Protocol):
     """
 
     def observe(
-        self, name: str, tensors: list[torch.Tensor], base: torch.Tensor | None, params: dict[str, Any]
+        self,
+        name: str,
+        tensors: list[torch.Tensor],
+        base: torch.Tensor | None,
+        params: dict[str, Any],
     ) -> None: ...
 
     def result(self) -> object: ...
@@ -173,9 +180,12 @@ def merge_method(
     max_models: int | None = None,
     reference: str = "",
     observer: Callable[[], Observer] | None = None,
+    elementwise: bool = False,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register a merge method under `name`; duplicate names are an error.
 
+    `elementwise=True` promises that each output entry depends only on the same entry
+    of the inputs; the engine may then run the method on row blocks of large tensors.
     With `observer`, the engine first runs a statistics pass (see Observer) and passes
     its result to the method's keyword-only `stats` argument.
     """
@@ -184,9 +194,13 @@ def merge_method(
         if name in _REGISTRY:
             raise ValueError(f"merge method {name!r} is already registered")
         if (observer is None) != ("stats" not in inspect.signature(fn).parameters):
-            raise ValueError(f"merge method {name!r}: an observer and a `stats` argument go together")
+            raise ValueError(
+                f"merge method {name!r}: an observer and a `stats` argument go together"
+            )
         if not fn.__doc__:
-            raise ValueError(f"merge method {name!r} needs a docstring (paper, formula, parameters)")
+            raise ValueError(
+                f"merge method {name!r} needs a docstring (paper, formula, parameters)"
+            )
         hints = typing.get_type_hints(fn, include_extras=True)
         params: dict[str, ParamSpec] = {}
         wants_rng = wants_stats = False
@@ -211,6 +225,7 @@ def merge_method(
             wants_rng=wants_rng,
             wants_stats=wants_stats,
             observer=observer,
+            elementwise=elementwise,
             doc=inspect.getdoc(fn) or "",
         )
         return fn

@@ -13,7 +13,10 @@ EPS = 1e-8
 
 
 @merge_method(
-    "slerp", base="required", min_models=1, max_models=1,
+    "slerp",
+    base="required",
+    min_models=1,
+    max_models=1,
     reference="https://en.wikipedia.org/wiki/Slerp",
 )
 def slerp(
@@ -45,9 +48,9 @@ def slerp(
     nb = nb if nb > EPS else torch.ones_like(nb)
     dot = torch.dot(a / na, b / nb).clamp(-1, 1)
     if dot.abs() > DOT_THRESHOLD:
-        return torch.lerp(base, tensors[0], t)
+        return base.lerp_(tensors[0], t)
     omega = torch.acos(dot)
     so = torch.sin(omega)
-    ca = torch.sin((1 - t) * omega) / so
-    cb = torch.sin(t * omega) / so
-    return base * ca + tensors[0] * cb
+    ca = (torch.sin((1 - t) * omega) / so).item()
+    cb = (torch.sin(t * omega) / so).item()
+    return base.mul_(ca).add_(tensors[0], alpha=cb)

@@ -1,7 +1,8 @@
 """Sparsification and sign consensus shared by the task-arithmetic family.
 
-Every function takes a task vector (delta = fine-tune - base) and returns a same-shape
-tensor; none of them keeps state, so they are safe to call from any worker.
+Every function takes a task vector (delta = fine-tune − base) and returns a same-shape
+tensor, overwriting its input to keep memory at one copy per model: the engine hands
+methods private copies, and callers that still need a delta pass a clone.
 """
 
 from __future__ import annotations
@@ -9,25 +10,55 @@ from __future__ import annotations
 import torch
 
 
+def kth_largest(values: torch.Tensor, k: int) -> tuple[torch.Tensor, int, int]:
+    """The k-th largest entry of a flat tensor, exactly, and how many entries are
+    greater than it and equal to it.
+
+    A full selection (kthvalue) runs on one core and is slow on large tensors; instead
+    the answer is bracketed by quantiles of a small sample, entries above the bracket
+    are counted, and only the entries inside it (a few percent) are selected from.
+    The sample decides only the speed: when it misses, the full selection runs.
+    """
+    n = values.numel()
+    if n > 1 << 17:
+        g = torch.Generator(device=values.device).manual_seed(n)
+        sample = values[torch.randint(n, (1 << 15,), generator=g, device=values.device)]
+        q = 1 - k / n
+        bounds = torch.tensor([max(0.0, q - 0.01), min(1.0, q + 0.01)], device=values.device)
+        lo, hi = torch.quantile(sample, bounds)
+        above = int(torch.count_nonzero(values > hi))
+        band = values[(values >= lo) & (values <= hi)]
+        rank = k - above  # rank of the answer inside the band, counted from the top
+        if 1 <= rank <= band.numel():
+            kth = torch.kthvalue(band, band.numel() - rank + 1).values
+            greater = above + int(torch.count_nonzero(band > kth))
+            return kth, greater, int(torch.count_nonzero(band == kth))
+    kth = torch.kthvalue(values, n - k + 1).values
+    return kth, int(torch.count_nonzero(values > kth)), int(torch.count_nonzero(values == kth))
+
+
 def magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Keep exactly max(1, ⌊density·n⌋) entries of largest magnitude, zero the rest.
 
-    The threshold comes from a selection (O(n)) instead of a full sort; entries equal
-    to the threshold are kept in index order until the count is exact, so the result
-    is deterministic and has exactly the requested density.
+    Entries equal to the threshold are kept in index order until the count is exact, so
+    the result is deterministic and has exactly the requested density. Works in place.
     """
     n = delta.numel()
     if density >= 1 or n == 0:
         return delta
     k = max(1, int(density * n))
-    mag = delta.abs().reshape(-1)
-    threshold = torch.kthvalue(mag, n - k + 1).values
-    keep = mag > threshold
-    missing = k - int(keep.sum())
-    if missing > 0:
-        ties = torch.nonzero(mag == threshold).squeeze(1)[:missing]
-        keep[ties] = True
-    return delta * keep.reshape(delta.shape)
+    flat = delta.view(-1)
+    mag = flat.abs()
+    threshold, greater, equal = kth_largest(mag, k)
+    ties = (
+        torch.nonzero(mag == threshold).squeeze(1)[: k - greater] if equal and k > greater else None
+    )
+    # Pure float kernels: masking through bool tensors is several times slower on CPU.
+    torch.nn.functional.threshold(mag, threshold.item(), 0.0, inplace=True)
+    torch.copysign(mag, flat, out=flat)
+    if ties is not None:
+        flat[ties] = torch.copysign(threshold.expand(ties.numel()), flat[ties])
+    return delta
 
 
 def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -40,33 +71,35 @@ def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float) -> tor
     top_n = int(gamma * n)
     bottom_n = max(0, n - keep_n - top_n)
     order = torch.argsort(delta.abs().reshape(-1), stable=True)
-    keep = torch.zeros(n, dtype=torch.bool, device=delta.device)
-    keep[order[bottom_n : bottom_n + keep_n]] = True
-    return delta * keep.reshape(delta.shape)
+    flat = delta.view(-1)
+    flat[order[:bottom_n]] = 0
+    flat[order[bottom_n + keep_n :]] = 0
+    return delta
 
 
 def random_drop(delta: torch.Tensor, density: float, rng: torch.Generator | None) -> torch.Tensor:
     """DARE: keep each entry with probability `density` (Bernoulli, from `rng`)."""
     if density >= 1:
         return delta
-    keep = torch.rand(delta.shape, generator=rng, device=delta.device) < density
-    return delta * keep
+    keep = torch.rand(delta.shape, generator=rng, device=delta.device, dtype=delta.dtype)
+    return delta.mul_(keep.lt_(density))
 
 
-def rescale_l1(original: torch.Tensor, pruned: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """Scale `pruned` so its L1 norm matches `original`'s (no-op for near-zero norms)."""
-    before = original.abs().sum()
+def rescale_l1(l1_before: torch.Tensor, pruned: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Scale `pruned` in place so its L1 norm is `l1_before` (no-op for near-zero norms)."""
     after = pruned.abs().sum()
-    if before < eps or after < eps:
+    if l1_before < eps or after < eps:
         return pruned
-    return pruned * (before / after)
+    return pruned.mul_(l1_before / after)
 
 
-def sign_consensus(weighted: torch.Tensor) -> torch.Tensor:
-    """TIES sign election: per entry, the sign of the summed weighted deltas wins
-    (ties go to +); returns a bool mask [models, ...] of the deltas that agree."""
-    majority = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0)
-    return weighted.sign() == majority
+def task_vectors(tensors: list[torch.Tensor], base: torch.Tensor) -> list[torch.Tensor]:
+    """δᵢ = θᵢ − θ_base, in place; empties `tensors` so that each delta has a single
+    owner and `combine` can free it as soon as it has been summed."""
+    deltas = []
+    while tensors:
+        deltas.append(tensors.pop(0).sub_(base))
+    return deltas
 
 
 def combine(
@@ -79,25 +112,35 @@ def combine(
     lam: float,
 ) -> torch.Tensor:
     """base + λ · Σ wᵢ·δᵢ (masked by sign consensus), optionally divided by Σ wᵢ
-    over the deltas that contributed to each entry."""
+    over the deltas that contributed to each entry. Consumes `deltas` and `base`."""
     if not consensus:
         mixed = torch.zeros_like(base)
-        for delta, weight in zip(deltas, weights):
-            mixed.add_(delta, alpha=weight)
+        for weight in weights:
+            mixed.add_(deltas.pop(0), alpha=weight)
         total = sum(weights)
         if normalize and abs(total) >= 1e-8:
             mixed /= total
     else:
-        w = torch.tensor(weights, dtype=base.dtype, device=base.device)
-        w = w.reshape(-1, *([1] * base.dim()))
-        weighted = torch.stack(deltas).mul_(w)
-        mask = sign_consensus(weighted)
-        mixed = weighted.mul_(mask).sum(dim=0)
-        del weighted
-        if normalize:
-            divisor = (w * mask).sum(dim=0)
-            divisor[divisor == 0] = 1
-            mixed /= divisor
+        # TIES election without stacking the deltas. With uᵢ = wᵢδᵢ and e = ±1 the
+        # elected sign (that of Σ uᵢ, 0 counting as +), the agreeing part of uᵢ is
+        # e·relu(e·uᵢ), and it agrees where e·uᵢ > 0 (zeros never agree). Each delta
+        # is turned into its agreeing part in place and summed into the first one.
+        elected = torch.zeros_like(base)
+        for delta, weight in zip(deltas, weights, strict=True):
+            elected.add_(delta, alpha=weight)
+        elected.sign_().add_(0.5).sign_()  # -1 -> -1, 0 -> +1, +1 -> +1
+        divisor = torch.zeros_like(base) if normalize else None
+        mixed = None
+        for weight in weights:
+            agreeing = deltas.pop(0).mul_(elected).mul_(weight).relu_()
+            if divisor is not None:
+                divisor.add_(torch.sign(agreeing), alpha=weight)
+            mixed = agreeing if mixed is None else mixed.add_(agreeing)
+            del agreeing
+        mixed.mul_(elected)
+        del elected
+        if divisor is not None:
+            mixed /= divisor.masked_fill_(divisor == 0, 1.0)
     if lam != 1:
         mixed *= lam
-    return mixed.add_(base)
+    return base.add_(mixed)

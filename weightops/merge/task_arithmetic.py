@@ -5,10 +5,15 @@ from __future__ import annotations
 import torch
 
 from weightops.merge.registry import PerModel, merge_method
-from weightops.merge.sparsify import combine
+from weightops.merge.sparsify import combine, task_vectors
 
 
-@merge_method("task_arithmetic", base="required", reference="https://arxiv.org/abs/2212.04089")
+@merge_method(
+    "task_arithmetic",
+    base="required",
+    elementwise=True,
+    reference="https://arxiv.org/abs/2212.04089",
+)
 def task_arithmetic(
     tensors: list[torch.Tensor],
     base: torch.Tensor | None,
@@ -27,5 +32,5 @@ def task_arithmetic(
       lambda (default 1.0): global scale of the summed task vectors, typically 0.3 … 1.5.
       normalize (default false): divide by Σ wᵢ (skipped when it is 0).
     """
-    deltas = [t - base for t in tensors]
+    deltas = task_vectors(tensors, base)
     return combine(deltas, base, weight, consensus=False, normalize=normalize, lam=lambda_)

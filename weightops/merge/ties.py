@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from weightops.merge.registry import PerModel, Unit, merge_method
-from weightops.merge.sparsify import combine, magnitude, rescale_l1
+from weightops.merge.sparsify import combine, magnitude, rescale_l1, task_vectors
 
 
 @merge_method("ties", base="required", reference="https://arxiv.org/abs/2306.01708")
@@ -38,9 +38,10 @@ def ties(
     (mergekit leaves that order to its sort); the differences are far below bf16 rounding.
     """
     del int8_mask
-    deltas = []
-    for t, d in zip(tensors, density):
-        delta = t - base
-        trimmed = magnitude(delta, d)
-        deltas.append(rescale_l1(delta, trimmed) if rescale else trimmed)
+    deltas = task_vectors(tensors, base)
+    for i, d in enumerate(density):
+        l1 = deltas[i].abs().sum() if rescale else None
+        deltas[i] = magnitude(deltas[i], d)
+        if l1 is not None:
+            deltas[i] = rescale_l1(l1, deltas[i])
     return combine(deltas, base, weight, consensus=True, normalize=normalize, lam=lambda_)
