@@ -150,6 +150,24 @@ def test_sparsifying_methods_identity_holds_with_density_below_one(name):
     torch.testing.assert_close(out, x, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", [m for m in METHODS if all_methods()[m].elementwise])
+def test_elementwise_methods_agree_on_row_blocks(name):
+    # `elementwise=True` lets the engine merge row blocks separately.
+    spec = all_methods()[name]
+    n = _n_models(spec)
+    g = torch.Generator().manual_seed(13)
+    base = torch.randn(9, 5, generator=g)
+    tensors = [base + torch.randn(9, 5, generator=g) for _ in range(n)]
+    b = None if spec.base == "unused" else base
+    params = _params(spec, n)
+    whole = _run(spec, tensors, b, params)
+    blocks = [
+        _run(spec, [t[r : r + 4] for t in tensors], None if b is None else b[r : r + 4], params)
+        for r in range(0, 9, 4)
+    ]
+    torch.testing.assert_close(torch.cat(blocks), whole, rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------ linear
 
 

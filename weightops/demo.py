@@ -13,37 +13,18 @@ from typing import Any
 
 import torch
 
+_DECODER = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
 FAMILIES: dict[str, dict[str, Any]] = {
-    "llama": dict(
-        model_type="llama",
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    ),
-    "qwen2": dict(
-        model_type="qwen2",
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-    ),
-    "gemma": dict(
-        model_type="gemma",
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=16,
-        max_position_embeddings=128,
-    ),
+    "llama": dict(_DECODER, model_type="llama", tie_word_embeddings=False),
+    "qwen2": dict(_DECODER, model_type="qwen2", tie_word_embeddings=True),
+    "gemma": dict(_DECODER, model_type="gemma", num_key_value_heads=1, head_dim=16),
     "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=4, n_head=4, n_positions=128),
 }
 VOCAB = 320

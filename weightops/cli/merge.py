@@ -11,7 +11,9 @@ from weightops.cli._common import fail, parse_size, user_errors
 
 
 def merge(
-    recipe: Path = typer.Argument(..., help="Recipe YAML (mergekit format).", show_default=False),
+    recipe: Path = typer.Argument(
+        ..., metavar="RECIPE", help="Recipe YAML (mergekit format).", show_default=False
+    ),
     output: Path | None = typer.Option(
         None, "-o", "--output", help="Output folder (default: the recipe's `output:` key)."
     ),

@@ -10,7 +10,9 @@ from weightops.cli._common import user_errors
 
 
 def validate(
-    recipe: Path = typer.Argument(..., help="Recipe YAML (mergekit format).", show_default=False),
+    recipe: Path = typer.Argument(
+        ..., metavar="RECIPE", help="Recipe YAML (mergekit format).", show_default=False
+    ),
 ) -> None:
     """Check a recipe: keys, method, parameters and their ranges, and that every model
     folder exists. Every problem is listed with its YAML path. Reads no tensor."""

@@ -7,83 +7,64 @@ import torch
 from weightops.merge.registry import PerModel, Unit, merge_method
 from weightops.merge.sparsify import combine, random_drop, task_vectors
 
+_DOC = """DARE (Yu et al., "Language Models are Super Mario: Absorbing Abilities from
+Homologous Models as a Free Lunch", ICML 2024){variant}.
 
-def _dare(tensors, base, weight, density, lam, normalize, rescale, rng, consensus) -> torch.Tensor:
-    deltas = task_vectors(tensors, base)
-    for i, d in enumerate(density):
-        deltas[i] = random_drop(deltas[i], d, rng)
-        if rescale and d < 1:
-            deltas[i].div_(d)
-    return combine(deltas, base, weight, consensus=consensus, normalize=normalize, lam=lam)
+    δᵢ = mᵢ ⊙ (θᵢ − θ_base) / density,   mᵢ ~ Bernoulli(density)     (drop and rescale)
+    {formula}
 
-
-@merge_method("dare_linear", base="required", reference="https://arxiv.org/abs/2311.03099")
-def dare_linear(
-    tensors: list[torch.Tensor],
-    base: torch.Tensor | None,
-    *,
-    weight: PerModel[float],
-    density: PerModel[Unit] = 1.0,
-    lambda_: float = 1.0,
-    normalize: bool = False,
-    rescale: bool = True,
-    seed: int = 0,
-    int8_mask: bool = False,
-    rng: torch.Generator | None = None,
-) -> torch.Tensor:
-    """DARE (Yu et al., "Language Models are Super Mario: Absorbing Abilities from
-    Homologous Models as a Free Lunch", ICML 2024).
-
-        δᵢ = mᵢ ⊙ (θᵢ − θ_base) / density,   mᵢ ~ Bernoulli(density)     (drop and rescale)
-        θ = θ_base + λ · Σᵢ wᵢ·δᵢ
-
-    Parameters:
-      weight (per model, required): scale of each task vector.
-      density (per model, default 1.0, 0 < density ≤ 1): keep probability; DARE
-        tolerates 0.1 … 0.3 on LLM fine-tunes with small deltas.
-      lambda (default 1.0): global scale of the merged task vector.
-      normalize (default false): divide by the summed weights.
-      rescale (default true): divide the kept entries by density, as in the paper, so each
-        task vector keeps its expectation (mergekit instead matches the L1 norm; both are
-        random and agree in expectation).
-      seed (default 0): the drop masks come from this seed and the tensor's name, so a
-        recipe gives the same output every run, whatever the order of work.
-      int8_mask: accepted so mergekit recipes run; masks here are always booleans.
-    """
-    return _dare(tensors, base, weight, density, lambda_, normalize, rescale, rng, False)
+Parameters:
+  weight (per model, required): scale of each task vector.
+  density (per model, default 1.0, 0 < density ≤ 1): keep probability; DARE
+    tolerates 0.1 … 0.3 on LLM fine-tunes with small deltas.
+  lambda (default 1.0): global scale of the merged task vector.
+  normalize (default false): divide by the summed weights{agree}.
+  rescale (default true): divide the kept entries by density, as in the paper, so each
+    task vector keeps its expectation (mergekit instead matches the L1 norm; both are
+    random and agree in expectation).
+  seed (default 0): the drop masks come from this seed and the tensor's name, so a
+    recipe gives the same output every run, whatever the order of work.
+  int8_mask: accepted so mergekit recipes run; masks here are always booleans.
+"""
 
 
-@merge_method("dare_ties", base="required", reference="https://arxiv.org/abs/2311.03099")
-def dare_ties(
-    tensors: list[torch.Tensor],
-    base: torch.Tensor | None,
-    *,
-    weight: PerModel[float],
-    density: PerModel[Unit] = 1.0,
-    lambda_: float = 1.0,
-    normalize: bool = False,
-    rescale: bool = True,
-    seed: int = 0,
-    int8_mask: bool = False,
-    rng: torch.Generator | None = None,
-) -> torch.Tensor:
-    """DARE (Yu et al., "Language Models are Super Mario: Absorbing Abilities from
-    Homologous Models as a Free Lunch", ICML 2024).
+def _register(name: str, *, consensus: bool, doc: str) -> None:
+    def dare(
+        tensors: list[torch.Tensor],
+        base: torch.Tensor | None,
+        *,
+        weight: PerModel[float],
+        density: PerModel[Unit] = 1.0,
+        lambda_: float = 1.0,
+        normalize: bool = False,
+        rescale: bool = True,
+        seed: int = 0,
+        int8_mask: bool = False,
+        rng: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        deltas = task_vectors(tensors, base)
+        for i, d in enumerate(density):
+            deltas[i] = random_drop(deltas[i], d, rng)
+            if rescale and d < 1:
+                deltas[i].div_(d)
+        return combine(deltas, base, weight, consensus=consensus, normalize=normalize, lam=lambda_)
 
-        δᵢ = mᵢ ⊙ (θᵢ − θ_base) / density,   mᵢ ~ Bernoulli(density)     (drop and rescale)
-        θ = θ_base + λ · (TIES sign election and disjoint sum over wᵢ·δᵢ)
+    dare.__name__ = dare.__qualname__ = name
+    dare.__doc__ = doc
+    merge_method(name, base="required", reference="https://arxiv.org/abs/2311.03099")(dare)
 
-    Parameters:
-      weight (per model, required): scale of each task vector.
-      density (per model, default 1.0, 0 < density ≤ 1): keep probability; DARE
-        tolerates 0.1 … 0.3 on LLM fine-tunes with small deltas.
-      lambda (default 1.0): global scale of the merged task vector.
-      normalize (default false): divide by the summed weights of the models agreeing in sign.
-      rescale (default true): divide the kept entries by density, as in the paper, so each
-        task vector keeps its expectation (mergekit instead matches the L1 norm; both are
-        random and agree in expectation).
-      seed (default 0): the drop masks come from this seed and the tensor's name, so a
-        recipe gives the same output every run, whatever the order of work.
-      int8_mask: accepted so mergekit recipes run; masks here are always booleans.
-    """
-    return _dare(tensors, base, weight, density, lambda_, normalize, rescale, rng, True)
+
+_register(
+    "dare_linear",
+    consensus=False,
+    doc=_DOC.format(variant="", formula="θ = θ_base + λ · Σᵢ wᵢ·δᵢ", agree=""),
+)
+_register(
+    "dare_ties",
+    consensus=True,
+    doc=_DOC.format(
+        variant=", with TIES sign election",
+        formula="θ = θ_base + λ · Σᵢ [sign(wᵢδᵢ) = s]·wᵢδᵢ,  s = sign(Σᵢ wᵢδᵢ)",
+        agree=" of the models agreeing in sign",
+    ),
+)

@@ -80,6 +80,7 @@ class ParamSpec:
     default: Any
     required: bool
     range: Range | None = None
+    py_name: str = ""  # the name in the function's signature (`lambda_` for `lambda`)
 
     def validate(self, value: Any) -> tuple[Any, str | None]:
         """Coerce one scalar value; return (value, error message or None)."""
@@ -136,7 +137,7 @@ class MethodSpec:
         rng: torch.Generator | None = None,
         stats: object = None,
     ) -> torch.Tensor:
-        kwargs = {_py_name(self.fn, k): v for k, v in params.items() if k in self.params}
+        kwargs = {self.params[k].py_name: v for k, v in params.items() if k in self.params}
         if self.wants_rng:
             kwargs["rng"] = rng
         if self.wants_stats:
@@ -165,11 +166,6 @@ class Observer(Protocol):
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
-
-
-def _py_name(fn: Callable[..., Any], name: str) -> str:
-    sig = inspect.signature(fn).parameters
-    return name if name in sig else name + "_"
 
 
 def merge_method(
@@ -252,6 +248,7 @@ def _param_spec(p: inspect.Parameter, hint: Any) -> ParamSpec:
     required = p.default is inspect.Parameter.empty
     return ParamSpec(
         name=p.name.rstrip("_"),
+        py_name=p.name,
         kind=kind,
         per_model=per_model,
         default=None if required else p.default,
