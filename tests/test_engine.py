@@ -169,30 +169,12 @@ def test_every_method_merging_identical_models_returns_the_model(name, llama, cl
 # Methods that overwrite their inputs get the same tensor object twice when a recipe
 # lists one folder twice (run._Stream._load caches by InputRef and _to_compute's
 # .to() is a no-op for fp32 on the CPU).
-_ALIASING = {
-    "linear",
-    "task_arithmetic",
-    "ties",
-    "dare_linear",
-    "dare_ties",
-    "breadcrumbs",
-    "breadcrumbs_ties",
-}
 
 
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param(
-            m,
-            marks=pytest.mark.xfail(
-                reason="engine aliases inputs of a model listed twice; in-place methods "
-                "then read their own partial results",
-                strict=True,
-            ),
-        )
-        if m in _ALIASING
-        else m
+        m
         for m in sorted(all_methods())
         if all_methods()[m].max_models is None or all_methods()[m].max_models >= 2
     ],

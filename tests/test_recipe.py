@@ -192,11 +192,6 @@ parameters:
     assert len(found) == 4
 
 
-@pytest.mark.xfail(
-    reason="recipe._check_parameters appends '.parameters' to a path that already ends in "
-    "'.parameters' (from _per_model_blocks): reported as 'models[1].parameters.parameters'",
-    strict=True,
-)
 def test_missing_per_model_weight_path():
     found = problems("""
 merge_method: ties

@@ -367,7 +367,7 @@ def _check_parameters(method: MethodSpec, recipe: Recipe) -> list[tuple[str, str
             ):
                 problems.append(
                     (
-                        f"{where}.parameters",
+                        where,
                         f"{method.name} needs {spec.name!r} for model {model!r}",
                     )
                 )

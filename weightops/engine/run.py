@@ -117,11 +117,18 @@ class _Stream:
 
     def _load(self, piece: Piece) -> Loaded:
         task = piece.task
+        # A model listed twice is read once, but each use gets its own copy: methods
+        # overwrite their inputs.
         cache: dict[InputRef, torch.Tensor] = {}
-        for ref in [*task.inputs, *([task.base] if task.base else [])]:
-            if ref not in cache:
-                cache[ref] = self.reader.read(self._infos[ref.model].tensors[ref.name], piece.rows)
-        return [cache[r] for r in task.inputs], (cache[task.base] if task.base else None)
+
+        def get(ref: InputRef) -> torch.Tensor:
+            if ref in cache:
+                return cache[ref].clone()
+            cache[ref] = self.reader.read(self._infos[ref.model].tensors[ref.name], piece.rows)
+            return cache[ref]
+
+        inputs = [get(r) for r in task.inputs]
+        return inputs, (get(task.base) if task.base else None)
 
     def __iter__(self) -> Iterator[tuple[Piece, list[Loaded]]]:
         """Yield (piece, [inputs]). The consumer pops the inputs out of the list, so
