@@ -109,20 +109,28 @@ def mergekit_cmd(exe: Path, recipe_path: Path, out: Path) -> list[str]:
 
 
 def measure(cmd: list[str], out: Path, log: Path) -> Run:
-    """Run cmd to completion; wall time and the child's peak RSS from wait4."""
+    """Run cmd to completion; wall time and its peak RSS as reported by GNU time."""
     # Neither tool should be able to reuse or trip over a previous result.
     shutil.rmtree(out, ignore_errors=True)
     log.parent.mkdir(parents=True, exist_ok=True)
+    rss_file = log.with_suffix(".rss")
+    # Not wait4 on our own child: Python spawns it with vfork, and Linux carries the
+    # parent's RSS high-water mark across exec, so this process's size (it holds
+    # whole outputs while comparing) would leak into the child's ru_maxrss. GNU time
+    # is a small fresh parent, so the %M it reports is the tool's own peak.
+    timed = ["/usr/bin/time", "-f", "%M", "-o", str(rss_file), *cmd]
     with log.open("w") as fh:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc = subprocess.run(timed, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
         seconds = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
         raise RuntimeError(f"{shlex.join(cmd)} exited {proc.returncode}; log {log}:\n{tail}")
-    return Run(seconds, usage.ru_maxrss / 1024)  # ru_maxrss is KiB on Linux
+    peak_kib = int(rss_file.read_text().split()[-1])
+    run = Run(seconds, peak_kib / 1024)
+    # Per-run lines expose outliers that the median and max hide.
+    print(f"  {log.stem}: {run.seconds:.2f} s, {run.peak_mib:.0f} MiB", flush=True)
+    return run
 
 
 def load_tensor_index(out: Path) -> dict[str, Path]:

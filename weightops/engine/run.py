@@ -29,10 +29,10 @@ from weightops.io.checkpoint import Checkpoint
 from weightops.io.safetensors_file import FileReader
 from weightops.io.writer import ShardWriter, StagingFolder, plan_layout
 
-# Elementwise methods work on row blocks of about this many entries (1 MB in fp32):
+# Elementwise methods work on row blocks of about this many entries (4 MB in fp32):
 # small enough that a method's chain of passes stays in cache and its buffers are
 # reused by the allocator instead of being page-faulted in afresh for every tensor.
-CHUNK_ELEMENTS = 1 << 18
+CHUNK_ELEMENTS = 1 << 20
 
 
 @dataclass
@@ -82,9 +82,15 @@ class Piece:
         return self.rows[0] * (self.task.out_bytes // self.task.shape[0])
 
 
-def pieces(plan: Plan, chunk_elements: int | None) -> Iterator[Piece]:
+def pieces(
+    plan: Plan, chunk_elements: int | None, item_bytes: int | None = None
+) -> Iterator[Piece]:
+    """The plan's tasks as pieces; `item_bytes` counts inputs at that size per entry
+    (when they are converted as they are read) instead of their stored size."""
     for task in plan.tasks:
         in_bytes = plan.task_input_bytes(task)
+        if item_bytes is not None and not task.copy:
+            in_bytes = task.numel * item_bytes * (len(task.inputs) + (task.base is not None))
         rows = task.shape[0] if task.shape else 0
         if (
             chunk_elements
@@ -107,10 +113,15 @@ Loaded = tuple[list[torch.Tensor], torch.Tensor | None]
 class _Stream:
     """Reads each piece's inputs ahead of use on a small thread pool."""
 
-    def __init__(self, plan: Plan, options: RunOptions, *, chunked: bool) -> None:
+    def __init__(
+        self, plan: Plan, options: RunOptions, device: torch.device, *, chunked: bool
+    ) -> None:
         self.plan = plan
         self.options = options
         self.chunk = options.chunk_elements if chunked else None
+        # On the CPU the readers also convert to the compute dtype, so that work runs
+        # beside the computation instead of before it.
+        self.convert = plan.compute_dtype if device.type == "cpu" else None
         self.reader = FileReader()
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="weightops-read")
         self._infos = {i: Checkpoint(p) for i, p in enumerate(plan.models)}
@@ -124,8 +135,11 @@ class _Stream:
         def get(ref: InputRef) -> torch.Tensor:
             if ref in cache:
                 return cache[ref].clone()
-            cache[ref] = self.reader.read(self._infos[ref.model].tensors[ref.name], piece.rows)
-            return cache[ref]
+            tensor = self.reader.read(self._infos[ref.model].tensors[ref.name], piece.rows)
+            if self.convert is not None and not task.copy:
+                tensor = tensor.to(self.convert)
+            cache[ref] = tensor
+            return tensor
 
         inputs = [get(r) for r in task.inputs]
         return inputs, (get(task.base) if task.base else None)
@@ -135,7 +149,8 @@ class _Stream:
         nothing here keeps them alive while it computes. While a piece is computed,
         the next ones are read if their bytes, with the current piece's, fit in the
         read-ahead budget; a piece larger than the budget is read on its own."""
-        todo = pieces(self.plan, self.chunk)
+        item = torch.empty((), dtype=self.convert).element_size() if self.convert else None
+        todo = pieces(self.plan, self.chunk, item)
         queue: collections.deque[tuple[Piece, Future[Loaded]]] = collections.deque()
         upcoming: list[Piece] = []
 
@@ -222,7 +237,7 @@ def _compute(
 def _statistics(plan: Plan, options: RunOptions, device: torch.device) -> object:
     """The statistics pass: stream every tensor once, whole, through the observer."""
     observer = plan.method.observer()
-    stream = _Stream(plan, options, chunked=False)
+    stream = _Stream(plan, options, device, chunked=False)
     progress = Progress(len(plan.tasks), plan.output_bytes, "statistics", enabled=options.progress)
     try:
         for piece, box in stream:
@@ -241,8 +256,20 @@ def execute(plan: Plan, out: Path, options: RunOptions | None = None) -> Path:
     """Run a plan and write the output folder `out` atomically; return it."""
     options = options or RunOptions()
     device = resolve_device(options.device)
+    threads = torch.get_num_threads()
     if options.threads:
         torch.set_num_threads(options.threads)
+    elif plan.method.elementwise and device.type == "cpu":
+        # Small row blocks gain nothing from intra-op threads, which would only contend
+        # with the readers for the cores.
+        torch.set_num_threads(1)
+    try:
+        return _execute(plan, out, options, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _execute(plan: Plan, out: Path, options: RunOptions, device: torch.device) -> Path:
     staging = StagingFolder(out, force=options.force)
     try:
         staging.create()
@@ -277,7 +304,7 @@ _PENDING_WRITE_BYTES = 64 * 2**20
 def _apply(
     plan: Plan, writer: ShardWriter, options: RunOptions, device: torch.device, stats: object
 ) -> None:
-    stream = _Stream(plan, options, chunked=True)
+    stream = _Stream(plan, options, device, chunked=True)
     write_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightops-write")
     pending: collections.deque[tuple[Future[None], int]] = collections.deque()
     progress = Progress(len(plan.tasks), plan.output_bytes, "merge", enabled=options.progress)

@@ -47,6 +47,10 @@ def magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
     if density >= 1 or n == 0:
         return delta
     k = max(1, int(density * n))
+    # Task vectors of bf16 fine-tunes are often mostly exact zeros; when no more than k
+    # entries are nonzero, the threshold is 0 and keeping k entries changes nothing.
+    if int(torch.count_nonzero(delta)) <= k:
+        return delta
     flat = delta.view(-1)
     mag = flat.abs()
     threshold, greater, equal = kth_largest(mag, k)
