@@ -332,10 +332,8 @@ def build_plan(recipe: Recipe, recipe_dir: Path | None = None) -> Plan:
             hint="all inputs must share the architecture and tensor shapes of the base",
         )
     if recipe.out_dtype or recipe.dtype:
-        name = str(p.out_dtype).removeprefix("torch.")
-        config["torch_dtype"] = name
-        if "dtype" in config:
-            config["dtype"] = name
+        # transformers 5 writes `dtype`, older versions `torch_dtype`: keep the source's key.
+        config["dtype" if "dtype" in config else "torch_dtype"] = str(p.out_dtype).removeprefix("torch.")
     tok_ref = recipe.tokenizer_source
     if tok_ref in (None, "base"):
         tok = p.paths[lead]

@@ -106,6 +106,11 @@ def task_vectors(tensors: list[torch.Tensor], base: torch.Tensor) -> list[torch.
     return deltas
 
 
+# combine() works through the tensors in blocks of this many entries, so its
+# temporaries stay small and in cache whatever the size of the tensor.
+BLOCK = 1 << 20
+
+
 def combine(
     deltas: list[torch.Tensor],
     base: torch.Tensor,
@@ -116,35 +121,41 @@ def combine(
     lam: float,
 ) -> torch.Tensor:
     """base + λ · Σ wᵢ·δᵢ (masked by sign consensus), optionally divided by Σ wᵢ
-    over the deltas that contributed to each entry. Consumes `deltas` and `base`."""
-    if not consensus:
-        mixed = torch.zeros_like(base)
-        for weight in weights:
-            mixed.add_(deltas.pop(0), alpha=weight)
-        total = sum(weights)
-        if normalize and abs(total) >= 1e-8:
-            mixed /= total
-    else:
-        # TIES election without stacking the deltas. With uᵢ = wᵢδᵢ and e = ±1 the
-        # elected sign (that of Σ uᵢ, 0 counting as +), the agreeing part of uᵢ is
-        # e·relu(e·uᵢ), and it agrees where e·uᵢ > 0 (zeros never agree). Each delta
-        # is turned into its agreeing part in place and summed into the first one.
-        elected = torch.zeros_like(base)
-        for delta, weight in zip(deltas, weights, strict=True):
-            elected.add_(delta, alpha=weight)
-        elected.sign_().add_(0.5).sign_()  # -1 -> -1, 0 -> +1, +1 -> +1
-        divisor = torch.zeros_like(base) if normalize else None
-        mixed = None
-        for weight in weights:
-            agreeing = deltas.pop(0).mul_(elected).mul_(weight).relu_()
-            if divisor is not None:
-                divisor.add_(torch.sign(agreeing), alpha=weight)
-            mixed = agreeing if mixed is None else mixed.add_(agreeing)
-            del agreeing
-        mixed.mul_(elected)
-        del elected
+    over the deltas that contributed to each entry. Writes the result into `base`
+    (returned) and overwrites the deltas."""
+    flats = [d.reshape(-1) for d in deltas]
+    out = base.view(-1)
+    total = sum(weights)
+    for start in range(0, out.numel(), BLOCK):
+        block = [f[start : start + BLOCK] for f in flats]
+        if consensus:
+            mixed = _elect(block, weights, normalize)
+        else:
+            mixed = torch.zeros_like(block[0])
+            for delta, weight in zip(block, weights, strict=True):
+                mixed.add_(delta, alpha=weight)
+            if normalize and abs(total) >= 1e-8:
+                mixed /= total
+        out[start : start + BLOCK].add_(mixed, alpha=lam)
+    return base
+
+
+def _elect(block: list[torch.Tensor], weights: list[float], normalize: bool) -> torch.Tensor:
+    """TIES election without stacking the deltas. With uᵢ = wᵢδᵢ and e = ±1 the elected
+    sign (that of Σ uᵢ, 0 counting as +), the agreeing part of uᵢ is e·relu(e·uᵢ), and it
+    agrees where e·uᵢ > 0 (zeros never agree). Overwrites the deltas."""
+    elected = torch.zeros_like(block[0])
+    for delta, weight in zip(block, weights, strict=True):
+        elected.add_(delta, alpha=weight)
+    elected.sign_().add_(0.5).sign_()  # -1 -> -1, 0 -> +1, +1 -> +1
+    mixed = torch.zeros_like(elected)
+    divisor = torch.zeros_like(elected) if normalize else None
+    for delta, weight in zip(block, weights, strict=True):
+        agreeing = delta.mul_(elected).mul_(weight).relu_()
+        mixed.add_(agreeing)
         if divisor is not None:
-            mixed /= divisor.masked_fill_(divisor == 0, 1.0)
-    if lam != 1:
-        mixed *= lam
-    return base.add_(mixed)
+            divisor.add_(agreeing.sign_(), alpha=weight)
+    mixed.mul_(elected)
+    if divisor is not None:
+        mixed /= divisor.masked_fill_(divisor == 0, 1.0)
+    return mixed
