@@ -136,7 +136,9 @@ def combine(
                 mixed.add_(delta, alpha=weight)
             if normalize and abs(total) >= 1e-8:
                 mixed /= total
-        out[start : start + BLOCK].add_(mixed, alpha=lam)
+        if lam != 1:
+            mixed.mul_(lam)
+        out[start : start + BLOCK].add_(mixed)
     return base
 
 
