@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"
 START, END = "<!-- bench_merge:start -->", "<!-- bench_merge:end -->"
 METHODS = ("linear", "task_arithmetic", "ties")
+DEFAULT_CHANGED = 0.3
 # bf16 has an 8-bit significand: a correct fp32 merge rounded to bf16 differs from
 # another by about one ulp, so anything beyond this is a real disagreement.
 REL_FRO_BAR = 2.0**-8
@@ -53,6 +54,7 @@ class Parity:
     only_mergekit: list[str]
     dtype_mismatches: list[str]
     n_compared: int
+    tie_order: str = ""  # for TIES outside the bar: what an independent reference says
 
     @property
     def within_bar(self) -> bool:
@@ -64,20 +66,28 @@ class Parity:
         )
 
 
-def ensure_family(n_layers: int) -> dict[str, Path]:
-    root = WORK / f"family-{n_layers}L"
+def variant(changed: float) -> str:
+    """Suffix for files of a family whose fine-tunes change another share of entries."""
+    return "" if changed == DEFAULT_CHANGED else f"-c{round(changed * 100)}"
+
+
+def ensure_family(n_layers: int, changed: float = 0.3) -> dict[str, Path]:
+    root = WORK / f"family-{n_layers}L{variant(changed)}"
     names = ("base", *FINE_TUNES)
     if all((root / n / "model.safetensors.index.json").exists() for n in names):
         return {n: root / n for n in names}
     print(f"building {n_layers}-layer family in {root}", flush=True)
-    return make_family(root, n_layers=n_layers)
+    return make_family(root, n_layers=n_layers, changed=changed)
 
 
 def recipe(method: str, family: dict[str, Path]) -> dict:
     fts = [str(family[n]) for n in FINE_TUNES]
     common = {"merge_method": method, "dtype": "float32", "out_dtype": "bfloat16"}
     if method == "linear":
-        models = [{"model": m, "parameters": {"weight": w}} for m, w in zip(fts, (0.5, 0.3, 0.2), strict=True)]
+        models = [
+            {"model": m, "parameters": {"weight": w}}
+            for m, w in zip(fts, (0.5, 0.3, 0.2), strict=True)
+        ]
         return {**common, "models": models}
     if method == "task_arithmetic":
         models = [{"model": m, "parameters": {"weight": 0.5}} for m in fts]
@@ -93,8 +103,8 @@ def recipe(method: str, family: dict[str, Path]) -> dict:
     raise ValueError(f"no recipe for method {method!r}")
 
 
-def write_recipe(method: str, family: dict[str, Path], n_layers: int) -> Path:
-    path = WORK / "recipes" / f"{method}-{n_layers}L.yml"
+def write_recipe(method: str, family: dict[str, Path], n_layers: int, suffix: str = "") -> Path:
+    path = WORK / "recipes" / f"{method}-{n_layers}L{suffix}.yml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe(method, family), sort_keys=False))
     return path
@@ -151,7 +161,10 @@ def compare(out_w: Path, out_m: Path) -> Parity:
     idx_w, idx_m = load_tensor_index(out_w), load_tensor_index(out_m)
     common = sorted(idx_w.keys() & idx_m.keys())
     parity = Parity(
-        0.0, "", 0.0, "",
+        0.0,
+        "",
+        0.0,
+        "",
         only_weightops=sorted(idx_w.keys() - idx_m.keys()),
         only_mergekit=sorted(idx_m.keys() - idx_w.keys()),
         dtype_mismatches=[],
@@ -175,11 +188,54 @@ def compare(out_w: Path, out_m: Path) -> Parity:
     return parity
 
 
+def ties_reference(family: dict[str, Path], name: str, stable: bool) -> torch.Tensor:
+    """The bench recipe's TIES (weight 1, density 0.5, normalize) for one tensor, written
+    out plainly; `stable` picks how entries tied at the trim threshold are ordered."""
+    idx = {n: load_tensor_index(family[n]) for n in ("base", *FINE_TUNES)}
+    base = read(idx["base"][name], name).float()
+    deltas = []
+    for ft in FINE_TUNES:
+        d = (read(idx[ft][name], name).float() - base).reshape(-1)
+        keep = torch.argsort(d.abs(), descending=True, stable=stable)[
+            : max(1, int(0.5 * d.numel()))
+        ]
+        mask = torch.zeros_like(d)
+        mask[keep] = 1
+        deltas.append(d * mask)
+    stacked = torch.stack(deltas)
+    agree = stacked.sign() == torch.where(stacked.sum(0) >= 0, 1.0, -1.0)
+    count = agree.sum(0).float()
+    merged = (stacked * agree).sum(0) / torch.where(count == 0, 1.0, count)
+    return (base.reshape(-1) + merged).reshape(base.shape).to(torch.bfloat16)
+
+
+def tie_order_note(family: dict[str, Path], out_w: Path, out_m: Path, name: str) -> str:
+    """Does each tool equal the plain formula under its own tie order?"""
+    w = read(load_tensor_index(out_w)[name], name)
+    m = read(load_tensor_index(out_m)[name], name)
+    stable, unstable = ties_reference(family, name, True), ties_reference(family, name, False)
+    scale = m.float().abs().max()
+
+    def gap(a: torch.Tensor, b: torch.Tensor) -> str:
+        return f"{((a.float() - b.float()).abs().max() / scale).item():.1e}"
+
+    return (
+        f"on `{name}`, a plain re-derivation of TIES with a stable sort (ties at the trim "
+        f"threshold kept in index order) differs from weightops by {gap(w, stable)} and "
+        f"with torch's default unstable argsort from mergekit by {gap(m, unstable)} "
+        f"(max abs / max|m|): each tool computes the same formula, and they part only in "
+        f"which entries tied at the threshold survive the trim"
+    )
+
+
 def machine() -> str:
     mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
     cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")),
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
         platform.processor(),
     )
     return (
@@ -200,9 +256,11 @@ def render(
     flatness: tuple[Run, Run] | None,
     peer: str | None,
     load: tuple[float, float],
+    changed: float,
 ) -> str:
     lines = [
         f"Synthetic Llama family, {n_layers} layers (~150M parameters at 16), bf16, two shards per model; "
+        f"each fine-tune changes {changed:.0%} of the base's entries (small noise) plus 0.1% large ones; "
         f"recipes compute in float32 and write bfloat16. Median wall time and max peak RSS over "
         f"{repeats} alternating runs per tool.",
         "",
@@ -227,10 +285,12 @@ def render(
             f"{w.peak_mib:.0f} | {m_rss} | {fmt_ratio(w.peak_mib, m and m.peak_mib)} | {rel} | {ok} |"
         )
         if parity and parity.worst_rel_fro == parity.worst_max_abs == 0:
-            notes.append(f"- {method}: all {parity.n_compared} common tensors bit-identical; "
-                         f"only in weightops: {parity.only_weightops or 'none'}; "
-                         f"only in mergekit: {parity.only_mergekit or 'none'}; "
-                         f"dtype mismatches: {parity.dtype_mismatches or 'none'}")
+            notes.append(
+                f"- {method}: all {parity.n_compared} common tensors bit-identical; "
+                f"only in weightops: {parity.only_weightops or 'none'}; "
+                f"only in mergekit: {parity.only_mergekit or 'none'}; "
+                f"dtype mismatches: {parity.dtype_mismatches or 'none'}"
+            )
         elif parity:
             notes.append(
                 f"- {method}: worst rel Frobenius {parity.worst_rel_fro:.2e} "
@@ -238,6 +298,7 @@ def render(
                 f"(`{parity.worst_max_abs_tensor}`); only in weightops: {parity.only_weightops or 'none'}; "
                 f"only in mergekit: {parity.only_mergekit or 'none'}; "
                 f"dtype mismatches: {parity.dtype_mismatches or 'none'}"
+                + (f"; {parity.tie_order}" if parity.tie_order else "")
             )
     lines += [
         "",
@@ -259,15 +320,23 @@ def render(
     return "\n".join(lines) + "\n"
 
 
-def write_section(body: str) -> None:
-    section = f"{START}\n## Merge: weightops vs mergekit\n\n{body}{END}\n"
-    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else (
-        "# Benchmarks\n\nNumbers produced by the scripts in `bench/`; each section is "
-        "regenerated by the command it lists.\n\n"
+def write_section(body: str, suffix: str = "", title: str = "") -> None:
+    start, end = (
+        START.replace("bench_merge", f"bench_merge{suffix}"),
+        END.replace("bench_merge", f"bench_merge{suffix}"),
     )
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
+    section = f"{start}\n## Merge: weightops vs mergekit{title}\n\n{body}{end}\n"
+    text = (
+        BENCHMARKS_MD.read_text()
+        if BENCHMARKS_MD.exists()
+        else (
+            "# Benchmarks\n\nNumbers produced by the scripts in `bench/`; each section is "
+            "regenerated by the command it lists.\n\n"
+        )
+    )
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        tail = rest.split(end, 1)[1].lstrip("\n")
         text = head + section + ("\n" + tail if tail else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section
@@ -275,9 +344,14 @@ def write_section(body: str) -> None:
 
 
 def bench_method(
-    method: str, family: dict[str, Path], n_layers: int, repeats: int, mergekit: Path | None
+    method: str,
+    family: dict[str, Path],
+    n_layers: int,
+    repeats: int,
+    mergekit: Path | None,
+    suffix: str = "",
 ) -> tuple[Run, Run | None, Parity | None]:
-    recipe_path = write_recipe(method, family, n_layers)
+    recipe_path = write_recipe(method, family, n_layers, suffix)
     out_w, out_m = WORK / "out" / f"{method}-weightops", WORK / "out" / f"{method}-mergekit"
     logs = WORK / "logs"
     w_runs: list[Run] = []
@@ -287,14 +361,26 @@ def bench_method(
         order = ["w", "m"] if rep % 2 == 0 else ["m", "w"]
         for tool in order:
             if tool == "w":
-                w_runs.append(measure(weightops_cmd(recipe_path, out_w), out_w,
-                                      logs / f"{method}-weightops-{rep}.log"))
+                w_runs.append(
+                    measure(
+                        weightops_cmd(recipe_path, out_w),
+                        out_w,
+                        logs / f"{method}-weightops-{rep}.log",
+                    )
+                )
             elif mergekit:
-                m_runs.append(measure(mergekit_cmd(mergekit, recipe_path, out_m), out_m,
-                                      logs / f"{method}-mergekit-{rep}.log"))
+                m_runs.append(
+                    measure(
+                        mergekit_cmd(mergekit, recipe_path, out_m),
+                        out_m,
+                        logs / f"{method}-mergekit-{rep}.log",
+                    )
+                )
     w = summarize(w_runs)
     m = summarize(m_runs) if m_runs else None
     parity = compare(out_w, out_m) if mergekit else None
+    if parity and method == "ties" and not parity.within_bar:
+        parity.tie_order = tie_order_note(family, out_w, out_m, parity.worst_max_abs_tensor)
     return w, m, parity
 
 
@@ -304,12 +390,23 @@ def summarize(runs: list[Run]) -> Run:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default=",".join(METHODS),
-                        help="comma-separated subset of " + ",".join(METHODS))
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="comma-separated subset of " + ",".join(METHODS),
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--skip-peer", action="store_true", help="run weightops only")
-    parser.add_argument("--no-write", action="store_true", help=f"do not update {BENCHMARKS_MD.name}")
+    parser.add_argument(
+        "--changed",
+        type=float,
+        default=DEFAULT_CHANGED,
+        help="share of entries each fine-tune changes (its own section in the report)",
+    )
+    parser.add_argument(
+        "--no-write", action="store_true", help=f"do not update {BENCHMARKS_MD.name}"
+    )
     args = parser.parse_args()
     methods = [m for m in args.methods.split(",") if m]
     unknown = set(methods) - set(METHODS)
@@ -317,36 +414,45 @@ def main() -> None:
         parser.error(f"unknown methods: {sorted(unknown)}")
 
     load_start = os.getloadavg()[0]
-    family = ensure_family(args.layers)
+    suffix = variant(args.changed)
+    family = ensure_family(args.layers, args.changed)
     mergekit = None if args.skip_peer else ensure_mergekit()
     peer = None if args.skip_peer else mergekit_version()
 
     rows = {}
     for method in methods:
         print(f"{method}: {args.repeats} runs per tool", flush=True)
-        rows[method] = bench_method(method, family, args.layers, args.repeats, mergekit)
+        rows[method] = bench_method(method, family, args.layers, args.repeats, mergekit, suffix)
 
     flatness = None
-    if args.layers != 8:
+    if args.layers != 8 and not suffix:
         # Streaming should keep peak RSS roughly independent of depth.
         small_family = ensure_family(8)
         small_recipe = write_recipe("linear", small_family, 8)
         out = WORK / "out" / "linear-8L-weightops"
-        small = measure(weightops_cmd(small_recipe, out), out, WORK / "logs" / "linear-8L-weightops.log")
+        small = measure(
+            weightops_cmd(small_recipe, out), out, WORK / "logs" / "linear-8L-weightops.log"
+        )
         if "linear" in rows:
             large = rows["linear"][0]
         else:
             big_recipe = write_recipe("linear", family, args.layers)
             out = WORK / "out" / "linear-weightops"
-            large = measure(weightops_cmd(big_recipe, out), out, WORK / "logs" / "linear-weightops.log")
+            large = measure(
+                weightops_cmd(big_recipe, out), out, WORK / "logs" / "linear-weightops.log"
+            )
         flatness = (small, large)
 
     command = shlex.join(["python", "bench/bench_merge.py", *sys.argv[1:]])
     load = (load_start, os.getloadavg()[0])
-    body = render(command, args.layers, args.repeats, rows, flatness, peer, load)
+    body = render(command, args.layers, args.repeats, rows, flatness, peer, load, args.changed)
     print(body)
     if not args.no_write:
-        write_section(body)
+        write_section(
+            body,
+            suffix,
+            f" ({args.changed:.0%} of entries changed per fine-tune)" if suffix else "",
+        )
         print(f"updated {BENCHMARKS_MD}")
 
 

@@ -67,10 +67,10 @@ def base_tensor(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     return torch.randn(shape, generator=gen) * 0.02
 
 
-def delta(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-    """Sparse-ish heavy-tailed update: dense small noise on ~30% of entries plus rare large ones."""
+def delta(shape: tuple[int, ...], gen: torch.Generator, changed: float = 0.3) -> torch.Tensor:
+    """Heavy-tailed update: small noise on a `changed` share of entries plus rare large ones."""
     d = torch.randn(shape, generator=gen) * 0.002
-    d *= torch.rand(shape, generator=gen) < 0.3
+    d *= torch.rand(shape, generator=gen) < changed
     outliers = torch.rand(shape, generator=gen) < 1e-3
     d += outliers * torch.randn(shape, generator=gen) * 0.02
     return d
@@ -102,7 +102,9 @@ def write_checkpoint(out: Path, config: LlamaConfig, tensors: dict[str, torch.Te
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def make_family(root: Path, n_layers: int = 16, seed: int = 0) -> dict[str, Path]:
+def make_family(
+    root: Path, n_layers: int = 16, seed: int = 0, changed: float = 0.3
+) -> dict[str, Path]:
     """Write base, ft_a, ft_b, ft_c under root and return their directories by name."""
     config = llama_config(n_layers)
     shapes = tensor_shapes(n_layers)
@@ -113,7 +115,10 @@ def make_family(root: Path, n_layers: int = 16, seed: int = 0) -> dict[str, Path
     write_checkpoint(paths["base"], config, base)
     for k, name in enumerate(FINE_TUNES, start=1):
         gen = torch.Generator().manual_seed(seed * 1000 + k)
-        ft = {n: (base[n].float() + delta(s, gen)).to(torch.bfloat16) for n, s in shapes.items()}
+        ft = {
+            n: (base[n].float() + delta(s, gen, changed)).to(torch.bfloat16)
+            for n, s in shapes.items()
+        }
         paths[name] = root / name
         write_checkpoint(paths[name], config, ft)
     return paths
@@ -124,8 +129,11 @@ def main() -> None:
     parser.add_argument("root", type=Path)
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--changed", type=float, default=0.3, help="share of entries each fine-tune changes"
+    )
     args = parser.parse_args()
-    for name, path in make_family(args.root, args.layers, args.seed).items():
+    for name, path in make_family(args.root, args.layers, args.seed, args.changed).items():
         print(f"{name}: {path}")
 
 

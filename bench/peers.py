@@ -20,9 +20,14 @@ def mergekit_yaml(venv: Path = MERGEKIT_VENV) -> Path:
 
 def mergekit_version(venv: Path = MERGEKIT_VENV) -> str:
     out = subprocess.run(
-        [str(venv / "bin" / "python"), "-c",
-         "import importlib.metadata as m; print(m.version('mergekit'), m.version('torch'))"],
-        check=True, capture_output=True, text=True,
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            "import importlib.metadata as m; print(m.version('mergekit'), m.version('torch'))",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     mk, torch = out.stdout.split()
     return f"mergekit {mk} (torch {torch})"

@@ -663,7 +663,7 @@ models:
     parameters: {{weight: 2}}
 """)
         )
-        return plan.peak_bytes(2), plan.output_bytes
+        return plan.peak_bytes(2**20, 2**12), plan.output_bytes
 
     (p4, out4), (p8, out8) = peak(llama["base"]), peak(deep)
     assert out8 > out4  # the deeper model really is bigger

@@ -85,7 +85,8 @@ def _print_plan(plan, out: Path, options) -> None:
     echo(f"tensors     {len(plan.tasks)}")
     echo(f"output size {plan.output_bytes / 1e9:.3f} GB")
     echo(
-        f"peak memory {plan.peak_bytes(options.prefetch) / 1e9:.3f} GB (estimated: {options.prefetch} tensors read ahead + the largest in compute)"
+        f"peak memory {plan.peak_bytes(options.read_ahead_bytes, options.chunk_elements) / 1e9:.3f} GB "
+        "(estimated tensor data: the largest piece in compute + read-ahead; the runtime adds ~0.3 GB)"
     )
     if plan.method.observer:
         echo("passes      2 (statistics, then merge)")

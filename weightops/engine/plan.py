@@ -81,15 +81,20 @@ class Plan:
         refs = [*task.inputs, *([task.base] if task.base else [])]
         return sum(self.in_bytes[(r.model, r.name)] for r in refs)
 
-    def peak_bytes(self, prefetch: int) -> int:
-        """Estimated peak memory: `prefetch` tasks' inputs in their stored dtype, plus
-        the largest task in the compute dtype with room for the method's temporaries."""
+    def peak_bytes(self, read_ahead: int, chunk_elements: int) -> int:
+        """Estimated peak memory of the tensor data (the Python and torch runtime come on
+        top): the largest piece's inputs in the compute dtype with room for the method's
+        temporaries, its output, and up to `read_ahead` bytes of the next pieces. Pieces
+        are whole tensors, or row blocks of `chunk_elements` for elementwise methods."""
         if not self.tasks:
             return 0
         item = torch.empty((), dtype=self.compute_dtype).element_size()
-        reads = sorted((self.task_input_bytes(t) for t in self.tasks), reverse=True)
-        compute = max((len(t.inputs) + 4) * t.numel * item + t.out_bytes for t in self.tasks)
-        return sum(reads[: prefetch + 1]) + compute
+
+        def entries(t: TensorTask) -> int:
+            return min(t.numel, chunk_elements) if self.method.elementwise else t.numel
+
+        compute = max((len(t.inputs) + 3) * entries(t) * item + t.out_bytes for t in self.tasks)
+        return compute + read_ahead
 
 
 def _seed(seed: int, name: str) -> int:
@@ -333,7 +338,9 @@ def build_plan(recipe: Recipe, recipe_dir: Path | None = None) -> Plan:
         )
     if recipe.out_dtype or recipe.dtype:
         # transformers 5 writes `dtype`, older versions `torch_dtype`: keep the source's key.
-        config["dtype" if "dtype" in config else "torch_dtype"] = str(p.out_dtype).removeprefix("torch.")
+        config["dtype" if "dtype" in config else "torch_dtype"] = str(p.out_dtype).removeprefix(
+            "torch."
+        )
     tok_ref = recipe.tokenizer_source
     if tok_ref in (None, "base"):
         tok = p.paths[lead]

@@ -27,6 +27,9 @@ Parameters:
   normalize (default false): divide by the summed weights{agree}.
   int8_mask: accepted so mergekit recipes run.
 With density 1 the task vector is left whole (gamma is not applied), as in mergekit.
+Deliberate difference from mergekit: ties in |δ| are ranked in index order (a stable
+sort), so the masks depend only on the inputs; mergekit's unstable sort may keep other
+tied entries.
 """
 
 

@@ -34,8 +34,14 @@ def ties(
       normalize (default true): divide by the summed weights of the agreeing models.
       rescale (default false): rescale each trimmed vector to its original L1 norm.
       int8_mask: accepted so mergekit recipes run; masks here are always booleans.
-    Entries tied at the trim threshold are kept in index order until exactly k survive
-    (mergekit leaves that order to its sort); the differences are far below bf16 rounding.
+    Deliberate difference from mergekit: entries whose magnitude equals the trim
+    threshold are kept in index order until exactly k survive (what a stable sort
+    gives), so the result depends only on the inputs. mergekit keeps whichever tied
+    entries its unstable argsort puts first. Task vectors of bf16 checkpoints are
+    coarsely quantized, so on dense fine-tunes a few percent of entries can tie at the
+    threshold and, through the sign election, the two tools then differ beyond bf16
+    rounding at those entries; with sparse task vectors (threshold 0) they agree bit
+    for bit. BENCHMARKS.md shows both cases.
     """
     del int8_mask
     deltas = task_vectors(tensors, base)
