@@ -50,7 +50,8 @@ def _tokenizer(folder: Path) -> None:
     fast.save_pretrained(folder)
 
 
-def _quiet() -> None:
+def quiet_transformers() -> None:
+    """Silence transformers' progress bars and info logs (weightops reports its own)."""
     from transformers.utils import logging
 
     logging.disable_progress_bar()
@@ -69,7 +70,7 @@ def tiny_model(
     """Save a random `family` model with a tokenizer into `folder`; return the folder."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    _quiet()
+    quiet_transformers()
     folder = Path(folder)
     cfg = dict(FAMILIES[family])
     model_type = cfg.pop("model_type")
@@ -99,7 +100,7 @@ def fine_tune(
     """Save base + a seeded random task vector (dense noise plus a sparse strong part)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _quiet()
+    quiet_transformers()
     model = AutoModelForCausalLM.from_pretrained(base)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -50,7 +50,13 @@ def copy_tokenizer(
 
 
 def write_card(
-    folder: Path, *, title: str, summary: list[str], recipe_yaml: str, version: str
+    folder: Path,
+    *,
+    title: str,
+    summary: list[str],
+    recipe_yaml: str,
+    version: str,
+    heading: str = "Recipe",
 ) -> None:
     lines = [
         "---",
@@ -66,7 +72,7 @@ def write_card(
         "",
         *summary,
         "",
-        "## Recipe",
+        f"## {heading}",
         "",
         "```yaml",
         recipe_yaml.rstrip(),

@@ -1,0 +1,92 @@
+"""Writing a modified copy of a checkpoint, one tensor at a time.
+
+Used by jobs that change a few tensors of one model (baking a steering vector,
+repair): every tensor is read, passed through `transform`, and written by the same
+atomic sharded writer as a merge, together with the source's config (with any
+updates), generation config and tokenizer, and a model card.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from weightops import __version__
+from weightops.io import sidefiles
+from weightops.io.checkpoint import Checkpoint
+from weightops.io.safetensors_file import FileReader
+from weightops.io.writer import ShardWriter, StagingFolder, plan_layout
+
+Transform = Callable[[str, torch.Tensor | None], torch.Tensor]
+
+
+def rewrite_checkpoint(
+    source: Checkpoint,
+    out: Path,
+    transform: Transform,
+    *,
+    new_tensors: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None,
+    config_updates: dict[str, Any] | None = None,
+    title: str,
+    summary: list[str],
+    settings: dict[str, Any],
+    force: bool = False,
+    shard_size: int = 5 * 10**9,
+) -> Path:
+    """Write `source` with every tensor replaced by transform(name, tensor) to `out`.
+
+    `new_tensors` adds tensors that the source lacks (transform gets None for them);
+    tensors keep their names, shapes and dtypes."""
+    new_tensors = new_tensors or {}
+    names = sorted(
+        source.tensors, key=lambda n: (source.tensors[n].path.name, source.tensors[n].start)
+    )
+    entries = [(n, source.tensors[n].shape, source.tensors[n].dtype) for n in names]
+    entries += [(n, shape, dtype) for n, (shape, dtype) in new_tensors.items()]
+    metadata = {
+        "format": "pt",
+        "weightops_version": __version__,
+        "weightops_settings": json.dumps(settings),
+    }
+    staging = StagingFolder(out, force=force)
+    try:
+        staging.create()
+        layout = plan_layout(entries, shard_size, metadata)
+        staging.check_space(layout.total_bytes)
+        writer = ShardWriter(staging.path, layout, display=out)
+        try:
+            with FileReader() as reader:
+                for name, shape, dtype in entries:
+                    tensor = reader.read(source.tensors[name]) if name in source.tensors else None
+                    result = transform(name, tensor)
+                    if tuple(result.shape) != tuple(shape):
+                        raise ValueError(
+                            f"{name}: transform changed the shape to {list(result.shape)}"
+                        )
+                    writer.write(name, result.to(dtype))
+            writer.finish()
+        finally:
+            writer.close()
+        writer.write_index(sum(layout.shard_sizes) - sum(8 + len(h) for h in layout.headers))
+        config = {**source.config, **(config_updates or {})}
+        sidefiles.write_config(staging.path, config)
+        sidefiles.copy_generation_config(source.folder, staging.path)
+        sidefiles.copy_tokenizer(source.folder, staging.path)
+        recipe = json.dumps(settings, indent=2)
+        sidefiles.write_card(
+            staging.path,
+            title=title,
+            summary=summary,
+            recipe_yaml=recipe,
+            version=__version__,
+            heading="Settings",
+        )
+        staging.commit()
+    except BaseException:
+        staging.discard()
+        raise
+    return out

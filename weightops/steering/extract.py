@@ -1,0 +1,254 @@
+"""Extracting steering vectors from contrastive pairs, and choosing layers and strengths.
+
+Hidden states are read at the last non-padding token of each text (or at given
+positions) from `output_hidden_states`, where entry i + 1 is the output of decoder
+block i. Methods, per layer, with h⁺ and h⁻ the states of the positive and negative
+texts of each pair:
+
+- mean_diff: mean(h⁺) − mean(h⁻) (contrastive activation addition; keeps its scale).
+- pca_diff: first principal component of the centred differences h⁺ − h⁻ (unit norm).
+- pca_center: first principal component of h⁺ and h⁻ centred on their pair's mean.
+- probe: weights of an L2-regularised logistic regression separating h⁺ from h⁻,
+  on standardised features, mapped back to the residual basis (unit norm).
+
+PCA signs are arbitrary; each direction is turned so that the positive text of most
+pairs projects higher than its negative (as repeng does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from weightops.steering.layers import SteeringError, find_layers
+from weightops.steering.vector import Pair, SteeringVector, _check_strength
+
+METHODS = ("mean_diff", "pca_diff", "pca_center", "probe")
+
+
+def _check_pairs(pairs: Sequence[Pair]) -> None:
+    if not pairs:
+        raise SteeringError("no contrastive pairs given")
+    for i, pair in enumerate(pairs):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise SteeringError(f"pair {i} is not a (positive, negative) pair of texts")
+        if not all(isinstance(t, str) and t.strip() for t in pair):
+            raise SteeringError(f"pair {i} has an empty or non-text side")
+
+
+@torch.no_grad()
+def hidden_states(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    layers: Sequence[int],
+    *,
+    batch_size: int = 16,
+    positions: Sequence[int] | None = None,
+) -> dict[int, torch.Tensor]:
+    """{layer: [len(texts), hidden]} fp32 states at the last real token of each text
+    (or at `positions[j]` of text j, counted in its own tokens; negative from the end)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    device = next(model.parameters()).device
+    out: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    for b in range(0, len(texts), batch_size):
+        batch = list(texts[b : b + batch_size])
+        enc = tokenizer(batch, padding=True, return_tensors="pt").to(device)
+        states = model(**enc, output_hidden_states=True).hidden_states
+        mask = enc["attention_mask"]
+        for j in range(len(batch)):
+            real = mask[j].nonzero(as_tuple=True)[0]
+            if positions is None:
+                at = real[-1]
+            else:
+                p = positions[b + j]
+                if not -len(real) <= p < len(real):
+                    raise SteeringError(
+                        f"position {p} is outside text {b + j} ({len(real)} tokens)"
+                    )
+                at = real[p]
+            for i in layers:
+                out[i].append(states[i + 1][j, at].float().cpu())
+    return {i: torch.stack(v) for i, v in out.items()}
+
+
+def _first_pc(x: torch.Tensor) -> torch.Tensor:
+    centred = x - x.mean(0, keepdim=True)
+    _, _, vh = torch.linalg.svd(centred.double(), full_matrices=False)
+    return vh[0].float()
+
+
+def _probe(
+    pos: torch.Tensor, neg: torch.Tensor, steps: int = 200, l2: float = 1e-3
+) -> torch.Tensor:
+    x = torch.cat([pos, neg]).double()
+    y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).double()
+    mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
+    z = (x - mu) / sd
+    w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = (
+            torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y)
+            + l2 * w.square().sum()
+        )
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    direction = (w.detach() / sd).float()  # the same decision function in the raw basis
+    return direction / direction.norm().clamp_min(1e-12)
+
+
+def direction(method: str, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """One layer's direction from paired states pos[k], neg[k]."""
+    if method == "mean_diff":
+        return pos.mean(0) - neg.mean(0)
+    if method == "pca_diff":
+        d = _first_pc(pos - neg)
+    elif method == "pca_center":
+        center = (pos + neg) / 2
+        d = _first_pc(torch.cat([pos - center, neg - center]))
+    elif method == "probe":
+        return _probe(pos, neg)
+    else:
+        raise SteeringError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    # Orient: the positive text of most pairs should project higher.
+    higher = ((pos - neg) @ d > 0).float().mean()
+    return d if higher >= 0.5 else -d
+
+
+def train(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    pairs: Sequence[Pair],
+    method: str = "pca_diff",
+    layers: Sequence[int] | None = None,
+    *,
+    batch_size: int = 16,
+    positions: Sequence[tuple[int, int]] | None = None,
+    layers_path: str | None = None,
+) -> SteeringVector:
+    """A SteeringVector with one direction per layer (all layers by default)."""
+    _check_pairs(pairs)
+    if method not in METHODS:
+        raise SteeringError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method in ("pca_diff", "pca_center", "probe") and len(pairs) < 2:
+        raise SteeringError(f"{method} needs at least 2 pairs (got {len(pairs)})")
+    layout = find_layers(model, layers_path)
+    depth = len(layout.blocks)
+    layers = list(range(depth)) if layers is None else [int(i) for i in layers]
+    bad = [i for i in layers if not 0 <= i < depth]
+    if bad:
+        raise SteeringError(
+            f"layers {bad} are out of range: the model has {depth} (0 … {depth - 1})"
+        )
+    if positions is not None and len(positions) != len(pairs):
+        raise SteeringError(f"{len(positions)} positions for {len(pairs)} pairs")
+    texts = [t for p in pairs for t in p]
+    flat_pos = None if positions is None else [q for p in positions for q in p]
+    states = hidden_states(
+        model, tokenizer, texts, layers, batch_size=batch_size, positions=flat_pos
+    )
+    dirs = {i: direction(method, h[0::2], h[1::2]) for i, h in states.items()}
+    return SteeringVector(
+        dirs,
+        model_type=layout.model_type,
+        hidden_size=layout.hidden_size,
+        layers_path=layout.path,
+        method=method,
+        read_at="last" if positions is None else "positions",
+        info={"pairs": len(pairs)},
+    )
+
+
+@dataclass(frozen=True)
+class LayerScore:
+    layer: int
+    accuracy: float  # share of held-out pairs whose positive projects above its negative
+    margin: float  # mean held-out gap over the pooled spread of the projections
+
+
+def search_layers(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    pairs: Sequence[Pair],
+    method: str = "mean_diff",
+    *,
+    held_out: float = 0.25,
+    seed: int = 0,
+    layers_path: str | None = None,
+) -> list[LayerScore]:
+    """Contrastive layer search: rank layers by how well a direction learned on some
+    pairs separates the others. Score: held-out pairwise accuracy, ties broken by a
+    margin (mean projected gap / pooled standard deviation), best first."""
+    _check_pairs(pairs)
+    if len(pairs) < 4:
+        raise SteeringError(f"layer search needs at least 4 pairs (got {len(pairs)})")
+    layout = find_layers(model, layers_path)
+    layers = list(range(len(layout.blocks)))
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_test = max(1, round(held_out * len(pairs)))
+    test, fit = order[:n_test], order[n_test:]
+    texts = [t for p in pairs for t in p]
+    states = hidden_states(model, tokenizer, texts, layers)
+    scores = []
+    for i, h in states.items():
+        pos, neg = h[0::2], h[1::2]
+        d = direction(method, pos[fit], neg[fit])
+        p, q = pos[test] @ d, neg[test] @ d
+        spread = torch.cat([p, q]).std().clamp_min(1e-12)
+        scores.append(LayerScore(i, float((p > q).float().mean()), float((p - q).mean() / spread)))
+    return sorted(scores, key=lambda s: (s.accuracy, s.margin), reverse=True)
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    strength: float
+    target: float
+    perplexity: float
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str]) -> float:
+    """Token-weighted perplexity of `texts` (the helpfulness proxy of a sweep)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for t in texts:
+        ids = tokenizer(t, return_tensors="pt").input_ids.to(device)
+        if ids.shape[1] < 2:
+            continue
+        loss = model(ids, labels=ids).loss
+        total += float(loss) * (ids.shape[1] - 1)
+        count += ids.shape[1] - 1
+    if count == 0:
+        raise SteeringError("neutral texts are too short to measure perplexity")
+    return float(torch.exp(torch.tensor(total / count)))
+
+
+def sweep_strength(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    vector: SteeringVector,
+    strengths: Sequence[float],
+    target: Callable[[torch.nn.Module], float],
+    neutral: Sequence[str],
+) -> list[SweepPoint]:
+    """For each strength: the user's target score of the steered model and its
+    perplexity on neutral text, to pick a strength where the trade-off is good."""
+    points = []
+    for s in strengths:
+        _check_strength(s)
+        with vector.apply(model, strength=s):
+            points.append(
+                SweepPoint(s, float(target(model)), perplexity(model, tokenizer, neutral))
+            )
+    return points
