@@ -59,3 +59,22 @@ def load_state(folder: Path) -> dict[str, torch.Tensor]:
 def write_recipe(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def valid_value(spec):
+    """A value a parameter accepts, chosen from its spec alone: the middle of its
+    range, or 0.5 (False for flags, rounded for whole numbers)."""
+    if spec.kind is bool:
+        return False
+    r = spec.range
+    lo = None if r is None else (r.ge if r.ge is not None else r.gt)
+    hi = None if r is None else (r.le if r.le is not None else r.lt)
+    if lo is not None and hi is not None:
+        v = (lo + hi) / 2
+    elif lo is not None:
+        v = lo + 0.5
+    elif hi is not None:
+        v = hi - 0.5
+    else:
+        v = 0.5
+    return round(v) if spec.kind is int else v

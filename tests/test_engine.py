@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import FAMILY_NAMES, load_state, write_recipe
+from conftest import FAMILY_NAMES, load_state, valid_value, write_recipe
 from safetensors.torch import save_file
 
 from weightops.demo import fine_tune, tiny_model
 from weightops.engine.plan import build_plan
 from weightops.engine.run import RunOptions, execute
 from weightops.merge import all_methods, merge_method
-from weightops.merge.registry import _REGISTRY, MethodSpec, ParamSpec
+from weightops.merge.registry import _REGISTRY, MethodSpec
 from weightops.recipe import load_recipe, parse_recipe
 
 IDS = torch.tensor([[3, 17, 42, 99, 150, 7, 255, 1, 64, 128, 200, 33]])
@@ -44,28 +44,11 @@ def dump(data: dict) -> str:
     return yaml.safe_dump(json.loads(json.dumps(data, default=str)), sort_keys=False)
 
 
-def _value(spec: ParamSpec):
-    if spec.kind is bool:
-        return False
-    r = spec.range
-    lo = None if r is None else (r.ge if r.ge is not None else r.gt)
-    hi = None if r is None else (r.le if r.le is not None else r.lt)
-    if lo is not None and hi is not None:
-        v = (lo + hi) / 2
-    elif lo is not None:
-        v = lo + 0.5
-    elif hi is not None:
-        v = hi - 0.5
-    else:
-        v = 0.5
-    return round(v) if spec.kind is int else v
-
-
 def recipe_for(spec: MethodSpec, fam: dict[str, Path]) -> dict:
     """A valid recipe for any registered method, from its spec alone."""
     required = [p for p in spec.params.values() if p.required]
-    per_model = {p.name: _value(p) for p in required if p.per_model}
-    shared = {p.name: _value(p) for p in required if not p.per_model}
+    per_model = {p.name: valid_value(p) for p in required if p.per_model}
+    shared = {p.name: valid_value(p) for p in required if not p.per_model}
     if spec.base == "unused" and spec.max_models == 1:
         # A one-source-per-tensor method: stack layer ranges (frankenmerge).
         halves = [(str(fam["ft_a"]), [0, 2]), (str(fam["ft_b"]), [2, 4])]

@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import valid_value
 
 from weightops.merge import all_methods, get_method
 from weightops.merge.registry import MethodSpec, ParamSpec
@@ -22,23 +23,7 @@ from weightops.merge.sparsify import magnitude
 
 def _value(spec: ParamSpec):
     """A valid value for a parameter: its default, or one inside its range."""
-    if not spec.required:
-        return spec.default
-    if spec.kind is bool:
-        return False
-    lo = spec.range.ge if spec.range and spec.range.ge is not None else None
-    lo = spec.range.gt if lo is None and spec.range and spec.range.gt is not None else lo
-    hi = spec.range.le if spec.range and spec.range.le is not None else None
-    hi = spec.range.lt if hi is None and spec.range and spec.range.lt is not None else hi
-    if lo is not None and hi is not None:
-        v = (lo + hi) / 2
-    elif lo is not None:
-        v = lo + 0.5
-    elif hi is not None:
-        v = hi - 0.5
-    else:
-        v = 0.5
-    return round(v) if spec.kind is int else v
+    return spec.default if not spec.required else valid_value(spec)
 
 
 def _n_models(spec: MethodSpec) -> int:
