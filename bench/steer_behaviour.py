@@ -27,17 +27,15 @@ from __future__ import annotations
 import argparse
 import math
 import random
-import re
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from weightops.steering import SteeringVector
-from weightops.steering.extract import SweepPoint, perplexity, search_layers, sweep_strength
+from weightops.steering.extract import SweepPoint, search_layers, sweep_strength
 
 SEED = 0
 CHARS = " \n.,!?:[]" + "abcdefghijklmnopqrstuvwxyz" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -134,7 +132,7 @@ def make_model(vocab_size: int):
     return LlamaForCausalLM(config)
 
 
-def train(model, tokenizer, words: Sequence[str], steps: int, batch: int = 64) -> float:
+def train(model, tokenizer, words: Sequence[str], steps: int, batch: int) -> float:
     rng = random.Random(SEED + 1)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01, betas=(0.9, 0.98))
     warm = steps // 20
@@ -160,19 +158,25 @@ def train(model, tokenizer, words: Sequence[str], steps: int, batch: int = 64) -
         if step % 200 == 0 or step == steps - 1:
             print(f"  step {step:5d}  loss {loss.item():.3f}", flush=True)
     model.eval()
-    return float(loss)
+    return loss.item()
 
 
 # ---------------------------------------------------------------- measures
 
 
-def generate(model, tokenizer, text: str) -> str:
-    ids = tokenizer(text, return_tensors="pt").input_ids
+def generate(model, tokenizer, texts: Sequence[str]) -> list[str]:
+    """Greedy answers (up to the first newline), in one left-padded batch."""
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(list(texts), padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = "right"
     with torch.no_grad():
         out = model.generate(
-            ids, max_new_tokens=GEN_TOKENS, do_sample=False, pad_token_id=0, eos_token_id=1
+            **enc, max_new_tokens=GEN_TOKENS, do_sample=False, pad_token_id=0, eos_token_id=1
         )
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).split("\n")[0]
+    new = out[:, enc.input_ids.shape[1] :]
+    return [tokenizer.decode(row, skip_special_tokens=True).split("\n")[0] for row in new]
 
 
 def upper_share(text: str) -> float:
@@ -216,7 +220,7 @@ def make_target(tokenizer, words: Sequence[str], details: list[Detail]):
     """The sweep's target: share of greedy answers in style B; records extra measures."""
 
     def target(model) -> float:
-        outs = [generate(model, tokenizer, prompt(w)) for w in words]
+        outs = generate(model, tokenizer, [prompt(w) for w in words])
         ups = [upper_share(o) for o in outs]
         details.append(
             Detail(
@@ -275,7 +279,8 @@ def fits(points: list[SweepPoint], details: list[Detail], norm: float, upto: flo
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=1500, help="training steps (default 1500)")
+    ap.add_argument("--steps", type=int, default=600, help="training steps (default 600)")
+    ap.add_argument("--batch", type=int, default=32, help="training batch size (default 32)")
     args = ap.parse_args()
 
     from transformers.utils import logging
@@ -298,7 +303,7 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: Llama, 4 blocks, hidden 128, {n_params / 1e6:.2f} M parameters; "
           f"{len(train_words)} training words, {args.steps} steps")
-    final_loss = train(model, tokenizer, train_words, args.steps)
+    final_loss = train(model, tokenizer, train_words, args.steps, args.batch)
     t_train = time.perf_counter() - t0
     print(f"trained in {t_train:.0f} s (last batch loss {final_loss:.3f})")
 
@@ -322,13 +327,13 @@ def main() -> None:
     cos = float(torch.nn.functional.cosine_similarity(mean_vec.directions[layer], pca_vec.directions[layer], dim=0))
     print(f"\nlayer {layer}: |mean_diff| = {norm:.2f}, cos(mean_diff, pca_diff) = {cos:.3f}")
 
-    strengths = [0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 2.5, 3, 4]
+    strengths = [0, 0.125, 0.25, 0.375, 0.5, 0.75, 1, 1.5, 2, 3, 4]
     results = {}
-    for name, vec, scale in (("mean_diff", mean_vec, 1.0), ("pca_diff", pca_vec.normalized() * norm, 1.0)):
+    # pca_diff is unit norm: scale it to the mean_diff norm so equal strengths inject equal norms.
+    for name, vec in (("mean_diff", mean_vec), ("pca_diff", pca_vec * norm)):
         details: list[Detail] = []
-        points = sweep_strength(
-            model, tokenizer, vec * scale, strengths, make_target(tokenizer, eval_words, details), neutral
-        )
+        target = make_target(tokenizer, eval_words, details)
+        points = sweep_strength(model, tokenizer, vec, strengths, target, neutral)
         results[name] = (points, details)
         print(f"\n{name} at layer {layer} (strength 1 = a vector of norm {norm:.2f}):")
         print(sweep_table(points, details, norm))

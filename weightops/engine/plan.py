@@ -20,6 +20,7 @@ import torch
 from weightops.arch import describe, layer_count_key, num_layers, rename_layer, text_config
 from weightops.errors import MergeError
 from weightops.io.checkpoint import Checkpoint
+from weightops.io.safetensors_file import TensorInfo
 from weightops.merge.registry import MethodSpec
 from weightops.recipe import Recipe, Setting, evaluate, resolve_model
 
@@ -71,7 +72,8 @@ class Plan:
     config: dict[str, Any]
     config_source: Path
     tokenizer_source: Path | None
-    in_bytes: dict[tuple[int, str], int] = field(default_factory=dict)
+    # Where every input tensor lives, from the headers read while planning.
+    sources: dict[tuple[int, str], TensorInfo] = field(default_factory=dict)
 
     @property
     def output_bytes(self) -> int:
@@ -79,7 +81,7 @@ class Plan:
 
     def task_input_bytes(self, task: TensorTask) -> int:
         refs = [*task.inputs, *([task.base] if task.base else [])]
-        return sum(self.in_bytes[(r.model, r.name)] for r in refs)
+        return sum(self.sources[(r.model, r.name)].nbytes for r in refs)
 
     def peak_bytes(self, read_ahead: int, chunk_elements: int) -> int:
         """Estimated peak memory of the tensor data (the Python and torch runtime come on
@@ -130,7 +132,7 @@ class _Planner:
         self.compute_dtype = torch.float64 if recipe.dtype == "float64" else torch.float32
         self.out_dtype = DTYPES.get(recipe.out_dtype or recipe.dtype or "")
         self.tasks: list[TensorTask] = []
-        self.in_bytes: dict[tuple[int, str], int] = {}
+        self.sources: dict[tuple[int, str], TensorInfo] = {}
 
     def idx(self, ref: str) -> int:
         return self._index[ref]
@@ -192,7 +194,7 @@ class _Planner:
                 )
                 return
             refs.append(InputRef(src.model, info.name))
-            self.in_bytes[(src.model, info.name)] = info.nbytes
+            self.sources[(src.model, info.name)] = info
         assert shape is not None and stored_dtype is not None
         base_ref = refs[0] if base else None
         inputs = tuple(refs[1:] if base else refs)
@@ -358,5 +360,5 @@ def build_plan(recipe: Recipe, recipe_dir: Path | None = None) -> Plan:
         config=config,
         config_source=p.ckpts[lead].folder,
         tokenizer_source=tok if tok.is_dir() else tok.parent,
-        in_bytes=p.in_bytes,
+        sources=p.sources,
     )

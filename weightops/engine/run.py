@@ -25,7 +25,6 @@ from weightops.engine.plan import InputRef, Plan, TensorTask
 from weightops.engine.progress import Progress
 from weightops.errors import MergeError, WeightopsError
 from weightops.io import sidefiles
-from weightops.io.checkpoint import Checkpoint
 from weightops.io.safetensors_file import FileReader
 from weightops.io.writer import ShardWriter, StagingFolder, plan_layout
 
@@ -124,7 +123,6 @@ class _Stream:
         self.convert = plan.compute_dtype if device.type == "cpu" else None
         self.reader = FileReader()
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="weightops-read")
-        self._infos = {i: Checkpoint(p) for i, p in enumerate(plan.models)}
 
     def _load(self, piece: Piece) -> Loaded:
         task = piece.task
@@ -135,7 +133,7 @@ class _Stream:
         def get(ref: InputRef) -> torch.Tensor:
             if ref in cache:
                 return cache[ref].clone()
-            tensor = self.reader.read(self._infos[ref.model].tensors[ref.name], piece.rows)
+            tensor = self.reader.read(self.plan.sources[(ref.model, ref.name)], piece.rows)
             if self.convert is not None and not task.copy:
                 tensor = tensor.to(self.convert)
             cache[ref] = tensor

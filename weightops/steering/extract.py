@@ -1,8 +1,11 @@
 """Extracting steering vectors from contrastive pairs, and choosing layers and strengths.
 
 Hidden states are read at the last non-padding token of each text (or at given
-positions) from `output_hidden_states`, where entry i + 1 is the output of decoder
-block i. Methods, per layer, with h⁺ and h⁻ the states of the positive and negative
+positions), at the output of decoder block i (hooks on the blocks: the same place
+`apply` and baking add to). `read="hidden_states"` reads transformers'
+`output_hidden_states[i + 1]` instead, as repeng does: identical except at the last
+layer, where transformers returns the final norm's output. Padded batches get explicit
+position ids, so left padding does not shift absolute positions. Methods, per layer, with h⁺ and h⁻ the states of the positive and negative
 texts of each pair:
 
 - mean_diff: mean(h⁺) − mean(h⁻) (contrastive activation addition; keeps its scale).
@@ -48,18 +51,28 @@ def hidden_states(
     *,
     batch_size: int = 16,
     positions: Sequence[int] | None = None,
+    read: str = "block",
+    layers_path: str | None = None,
 ) -> dict[int, torch.Tensor]:
     """{layer: [len(texts), hidden]} fp32 states at the last real token of each text
     (or at `positions[j]` of text j, counted in its own tokens; negative from the end)."""
+    if read not in ("block", "hidden_states"):
+        raise SteeringError(f"read must be 'block' or 'hidden_states' (got {read!r})")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     device = next(model.parameters()).device
+    blocks = find_layers(model, layers_path).blocks
     out: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
     for b in range(0, len(texts), batch_size):
         batch = list(texts[b : b + batch_size])
         enc = tokenizer(batch, padding=True, return_tensors="pt").to(device)
-        states = model(**enc, output_hidden_states=True).hidden_states
         mask = enc["attention_mask"]
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        if read == "hidden_states":
+            hs = model(**enc, position_ids=position_ids, output_hidden_states=True).hidden_states
+            states = {i: hs[i + 1] for i in layers}
+        else:
+            states = _block_outputs(model, blocks, layers, dict(enc, position_ids=position_ids))
         for j in range(len(batch)):
             real = mask[j].nonzero(as_tuple=True)[0]
             if positions is None:
@@ -72,8 +85,32 @@ def hidden_states(
                     )
                 at = real[p]
             for i in layers:
-                out[i].append(states[i + 1][j, at].float().cpu())
+                out[i].append(states[i][j, at].float().cpu())
     return {i: torch.stack(v) for i, v in out.items()}
+
+
+def _block_outputs(
+    model: torch.nn.Module,
+    blocks: torch.nn.ModuleList,
+    layers: Sequence[int],
+    inputs: dict[str, Any],
+) -> dict[int, torch.Tensor]:
+    """Run the model once and keep the outputs of the chosen decoder blocks."""
+    seen: dict[int, torch.Tensor] = {}
+
+    def keep(i: int) -> Any:
+        def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+            seen[i] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    handles = [blocks[i].register_forward_hook(keep(i)) for i in layers]
+    try:
+        model(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
 
 
 def _first_pc(x: torch.Tensor) -> torch.Tensor:
@@ -136,6 +173,7 @@ def train(
     batch_size: int = 16,
     positions: Sequence[tuple[int, int]] | None = None,
     layers_path: str | None = None,
+    read: str = "block",
 ) -> SteeringVector:
     """A SteeringVector with one direction per layer (all layers by default)."""
     _check_pairs(pairs)
@@ -156,7 +194,14 @@ def train(
     texts = [t for p in pairs for t in p]
     flat_pos = None if positions is None else [q for p in positions for q in p]
     states = hidden_states(
-        model, tokenizer, texts, layers, batch_size=batch_size, positions=flat_pos
+        model,
+        tokenizer,
+        texts,
+        layers,
+        batch_size=batch_size,
+        positions=flat_pos,
+        read=read,
+        layers_path=layers_path,
     )
     dirs = {i: direction(method, h[0::2], h[1::2]) for i, h in states.items()}
     return SteeringVector(
@@ -199,7 +244,7 @@ def search_layers(
     n_test = max(1, round(held_out * len(pairs)))
     test, fit = order[:n_test], order[n_test:]
     texts = [t for p in pairs for t in p]
-    states = hidden_states(model, tokenizer, texts, layers)
+    states = hidden_states(model, tokenizer, texts, layers, layers_path=layers_path)
     scores = []
     for i, h in states.items():
         pos, neg = h[0::2], h[1::2]

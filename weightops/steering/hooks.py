@@ -85,7 +85,13 @@ def steer(
         raise SteeringError(f"mode must be 'add' or 'ablate' (got {mode!r})")
     if not vectors:
         raise SteeringError("no vectors to apply")
-    layout = find_layers(model, layers_path or vectors[0][0].layers_path or None)
+    try:
+        layout = find_layers(model, layers_path)
+    except SteeringError:
+        # A model the rules do not know: the path recorded when the vector was read.
+        if layers_path is not None or not vectors[0][0].layers_path:
+            raise
+        layout = find_layers(model, vectors[0][0].layers_path)
     for vec, strength in vectors:
         check_fits(vec, layout)
         if not isinstance(strength, (int, float)) or not math.isfinite(strength):
@@ -133,7 +139,8 @@ def _add_hooks(
         return hook
 
     for i, delta in total.items():
-        handles.append(layout.blocks[i].register_forward_hook(make(delta)))
+        # prepend: run before transformers' own hooks that record hidden states.
+        handles.append(layout.blocks[i].register_forward_hook(make(delta), prepend=True))
 
 
 def ablation_basis(
@@ -156,9 +163,13 @@ def ablation_basis(
                 f"ablation needs one direction, but the vector has {len(vec.directions)} layers",
                 hint="pass layer=N to choose one",
             )
-    q, r = torch.linalg.qr(torch.stack(cols, dim=1))
-    if (r.diagonal().abs() < 1e-8).any():
+    a = torch.stack(cols, dim=1).double()
+    q, r = torch.linalg.qr(a)
+    # A direction that adds (almost) nothing new leaves a tiny diagonal entry of R,
+    # relative to its own length; its column of Q would be rounding noise.
+    if (r.diagonal().abs() <= 1e-6 * a.norm(dim=0).clamp_min(1e-30)).any():
         raise SteeringError("an ablation direction is zero or repeats another")
+    q = q.float()
     return q
 
 
@@ -192,7 +203,9 @@ def _ablate_hooks(
 
     writers, tied_head = residual_writers(model, layout)
     for m in writers:
-        handles.append(m.register_forward_hook(lambda mod, args, out: _edit_output(out, project)))
+        handles.append(
+            m.register_forward_hook(lambda mod, args, out: _edit_output(out, project), prepend=True)
+        )
     if tied_head is not None:
         handles.append(
             tied_head.register_forward_pre_hook(lambda mod, args: (project(args[0]), *args[1:]))

@@ -1,0 +1,396 @@
+"""Benchmark steering vectors: parity with repeng, and the cost of hooked generation.
+
+1. Parity: weightops and repeng (in its own virtualenv) extract pca_diff and
+   pca_center directions from the same 32 contrastive pairs on the same tiny random
+   models; the table gives the minimum and median over layers of |cos| between the
+   two directions for each layer.
+2. Overhead: greedy generation of 64 tokens at batch 1 on CPU, plain versus inside
+   `vec.apply(...)` on every layer (from the first token, and from `start=`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_merge import machine
+from peers import TORCH_VERSION, WORK
+
+from weightops.demo import tiny_model
+from weightops.steering import SteeringVector
+
+REPO = Path(__file__).resolve().parent.parent
+BENCHMARKS_MD = REPO / "BENCHMARKS.md"
+START, END = "<!-- bench_steer:start -->", "<!-- bench_steer:end -->"
+REPENG_VENV = WORK / "venv-repeng"
+REPENG_VERSION = "0.4.0"
+METHODS = ("pca_diff", "pca_center")
+PARITY_MODELS = (("llama", 6), ("gpt2", 6))
+COS_BAR = 0.99
+OVERHEAD_BAR = 5.0  # percent of plain tokens/s
+BATCH = 32  # texts per forward pass, the same for both tools
+NEW_TOKENS = 64
+STRENGTH = 4.0
+
+SUBJECTS = (
+    "cats", "dogs", "rain", "snow", "music", "jazz", "coffee", "tea", "books", "films",
+    "trains", "boats", "summer", "winter", "math", "chess", "bread", "cheese", "the sea",
+    "the city", "mornings", "mountains", "my job", "this song", "the news", "football",
+    "gardens", "soup", "poetry", "my town", "long walks", "the radio",
+)
+PAIRS = [(f"I love {s}.", f"I hate {s}.") for s in SUBJECTS]
+
+# Runs in the repeng virtualenv: argv = model folder, pairs json, output npz.
+PEER_SCRIPT = """
+import json, sys
+import numpy as np
+import repeng
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+folder, pairs_json, out = sys.argv[1:4]
+methods = sys.argv[4].split(",")
+batch = int(sys.argv[5])
+tok = AutoTokenizer.from_pretrained(folder)
+tok.pad_token = tok.eos_token
+tok.padding_side = "right"
+model = AutoModelForCausalLM.from_pretrained(folder, dtype="float32").eval()
+n = model.config.num_hidden_layers
+model = repeng.ControlModel(model, list(range(n)))
+data = [repeng.DatasetEntry(positive=p, negative=q) for p, q in json.load(open(pairs_json))]
+arrays = {}
+for method in methods:
+    vec = repeng.ControlVector.train(model, tok, data, method=method,
+                                     hidden_layers=list(range(n)), batch_size=batch)
+    for layer, d in vec.directions.items():
+        arrays[f"{method}.{layer}"] = np.asarray(d, dtype=np.float32)
+np.savez(out, **arrays)
+"""
+
+
+# ---------------------------------------------------------------- peer
+
+
+def peer_python() -> Path:
+    return REPENG_VENV / "bin" / "python"
+
+
+def ensure_repeng() -> Path:
+    """Create the repeng virtualenv if needed and return its python."""
+    py = peer_python()
+    if not py.exists():
+        REPENG_VENV.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "venv", str(REPENG_VENV)], check=True)
+        pip = [str(py), "-m", "pip", "install", "--quiet"]
+        # torch first and pinned: repeng's unpinned requirement would pull a CUDA build.
+        subprocess.run([*pip, f"torch=={TORCH_VERSION}"], check=True)
+        subprocess.run([*pip, f"repeng=={REPENG_VERSION}"], check=True)
+    return py
+
+
+def peer_versions() -> str:
+    out = subprocess.run(
+        [str(peer_python()), "-c",
+         "import importlib.metadata as m; "
+         "print(*(m.version(p) for p in ('repeng', 'transformers', 'torch', 'numpy')))"],
+        check=True, capture_output=True, text=True,
+    )
+    rp, tf, th, npv = out.stdout.split()
+    return f"repeng {rp} (transformers {tf}, torch {th}, numpy {npv})"
+
+
+def run_peer(folder: Path, out: Path) -> dict[str, dict[int, np.ndarray]]:
+    pairs_json = WORK / "steer" / "pairs.json"
+    pairs_json.write_text(json.dumps(PAIRS))
+    cmd = [str(peer_python()), "-c", PEER_SCRIPT, str(folder), str(pairs_json), str(out),
+           ",".join(METHODS), str(BATCH)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        # repeng 0.4.0 predates transformers 5; fall back to the 4.x line once.
+        print(done.stderr[-3000:], file=sys.stderr)
+        print("repeng failed with this transformers; installing transformers<5", flush=True)
+        subprocess.run([str(peer_python()), "-m", "pip", "install", "--quiet", "transformers<5"],
+                       check=True)
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+    data = np.load(out)
+    dirs: dict[str, dict[int, np.ndarray]] = {m: {} for m in METHODS}
+    for key in data.files:
+        method, layer = key.rsplit(".", 1)
+        dirs[method][int(layer)] = data[key]
+    return dirs
+
+
+# ---------------------------------------------------------------- parity
+
+
+def load(folder: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, tok
+
+
+def last_layer_check(model, tok, ours: dict[str, SteeringVector]) -> dict:
+    """Is the last entry of `output_hidden_states` the raw output of the last block (as
+    the hooks see it), or the output of the final norm? Returns the max abs gap at the
+    last real token, and per method |cos| between the last-layer direction both tools
+    read and one read from the raw block output."""
+    from weightops.steering import find_layers
+    from weightops.steering.extract import direction
+
+    blocks = find_layers(model).blocks
+    n = len(blocks)
+    raw: list[torch.Tensor] = []
+    handle = blocks[-1].register_forward_hook(
+        lambda m, a, o: raw.append((o[0] if isinstance(o, tuple) else o).detach())
+    )
+    texts = [t for p in PAIRS for t in p]
+    got_raw, got_hs = [], []
+    try:
+        with torch.no_grad():
+            for b in range(0, len(texts), BATCH):
+                enc = tok(texts[b : b + BATCH], padding=True, return_tensors="pt")
+                states = model(**enc, output_hidden_states=True).hidden_states
+                last = enc["attention_mask"].sum(1) - 1
+                rows = torch.arange(len(last))
+                got_raw.append(raw[-1][rows, last])
+                got_hs.append(states[n][rows, last])
+    finally:
+        handle.remove()
+    h_raw, h_hs = torch.cat(got_raw), torch.cat(got_hs)
+    cos = {}
+    for m, vec in ours.items():
+        d = direction(m, h_raw[0::2], h_raw[1::2]).double()
+        w = vec.directions[n - 1].double()
+        cos[m] = float((d @ w).abs() / (d.norm() * w.norm()))
+    return {"gap": float((h_raw - h_hs).abs().max()), "cos": cos}
+
+
+def parity(family: str, layers: int, skip_peer: bool) -> dict:
+    folder = WORK / "steer" / f"{family}-{layers}L"
+    if not (folder / "config.json").exists():
+        tiny_model(folder, family, seed=0, layers=layers)
+    model, tok = load(folder)
+    ours = {
+        m: SteeringVector.train(model, tok, PAIRS, method=m, batch_size=BATCH) for m in METHODS
+    }
+    row = {"family": family, "layers": layers, "last": last_layer_check(model, tok, ours),
+           "methods": {}}
+    if skip_peer:
+        return row
+    theirs = run_peer(folder, WORK / "steer" / f"repeng-{family}-{layers}L.npz")
+    for m in METHODS:
+        cos = {}
+        for i, d in ours[m].directions.items():
+            r = torch.from_numpy(theirs[m][i]).double()
+            w = d.double()
+            cos[i] = float((w @ r).abs() / (w.norm() * r.norm()))
+        row["methods"][m] = cos
+    return row
+
+
+# ---------------------------------------------------------------- overhead
+
+
+def bench_model(tok_folder: Path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=8, vocab_size=320,
+                      max_position_embeddings=256, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    tok = load(tok_folder)[1]
+    return model, tok
+
+
+def overhead(tok_folder: Path, repeats: int) -> dict:
+    model, tok = bench_model(tok_folder)
+    vec = SteeringVector.train(model, tok, PAIRS, method="pca_diff", batch_size=BATCH)
+    prompt = tok(["Tell me about the weather today."], return_tensors="pt")["input_ids"]
+    start = prompt.shape[1]
+    eos = tok.eos_token_id
+
+    def gen() -> torch.Tensor:
+        with torch.no_grad():
+            return model.generate(prompt, attention_mask=torch.ones_like(prompt),
+                                  max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                  do_sample=False, pad_token_id=eos)
+
+    def plain() -> torch.Tensor:
+        return gen()
+
+    def steered() -> torch.Tensor:
+        with vec.apply(model, strength=STRENGTH):
+            return gen()
+
+    def steered_start() -> torch.Tensor:
+        with vec.apply(model, strength=STRENGTH, start=start):
+            return gen()
+
+    variants = {"plain": plain, "steered": steered, f"steered, start={start}": steered_start}
+    outputs = {name: fn() for name, fn in variants.items()}  # warm-up, and a sanity check
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
+    for rep in range(repeats):
+        order = names if rep % 2 == 0 else names[::-1]
+        for name in order:
+            t0 = time.perf_counter()
+            out = variants[name]()
+            dt = time.perf_counter() - t0
+            assert out.shape[1] - prompt.shape[1] == NEW_TOKENS
+            rates[name].append(NEW_TOKENS / dt)
+    base = outputs["plain"][0, start:]
+    return {
+        "start": start,
+        "prompt_tokens": prompt.shape[1],
+        "params": sum(p.numel() for p in model.parameters()),
+        "median": {n: statistics.median(r) for n, r in rates.items()},
+        "range": {n: (min(r), max(r)) for n, r in rates.items()},
+        "changed": {n: int((o[0, start:] != base).sum()) for n, o in outputs.items()},
+    }
+
+
+# ---------------------------------------------------------------- report
+
+
+def render(command: str, rows: list[dict], speed: dict, peer: str | None, threads: int,
+           repeats: int, load: tuple[float, float]) -> str:
+    lines = [
+        "Parity: weightops and repeng extract directions from the same 32 contrastive pairs "
+        '("I love X." / "I hate X.") on tiny random models built by `weightops.demo.tiny_model` '
+        f"(fp32, right padding with pad = eos, {BATCH} texts per forward pass in both), all layers. "
+        "Layer i is the output of decoder block i in both. Overhead: greedy generation of "
+        f"{NEW_TOKENS} new tokens at batch 1 on a random Llama (hidden 256, 8 layers, "
+        f"{speed['params'] / 1e6:.1f}M parameters), plain versus inside "
+        f"`vec.apply(model, strength={STRENGTH})` on all 8 layers; median tokens/s over "
+        f"{repeats} alternating runs each after a warm-up, `torch.set_num_threads({threads})`.",
+        "",
+        f"- Command: `{command}`",
+        f"- Machine: {machine()}",
+        f"- Peer: {peer or 'not run (--skip-peer)'}",
+        f"- 1-minute load average: {load[0]:.1f} at start, {load[1]:.1f} at end",
+        "",
+    ]
+    if peer:
+        lines += [
+            "| model | method | min \\|cos\\| | median \\|cos\\| | 1 − min \\|cos\\| | worst layer | "
+            f"all layers >= {COS_BAR} |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in rows:
+            for m, cos in row["methods"].items():
+                worst = min(cos, key=cos.get)
+                ok = "yes" if cos[worst] >= COS_BAR else "**no**"
+                lines.append(
+                    f"| {row['family']}, {row['layers']} layers | {m} | {cos[worst]:.6f} | "
+                    f"{statistics.median(cos.values()):.6f} | {1 - cos[worst]:.1e} | {worst} | {ok} |"
+                )
+        lines.append("")
+    for row in rows:
+        last, n = row["last"], row["layers"]
+        if last["gap"] < 1e-5:
+            lines.append(f"- {row['family']}: `hidden_states[{n}]` is the raw output of block {n - 1}.")
+            continue
+        cos = ", ".join(f"{m} {c:.3f}" for m, c in last["cos"].items())
+        lines.append(
+            f"- {row['family']}: `hidden_states[{n}]`, which both tools read for layer {n - 1}, is the "
+            f"output of the final norm, not of block {n - 1} where the hooks add the vector "
+            f"(max abs difference {last['gap']:.1f} at the last token); |cos| between the layer-{n - 1} "
+            f"direction read there and one read from the raw block output: {cos}."
+        )
+    med = speed["median"]
+    plain = med["plain"]
+    lines += [
+        "",
+        "| generation | tokens/s (median) | min–max | overhead vs plain | within 5% bar | "
+        "tokens changed vs plain |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, rate in med.items():
+        lo, hi = speed["range"][name]
+        spread = f"{lo:.1f}–{hi:.1f}"
+        if name == "plain":
+            lines.append(f"| {name} | {rate:.1f} | {spread} | — | — | — |")
+            continue
+        pct = (plain / rate - 1) * 100
+        ok = "yes" if pct < OVERHEAD_BAR else "**no**"
+        lines.append(
+            f"| {name} | {rate:.1f} | {spread} | {pct:+.1f}% | {ok} | "
+            f"{speed['changed'][name]} of {NEW_TOKENS} |"
+        )
+    lines += [
+        "",
+        f"Overhead is plain tokens/s over steered tokens/s, minus one. The prompt has "
+        f"{speed['prompt_tokens']} tokens, so `start={speed['start']}` steers only the generated "
+        "ones; \"tokens changed\" confirms the hooks were active.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_section(body: str) -> None:
+    section = f"{START}\n## Steering: weightops vs repeng, and hooked generation\n\n{body}{END}\n"
+    text = (
+        BENCHMARKS_MD.read_text()
+        if BENCHMARKS_MD.exists()
+        else (
+            "# Benchmarks\n\nNumbers produced by the scripts in `bench/`; each section is "
+            "regenerated by the command it lists.\n\n"
+        )
+    )
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        tail = rest.split(END, 1)[1].lstrip("\n")
+        text = head + section + ("\n" + tail if tail else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    BENCHMARKS_MD.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--skip-peer", action="store_true", help="run weightops only")
+    parser.add_argument("--repeats", type=int, default=9, help="timed runs per generation variant")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for generation")
+    parser.add_argument(
+        "--no-write", action="store_true", help=f"do not update {BENCHMARKS_MD.name}"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()[0]
+    (WORK / "steer").mkdir(parents=True, exist_ok=True)
+    peer = None
+    if not args.skip_peer:
+        ensure_repeng()
+    rows = []
+    for family, layers in PARITY_MODELS:
+        print(f"parity: {family}, {layers} layers", flush=True)
+        rows.append(parity(family, layers, args.skip_peer))
+    if not args.skip_peer:
+        peer = peer_versions()  # after run_peer, which may have changed transformers
+    print(f"overhead: {args.repeats} runs per variant", flush=True)
+    speed = overhead(WORK / "steer" / "llama-6L", args.repeats)
+    command = shlex.join(["python", "bench/bench_steer.py", *sys.argv[1:]])
+    body = render(command, rows, speed, peer, args.threads, args.repeats,
+                  (load_start, os.getloadavg()[0]))
+    print(body)
+    if not args.no_write:
+        write_section(body)
+        print(f"updated {BENCHMARKS_MD}")
+
+
+if __name__ == "__main__":
+    main()
