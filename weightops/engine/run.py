@@ -109,6 +109,14 @@ def pieces(
 Loaded = tuple[list[torch.Tensor], torch.Tensor | None]
 
 
+def _widen(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Convert to the compute dtype. bf16 -> fp32 is exact as a 16-bit shift of the bit
+    pattern, which runs about 1.5x faster on CPU than the general conversion."""
+    if t.dtype == torch.bfloat16 and dtype == torch.float32:
+        return t.view(torch.int16).to(torch.int32).bitwise_left_shift_(16).view(torch.float32)
+    return t.to(dtype)
+
+
 class _Stream:
     """Reads each piece's inputs ahead of use on a small thread pool."""
 
@@ -135,7 +143,7 @@ class _Stream:
                 return cache[ref].clone()
             tensor = self.reader.read(self.plan.sources[(ref.model, ref.name)], piece.rows)
             if self.convert is not None and not task.copy:
-                tensor = tensor.to(self.convert)
+                tensor = _widen(tensor, self.convert)
             cache[ref] = tensor
             return tensor
 
