@@ -36,6 +36,9 @@ START, END = "<!-- bench_steer:start -->", "<!-- bench_steer:end -->"
 REPENG_VENV = WORK / "venv-repeng"
 REPENG_VERSION = "0.4.0"
 METHODS = ("pca_diff", "pca_center")
+# weightops reads block outputs by default; "hidden_states" reads transformers'
+# output_hidden_states as repeng does (they differ only at the last layer).
+READS = ("hidden_states", "block")
 PARITY_MODELS = (("llama", 6), ("gpt2", 6))
 COS_BAR = 0.99
 OVERHEAD_BAR = 5.0  # percent of plain tokens/s
@@ -143,40 +146,28 @@ def load(folder: Path):
     return model, tok
 
 
-def last_layer_check(model, tok, ours: dict[str, SteeringVector]) -> dict:
-    """Is the last entry of `output_hidden_states` the raw output of the last block (as
-    the hooks see it), or the output of the final norm? Returns the max abs gap at the
-    last real token, and per method |cos| between the last-layer direction both tools
-    read and one read from the raw block output."""
+def last_layer_gap(model, tok) -> float:
+    """Max |hidden_states[n] − output of the last block| at the last token of the first
+    text: zero when transformers' last hidden state is the raw block output."""
     from weightops.steering import find_layers
-    from weightops.steering.extract import direction
 
     blocks = find_layers(model).blocks
-    n = len(blocks)
-    raw: list[torch.Tensor] = []
+    seen: list[torch.Tensor] = []
     handle = blocks[-1].register_forward_hook(
-        lambda m, a, o: raw.append((o[0] if isinstance(o, tuple) else o).detach())
+        lambda m, a, o: seen.append((o[0] if isinstance(o, tuple) else o).detach())
     )
-    texts = [t for p in PAIRS for t in p]
-    got_raw, got_hs = [], []
     try:
         with torch.no_grad():
-            for b in range(0, len(texts), BATCH):
-                enc = tok(texts[b : b + BATCH], padding=True, return_tensors="pt")
-                states = model(**enc, output_hidden_states=True).hidden_states
-                last = enc["attention_mask"].sum(1) - 1
-                rows = torch.arange(len(last))
-                got_raw.append(raw[-1][rows, last])
-                got_hs.append(states[n][rows, last])
+            enc = tok([PAIRS[0][0]], return_tensors="pt")
+            states = model(**enc, output_hidden_states=True).hidden_states
     finally:
         handle.remove()
-    h_raw, h_hs = torch.cat(got_raw), torch.cat(got_hs)
-    cos = {}
-    for m, vec in ours.items():
-        d = direction(m, h_raw[0::2], h_raw[1::2]).double()
-        w = vec.directions[n - 1].double()
-        cos[m] = float((d @ w).abs() / (d.norm() * w.norm()))
-    return {"gap": float((h_raw - h_hs).abs().max()), "cos": cos}
+    return float((states[len(blocks)][0, -1] - seen[0][0, -1]).abs().max())
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a @ b).abs() / (a.norm() * b.norm()))
 
 
 def parity(family: str, layers: int, skip_peer: bool) -> dict:
@@ -185,20 +176,29 @@ def parity(family: str, layers: int, skip_peer: bool) -> dict:
         tiny_model(folder, family, seed=0, layers=layers)
     model, tok = load(folder)
     ours = {
-        m: SteeringVector.train(model, tok, PAIRS, method=m, batch_size=BATCH) for m in METHODS
+        (m, read): SteeringVector.train(model, tok, PAIRS, method=m, batch_size=BATCH, read=read)
+        for m in METHODS
+        for read in READS
     }
-    row = {"family": family, "layers": layers, "last": last_layer_check(model, tok, ours),
-           "methods": {}}
+    last = layers - 1
+    row = {
+        "family": family,
+        "layers": layers,
+        "last_gap": last_layer_gap(model, tok),
+        # how far the default read (block outputs) moves the last layer's direction
+        "last_cos": {
+            m: cosine(ours[m, "block"].directions[last], ours[m, "hidden_states"].directions[last])
+            for m in METHODS
+        },
+        "methods": {},
+    }
     if skip_peer:
         return row
     theirs = run_peer(folder, WORK / "steer" / f"repeng-{family}-{layers}L.npz")
-    for m in METHODS:
-        cos = {}
-        for i, d in ours[m].directions.items():
-            r = torch.from_numpy(theirs[m][i]).double()
-            w = d.double()
-            cos[i] = float((w @ r).abs() / (w.norm() * r.norm()))
-        row["methods"][m] = cos
+    for (m, read), vec in ours.items():
+        row["methods"][m, read] = {
+            i: cosine(d, torch.from_numpy(theirs[m][i])) for i, d in vec.directions.items()
+        }
     return row
 
 
@@ -260,6 +260,11 @@ def overhead(tok_folder: Path, repeats: int) -> dict:
         "params": sum(p.numel() for p in model.parameters()),
         "median": {n: statistics.median(r) for n, r in rates.items()},
         "range": {n: (min(r), max(r)) for n, r in rates.items()},
+        # per round, plain rate over this variant's rate: robust to slow load drift
+        "paired": {
+            n: statistics.median(p / q - 1 for p, q in zip(rates["plain"], r, strict=True)) * 100
+            for n, r in rates.items()
+        },
         "changed": {n: int((o[0, start:] != base).sum()) for n, o in outputs.items()},
     }
 
@@ -273,7 +278,7 @@ def render(command: str, rows: list[dict], speed: dict, peer: str | None, thread
         "Parity: weightops and repeng extract directions from the same 32 contrastive pairs "
         '("I love X." / "I hate X.") on tiny random models built by `weightops.demo.tiny_model` '
         f"(fp32, right padding with pad = eos, {BATCH} texts per forward pass in both), all layers. "
-        "Layer i is the output of decoder block i in both. Overhead: greedy generation of "
+        "Overhead: greedy generation of "
         f"{NEW_TOKENS} new tokens at batch 1 on a random Llama (hidden 256, 8 layers, "
         f"{speed['params'] / 1e6:.1f}M parameters), plain versus inside "
         f"`vec.apply(model, strength={STRENGTH})` on all 8 layers; median tokens/s over "
@@ -287,54 +292,63 @@ def render(command: str, rows: list[dict], speed: dict, peer: str | None, thread
     ]
     if peer:
         lines += [
-            "| model | method | min \\|cos\\| | median \\|cos\\| | 1 − min \\|cos\\| | worst layer | "
-            f"all layers >= {COS_BAR} |",
-            "|---|---|---|---|---|---|---|",
+            "| model | method | weightops `read=` | min \\|cos\\| | median \\|cos\\| | "
+            f"1 − min \\|cos\\| | worst layer | all layers >= {COS_BAR} |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for row in rows:
-            for m, cos in row["methods"].items():
+            for (m, read), cos in row["methods"].items():
                 worst = min(cos, key=cos.get)
                 ok = "yes" if cos[worst] >= COS_BAR else "**no**"
                 lines.append(
-                    f"| {row['family']}, {row['layers']} layers | {m} | {cos[worst]:.6f} | "
+                    f"| {row['family']}, {row['layers']} layers | {m} | {read} | {cos[worst]:.6f} | "
                     f"{statistics.median(cos.values()):.6f} | {1 - cos[worst]:.1e} | {worst} | {ok} |"
                 )
-        lines.append("")
+        lines += [
+            "",
+            "The bar applies to `read=\"hidden_states\"`, which reads what repeng reads. "
+            "The default `read=\"block\"` differs from it only at the last layer:",
+            "",
+        ]
     for row in rows:
-        last, n = row["last"], row["layers"]
-        if last["gap"] < 1e-5:
-            lines.append(f"- {row['family']}: `hidden_states[{n}]` is the raw output of block {n - 1}.")
-            continue
-        cos = ", ".join(f"{m} {c:.3f}" for m, c in last["cos"].items())
+        n = row["layers"]
+        what = (
+            f"is the raw output of block {n - 1}"
+            if row["last_gap"] < 1e-5
+            else f"is the final norm's output, not block {n - 1}'s, which is where the hooks add "
+            f"(max abs difference {row['last_gap']:.1f} at one token)"
+        )
+        cos = ", ".join(f"{m} {c:.3f}" for m, c in row["last_cos"].items())
         lines.append(
-            f"- {row['family']}: `hidden_states[{n}]`, which both tools read for layer {n - 1}, is the "
-            f"output of the final norm, not of block {n - 1} where the hooks add the vector "
-            f"(max abs difference {last['gap']:.1f} at the last token); |cos| between the layer-{n - 1} "
-            f"direction read there and one read from the raw block output: {cos}."
+            f"- {row['family']}: transformers' `hidden_states[{n}]` {what}; |cos| between the "
+            f"layer-{n - 1} directions read from the block and from `hidden_states`: {cos}."
         )
     med = speed["median"]
     plain = med["plain"]
     lines += [
         "",
-        "| generation | tokens/s (median) | min–max | overhead vs plain | within 5% bar | "
-        "tokens changed vs plain |",
-        "|---|---|---|---|---|---|",
+        "| generation | tokens/s (median) | min–max | overhead vs plain | paired overhead | "
+        "within 5% bar | tokens changed vs plain |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, rate in med.items():
         lo, hi = speed["range"][name]
         spread = f"{lo:.1f}–{hi:.1f}"
         if name == "plain":
-            lines.append(f"| {name} | {rate:.1f} | {spread} | — | — | — |")
+            lines.append(f"| {name} | {rate:.1f} | {spread} | — | — | — | — |")
             continue
         pct = (plain / rate - 1) * 100
         ok = "yes" if pct < OVERHEAD_BAR else "**no**"
         lines.append(
-            f"| {name} | {rate:.1f} | {spread} | {pct:+.1f}% | {ok} | "
+            f"| {name} | {rate:.1f} | {spread} | {pct:+.1f}% | {speed['paired'][name]:+.1f}% | {ok} | "
             f"{speed['changed'][name]} of {NEW_TOKENS} |"
         )
     lines += [
         "",
-        f"Overhead is plain tokens/s over steered tokens/s, minus one. The prompt has "
+        "Overhead is median plain tokens/s over median steered tokens/s, minus one; paired "
+        "overhead is the median over rounds of the same ratio within a round (the variants run "
+        "back to back), less sensitive to load that drifts between rounds. The bar is judged on "
+        f"the first. The prompt has "
         f"{speed['prompt_tokens']} tokens, so `start={speed['start']}` steers only the generated "
         "ones; \"tokens changed\" confirms the hooks were active.",
     ]
@@ -363,7 +377,7 @@ def write_section(body: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-peer", action="store_true", help="run weightops only")
-    parser.add_argument("--repeats", type=int, default=9, help="timed runs per generation variant")
+    parser.add_argument("--repeats", type=int, default=15, help="timed runs per generation variant")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for generation")
     parser.add_argument(
         "--no-write", action="store_true", help=f"do not update {BENCHMARKS_MD.name}"

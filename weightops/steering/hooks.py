@@ -46,22 +46,25 @@ def check_fits(vec: SteeringVector, layout: Layout) -> None:
 
 
 class _Positions:
-    """Absolute token positions of the current forward pass (for `start`)."""
+    """Which positions of the current forward pass are at or after `start`: computed
+    once per pass from the KV cache, as None when all of them are (every decoding step
+    after the prompt), so the block hooks then add without a mask."""
 
-    def __init__(self) -> None:
-        self.current: torch.Tensor | None = None
+    def __init__(self, start: int) -> None:
+        self.start = start
+        self.mask: torch.Tensor | None = None
 
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            ids = kwargs.get("inputs_embeds")
-        cache_position = kwargs.get("cache_position")
-        if cache_position is not None:
-            self.current = cache_position
-            return
-        past = kwargs.get("past_key_values")
-        offset = past.get_seq_length() if hasattr(past, "get_seq_length") else 0
-        self.current = torch.arange(offset, offset + ids.shape[1], device=ids.device)
+        positions = kwargs.get("cache_position")
+        if positions is None:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is None:
+                ids = kwargs.get("inputs_embeds")
+            past = kwargs.get("past_key_values")
+            offset = past.get_seq_length() if hasattr(past, "get_seq_length") else 0
+            positions = torch.arange(offset, offset + ids.shape[1], device=ids.device)
+        keep = positions >= self.start
+        self.mask = None if bool(keep.all()) else keep.view(1, -1, 1)
 
 
 def _edit_output(output: Any, fn: Any) -> Any:
@@ -121,19 +124,23 @@ def _add_hooks(
     for vec, strength in vectors:
         for i, d in vec.directions.items():
             total[i] = total.get(i, torch.zeros_like(d)) + strength * d
-    positions = _Positions() if start > 0 else None
+    positions = _Positions(start) if start > 0 else None
     if positions is not None:
         handles.append(model.register_forward_pre_hook(positions.pre_hook, with_kwargs=True))
 
     def make(delta: torch.Tensor) -> Any:
-        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
-            def add(h: torch.Tensor) -> torch.Tensor:
-                d = delta.to(device=h.device, dtype=h.dtype)
-                if positions is None or positions.current is None:
-                    return h + d
-                keep = (positions.current >= start).to(h.dtype).to(h.device)
-                return h + keep.view(1, -1, 1) * d
+        cast: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
+        def add(h: torch.Tensor) -> torch.Tensor:
+            key = (h.device, h.dtype)
+            if key not in cast:
+                cast[key] = delta.to(device=h.device, dtype=h.dtype)
+            d = cast[key]
+            if positions is None or positions.mask is None:
+                return h + d
+            return h + positions.mask.to(h.device) * d
+
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             return _edit_output(output, add)
 
         return hook
