@@ -18,8 +18,8 @@ a sweep of strengths. For each strength the script reports
 - well-formed: greedy answers that are a complete, correct answer in either style;
 - perplexity of held-out marked text of both styles (the helpfulness proxy).
 
-Run: python bench/steer_behaviour.py   (about two minutes on two CPU cores; nothing
-is written to disk outside a temporary folder.)
+Run: python bench/steer_behaviour.py   (about three minutes on two CPU cores, most of
+it training; nothing is written outside a temporary folder, which is removed.)
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from weightops.steering import SteeringVector
-from weightops.steering.extract import SweepPoint, search_layers, sweep_strength
+from weightops.steering.extract import SweepPoint, hidden_states, search_layers, sweep_strength
 
 SEED = 0
 CHARS = " \n.,!?:[]" + "abcdefghijklmnopqrstuvwxyz" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -212,6 +212,7 @@ def log_odds(model, tokenizer, words: Sequence[str]) -> float:
 class Detail:
     upper: float
     well_formed: float
+    well_formed_b: float
     log_odds: float
     samples: list[str]
 
@@ -222,11 +223,12 @@ def make_target(tokenizer, words: Sequence[str], details: list[Detail]):
     def target(model) -> float:
         outs = generate(model, tokenizer, [prompt(w) for w in words])
         ups = [upper_share(o) for o in outs]
+        good = [well_formed(o, w) for o, w in zip(outs, words, strict=True)]
         details.append(
             Detail(
                 upper=sum(ups) / len(ups),
-                well_formed=sum(well_formed(o, w) for o, w in zip(outs, words, strict=True))
-                / len(words),
+                well_formed=sum(good) / len(words),
+                well_formed_b=sum(g and u > 0.5 for g, u in zip(good, ups, strict=True)) / len(words),
                 log_odds=log_odds(model, tokenizer, words),
                 samples=outs,
             )
@@ -252,13 +254,14 @@ def fit_r2(x: Sequence[float], y: Sequence[float], powers: Sequence[int]) -> flo
 
 def sweep_table(points: list[SweepPoint], details: list[Detail], norm: float) -> str:
     rows = [
-        "| strength | injected norm | style-B share | uppercase letters | log-odds B:A | well-formed | perplexity |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| strength | injected norm | style-B share | uppercase letters | log-odds B:A "
+        "| well-formed | well-formed in B | perplexity |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p, d in zip(points, details, strict=True):
         rows.append(
             f"| {p.strength:g} | {p.strength * norm:.2f} | {p.target:.2f} | {d.upper:.2f} "
-            f"| {d.log_odds:+.1f} | {d.well_formed:.2f} | {p.perplexity:.3f} |"
+            f"| {d.log_odds:+.1f} | {d.well_formed:.2f} | {d.well_formed_b:.2f} | {p.perplexity:.3f} |"
         )
     return "\n".join(rows)
 
@@ -279,7 +282,7 @@ def fits(points: list[SweepPoint], details: list[Detail], norm: float, upto: flo
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=600, help="training steps (default 600)")
+    ap.add_argument("--steps", type=int, default=1600, help="training steps (default 1600)")
     ap.add_argument("--batch", type=int, default=32, help="training batch size (default 32)")
     args = ap.parse_args()
 
@@ -291,7 +294,7 @@ def main() -> None:
     t0 = time.perf_counter()
 
     rng = random.Random(SEED)
-    words = make_words(400 + N_EVAL + N_NEUTRAL + N_PAIRS, rng)
+    words = make_words(4000 + N_EVAL + N_NEUTRAL + N_PAIRS, rng)
     rng.shuffle(words)
     eval_words = words[:N_EVAL]
     neutral_words = words[N_EVAL : N_EVAL + N_NEUTRAL]
@@ -325,9 +328,15 @@ def main() -> None:
     pca_vec = SteeringVector.train(model, tokenizer, pairs, method="pca_diff", layers=[layer])
     norm = float(mean_vec.directions[layer].norm())
     cos = float(torch.nn.functional.cosine_similarity(mean_vec.directions[layer], pca_vec.directions[layer], dim=0))
-    print(f"\nlayer {layer}: |mean_diff| = {norm:.2f}, cos(mean_diff, pca_diff) = {cos:.3f}")
+    # Diagnostic: pca_diff centres the differences h+ - h-; the first singular vector of
+    # the uncentred differences keeps their common shift.
+    h = hidden_states(model, tokenizer, [t for p in pairs for t in p], [layer])[layer]
+    raw = torch.linalg.svd((h[0::2] - h[1::2]).double(), full_matrices=False).Vh[0].float()
+    cos_raw = abs(float(torch.nn.functional.cosine_similarity(mean_vec.directions[layer], raw, dim=0)))
+    print(f"\nlayer {layer}: |mean_diff| = {norm:.2f}, cos(mean_diff, pca_diff) = {cos:.3f}, "
+          f"|cos(mean_diff, uncentred first PC of the differences)| = {cos_raw:.3f}")
 
-    strengths = [0, 0.125, 0.25, 0.375, 0.5, 0.75, 1, 1.5, 2, 3, 4]
+    strengths = [0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0]
     results = {}
     # pca_diff is unit norm: scale it to the mean_diff norm so equal strengths inject equal norms.
     for name, vec in (("mean_diff", mean_vec), ("pca_diff", pca_vec * norm)):
@@ -337,14 +346,16 @@ def main() -> None:
         results[name] = (points, details)
         print(f"\n{name} at layer {layer} (strength 1 = a vector of norm {norm:.2f}):")
         print(sweep_table(points, details, norm))
-        print(fits(points, details, norm, upto=1.0))
+        print(fits(points, details, norm, upto=0.3))
         print(fits(points, details, norm, upto=max(strengths)))
 
     points, details = results["mean_diff"]
-    flipped = next((p.strength for p in points if p.target >= 0.9), None)
-    print("\nexample answers (mean_diff):")
+    best = max(range(len(points)), key=lambda i: details[i].well_formed_b)
+    chosen = points[best].strength
+    print(f"\nchosen strength (most well-formed style-B answers, mean_diff): {chosen:g}")
+    print("example answers (mean_diff):")
     for i, p in enumerate(points):
-        if p.strength in (0, flipped, max(strengths)):
+        if p.strength in (0, chosen, max(strengths)):
             for w, out in list(zip(eval_words, details[i].samples, strict=True))[:2]:
                 print(f"  strength {p.strength:g}: {prompt(w)!r} -> {out!r}")
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")

@@ -34,11 +34,8 @@ def _tokenizer(folder: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    # One token per printable character; enough to tokenize the demo's prompts.
-    vocab = {
-        chr(i) if chr(i).isprintable() and not chr(i).isspace() else f"<0x{i:02X}>": i
-        for i in range(256)
-    }
+    # One token per character of the first 256 code points, whitespace included.
+    vocab = {chr(i): i for i in range(256)}
     tok = Tokenizer(
         models.WordLevel(vocab={**vocab, "<unk>": 256, "<eos>": 257}, unk_token="<unk>")
     )

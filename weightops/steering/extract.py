@@ -9,7 +9,10 @@ position ids, so left padding does not shift absolute positions. Methods, per la
 texts of each pair:
 
 - mean_diff: mean(h⁺) − mean(h⁻) (contrastive activation addition; keeps its scale).
-- pca_diff: first principal component of the centred differences h⁺ − h⁻ (unit norm).
+- pca_diff: first principal component of the centred differences h⁺ − h⁻ (unit norm),
+  as repeng computes it. Centring removes the shift that all pairs share, so this finds
+  the axis along which the pairs' differences vary most; when the behaviour is one
+  consistent shift, mean_diff recovers it and pca_diff may not (docs/steering.md).
 - pca_center: first principal component of h⁺ and h⁻ centred on their pair's mean.
 - probe: weights of an L2-regularised logistic regression separating h⁺ from h⁻,
   on standardised features, mapped back to the residual basis (unit norm).
