@@ -47,10 +47,38 @@ NEW_TOKENS = 64
 STRENGTH = 4.0
 
 SUBJECTS = (
-    "cats", "dogs", "rain", "snow", "music", "jazz", "coffee", "tea", "books", "films",
-    "trains", "boats", "summer", "winter", "math", "chess", "bread", "cheese", "the sea",
-    "the city", "mornings", "mountains", "my job", "this song", "the news", "football",
-    "gardens", "soup", "poetry", "my town", "long walks", "the radio",
+    "cats",
+    "dogs",
+    "rain",
+    "snow",
+    "music",
+    "jazz",
+    "coffee",
+    "tea",
+    "books",
+    "films",
+    "trains",
+    "boats",
+    "summer",
+    "winter",
+    "math",
+    "chess",
+    "bread",
+    "cheese",
+    "the sea",
+    "the city",
+    "mornings",
+    "mountains",
+    "my job",
+    "this song",
+    "the news",
+    "football",
+    "gardens",
+    "soup",
+    "poetry",
+    "my town",
+    "long walks",
+    "the radio",
 )
 PAIRS = [(f"I love {s}.", f"I hate {s}.") for s in SUBJECTS]
 
@@ -103,10 +131,15 @@ def ensure_repeng() -> Path:
 
 def peer_versions() -> str:
     out = subprocess.run(
-        [str(peer_python()), "-c",
-         "import importlib.metadata as m; "
-         "print(*(m.version(p) for p in ('repeng', 'transformers', 'torch', 'numpy')))"],
-        check=True, capture_output=True, text=True,
+        [
+            str(peer_python()),
+            "-c",
+            "import importlib.metadata as m; "
+            "print(*(m.version(p) for p in ('repeng', 'transformers', 'torch', 'numpy')))",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     rp, tf, th, npv = out.stdout.split()
     return f"repeng {rp} (transformers {tf}, torch {th}, numpy {npv})"
@@ -115,15 +148,24 @@ def peer_versions() -> str:
 def run_peer(folder: Path, out: Path) -> dict[str, dict[int, np.ndarray]]:
     pairs_json = WORK / "steer" / "pairs.json"
     pairs_json.write_text(json.dumps(PAIRS))
-    cmd = [str(peer_python()), "-c", PEER_SCRIPT, str(folder), str(pairs_json), str(out),
-           ",".join(METHODS), str(BATCH)]
+    cmd = [
+        str(peer_python()),
+        "-c",
+        PEER_SCRIPT,
+        str(folder),
+        str(pairs_json),
+        str(out),
+        ",".join(METHODS),
+        str(BATCH),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         # repeng 0.4.0 predates transformers 5; fall back to the 4.x line once.
         print(done.stderr[-3000:], file=sys.stderr)
         print("repeng failed with this transformers; installing transformers<5", flush=True)
-        subprocess.run([str(peer_python()), "-m", "pip", "install", "--quiet", "transformers<5"],
-                       check=True)
+        subprocess.run(
+            [str(peer_python()), "-m", "pip", "install", "--quiet", "transformers<5"], check=True
+        )
         subprocess.run(cmd, check=True, capture_output=True, text=True)
     data = np.load(out)
     dirs: dict[str, dict[int, np.ndarray]] = {m: {} for m in METHODS}
@@ -208,9 +250,16 @@ def parity(family: str, layers: int, skip_peer: bool) -> dict:
 def bench_model(tok_folder: Path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=8,
-                      num_attention_heads=8, num_key_value_heads=8, vocab_size=320,
-                      max_position_embeddings=256, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=320,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).eval()
     tok = load(tok_folder)[1]
@@ -226,9 +275,14 @@ def overhead(tok_folder: Path, repeats: int) -> dict:
 
     def gen() -> torch.Tensor:
         with torch.no_grad():
-            return model.generate(prompt, attention_mask=torch.ones_like(prompt),
-                                  max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                                  do_sample=False, pad_token_id=eos)
+            return model.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                pad_token_id=eos,
+            )
 
     def plain() -> torch.Tensor:
         return gen()
@@ -272,8 +326,15 @@ def overhead(tok_folder: Path, repeats: int) -> dict:
 # ---------------------------------------------------------------- report
 
 
-def render(command: str, rows: list[dict], speed: dict, peer: str | None, threads: int,
-           repeats: int, load: tuple[float, float]) -> str:
+def render(
+    command: str,
+    rows: list[dict],
+    speed: dict,
+    peer: str | None,
+    threads: int,
+    repeats: int,
+    load: tuple[float, float],
+) -> str:
     lines = [
         "Parity: weightops and repeng extract directions from the same 32 contrastive pairs "
         '("I love X." / "I hate X.") on tiny random models built by `weightops.demo.tiny_model` '
@@ -306,8 +367,8 @@ def render(command: str, rows: list[dict], speed: dict, peer: str | None, thread
                 )
         lines += [
             "",
-            "The bar applies to `read=\"hidden_states\"`, which reads what repeng reads. "
-            "The default `read=\"block\"` differs from it only at the last layer:",
+            'The bar applies to `read="hidden_states"`, which reads what repeng reads. '
+            'The default `read="block"` differs from it only at the last layer:',
             "",
         ]
     for row in rows:
@@ -350,7 +411,7 @@ def render(command: str, rows: list[dict], speed: dict, peer: str | None, thread
         "back to back), less sensitive to load that drifts between rounds. The bar is judged on "
         f"the first. The prompt has "
         f"{speed['prompt_tokens']} tokens, so `start={speed['start']}` steers only the generated "
-        "ones; \"tokens changed\" confirms the hooks were active.",
+        'ones; "tokens changed" confirms the hooks were active.',
     ]
     return "\n".join(lines) + "\n"
 
@@ -398,8 +459,9 @@ def main() -> None:
     print(f"overhead: {args.repeats} runs per variant", flush=True)
     speed = overhead(WORK / "steer" / "llama-6L", args.repeats)
     command = shlex.join(["python", "bench/bench_steer.py", *sys.argv[1:]])
-    body = render(command, rows, speed, peer, args.threads, args.repeats,
-                  (load_start, os.getloadavg()[0]))
+    body = render(
+        command, rows, speed, peer, args.threads, args.repeats, (load_start, os.getloadavg()[0])
+    )
     print(body)
     if not args.no_write:
         write_section(body)

@@ -228,7 +228,8 @@ def make_target(tokenizer, words: Sequence[str], details: list[Detail]):
             Detail(
                 upper=sum(ups) / len(ups),
                 well_formed=sum(good) / len(words),
-                well_formed_b=sum(g and u > 0.5 for g, u in zip(good, ups, strict=True)) / len(words),
+                well_formed_b=sum(g and u > 0.5 for g, u in zip(good, ups, strict=True))
+                / len(words),
                 log_odds=log_odds(model, tokenizer, words),
                 samples=outs,
             )
@@ -273,7 +274,9 @@ def fits(points: list[SweepPoint], details: list[Detail], norm: float, upto: flo
     lo = [details[i].log_odds for i in keep]
     base = math.log(points[0].perplexity)
     dlp = [math.log(points[i].perplexity) - base for i in keep]
-    out = [f"fits over strengths 0…{upto:g} ({len(keep)} points), R² of y ~ 1 + x / y ~ 1 + x² / y ~ 1 + x + x²:"]
+    out = [
+        f"fits over strengths 0…{upto:g} ({len(keep)} points), R² of y ~ 1 + x / y ~ 1 + x² / y ~ 1 + x + x²:"
+    ]
     for name, y in (("log-odds B:A", lo), ("Δ log perplexity", dlp)):
         r = [fit_r2(x, y, p) for p in ((1,), (2,), (1, 2))]
         out.append(f"  {name:17s} linear {r[0]:.3f}   quadratic {r[1]:.3f}   both {r[2]:.3f}")
@@ -304,8 +307,10 @@ def main() -> None:
     tokenizer = make_tokenizer()
     model = make_model(len(tokenizer))
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: Llama, 4 blocks, hidden 128, {n_params / 1e6:.2f} M parameters; "
-          f"{len(train_words)} training words, {args.steps} steps")
+    print(
+        f"model: Llama, 4 blocks, hidden 128, {n_params / 1e6:.2f} M parameters; "
+        f"{len(train_words)} training words, {args.steps} steps"
+    )
     final_loss = train(model, tokenizer, train_words, args.steps, args.batch)
     t_train = time.perf_counter() - t0
     print(f"trained in {t_train:.0f} s (last batch loss {final_loss:.3f})")
@@ -315,7 +320,10 @@ def main() -> None:
     neutral = []
     for w in neutral_words:
         t, a = reference(w)
-        neutral += [prompt(w, MARK_A) + answer(w, t, a, "A"), prompt(w, MARK_B) + answer(w, t, a, "B")]
+        neutral += [
+            prompt(w, MARK_A) + answer(w, t, a, "A"),
+            prompt(w, MARK_B) + answer(w, t, a, "B"),
+        ]
 
     ranking = search_layers(model, tokenizer, pairs, method="mean_diff")
     print("\nlayer search (mean_diff, 8 of the 32 pairs held out):")
@@ -327,14 +335,22 @@ def main() -> None:
     mean_vec = SteeringVector.train(model, tokenizer, pairs, method="mean_diff", layers=[layer])
     pca_vec = SteeringVector.train(model, tokenizer, pairs, method="pca_diff", layers=[layer])
     norm = float(mean_vec.directions[layer].norm())
-    cos = float(torch.nn.functional.cosine_similarity(mean_vec.directions[layer], pca_vec.directions[layer], dim=0))
+    cos = float(
+        torch.nn.functional.cosine_similarity(
+            mean_vec.directions[layer], pca_vec.directions[layer], dim=0
+        )
+    )
     # Diagnostic: pca_diff centres the differences h+ - h-; the first singular vector of
     # the uncentred differences keeps their common shift.
     h = hidden_states(model, tokenizer, [t for p in pairs for t in p], [layer])[layer]
     raw = torch.linalg.svd((h[0::2] - h[1::2]).double(), full_matrices=False).Vh[0].float()
-    cos_raw = abs(float(torch.nn.functional.cosine_similarity(mean_vec.directions[layer], raw, dim=0)))
-    print(f"\nlayer {layer}: |mean_diff| = {norm:.2f}, cos(mean_diff, pca_diff) = {cos:.3f}, "
-          f"|cos(mean_diff, uncentred first PC of the differences)| = {cos_raw:.3f}")
+    cos_raw = abs(
+        float(torch.nn.functional.cosine_similarity(mean_vec.directions[layer], raw, dim=0))
+    )
+    print(
+        f"\nlayer {layer}: |mean_diff| = {norm:.2f}, cos(mean_diff, pca_diff) = {cos:.3f}, "
+        f"|cos(mean_diff, uncentred first PC of the differences)| = {cos_raw:.3f}"
+    )
 
     strengths = [0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0]
     results = {}

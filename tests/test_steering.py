@@ -124,19 +124,25 @@ def own_states(model: Any, tok: Any, text: str, at: int = -1) -> list[torch.Tens
     return _STATES[key]
 
 
-def paired_states(model: Any, tok: Any, pairs: list[tuple[str, str]], layer: int) -> tuple[np.ndarray, np.ndarray]:
+def paired_states(
+    model: Any, tok: Any, pairs: list[tuple[str, str]], layer: int
+) -> tuple[np.ndarray, np.ndarray]:
     pos = np.stack([own_states(model, tok, p)[layer].numpy() for p, _ in pairs])
     neg = np.stack([own_states(model, tok, n)[layer].numpy() for _, n in pairs])
     return pos, neg
 
 
 @torch.no_grad()
-def block_outputs(model: Any, tok: Any, texts: list[str]) -> tuple[list[torch.Tensor], torch.Tensor]:
+def block_outputs(
+    model: Any, tok: Any, texts: list[str]
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The output of every decoder block (captured with our own hooks) and the logits."""
     blocks = find_layers(model).blocks
     got: dict[int, torch.Tensor] = {}
     handles = [
-        b.register_forward_hook(lambda m, a, o, i=i: got.__setitem__(i, o[0] if isinstance(o, tuple) else o))
+        b.register_forward_hook(
+            lambda m, a, o, i=i: got.__setitem__(i, o[0] if isinstance(o, tuple) else o)
+        )
         for i, b in enumerate(blocks)
     ]
     try:
@@ -167,16 +173,23 @@ def assert_untouched(model: Any, hooks: dict[str, tuple], state: dict[str, torch
         assert torch.equal(now[k], v), k
 
 
-def vec(dirs: dict[int, list[float] | torch.Tensor], model_type: str = "llama", hidden: int = 3, **kw: Any) -> SteeringVector:
+def vec(
+    dirs: dict[int, list[float] | torch.Tensor],
+    model_type: str = "llama",
+    hidden: int = 3,
+    **kw: Any,
+) -> SteeringVector:
     return SteeringVector(
-        {i: torch.as_tensor(d, dtype=torch.float32) for i, d in dirs.items()}, model_type=model_type, hidden_size=hidden, **kw
+        {i: torch.as_tensor(d, dtype=torch.float32) for i, d in dirs.items()},
+        model_type=model_type,
+        hidden_size=hidden,
+        **kw,
     )
 
 
 def unit(n: int, seed: int) -> torch.Tensor:
     d = torch.randn(n, generator=torch.Generator().manual_seed(seed))
     return d / d.norm()
-
 
 
 # ---------------------------------------------------------------- extraction
@@ -187,7 +200,12 @@ def test_each_method_gives_one_direction_per_layer(llama: tuple[Any, Any], metho
     model, tok = llama
     v = SteeringVector.train(model, tok, PAIRS, method=method)
     assert v.layers == list(range(DEPTH))
-    assert (v.model_type, v.hidden_size, v.method, v.layers_path) == ("llama", HIDDEN, method, "model.layers")
+    assert (v.model_type, v.hidden_size, v.method, v.layers_path) == (
+        "llama",
+        HIDDEN,
+        method,
+        "model.layers",
+    )
     for d in v.directions.values():
         assert d.shape == (HIDDEN,) and d.dtype == torch.float32
         assert torch.isfinite(d).all() and d.norm() > 0
@@ -205,22 +223,34 @@ def test_mean_diff_equals_independent_computation(zoo: _Zoo, family: str) -> Non
         np.testing.assert_allclose(v.directions[i].numpy(), want, atol=1e-5, rtol=1e-5)
     # Below the last layer the block output is transformers' hidden_states[i + 1].
     with torch.no_grad():
-        hs = {t: model(**tok(t, return_tensors="pt"), output_hidden_states=True).hidden_states
-              for pair in PAIRS for t in pair}
+        hs = {
+            t: model(**tok(t, return_tensors="pt"), output_hidden_states=True).hidden_states
+            for pair in PAIRS
+            for t in pair
+        }
     for i in range(DEPTH - 1):
-        want = (torch.stack([hs[p][i + 1][0, -1] for p, _ in PAIRS]).double().mean(0)
-                - torch.stack([hs[n][i + 1][0, -1] for _, n in PAIRS]).double().mean(0))
+        want = torch.stack([hs[p][i + 1][0, -1] for p, _ in PAIRS]).double().mean(0) - torch.stack(
+            [hs[n][i + 1][0, -1] for _, n in PAIRS]
+        ).double().mean(0)
         np.testing.assert_allclose(v.directions[i].numpy(), want.numpy(), atol=1e-5, rtol=1e-5)
 
 
-def test_read_hidden_states_takes_the_final_norm_at_the_last_layer(llama: tuple[Any, Any],
-                                                                   llama_vec: SteeringVector) -> None:
+def test_read_hidden_states_takes_the_final_norm_at_the_last_layer(
+    llama: tuple[Any, Any], llama_vec: SteeringVector
+) -> None:
     model, tok = llama
     v = SteeringVector.train(model, tok, PAIRS, method="mean_diff", read="hidden_states")
     with torch.no_grad():
-        last = {t: model(**tok(t, return_tensors="pt"), output_hidden_states=True).hidden_states[-1][0, -1]
-                for pair in PAIRS for t in pair}
-    want = torch.stack([last[p] for p, _ in PAIRS]).mean(0) - torch.stack([last[n] for _, n in PAIRS]).mean(0)
+        last = {
+            t: model(**tok(t, return_tensors="pt"), output_hidden_states=True).hidden_states[-1][
+                0, -1
+            ]
+            for pair in PAIRS
+            for t in pair
+        }
+    want = torch.stack([last[p] for p, _ in PAIRS]).mean(0) - torch.stack(
+        [last[n] for _, n in PAIRS]
+    ).mean(0)
     torch.testing.assert_close(v.directions[DEPTH - 1], want, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(v.directions[DEPTH - 1], llama_vec.directions[DEPTH - 1], atol=1e-3)
     for i in range(DEPTH - 1):
@@ -313,12 +343,16 @@ def test_left_padding_does_not_change_the_vector(zoo: _Zoo, family: str) -> None
         torch.testing.assert_close(one.directions[i], many.directions[i], atol=1e-4, rtol=0)
 
 
-def test_last_layer_is_read_at_the_block_output(llama: tuple[Any, Any], llama_vec: SteeringVector) -> None:
+def test_last_layer_is_read_at_the_block_output(
+    llama: tuple[Any, Any], llama_vec: SteeringVector
+) -> None:
     """Layer i is where `apply` adds: the output of block i, not the final norm's."""
     model, tok = llama
     pos = torch.stack([block_outputs(model, tok, [p])[0][DEPTH][0, -1] for p, _ in PAIRS])
     neg = torch.stack([block_outputs(model, tok, [n])[0][DEPTH][0, -1] for _, n in PAIRS])
-    torch.testing.assert_close(llama_vec.directions[DEPTH - 1], pos.mean(0) - neg.mean(0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        llama_vec.directions[DEPTH - 1], pos.mean(0) - neg.mean(0), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_layers_argument_restricts(llama: tuple[Any, Any], llama_vec: SteeringVector) -> None:
@@ -337,9 +371,13 @@ def test_positions_argument(llama: tuple[Any, Any], llama_vec: SteeringVector) -
     for i in range(DEPTH):
         pos = torch.stack([own_states(model, tok, p, at=0)[i] for p, _ in pairs])
         neg = torch.stack([own_states(model, tok, n, at=1)[i] for _, n in pairs])
-        torch.testing.assert_close(first.directions[i].double(), pos.mean(0) - neg.mean(0), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            first.directions[i].double(), pos.mean(0) - neg.mean(0), atol=1e-5, rtol=1e-5
+        )
     # Position -1 of each text is its last real token: the default.
-    last = SteeringVector.train(model, tok, PAIRS, method="mean_diff", positions=[(-1, -1)] * len(PAIRS))
+    last = SteeringVector.train(
+        model, tok, PAIRS, method="mean_diff", positions=[(-1, -1)] * len(PAIRS)
+    )
     default = SteeringVector.train(model, tok, PAIRS, method="mean_diff")
     for i in range(DEPTH):
         torch.testing.assert_close(last.directions[i], default.directions[i], atol=1e-6, rtol=0)
@@ -368,14 +406,17 @@ def test_search_layers_is_well_formed_and_deterministic(llama: tuple[Any, Any]) 
 
 
 @pytest.mark.parametrize("method", ["mean_diff", "pca_diff"])
-def test_search_layers_finds_a_planted_signal(llama: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch,
-                                              method: str) -> None:
+def test_search_layers_finds_a_planted_signal(
+    llama: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
     model, tok = llama
     n = len(PAIRS)
     g = torch.Generator().manual_seed(5)
     u = unit(HIDDEN, 6)
 
-    def fake(model: Any, tokenizer: Any, texts: list[str], layers: list[int], **kw: Any) -> dict[int, torch.Tensor]:
+    def fake(
+        model: Any, tokenizer: Any, texts: list[str], layers: list[int], **kw: Any
+    ) -> dict[int, torch.Tensor]:
         assert len(texts) == 2 * n
         out = {i: torch.randn(2 * n, HIDDEN, generator=g) for i in layers}
         # Positives far along u at layer 2 only, by varying amounts (pca_diff centres
@@ -427,8 +468,9 @@ def vectors(zoo: _Zoo) -> dict[str, SteeringVector]:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_apply_changes_logits_and_leaves_the_model_as_it_was(zoo: _Zoo, vectors: dict[str, SteeringVector],
-                                                             family: str) -> None:
+def test_apply_changes_logits_and_leaves_the_model_as_it_was(
+    zoo: _Zoo, vectors: dict[str, SteeringVector], family: str
+) -> None:
     model, tok = zoo.get(family)
     hooks, state = hook_snapshot(model), state_snapshot(model)
     before = logits(model, tok)
@@ -442,12 +484,17 @@ def test_apply_changes_logits_and_leaves_the_model_as_it_was(zoo: _Zoo, vectors:
     assert_untouched(model, hooks, state)
 
 
-def test_hooks_are_removed_when_the_block_raises(llama: tuple[Any, Any], llama_vec: SteeringVector) -> None:
+def test_hooks_are_removed_when_the_block_raises(
+    llama: tuple[Any, Any], llama_vec: SteeringVector
+) -> None:
     model, tok = llama
     hooks, state = hook_snapshot(model), state_snapshot(model)
     before = logits(model, tok)
-    for kwargs in ({"strength": 3.0}, {"strength": 3.0, "start": 2},
-                   {"mode": "ablate", "layer": 1}):
+    for kwargs in (
+        {"strength": 3.0},
+        {"strength": 3.0, "start": 2},
+        {"mode": "ablate", "layer": 1},
+    ):
         with pytest.raises(RuntimeError, match="boom"), llama_vec.apply(model, **kwargs):
             logits(model, tok)
             raise RuntimeError("boom")
@@ -460,12 +507,17 @@ def test_refused_apply_leaves_no_hooks(llama: tuple[Any, Any], llama_vec: Steeri
     hooks = hook_snapshot(model)
     with pytest.raises(SteeringError), steer(model, [(llama_vec, 1.0), (llama_vec, float("inf"))]):
         pass
-    with pytest.raises(SteeringError), llama_vec.apply(model, mode="ablate"):  # four layers: ablation needs layer=
+    with (
+        pytest.raises(SteeringError),
+        llama_vec.apply(model, mode="ablate"),
+    ):  # four layers: ablation needs layer=
         pass
     assert hook_snapshot(model) == hooks
 
 
-def test_strength_zero_gives_identical_logits(llama: tuple[Any, Any], llama_vec: SteeringVector) -> None:
+def test_strength_zero_gives_identical_logits(
+    llama: tuple[Any, Any], llama_vec: SteeringVector
+) -> None:
     model, tok = llama
     before = logits(model, tok)
     with llama_vec.apply(model, strength=0.0):
@@ -484,8 +536,12 @@ def test_addition_at_block_i_shifts_its_output_by_s_d(zoo: _Zoo, family: str, la
         steered, _ = block_outputs(model, tok, PROMPTS)
     for j in range(layer + 1):  # embeddings and earlier blocks: untouched
         assert torch.equal(steered[j], plain[j])
-    torch.testing.assert_close(steered[layer + 1] - plain[layer + 1],
-                               (s * d).expand_as(plain[layer + 1]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        steered[layer + 1] - plain[layer + 1],
+        (s * d).expand_as(plain[layer + 1]),
+        atol=1e-5,
+        rtol=0,
+    )
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -500,11 +556,15 @@ def test_output_hidden_states_show_the_addition(zoo: _Zoo, family: str) -> None:
         with v.apply(model, strength=s):
             b = model(**enc, output_hidden_states=True).hidden_states
     assert torch.equal(a[layer], b[layer])
-    torch.testing.assert_close(b[layer + 1] - a[layer + 1], (s * d).expand_as(a[layer + 1]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        b[layer + 1] - a[layer + 1], (s * d).expand_as(a[layer + 1]), atol=1e-5, rtol=0
+    )
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_start_leaves_earlier_positions_untouched(zoo: _Zoo, vectors: dict[str, SteeringVector], family: str) -> None:
+def test_start_leaves_earlier_positions_untouched(
+    zoo: _Zoo, vectors: dict[str, SteeringVector], family: str
+) -> None:
     model, tok = zoo.get(family)
     text = ["a steady sentence to steer"]
     before = logits(model, tok, text)
@@ -525,7 +585,9 @@ def greedy_without_cache(model: Any, ids: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_generate_with_cache_and_start(zoo: _Zoo, vectors: dict[str, SteeringVector], family: str) -> None:
+def test_generate_with_cache_and_start(
+    zoo: _Zoo, vectors: dict[str, SteeringVector], family: str
+) -> None:
     model, tok = zoo.get(family)
     ids = tok(["hello there"], return_tensors="pt").input_ids
     n = ids.shape[1]
@@ -543,7 +605,9 @@ def test_generate_with_cache_and_start(zoo: _Zoo, vectors: dict[str, SteeringVec
     assert cached[0, n] == plain[0, n]
 
 
-def test_two_vectors_at_once_equal_their_sum(llama: tuple[Any, Any], llama_vec: SteeringVector) -> None:
+def test_two_vectors_at_once_equal_their_sum(
+    llama: tuple[Any, Any], llama_vec: SteeringVector
+) -> None:
     model, tok = llama
     other = SteeringVector.train(model, tok, OTHER_PAIRS, method="pca_diff", layers=[1, 2])
     with steer(model, [(llama_vec, 2.0), (other, -1.5)]):
@@ -565,13 +629,17 @@ def _assert_no_component(states: list[torch.Tensor], r: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_ablation_removes_the_direction_everywhere(zoo: _Zoo, vectors: dict[str, SteeringVector], family: str) -> None:
+def test_ablation_removes_the_direction_everywhere(
+    zoo: _Zoo, vectors: dict[str, SteeringVector], family: str
+) -> None:
     model, tok = zoo.get(family)
     v = vectors[family]
     hooks, state = hook_snapshot(model), state_snapshot(model)
     plain_states, plain = block_outputs(model, tok, PROMPTS)
     r = v.directions[1]
-    assert max(float((h @ (r / r.norm())).abs().max()) for h in plain_states) > 1e-2  # there is something to remove
+    assert (
+        max(float((h @ (r / r.norm())).abs().max()) for h in plain_states) > 1e-2
+    )  # there is something to remove
     with v.select([1]).apply(model, mode="ablate"):
         single, single_logits = block_outputs(model, tok, PROMPTS)
     with v.apply(model, mode="ablate", layer=1, strength=123.0):
@@ -590,7 +658,10 @@ def test_ablating_two_directions(llama: tuple[Any, Any], llama_vec: SteeringVect
         states, _ = block_outputs(model, tok, PROMPTS)
     _assert_no_component(states, a.directions[1])
     _assert_no_component(states, b.directions[2])
-    with pytest.raises(SteeringError, match="zero or repeats"), steer(model, [(a, 1.0), (a * 0.0, 1.0)], mode="ablate"):
+    with (
+        pytest.raises(SteeringError, match="zero or repeats"),
+        steer(model, [(a, 1.0), (a * 0.0, 1.0)], mode="ablate"),
+    ):
         pass
 
 
@@ -613,8 +684,9 @@ def _check_card(folder: Path) -> None:
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_bake_addition_matches_the_hooked_model(zoo: _Zoo, vectors: dict[str, SteeringVector], family: str,
-                                               tmp_path: Path) -> None:
+def test_bake_addition_matches_the_hooked_model(
+    zoo: _Zoo, vectors: dict[str, SteeringVector], family: str, tmp_path: Path
+) -> None:
     model, tok = zoo.get(family)
     v, s = vectors[family], 3.0
     with v.apply(model, strength=s):
@@ -630,8 +702,9 @@ def test_bake_addition_matches_the_hooked_model(zoo: _Zoo, vectors: dict[str, St
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_bake_addition_of_strength_zero_equals_the_source(zoo: _Zoo, vectors: dict[str, SteeringVector],
-                                                          family: str, tmp_path: Path) -> None:
+def test_bake_addition_of_strength_zero_equals_the_source(
+    zoo: _Zoo, vectors: dict[str, SteeringVector], family: str, tmp_path: Path
+) -> None:
     model, tok = zoo.get(family)
     out = bake_addition(zoo.folder(family), vectors[family], 0.0, tmp_path / "zero")
     baked, _ = load(out)
@@ -639,8 +712,9 @@ def test_bake_addition_of_strength_zero_equals_the_source(zoo: _Zoo, vectors: di
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
-def test_bake_ablation_matches_the_hooked_model(zoo: _Zoo, vectors: dict[str, SteeringVector], family: str,
-                                               tmp_path: Path) -> None:
+def test_bake_ablation_matches_the_hooked_model(
+    zoo: _Zoo, vectors: dict[str, SteeringVector], family: str, tmp_path: Path
+) -> None:
     model, tok = zoo.get(family)
     v = vectors[family]
     with v.apply(model, mode="ablate", layer=2):
@@ -657,16 +731,18 @@ def test_bake_ablation_matches_the_hooked_model(zoo: _Zoo, vectors: dict[str, St
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma"])
-def test_bake_addition_is_refused_without_an_mlp_bias(zoo: _Zoo, vectors: dict[str, SteeringVector], family: str,
-                                                      tmp_path: Path) -> None:
+def test_bake_addition_is_refused_without_an_mlp_bias(
+    zoo: _Zoo, vectors: dict[str, SteeringVector], family: str, tmp_path: Path
+) -> None:
     with pytest.raises(SteeringError, match=f"{family}.*bias") as err:
         bake_addition(zoo.folder(family), vectors[family], 1.0, tmp_path / "out")
     assert "hooks" in str(err.value)
     assert not (tmp_path / "out").exists()
 
 
-def test_bake_refuses_bad_vectors_and_strengths(zoo: _Zoo, vectors: dict[str, SteeringVector],
-                                                tmp_path: Path) -> None:
+def test_bake_refuses_bad_vectors_and_strengths(
+    zoo: _Zoo, vectors: dict[str, SteeringVector], tmp_path: Path
+) -> None:
     src = zoo.folder("llama")
     v = vectors["llama"]
     with pytest.raises(SteeringError, match="finite"):
@@ -690,7 +766,11 @@ def test_arithmetic_combines_layer_by_layer() -> None:
     b = vec({1: [1.0, 1.0, 1.0], 2: [2.0, 0.0, 0.0]})
     total = a + b
     assert total.layers == [0, 1, 2] and total.method == "combined"
-    assert total.directions[0].tolist() == [1.0, 2.0, 3.0]  # a layer missing on one side counts as zero
+    assert total.directions[0].tolist() == [
+        1.0,
+        2.0,
+        3.0,
+    ]  # a layer missing on one side counts as zero
     assert total.directions[1].tolist() == [1.0, 2.0, 1.0]
     assert total.directions[2].tolist() == [2.0, 0.0, 0.0]
     diff = a - b
@@ -698,7 +778,12 @@ def test_arithmetic_combines_layer_by_layer() -> None:
     assert diff.directions[2].tolist() == [-2.0, 0.0, 0.0]
     for scaled in (a * 2, 2 * a, 2.0 * a, a / 0.5):
         assert scaled.directions[0].tolist() == [2.0, 4.0, 6.0]
-        assert (scaled.model_type, scaled.hidden_size, scaled.method, scaled.info) == ("llama", 3, "mean_diff", {"pairs": 3})
+        assert (scaled.model_type, scaled.hidden_size, scaled.method, scaled.info) == (
+            "llama",
+            3,
+            "mean_diff",
+            {"pairs": 3},
+        )
     assert (-a).directions[0].tolist() == [-1.0, -2.0, -3.0]
     # Values: the operands are unchanged.
     assert a.directions[0].tolist() == [1.0, 2.0, 3.0] and b.layers == [1, 2]
@@ -743,15 +828,28 @@ def test_non_finite_scales_are_refused(bad: float) -> None:
 
 
 def test_save_load_round_trip(tmp_path: Path, llama_vec: SteeringVector) -> None:
-    v = SteeringVector(dict(llama_vec.directions), model_type="llama", hidden_size=HIDDEN, layers_path="model.layers",
-                       method="pca_diff", read_at="positions", info={"pairs": 8, "note": "é"})
+    v = SteeringVector(
+        dict(llama_vec.directions),
+        model_type="llama",
+        hidden_size=HIDDEN,
+        layers_path="model.layers",
+        method="pca_diff",
+        read_at="positions",
+        info={"pairs": 8, "note": "é"},
+    )
     path = v.save(tmp_path / "v.safetensors")
     back = SteeringVector.load(path)
     assert back.layers == v.layers
     for i in v.layers:
         assert torch.equal(back.directions[i], v.directions[i])
-    assert (back.model_type, back.hidden_size, back.layers_path, back.method, back.read_at, back.info) == (
-        "llama", HIDDEN, "model.layers", "pca_diff", "positions", {"pairs": 8, "note": "é"})
+    assert (
+        back.model_type,
+        back.hidden_size,
+        back.layers_path,
+        back.method,
+        back.read_at,
+        back.info,
+    ) == ("llama", HIDDEN, "model.layers", "pca_diff", "positions", {"pairs": 8, "note": "é"})
     # Readable by the safetensors library, as direction.N tensors.
     from safetensors import safe_open
 
@@ -772,7 +870,11 @@ def test_load_refuses_other_safetensors_files(tmp_path: Path) -> None:
     with pytest.raises(SteeringError, match="steering"):
         SteeringVector.load(other)
     odd = tmp_path / "odd.safetensors"
-    save_file({"weights": torch.zeros(3)}, odd, metadata={"format": "weightops-steering", "hidden_size": "3"})
+    save_file(
+        {"weights": torch.zeros(3)},
+        odd,
+        metadata={"format": "weightops-steering", "hidden_size": "3"},
+    )
     with pytest.raises(SteeringError, match=r"direction\.N"):
         SteeringVector.load(odd)
 
@@ -798,7 +900,9 @@ def test_gguf_round_trip_and_independent_read(tmp_path: Path, llama_vec: Steerin
     for i in (1, 2, 3):
         t = tensors[f"direction.{i}"]
         assert t.tensor_type == gguf.GGMLQuantizationType.F32
-        np.testing.assert_array_equal(np.asarray(t.data, dtype=np.float32).reshape(-1), v.directions[i].numpy())
+        np.testing.assert_array_equal(
+            np.asarray(t.data, dtype=np.float32).reshape(-1), v.directions[i].numpy()
+        )
     for back in (SteeringVector.import_gguf(path), SteeringVector.load(path)):
         assert back.layers == [1, 2, 3] and (back.model_type, back.hidden_size) == ("llama", HIDDEN)
         for i in (1, 2, 3):
@@ -825,8 +929,9 @@ def test_gguf_refusals(tmp_path: Path, llama_vec: SteeringVector) -> None:
 # ---------------------------------------------------------------- bad input
 
 
-def test_vectors_that_do_not_fit_the_model_are_refused(llama: tuple[Any, Any], gpt2: tuple[Any, Any],
-                                                       vectors: dict[str, SteeringVector]) -> None:
+def test_vectors_that_do_not_fit_the_model_are_refused(
+    llama: tuple[Any, Any], gpt2: tuple[Any, Any], vectors: dict[str, SteeringVector]
+) -> None:
     model, _ = llama
     hooks = hook_snapshot(model)
     cases = [
@@ -844,20 +949,29 @@ def test_vectors_that_do_not_fit_the_model_are_refused(llama: tuple[Any, Any], g
 
 
 @pytest.mark.parametrize("source, target", [("gpt2", "llama"), ("llama", "gpt2")])
-def test_a_vector_from_another_family_is_named_in_the_error(zoo: _Zoo, vectors: dict[str, SteeringVector],
-                                                            source: str, target: str) -> None:
-    with pytest.raises(SteeringError, match=rf"{source}.*{target}|{target}.*{source}"), vectors[source].apply(zoo.get(target)[0]):
+def test_a_vector_from_another_family_is_named_in_the_error(
+    zoo: _Zoo, vectors: dict[str, SteeringVector], source: str, target: str
+) -> None:
+    with (
+        pytest.raises(SteeringError, match=rf"{source}.*{target}|{target}.*{source}"),
+        vectors[source].apply(zoo.get(target)[0]),
+    ):
         pass
 
 
-@pytest.mark.parametrize("kwargs, msg", [
-    ({"strength": float("nan")}, "finite"),
-    ({"strength": float("inf")}, "finite"),
-    ({"mode": "subtract"}, "mode"),
-    ({"start": -1}, "start"),
-    ({"mode": "ablate", "layer": 7}, "layer 7"),
-])
-def test_bad_apply_arguments(llama: tuple[Any, Any], llama_vec: SteeringVector, kwargs: dict, msg: str) -> None:
+@pytest.mark.parametrize(
+    "kwargs, msg",
+    [
+        ({"strength": float("nan")}, "finite"),
+        ({"strength": float("inf")}, "finite"),
+        ({"mode": "subtract"}, "mode"),
+        ({"start": -1}, "start"),
+        ({"mode": "ablate", "layer": 7}, "layer 7"),
+    ],
+)
+def test_bad_apply_arguments(
+    llama: tuple[Any, Any], llama_vec: SteeringVector, kwargs: dict, msg: str
+) -> None:
     model, _ = llama
     hooks = hook_snapshot(model)
     with pytest.raises(SteeringError, match=msg), llama_vec.apply(model, **kwargs):
@@ -867,15 +981,18 @@ def test_bad_apply_arguments(llama: tuple[Any, Any], llama_vec: SteeringVector, 
     assert hook_snapshot(model) == hooks
 
 
-@pytest.mark.parametrize("pairs, msg", [
-    ([], "no contrastive pairs"),
-    ([("good", "")], "empty"),
-    ([("good", "   ")], "empty"),
-    ([("good", None)], "empty"),
-    (["good"], "not a"),
-    ([("a", "b", "c")], "not a"),
-    ("ab", "not a"),
-])
+@pytest.mark.parametrize(
+    "pairs, msg",
+    [
+        ([], "no contrastive pairs"),
+        ([("good", "")], "empty"),
+        ([("good", "   ")], "empty"),
+        ([("good", None)], "empty"),
+        (["good"], "not a"),
+        ([("a", "b", "c")], "not a"),
+        ("ab", "not a"),
+    ],
+)
 def test_bad_pairs_are_refused(llama: tuple[Any, Any], pairs: Any, msg: str) -> None:
     model, tok = llama
     with pytest.raises(SteeringError, match=msg):
