@@ -1,0 +1,138 @@
+"""The mixed 2/4-bit matrix quantizer and its packed form."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from weightops.quant.mixed import (
+    QuantError,
+    _pack,
+    _pack_bits,
+    _unpack,
+    _unpack_bits,
+    bits_per_weight,
+    choose_k4,
+    dequantize,
+    quantize,
+    quantize_with_reference,
+)
+
+
+def weight(out: int = 96, inp: int = 512, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(out, inp, generator=g) * 0.02
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_pack_unpack_round_trip(bits):
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (7, 64), generator=g)
+    codes[0, :] = 2**bits - 1  # the top code sets the sign bit of the word
+    words = _pack(codes, bits)
+    assert words.dtype == torch.int32 and words.shape == (7, 64 * bits // 32)
+    assert torch.equal(_unpack(words, bits), codes)
+
+
+def test_packing_order_is_low_bits_first():
+    codes = torch.tensor([[1, 2, 3] + [0] * 13])
+    assert _pack(codes, 2).item() == 1 | (2 << 2) | (3 << 4)
+
+
+def test_group_map_round_trip():
+    mask = torch.rand(5, 13, generator=torch.Generator().manual_seed(0)) < 0.3
+    packed = _pack_bits(mask)
+    assert packed.shape == (5, 2) and packed.dtype == torch.uint8
+    assert torch.equal(_unpack_bits(packed, 13), mask)
+
+
+def test_round_trip_equals_the_quantizers_own_dequantization_exactly():
+    packed, reference = quantize_with_reference(weight())
+    assert torch.equal(dequantize(packed), reference)
+
+
+def test_bits_are_counted_from_what_is_stored():
+    p = quantize(weight(inp=1024))
+    stored = sum(
+        t.numel() * t.element_size() * 8 for t in (p.q2, p.q4, p.gmap, p.scale, p.zero, p.super)
+    )
+    assert p.bits == stored
+    assert p.bits_per_weight == pytest.approx(bits_per_weight(1024, 64, p.k4))
+    assert p.bits_per_weight <= 2.85
+
+
+def test_k4_is_the_largest_aligned_count_within_budget():
+    # 2048 inputs, groups of 64: 32 groups, so k4 moves in steps of 4.
+    k4 = choose_k4(2048, 64, 2.85)
+    assert k4 % 4 == 0
+    assert bits_per_weight(2048, 64, k4) <= 2.85 < bits_per_weight(2048, 64, k4 + 4)
+    # A row of 3 groups cannot keep steps of 4: any count is allowed.
+    assert choose_k4(192, 64, 4.5) == 3
+    with pytest.raises(QuantError, match="floor"):
+        choose_k4(2048, 64, 2.0)
+
+
+def test_every_row_has_the_same_number_of_4bit_groups_and_they_are_the_wide_ones():
+    w = weight(out=8, inp=512)
+    wide = [(r, (r * 3) % 8) for r in range(8)]
+    for r, grp in wide:
+        w[r, grp * 64 : (grp + 1) * 64] *= 50  # one group per row with a huge range
+    p = quantize(w, k4=1)
+    is4 = _unpack_bits(p.gmap, 8)
+    assert torch.equal(is4.sum(1), torch.ones(8, dtype=torch.long))
+    for r, grp in wide:
+        assert is4[r, grp]
+
+
+def test_mixed_beats_all_2bit_and_plain_rounding():
+    w = weight(out=128, inp=1024)
+    w[:, :64] *= 8  # a few sensitive groups, as in real layers
+    err = lambda q: ((q - w).norm() / w.norm()).item()  # noqa: E731
+    mixed = err(dequantize(quantize(w)))
+    two = err(dequantize(quantize(w, k4=0)))
+    g = w.reshape(128, -1, 64)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    s = (hi - lo) / 3
+    rtn = err((((g - lo) / s).round().clamp(0, 3) * s + lo).reshape(128, 1024))
+    assert mixed < two < rtn
+
+
+def test_importance_protects_important_inputs():
+    w = weight(out=64, inp=256)
+    h = torch.ones(256)
+    h[:32] = 100.0
+    plain, weighted = dequantize(quantize(w, k4=0)), dequantize(quantize(w, k4=0, importance=h))
+    cols = slice(0, 32)
+    assert (weighted - w)[:, cols].square().sum() < (plain - w)[:, cols].square().sum()
+
+
+def test_all_4bit_is_close():
+    w = weight()
+    p = quantize(w, k4=512 // 64)
+    rel = ((dequantize(p) - w).norm() / w.norm()).item()
+    assert rel < 0.12  # 4-bit asymmetric groups of 64 on Gaussian weights: about 0.09
+    assert p.q2.numel() == 0
+
+
+@pytest.mark.parametrize(
+    "w, kwargs, needle",
+    [
+        (torch.zeros(4, 100), {}, "does not divide"),
+        (torch.zeros(4, 128), {"group_size": 24}, "multiple of 16"),
+        (torch.zeros(4, 4, 4), {}, "2-D"),
+        (torch.full((4, 128), math.nan), {}, "NaN"),
+        (torch.zeros(4, 128), {"k4": 3}, "outside"),
+        (torch.zeros(4, 128), {"importance": torch.ones(5)}, "importance"),
+    ],
+)
+def test_bad_input(w, kwargs, needle):
+    with pytest.raises(QuantError, match=needle):
+        quantize(w, **kwargs)
+
+
+def test_constant_groups_survive():
+    w = torch.zeros(4, 128)
+    w[1] = 0.5
+    assert torch.allclose(dequantize(quantize(w)), w, atol=1e-3)
