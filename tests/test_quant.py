@@ -136,3 +136,67 @@ def test_constant_groups_survive():
     w = torch.zeros(4, 128)
     w[1] = 0.5
     assert torch.allclose(dequantize(quantize(w)), w, atol=1e-3)
+
+
+# ---------------------------------------------------------------- whole models
+
+
+@pytest.fixture(scope="module")
+def small_llama(tmp_path_factory: pytest.TempPathFactory):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from weightops.demo import _tokenizer
+
+    folder = tmp_path_factory.mktemp("q") / "m"
+    cfg = AutoConfig.for_model(
+        "llama",
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=320,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(folder)
+    _tokenizer(folder)
+    return folder, model
+
+
+def test_quantized_model_loads_and_runs_on_the_packed_weights(small_llama, tmp_path):
+    from weightops.quant.model import MANIFEST, QuantLinear, load, quantize_model
+
+    folder, model = small_llama
+    manifest = quantize_model(folder, tmp_path / "q", avg_bits=2.85)
+    assert json_version(tmp_path / "q" / MANIFEST) == 1
+    assert manifest["quantized_bits_per_weight"] <= 2.85
+    q = load(tmp_path / "q")
+    linears = [m for m in q.modules() if isinstance(m, QuantLinear)]
+    assert len(linears) == 2 * 7  # q, k, v, o, gate, up, down per block
+    # Each QuantLinear computes with exactly the dequantized packed weight.
+    ids = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(1))
+    layer = q.model.layers[0].mlp.down_proj
+    x = torch.randn(3, layer.in_features)
+    torch.testing.assert_close(layer(x), x @ dequantize(layer.packed()).T)
+    with torch.no_grad():
+        ref, got = model(ids).logits, q(ids).logits
+    assert torch.isfinite(got).all() and got.shape == ref.shape
+    # Embeddings and norms are kept exactly.
+    assert torch.equal(q.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+def test_an_already_quantized_model_is_refused(small_llama, tmp_path):
+    from weightops.quant.model import quantize_model
+
+    folder, _ = small_llama
+    quantize_model(folder, tmp_path / "q")
+    with pytest.raises(QuantError, match="already quantized"):
+        quantize_model(tmp_path / "q", tmp_path / "again")
+    assert not (tmp_path / "again").exists()
+
+
+def json_version(path) -> int:
+    import json
+
+    return json.loads(path.read_text())["version"]

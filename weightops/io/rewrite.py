@@ -22,6 +22,7 @@ from weightops.io.safetensors_file import FileReader
 from weightops.io.writer import ShardWriter, StagingFolder, plan_layout
 
 Transform = Callable[[str, torch.Tensor | None], torch.Tensor]
+Entry = tuple[str, tuple[int, ...], torch.dtype]
 
 
 def rewrite_checkpoint(
@@ -42,11 +43,51 @@ def rewrite_checkpoint(
     `new_tensors` adds tensors that the source lacks (transform gets None for them);
     tensors keep their names, shapes and dtypes."""
     new_tensors = new_tensors or {}
-    names = sorted(
+    entries = [(n, source.tensors[n].shape, source.tensors[n].dtype) for n in ordered_names(source)]
+    entries += [(n, shape, dtype) for n, (shape, dtype) in new_tensors.items()]
+
+    def produce(name: str, reader: FileReader) -> torch.Tensor:
+        tensor = reader.read(source.tensors[name]) if name in source.tensors else None
+        return transform(name, tensor)
+
+    return write_model(
+        source,
+        out,
+        entries,
+        produce,
+        config_updates=config_updates,
+        title=title,
+        summary=summary,
+        settings=settings,
+        force=force,
+        shard_size=shard_size,
+    )
+
+
+def ordered_names(source: Checkpoint) -> list[str]:
+    """Tensor names in file order (embeddings first, as the source stores them)."""
+    return sorted(
         source.tensors, key=lambda n: (source.tensors[n].path.name, source.tensors[n].start)
     )
-    entries = [(n, source.tensors[n].shape, source.tensors[n].dtype) for n in names]
-    entries += [(n, shape, dtype) for n, (shape, dtype) in new_tensors.items()]
+
+
+def write_model(
+    source: Checkpoint,
+    out: Path,
+    entries: list[Entry],
+    produce: Callable[[str, FileReader], torch.Tensor],
+    *,
+    config_updates: dict[str, Any] | None = None,
+    title: str,
+    summary: list[str],
+    settings: dict[str, Any],
+    force: bool = False,
+    shard_size: int = 5 * 10**9,
+    extra_files: dict[str, Callable[[], str]] | None = None,
+) -> Path:
+    """Write a checkpoint folder whose tensors are `entries` (name, shape, dtype), in
+    that order, each made by produce(name, reader) when its turn comes; the side files
+    come from `source`. Atomic like a merge: nothing is left behind on failure."""
     metadata = {
         "format": "pt",
         "weightops_version": __version__,
@@ -61,11 +102,10 @@ def rewrite_checkpoint(
         try:
             with FileReader() as reader:
                 for name, shape, dtype in entries:
-                    tensor = reader.read(source.tensors[name]) if name in source.tensors else None
-                    result = transform(name, tensor)
+                    result = produce(name, reader)
                     if tuple(result.shape) != tuple(shape):
                         raise ValueError(
-                            f"{name}: transform changed the shape to {list(result.shape)}"
+                            f"{name}: produced shape {list(result.shape)}, planned {list(shape)}"
                         )
                     writer.write(name, result.to(dtype))
             writer.finish()
@@ -76,6 +116,9 @@ def rewrite_checkpoint(
         sidefiles.write_config(staging.path, config)
         sidefiles.copy_generation_config(source.folder, staging.path)
         sidefiles.copy_tokenizer(source.folder, staging.path)
+        # Called after every tensor is written, so they can report on the work.
+        for fname, text in (extra_files or {}).items():
+            (staging.path / fname).write_text(text())
         recipe = json.dumps(settings, indent=2)
         sidefiles.write_card(
             staging.path,

@@ -14,7 +14,7 @@ fp16 super-scale per row each (s = s_q·S, lo = lo_q·L), and the codes are chos
 the quantized s and lo, so what is stored dequantizes exactly to what was optimised.
 
 Memory alignment: every row gets the same number k4 of 4-bit groups, a multiple of 4
-when the row has a multiple of 4 groups. With group_size 64 a 2-bit group is 16 bytes
+when the row has a multiple of 4 groups and at least 16 of them. With group_size 64 a 2-bit group is 16 bytes
 and a 4-bit group 32 bytes, so each row is a run of 2-bit groups and a run of 4-bit
 groups that are both whole 64-byte cache lines: rows have equal length, start aligned,
 and a kernel gives every thread the same work. (The paper leaves the granularity open;
@@ -81,7 +81,8 @@ def bits_per_weight(in_features: int, group_size: int, k4: int) -> float:
 def choose_k4(in_features: int, group_size: int, avg_bits: float) -> int:
     """The largest aligned count of 4-bit groups per row within `avg_bits`."""
     g = in_features // group_size
-    step = 4 if g % 4 == 0 else 1
+    # Cache-line alignment matters for long rows; short ones keep full freedom.
+    step = 4 if g % 4 == 0 and g >= 16 else 1
     best = None
     for k4 in range(0, g + 1, step):
         if bits_per_weight(in_features, group_size, k4) <= avg_bits + 1e-12:

@@ -1,0 +1,234 @@
+"""Quantizing a checkpoint folder, and running a transformers model on the result.
+
+`quantize_model` streams the checkpoint tensor by tensor: every linear weight inside the
+decoder blocks becomes a packed mixed 2/4-bit matrix (see weightops.quant.mixed);
+embeddings, norms and lm_head stay in 16 bits. The output folder holds, for a weight
+`X.weight`, the tensors `X.q2`, `X.q4`, `X.gmap`, `X.scale`, `X.zero` and `X.super`,
+everything else unchanged, and `weightops_quant.json` (format version, settings and
+per-tensor shapes) beside the usual config and tokenizer files.
+
+`load(folder)` builds the model from its config, swaps each quantized
+nn.Linear for a QuantLinear holding the packed tensors, and loads the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from weightops.arch import describe
+from weightops.io.checkpoint import Checkpoint
+from weightops.io.rewrite import Entry, ordered_names, write_model
+from weightops.io.safetensors_file import FileReader
+from weightops.quant.mixed import Packed, QuantError, choose_k4, dequantize, quantize
+
+FORMAT_VERSION = 1
+MANIFEST = "weightops_quant.json"
+PARTS = ("q2", "q4", "gmap", "scale", "zero", "super")
+# Families whose block linears are torch.nn.Linear ([out, in] weights).
+_LINEAR_ROLES = (
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_qkv",
+    "attn_o",
+    "mlp_gate",
+    "mlp_up",
+    "mlp_gate_up",
+    "mlp_down",
+)
+
+
+def part_shapes(
+    out_f: int, in_f: int, group_size: int, k4: int
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    g = in_f // group_size
+    return {
+        "q2": ((out_f, (g - k4) * group_size // 16), torch.int32),
+        "q4": ((out_f, k4 * group_size // 8), torch.int32),
+        "gmap": ((out_f, math.ceil(g / 8)), torch.uint8),
+        "scale": ((out_f, g), torch.uint8),
+        "zero": ((out_f, g), torch.int8),
+        "super": ((out_f, 2), torch.float16),
+    }
+
+
+def quantizable(ckpt: Checkpoint, name: str, group_size: int) -> bool:
+    info = ckpt.tensors[name]
+    role = describe(name)
+    return (
+        role.layer is not None
+        and role.role in _LINEAR_ROLES
+        and name.endswith(".weight")
+        and len(info.shape) == 2
+        and info.shape[1] % group_size == 0
+    )
+
+
+def quantize_model(
+    model: str | Path,
+    out: str | Path,
+    *,
+    group_size: int = 64,
+    avg_bits: float = 2.85,
+    force: bool = False,
+    shard_size: int = 5 * 10**9,
+) -> dict[str, Any]:
+    """Write the quantized checkpoint; return the manifest (with the exact bits)."""
+    ckpt = Checkpoint(model)
+    if (ckpt.folder / MANIFEST).exists() or any(n.endswith(".q2") for n in ckpt.tensors):
+        raise QuantError(f"{ckpt.path}: this model is already quantized by weightops")
+    if str(ckpt.config.get("model_type")) == "gpt2":
+        raise QuantError("GPT-2 stores its linears as Conv1D ([in, out]); not supported yet")
+    entries: list[Entry] = []
+    plan: dict[str, int] = {}
+    for name in ordered_names(ckpt):
+        info = ckpt.tensors[name]
+        if quantizable(ckpt, name, group_size):
+            out_f, in_f = info.shape
+            k4 = choose_k4(in_f, group_size, avg_bits)
+            plan[name] = k4
+            prefix = name[: -len("weight")]
+            entries += [
+                (prefix + part, shape, dtype)
+                for part, (shape, dtype) in part_shapes(out_f, in_f, group_size, k4).items()
+            ]
+        else:
+            entries.append((name, info.shape, info.dtype))
+    if not plan:
+        raise QuantError(
+            f"{ckpt.path}: no linear weight whose inputs the group size {group_size} divides"
+        )
+    current: dict[str, Packed] = {}
+    stats: dict[str, dict[str, Any]] = {}
+
+    def produce(name: str, reader: Any) -> torch.Tensor:
+        if name in ckpt.tensors:
+            return reader.read(ckpt.tensors[name])
+        prefix, part = name.rsplit(".", 1)
+        weight_name = prefix + ".weight"
+        if weight_name not in current:
+            current.clear()
+            w = reader.read(ckpt.tensors[weight_name]).float()
+            packed = quantize(w, group_size=group_size, k4=plan[weight_name])
+            err = float((dequantize(packed) - w).norm() / w.norm().clamp_min(1e-30))
+            stats[weight_name] = {
+                "shape": list(w.shape),
+                "k4": packed.k4,
+                "bits": packed.bits,
+                "rel_error": err,
+            }
+            current[weight_name] = packed
+        return getattr(current[weight_name], part)
+
+    q_bits = sum(part_bits(ckpt.tensors[n].shape, group_size, k4) for n, k4 in plan.items())
+    q_weights = sum(math.prod(ckpt.tensors[n].shape) for n in plan)
+    manifest: dict[str, Any] = {
+        "format": "weightops-mixed-2-4",
+        "version": FORMAT_VERSION,
+        "group_size": group_size,
+        "avg_bits_target": avg_bits,
+        "quantized_bits_per_weight": q_bits / q_weights,
+        "tensors": stats,
+    }
+    settings = {k: manifest[k] for k in ("format", "version", "group_size", "avg_bits_target")}
+    summary = [
+        f"Linear weights of the decoder blocks quantized to mixed 2/4-bit groups of {group_size} "
+        f"({q_bits / q_weights:.3f} bits per quantized weight, scales and maps included); "
+        "embeddings, norms and lm_head in 16 bits. Load with `weightops.quant.load`."
+    ]
+    write_model(
+        ckpt,
+        Path(out),
+        entries,
+        produce,
+        title=f"{ckpt.path.name}, 2/4-bit",
+        summary=summary,
+        settings=settings,
+        force=force,
+        shard_size=shard_size,
+        extra_files={MANIFEST: lambda: json.dumps(manifest, indent=2) + "\n"},
+    )
+    return manifest
+
+
+def part_bits(shape: tuple[int, ...], group_size: int, k4: int) -> int:
+    out_f, in_f = shape
+    return sum(
+        math.prod(s) * torch.empty((), dtype=d).element_size() * 8
+        for s, d in part_shapes(out_f, in_f, group_size, k4).values()
+    )
+
+
+class QuantLinear(nn.Module):
+    """A linear layer running on packed mixed 2/4-bit weights: the weight is
+    dequantized on the fly for each forward (CPU reference path)."""
+
+    def __init__(
+        self, in_features: int, out_features: int, group_size: int, k4: int, bias: bool
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size, self.k4 = group_size, k4
+        for part, (shape, dtype) in part_shapes(out_features, in_features, group_size, k4).items():
+            self.register_buffer(part, torch.zeros(shape, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def packed(self) -> Packed:
+        return Packed(
+            (self.out_features, self.in_features),
+            self.group_size,
+            self.k4,
+            *(getattr(self, p) for p in PARTS),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = dequantize(self.packed()).to(device=x.device, dtype=x.dtype)
+        return nn.functional.linear(x, w, self.bias)
+
+
+def load(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A transformers causal LM running on the quantized weights of `folder`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise QuantError(f"{folder}: no {MANIFEST}; not a weightops-quantized model")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("version") != FORMAT_VERSION:
+        raise QuantError(
+            f"{folder}: quantized format version {manifest.get('version')} (this weightops reads {FORMAT_VERSION})"
+        )
+    config = AutoConfig.from_pretrained(folder)
+    # Built on the CPU (not the meta device) so buffers the checkpoint does not hold,
+    # such as rotary frequencies, are initialised as usual.
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    group_size = manifest["group_size"]
+    for weight_name, info in manifest["tensors"].items():
+        parent_name, _, child = weight_name[: -len(".weight")].rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child)
+        out_f, in_f = info["shape"]
+        setattr(
+            parent, child, QuantLinear(in_f, out_f, group_size, info["k4"], old.bias is not None)
+        )
+    ckpt = Checkpoint(folder)
+    with FileReader() as reader:
+        state = {name: reader.read(info) for name, info in ckpt.tensors.items()}
+    result = model.load_state_dict(state, strict=False)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    missing = [n for n in result.missing_keys if not (tied and n.endswith("lm_head.weight"))]
+    if missing or result.unexpected_keys:
+        raise QuantError(
+            f"{folder}: checkpoint does not match the model: missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    if tied:
+        model.tie_weights()
+    return model.eval()
