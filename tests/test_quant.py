@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -200,3 +201,36 @@ def json_version(path) -> int:
     import json
 
     return json.loads(path.read_text())["version"]
+
+
+def test_quantize_cli_and_eval(small_llama, tmp_path):
+    from typer.testing import CliRunner
+
+    from weightops.cli import app
+
+    folder, _ = small_llama
+    text = tmp_path / "eval.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+
+    def run(*args):
+        return CliRunner().invoke(app, [str(a) for a in args])
+
+    r = run("quantize", folder, "-o", tmp_path / "q", "--avg-bits", 2.85)
+    assert r.exit_code == 0, r.output
+    r = run("quantize", "eval", folder, tmp_path / "q", "--text", text, "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["bits_per_weight"] <= 2.85 and report["tokens"] > 16
+    assert math.isfinite(report["perplexity_quantized"]) and len(report["rel_error"]) == 14
+
+    short = tmp_path / "short.txt"
+    short.write_text("x")
+    for args, needle in [
+        (("quantize", "eval", folder, tmp_path / "q", "--text", short), "at least"),
+        (("quantize", folder, "-o", tmp_path / "bad", "--group-size", 24), "multiple of 16"),
+        (("quantize", folder, "-o", tmp_path / "bad", "--avg-bits", 1.5), "floor"),
+        (("quantize", folder, "-o", tmp_path / "bad", "--bits", 3), "--bits 3"),
+    ]:
+        r = run(*args)
+        assert r.exit_code == 1 and r.stderr.startswith("error: ") and needle in r.stderr, r.output
+        assert not (tmp_path / "bad").exists()

@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from weightops.cli import _common, demo, inspect, merge, steer, validate
+from weightops.cli import _common, demo, inspect, merge, quantize, steer, validate
 
 app = typer.Typer(
     name="weightops",
@@ -27,7 +27,7 @@ def _root(
     _common.DEBUG = debug
 
 
-for module in (merge, validate, inspect, demo, steer):
+for module in (merge, validate, inspect, demo, steer, quantize):
     module.register(app)
 
 

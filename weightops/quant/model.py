@@ -76,10 +76,19 @@ def quantize_model(
     *,
     group_size: int = 64,
     avg_bits: float = 2.85,
+    bits: int = 2,
     force: bool = False,
     shard_size: int = 5 * 10**9,
 ) -> dict[str, Any]:
-    """Write the quantized checkpoint; return the manifest (with the exact bits)."""
+    """Write the quantized checkpoint; return the manifest (with the exact bits).
+
+    bits 2: 2-bit groups with 4-bit ones up to `avg_bits`; bits 4: every group 4-bit."""
+    if bits not in (2, 4):
+        raise QuantError(f"--bits {bits}: groups are 2-bit (with 4-bit ones) or all 4-bit")
+    if group_size <= 0 or group_size % 16:
+        raise QuantError(
+            f"group size {group_size} must be a positive multiple of 16 (whole packed words)"
+        )
     ckpt = Checkpoint(model)
     if (ckpt.folder / MANIFEST).exists() or any(n.endswith(".q2") for n in ckpt.tensors):
         raise QuantError(f"{ckpt.path}: this model is already quantized by weightops")
@@ -91,7 +100,7 @@ def quantize_model(
         info = ckpt.tensors[name]
         if quantizable(ckpt, name, group_size):
             out_f, in_f = info.shape
-            k4 = choose_k4(in_f, group_size, avg_bits)
+            k4 = in_f // group_size if bits == 4 else choose_k4(in_f, group_size, avg_bits)
             plan[name] = k4
             prefix = name[: -len("weight")]
             entries += [
@@ -132,7 +141,8 @@ def quantize_model(
         "format": "weightops-mixed-2-4",
         "version": FORMAT_VERSION,
         "group_size": group_size,
-        "avg_bits_target": avg_bits,
+        "avg_bits_target": avg_bits if bits == 2 else None,
+        "bits": bits,
         "quantized_bits_per_weight": q_bits / q_weights,
         "tensors": stats,
     }

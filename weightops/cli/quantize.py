@@ -1,0 +1,110 @@
+"""`weightops quantize`: mixed 2/4-bit quantization of a checkpoint, and its evaluation."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import typer
+from typer.core import TyperGroup
+
+from weightops.cli._common import parse_size, user_errors
+
+
+class _RunByDefault(TyperGroup):
+    """`weightops quantize MODEL -o OUT` runs the quantizer; `weightops quantize eval …`
+    the evaluation: anything that is not a subcommand name goes to `run`."""
+
+    def parse_args(self, ctx, args):  # type: ignore[no-untyped-def]
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+quantize_app = typer.Typer(
+    cls=_RunByDefault,
+    help="Mixed 2/4-bit quantization: `weightops quantize MODEL -o OUT`, "
+    "`weightops quantize eval MODEL OUT --text eval.txt`.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+
+
+@quantize_app.command("run")
+def run(
+    model: Path = typer.Argument(..., metavar="MODEL", help="Model folder.", show_default=False),
+    output: Path = typer.Option(..., "-o", "--output", help="Output folder."),
+    group_size: int = typer.Option(
+        64, "--group-size", help="Inputs per quantization group (multiple of 16)."
+    ),
+    avg_bits: float = typer.Option(
+        2.85, "--avg-bits", help="Budget in bits per weight, everything counted."
+    ),
+    bits: int = typer.Option(
+        2, "--bits", help="2: 2-bit groups plus 4-bit ones within --avg-bits; 4: all 4-bit."
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Replace an existing non-empty output folder."
+    ),
+    shard_size: str = typer.Option("5GB", "--shard-size", help="Largest shard."),
+) -> None:
+    """Quantize every linear weight of the decoder blocks to 2-bit groups, the groups
+    that gain most from it to 4 bits (the same number in every row), within the
+    average bit budget; embeddings, norms and lm_head stay 16-bit."""
+    size = parse_size(shard_size)
+    with user_errors():
+        from weightops.quant.model import quantize_model
+
+        manifest = quantize_model(
+            model,
+            output,
+            group_size=group_size,
+            avg_bits=avg_bits,
+            bits=bits,
+            force=force,
+            shard_size=size,
+        )
+        typer.echo(
+            f"wrote {output}: {manifest['quantized_bits_per_weight']:.3f} bits per quantized weight "
+            f"over {len(manifest['tensors'])} matrices",
+            err=True,
+        )
+
+
+@quantize_app.command("eval")
+def evaluate(
+    model: Path = typer.Argument(
+        ..., metavar="MODEL", help="The original model folder.", show_default=False
+    ),
+    quantized: Path = typer.Argument(
+        ..., metavar="OUT", help="Its quantized folder.", show_default=False
+    ),
+    text: Path = typer.Option(..., "--text", help="Plain text to measure perplexity on."),
+    max_tokens: int = typer.Option(4096, "--max-tokens", help="Tokens of the text to use."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+) -> None:
+    """Perplexity of both models on TEXT, bits per weight, and the relative error of
+    every quantized matrix."""
+    with user_errors():
+        from weightops.quant.evaluate import evaluate as run_eval
+
+        report = run_eval(model, quantized, text, max_tokens=max_tokens)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    typer.echo(
+        f"perplexity   original {report['perplexity_original']:.3f}   quantized {report['perplexity_quantized']:.3f}"
+    )
+    typer.echo(
+        f"bits/weight  {report['bits_per_weight']:.3f} (quantized matrices, scales and maps included)"
+    )
+    typer.echo(f"tokens       {report['tokens']}")
+    for name, err in sorted(report["rel_error"].items()):
+        typer.echo(f"  {err:7.4f}  {name}")
+    if not math.isfinite(report["perplexity_quantized"]):
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(quantize_app, name="quantize")
