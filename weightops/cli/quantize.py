@@ -25,7 +25,8 @@ class _RunByDefault(TyperGroup):
 quantize_app = typer.Typer(
     cls=_RunByDefault,
     help="Mixed 2/4-bit quantization: `weightops quantize MODEL -o OUT`, "
-    "`weightops quantize eval MODEL OUT --text eval.txt`.",
+    "`weightops quantize eval MODEL OUT --text eval.txt`, "
+    "`weightops quantize gguf MODEL -o OUT.gguf`.",
     no_args_is_help=True,
     rich_markup_mode=None,
 )
@@ -104,6 +105,25 @@ def evaluate(
         typer.echo(f"  {err:7.4f}  {name}")
     if not math.isfinite(report["perplexity_quantized"]):
         raise typer.Exit(1)
+
+
+@quantize_app.command("gguf")
+def gguf_export(
+    model: Path = typer.Argument(..., metavar="MODEL", help="Model folder.", show_default=False),
+    output: Path = typer.Option(..., "-o", "--output", help="Output .gguf file."),
+    qtype: str = typer.Option("Q2_K", "--type", help="Q2_K or Q4_K for the block linears."),
+    q4: list[str] = typer.Option([], "--q4", help="A tensor to write as Q4_K (repeatable)."),
+) -> None:
+    """Export to GGUF with GGML k-quants (Q2_K / Q4_K per tensor; other tensors F16),
+    readable by the gguf package and llama.cpp's tooling. Tensor names stay Hugging
+    Face's, and the weights are re-quantized from the float checkpoint."""
+    with user_errors():
+        from weightops.quant.gguf_export import export_gguf
+
+        report = export_gguf(model, output, q4_tensors=q4, default=qtype)
+        typer.echo(
+            f"wrote {output}: {report['bits_per_weight']:.3f} bits per quantized weight", err=True
+        )
 
 
 def register(app: typer.Typer) -> None:
