@@ -234,3 +234,27 @@ def test_quantize_cli_and_eval(small_llama, tmp_path):
         r = run(*args)
         assert r.exit_code == 1 and r.stderr.startswith("error: ") and needle in r.stderr, r.output
         assert not (tmp_path / "bad").exists()
+
+
+def test_calibration_importance_is_the_mean_square_input(small_llama, tmp_path):
+    from weightops.quant.calibrate import importance
+
+    folder, model = small_llama
+    text = "the quick brown fox jumps over the lazy dog. " * 4
+    name = "model.layers.1.mlp.down_proj.weight"
+    got = importance(folder, [text], [name], window=64)[name]
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(folder)(text, return_tensors="pt").input_ids[0]
+    seen = []
+    handle = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(
+        lambda m, a: seen.append(a[0])
+    )
+    with torch.no_grad():
+        for start in range(0, ids.numel(), 64):
+            model(ids[start : start + 64].unsqueeze(0))
+    handle.remove()
+    x = torch.cat([s.reshape(-1, s.shape[-1]) for s in seen])
+    torch.testing.assert_close(got, x.square().mean(0))
+    with pytest.raises(QuantError, match="at least"):
+        importance(folder, ["x"], [name])

@@ -42,6 +42,11 @@ def run(
     avg_bits: float = typer.Option(
         2.85, "--avg-bits", help="Budget in bits per weight, everything counted."
     ),
+    calib: Path | None = typer.Option(
+        None,
+        "--calib",
+        help="Text or JSONL (text/prompt) whose activations weigh each input's error.",
+    ),
     bits: int = typer.Option(
         2, "--bits", help="2: 2-bit groups plus 4-bit ones within --avg-bits; 4: all 4-bit."
     ),
@@ -63,6 +68,7 @@ def run(
             group_size=group_size,
             avg_bits=avg_bits,
             bits=bits,
+            calib=calib,
             force=force,
             shard_size=size,
         )

@@ -77,12 +77,14 @@ def quantize_model(
     group_size: int = 64,
     avg_bits: float = 2.85,
     bits: int = 2,
+    calib: str | Path | None = None,
     force: bool = False,
     shard_size: int = 5 * 10**9,
 ) -> dict[str, Any]:
     """Write the quantized checkpoint; return the manifest (with the exact bits).
 
-    bits 2: 2-bit groups with 4-bit ones up to `avg_bits`; bits 4: every group 4-bit."""
+    bits 2: 2-bit groups with 4-bit ones up to `avg_bits`; bits 4: every group 4-bit.
+    calib: text or JSONL whose activations weigh each input's error (see calibrate)."""
     if bits not in (2, 4):
         raise QuantError(f"--bits {bits}: groups are 2-bit (with 4-bit ones) or all 4-bit")
     if group_size <= 0 or group_size % 16:
@@ -113,6 +115,11 @@ def quantize_model(
         raise QuantError(
             f"{ckpt.path}: no linear weight whose inputs the group size {group_size} divides"
         )
+    weights_of: dict[str, torch.Tensor] = {}
+    if calib is not None:
+        from weightops.quant.calibrate import importance, read_texts
+
+        weights_of = importance(model, read_texts(calib), list(plan))
     current: dict[str, Packed] = {}
     stats: dict[str, dict[str, Any]] = {}
 
@@ -124,7 +131,12 @@ def quantize_model(
         if weight_name not in current:
             current.clear()
             w = reader.read(ckpt.tensors[weight_name]).float()
-            packed = quantize(w, group_size=group_size, k4=plan[weight_name])
+            packed = quantize(
+                w,
+                group_size=group_size,
+                k4=plan[weight_name],
+                importance=weights_of.get(weight_name),
+            )
             err = float((dequantize(packed) - w).norm() / w.norm().clamp_min(1e-30))
             stats[weight_name] = {
                 "shape": list(w.shape),
@@ -142,6 +154,7 @@ def quantize_model(
         "version": FORMAT_VERSION,
         "group_size": group_size,
         "avg_bits_target": avg_bits if bits == 2 else None,
+        "calibrated": calib is not None,
         "bits": bits,
         "quantized_bits_per_weight": q_bits / q_weights,
         "tensors": stats,
