@@ -41,6 +41,31 @@ _ROLES: list[tuple[str, re.Pattern[str]]] = [
 ]
 
 
+# Roles of the linear projections inside a decoder block (what quantizers compress).
+LINEAR_ROLES = (
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_qkv",
+    "attn_o",
+    "mlp_gate",
+    "mlp_up",
+    "mlp_gate_up",
+    "mlp_down",
+)
+
+
+def is_block_linear(name: str, shape: tuple[int, ...]) -> bool:
+    """A 2-D weight of a linear projection inside a decoder block."""
+    r = describe(name)
+    return (
+        r.layer is not None
+        and r.role in LINEAR_ROLES
+        and name.endswith(".weight")
+        and len(shape) == 2
+    )
+
+
 @dataclass(frozen=True)
 class TensorRole:
     layer: int | None

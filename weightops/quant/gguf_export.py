@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from weightops.arch import describe, family, text_config
+from weightops.arch import family, is_block_linear, text_config
 from weightops.io.checkpoint import Checkpoint
 from weightops.io.safetensors_file import FileReader
 from weightops.quant.mixed import QuantError
@@ -69,7 +69,6 @@ CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
 _FP16_MAX = float(np.finfo(np.float16).max)
 # Weights quantized per step of the export (bounds the temporaries to a few hundred MB).
 _CHUNK_WEIGHTS = 1 << 21
-_LINEAR_ROLES = ("attn_", "mlp_")
 # Config keys (Hugging Face names, then GPT-2 style names) for the GGUF metadata.
 _META_KEYS: dict[str, tuple[str, ...]] = {
     "block_count": ("num_hidden_layers", "n_layer", "num_layers", "n_layers"),
@@ -314,22 +313,12 @@ def quantize_rows(w: np.ndarray, qtype: str) -> np.ndarray:
 # --- export -----------------------------------------------------------------------------
 
 
-def _is_block_linear(name: str, shape: tuple[int, ...]) -> bool:
-    r = describe(name)
-    return (
-        r.layer is not None
-        and r.role.startswith(_LINEAR_ROLES)
-        and name.endswith(".weight")
-        and len(shape) == 2
-    )
-
-
 def _tensor_type(
     name: str, shape: tuple[int, ...], dtype: torch.dtype, q4: set[str], default: str
 ) -> str:
     if not dtype.is_floating_point:
         return _INT_TYPES.get(dtype, "I32")
-    if _is_block_linear(name, shape) and shape[1] % QK_K == 0 and shape[1] > 0:
+    if is_block_linear(name, shape) and shape[1] % QK_K == 0 and shape[1] > 0:
         return "Q4_K" if name in q4 else default
     return "F32" if len(shape) <= 1 else "F16"
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from weightops.arch import describe
+from weightops.arch import is_block_linear
 from weightops.io.checkpoint import Checkpoint
 from weightops.io.rewrite import Entry, ordered_names, write_model
 from weightops.io.safetensors_file import FileReader
@@ -30,18 +30,6 @@ from weightops.quant.mixed import Packed, QuantError, choose_k4, dequantize, qua
 FORMAT_VERSION = 1
 MANIFEST = "weightops_quant.json"
 PARTS = ("q2", "q4", "gmap", "scale", "zero", "super")
-# Families whose block linears are torch.nn.Linear ([out, in] weights).
-_LINEAR_ROLES = (
-    "attn_q",
-    "attn_k",
-    "attn_v",
-    "attn_qkv",
-    "attn_o",
-    "mlp_gate",
-    "mlp_up",
-    "mlp_gate_up",
-    "mlp_down",
-)
 
 
 def part_shapes(
@@ -59,15 +47,8 @@ def part_shapes(
 
 
 def quantizable(ckpt: Checkpoint, name: str, group_size: int) -> bool:
-    info = ckpt.tensors[name]
-    role = describe(name)
-    return (
-        role.layer is not None
-        and role.role in _LINEAR_ROLES
-        and name.endswith(".weight")
-        and len(info.shape) == 2
-        and info.shape[1] % group_size == 0
-    )
+    shape = ckpt.tensors[name].shape
+    return is_block_linear(name, shape) and shape[1] % group_size == 0
 
 
 def quantize_model(
