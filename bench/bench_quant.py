@@ -154,9 +154,9 @@ def rtn(w: torch.Tensor) -> tuple[torch.Tensor, int]:
     return (q * s + lo).reshape(out_f, in_f), 2 * w.numel() + 32 * (w.numel() // GROUP)
 
 
-def weightops_mixed(avg_bits: float):
+def weightops_mixed(avg_bits: float, k4: int | None = None, clip: bool = True):
     def run(w: torch.Tensor) -> tuple[torch.Tensor, int]:
-        p = quantize(w.float(), group_size=GROUP, avg_bits=avg_bits)
+        p = quantize(w.float(), group_size=GROUP, avg_bits=avg_bits, k4=k4, clip=clip)
         return dequantize(p), p.bits
 
     return run
@@ -315,6 +315,8 @@ def main() -> None:
     base_ppl = ppl_with({})
     methods = {
         "RTN 2-bit (min-max, fp16 scale+zero)": rtn,
+        "weightops all 2-bit, min-max (no clip search)": weightops_mixed(2.5, k4=0, clip=False),
+        "weightops all 2-bit, clip search": weightops_mixed(2.5, k4=0),
         "weightops mixed 2/4, avg_bits=2.5": weightops_mixed(2.5),
         "weightops mixed 2/4, avg_bits=2.85": weightops_mixed(2.85),
     }
@@ -346,6 +348,8 @@ def main() -> None:
         hqq_labels["fp16"],
         hqq_labels["q8zero"],
         hqq_labels["q8both"],
+        "weightops all 2-bit, min-max (no clip search)",
+        "weightops all 2-bit, clip search",
         "weightops mixed 2/4, avg_bits=2.5",
         "weightops mixed 2/4, avg_bits=2.85",
     ]

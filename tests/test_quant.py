@@ -183,8 +183,8 @@ def test_quantized_model_loads_and_runs_on_the_packed_weights(small_llama, tmp_p
     with torch.no_grad():
         ref, got = model(ids).logits, q(ids).logits
     assert torch.isfinite(got).all() and got.shape == ref.shape
-    # Embeddings and norms are kept exactly.
-    assert torch.equal(q.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    # Embeddings and norms are kept, in 16 bits by default.
+    assert torch.equal(q.model.embed_tokens.weight, model.model.embed_tokens.weight.bfloat16().float())
 
 
 def test_an_already_quantized_model_is_refused(small_llama, tmp_path):
@@ -258,3 +258,19 @@ def test_calibration_importance_is_the_mean_square_input(small_llama, tmp_path):
     torch.testing.assert_close(got, x.square().mean(0))
     with pytest.raises(QuantError, match="at least"):
         importance(folder, ["x"], [name])
+
+
+def test_kept_tensors_are_16bit_and_lm_head_is_optional(small_llama, tmp_path):
+    from weightops.io.checkpoint import Checkpoint
+    from weightops.quant.model import QuantLinear, load, quantize_model
+
+    folder, _ = small_llama
+    quantize_model(folder, tmp_path / "a")
+    stored = Checkpoint(tmp_path / "a").tensors
+    assert stored["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert "lm_head.weight" in stored and "lm_head.q2" not in stored
+
+    manifest = quantize_model(folder, tmp_path / "b", lm_head=True, keep_dtype=None)
+    assert "lm_head.weight" in manifest["tensors"]
+    assert Checkpoint(tmp_path / "b").tensors["model.embed_tokens.weight"].dtype == torch.float32
+    assert isinstance(load(tmp_path / "b").lm_head, QuantLinear)

@@ -47,6 +47,12 @@ def run(
         "--calib",
         help="Text or JSONL (text/prompt) whose activations weigh each input's error.",
     ),
+    lm_head: bool = typer.Option(False, "--lm-head", help="Quantize an untied lm_head too."),
+    keep: str = typer.Option(
+        "bfloat16",
+        "--keep-dtype",
+        help="bfloat16, float16 or same: dtype of the tensors kept unquantized.",
+    ),
     bits: int = typer.Option(
         2, "--bits", help="2: 2-bit groups plus 4-bit ones within --avg-bits; 4: all 4-bit."
     ),
@@ -69,6 +75,8 @@ def run(
             avg_bits=avg_bits,
             bits=bits,
             calib=calib,
+            lm_head=lm_head,
+            keep_dtype=_keep_dtype(keep),
             force=force,
             shard_size=size,
         )
@@ -77,6 +85,17 @@ def run(
             f"over {len(manifest['tensors'])} matrices",
             err=True,
         )
+
+
+def _keep_dtype(name: str):  # type: ignore[no-untyped-def]
+    import torch
+
+    from weightops.quant.mixed import QuantError
+
+    choices = {"bfloat16": torch.bfloat16, "float16": torch.float16, "same": None}
+    if name not in choices:
+        raise QuantError(f"--keep-dtype {name!r}: choose bfloat16, float16 or same")
+    return choices[name]
 
 
 @quantize_app.command("eval")

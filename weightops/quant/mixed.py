@@ -111,13 +111,15 @@ def _check(weight: torch.Tensor, group_size: int) -> None:
         raise QuantError("the weight has NaN or Inf entries")
 
 
-def _grid(groups: torch.Tensor, h: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _grid(
+    groups: torch.Tensor, h: torch.Tensor, bits: int, clips: tuple[float, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group (scale, low) from the clip factor with the least weighted error."""
     levels = 2**bits - 1
     lo0, hi0 = groups.amin(-1), groups.amax(-1)
     mid = (lo0 + hi0) / 2
     best_err = best_s = best_lo = None
-    for c in CLIP_GRID:
+    for c in clips:
         lo = mid - (mid - lo0) * c
         hi = mid + (hi0 - mid) * c
         s = ((hi - lo) / levels).clamp_min(1e-12)
@@ -153,14 +155,16 @@ def quantize(
     avg_bits: float = 2.85,
     importance: torch.Tensor | None = None,
     k4: int | None = None,
+    clip: bool = True,
 ) -> Packed:
     """Quantize `weight` [out, in] to mixed 2/4-bit groups within `avg_bits` per weight.
 
     importance: optional [in] non-negative weights of each input (e.g. mean x² of the
     calibration activations) for the clipping search and the choice of 4-bit groups.
-    k4: force this many 4-bit groups per row instead of deriving it from avg_bits."""
+    k4: force this many 4-bit groups per row instead of deriving it from avg_bits.
+    clip: search clipped ranges (off: plain min-max, to measure what the search buys)."""
     return quantize_with_reference(
-        weight, group_size=group_size, avg_bits=avg_bits, importance=importance, k4=k4
+        weight, group_size=group_size, avg_bits=avg_bits, importance=importance, k4=k4, clip=clip
     )[0]
 
 
@@ -171,10 +175,12 @@ def quantize_with_reference(
     avg_bits: float = 2.85,
     importance: torch.Tensor | None = None,
     k4: int | None = None,
+    clip: bool = True,
 ) -> tuple[Packed, torch.Tensor]:
     """`quantize`, plus the dequantized matrix computed from the codes before packing
     (what a pack/unpack round trip must reproduce exactly)."""
     _check(weight, group_size)
+    clips = CLIP_GRID if clip else (1.0,)
     out_f, in_f = weight.shape
     n_groups = in_f // group_size
     if k4 is None:
@@ -190,7 +196,7 @@ def quantize_with_reference(
     # Error of each group at 2 and 4 bits decides which groups get 4.
     errs = {}
     for b in (2, 4):
-        s, lo = _grid(w, h, b)
+        s, lo = _grid(w, h, b, clips)
         deq = _codes(w, s, lo, b) * s[..., None] + lo[..., None]
         errs[b] = ((deq - w).square() * h).sum(-1)
     gain = errs[2] - errs[4]
@@ -199,8 +205,8 @@ def quantize_with_reference(
         is4.scatter_(1, gain.topk(k4, dim=1).indices, True)
 
     # Final scales for each group's chosen width, stored two-level, then the codes.
-    s2, lo2 = _grid(w, h, 2)
-    s4, lo4 = _grid(w, h, 4)
+    s2, lo2 = _grid(w, h, 2, clips)
+    s4, lo4 = _grid(w, h, 4, clips)
     s = torch.where(is4, s4, s2)
     lo = torch.where(is4, lo4, lo2)
     s_q, s_sup = _second_order(s, signed=False)

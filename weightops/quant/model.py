@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from weightops.arch import is_block_linear
+from weightops.arch import describe, is_block_linear
 from weightops.io.checkpoint import Checkpoint
 from weightops.io.rewrite import Entry, ordered_names, write_model
 from weightops.io.safetensors_file import FileReader
@@ -46,9 +46,10 @@ def part_shapes(
     }
 
 
-def quantizable(ckpt: Checkpoint, name: str, group_size: int) -> bool:
+def quantizable(ckpt: Checkpoint, name: str, group_size: int, lm_head: bool = False) -> bool:
     shape = ckpt.tensors[name].shape
-    return is_block_linear(name, shape) and shape[1] % group_size == 0
+    linear = is_block_linear(name, shape) or (lm_head and describe(name).role == "lm_head")
+    return linear and len(shape) == 2 and shape[1] % group_size == 0
 
 
 def quantize_model(
@@ -59,13 +60,17 @@ def quantize_model(
     avg_bits: float = 2.85,
     bits: int = 2,
     calib: str | Path | None = None,
+    lm_head: bool = False,
+    keep_dtype: torch.dtype | None = torch.bfloat16,
     force: bool = False,
     shard_size: int = 5 * 10**9,
 ) -> dict[str, Any]:
     """Write the quantized checkpoint; return the manifest (with the exact bits).
 
     bits 2: 2-bit groups with 4-bit ones up to `avg_bits`; bits 4: every group 4-bit.
-    calib: text or JSONL whose activations weigh each input's error (see calibrate)."""
+    calib: text or JSONL whose activations weigh each input's error (see calibrate).
+    lm_head: quantize an untied lm_head too (it stays 16-bit by default).
+    keep_dtype: the dtype of the float tensors that are not quantized (None: as stored)."""
     if bits not in (2, 4):
         raise QuantError(f"--bits {bits}: groups are 2-bit (with 4-bit ones) or all 4-bit")
     if group_size <= 0 or group_size % 16:
@@ -81,7 +86,7 @@ def quantize_model(
     plan: dict[str, int] = {}
     for name in ordered_names(ckpt):
         info = ckpt.tensors[name]
-        if quantizable(ckpt, name, group_size):
+        if quantizable(ckpt, name, group_size, lm_head):
             out_f, in_f = info.shape
             k4 = in_f // group_size if bits == 4 else choose_k4(in_f, group_size, avg_bits)
             plan[name] = k4
@@ -91,7 +96,12 @@ def quantize_model(
                 for part, (shape, dtype) in part_shapes(out_f, in_f, group_size, k4).items()
             ]
         else:
-            entries.append((name, info.shape, info.dtype))
+            dtype = (
+                keep_dtype
+                if keep_dtype is not None and info.dtype.is_floating_point
+                else info.dtype
+            )
+            entries.append((name, info.shape, dtype))
     if not plan:
         raise QuantError(
             f"{ckpt.path}: no linear weight whose inputs the group size {group_size} divides"
