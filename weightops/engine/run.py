@@ -12,8 +12,10 @@ bytes, so memory is a few pieces, never the depth or width of the model.
 from __future__ import annotations
 
 import collections
+import ctypes
+import ctypes.util
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -307,6 +309,24 @@ def _execute(plan: Plan, out: Path, options: RunOptions, device: torch.device) -
 _PENDING_WRITE_BYTES = 64 * 2**20
 
 
+def _load_trim() -> Callable[[], object]:
+    """glibc's malloc_trim, or a no-op elsewhere."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    return lambda: trim(0)
+
+
+# Buffers of a few MB freed by one thread after another thread allocated them stay
+# in glibc's heaps, fragmented, and resident memory creeps up with the number of
+# tensors. Handing the free pages back every so often keeps peak RSS flat; doing it
+# after every tensor costs the page faults of re-touching them (~15% of a merge).
+_release_free_memory = _load_trim()
+_TRIM_EVERY = 64 * 2**20
+
+
 def _apply(
     plan: Plan, writer: ShardWriter, options: RunOptions, device: torch.device, stats: object
 ) -> None:
@@ -314,6 +334,7 @@ def _apply(
     write_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightops-write")
     pending: collections.deque[tuple[Future[None], int]] = collections.deque()
     progress = Progress(len(plan.tasks), plan.output_bytes, "merge", enabled=options.progress)
+    since_trim = 0
     try:
         for piece, box in stream:
             result = _compute(plan, piece, box.pop(), device, stats)
@@ -331,6 +352,10 @@ def _apply(
                 pending.popleft()[0].result()
             if piece.rows is None or piece.rows[1] == piece.task.shape[0]:
                 progress.update(piece.task.out_bytes, piece.task.name)
+                since_trim += piece.task.out_bytes
+                if since_trim >= _TRIM_EVERY:
+                    _release_free_memory()
+                    since_trim = 0
         while pending:
             pending.popleft()[0].result()
     finally:
