@@ -25,7 +25,7 @@ from weightops.arch import describe, is_block_linear
 from weightops.io.checkpoint import Checkpoint
 from weightops.io.rewrite import Entry, ordered_names, write_model
 from weightops.io.safetensors_file import FileReader
-from weightops.quant.mixed import Packed, QuantError, choose_k4, dequantize, quantize
+from weightops.quant.mixed import Packed, QuantError, choose_k4, dequantize, quantize_with_reference
 
 FORMAT_VERSION = 1
 MANIFEST = "weightops_quant.json"
@@ -122,13 +122,14 @@ def quantize_model(
         if weight_name not in current:
             current.clear()
             w = reader.read(ckpt.tensors[weight_name]).float()
-            packed = quantize(
+            # The reference is what the packed form dequantizes to, without unpacking it.
+            packed, reference = quantize_with_reference(
                 w,
                 group_size=group_size,
                 k4=plan[weight_name],
                 importance=weights_of.get(weight_name),
             )
-            err = float((dequantize(packed) - w).norm() / w.norm().clamp_min(1e-30))
+            err = float((reference - w).norm() / w.norm().clamp_min(1e-30))
             stats[weight_name] = {
                 "shape": list(w.shape),
                 "k4": packed.k4,

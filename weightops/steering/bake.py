@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from weightops.arch import describe, tied_lm_head_name
+from weightops.arch import describe, family, num_layers, text_config, tied_lm_head_name
 from weightops.io.checkpoint import Checkpoint
 from weightops.io.rewrite import rewrite_checkpoint
 from weightops.steering.hooks import ablation_basis
@@ -36,10 +36,10 @@ _CONV1D = ("gpt2",)
 
 
 def _check_model(vec: SteeringVector, ckpt: Checkpoint) -> str:
-    cfg = ckpt.config
-    model_type = str(cfg.get("model_type", "unknown"))
+    cfg = text_config(ckpt.config)
+    model_type = family(ckpt.config)
     hidden = int(cfg.get("hidden_size") or cfg.get("n_embd") or 0)
-    depth = int(cfg.get("num_hidden_layers") or cfg.get("n_layer") or 0)
+    depth = num_layers(ckpt.config, ckpt.tensors)
     if vec.hidden_size != hidden:
         raise SteeringError(
             f"vector has hidden size {vec.hidden_size} but {ckpt.path} has {hidden}"
