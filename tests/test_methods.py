@@ -44,14 +44,21 @@ def _clones(tensors, base):
     return [t.clone() for t in tensors], (None if base is None else base.clone())
 
 
-def _run(spec: MethodSpec, tensors, base, params, seed: int = 0) -> torch.Tensor:
+def _run(
+    spec: MethodSpec,
+    tensors,
+    base,
+    params,
+    seed: int = 0,
+    name: str = "model.layers.0.mlp.down_proj.weight",
+) -> torch.Tensor:
     rng = torch.Generator().manual_seed(seed)
     stats = None
     if spec.observer is not None:
         observer = spec.observer()
-        observer.observe("t", *_clones(tensors, base), params)
+        observer.observe(name, *_clones(tensors, base), params)
         stats = observer.result()
-    return spec(*_clones(tensors, base), params, rng=rng, stats=stats)
+    return spec(*_clones(tensors, base), params, rng=rng, stats=stats, name=name)
 
 
 def call(name: str, tensors, base, seed: int = 0, **params) -> torch.Tensor:

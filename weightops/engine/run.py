@@ -218,7 +218,7 @@ def _compute(
         rng.manual_seed(task.seed)
     try:
         with torch.no_grad():
-            out = plan.method(inputs, base, dict(task.params), rng=rng, stats=stats)
+            out = plan.method(inputs, base, dict(task.params), rng=rng, stats=stats, name=task.name)
     except WeightopsError:
         raise
     except (ValueError, RuntimeError) as e:

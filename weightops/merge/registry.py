@@ -20,6 +20,9 @@ read from its keyword-only signature:
 - A parameter named `rng` is not a recipe parameter: the engine passes a torch.Generator
   seeded from the recipe's `seed` parameter and the tensor's name, so random methods are
   reproducible and independent of the order tensors are processed in.
+- A parameter named `name` is not a recipe parameter either: the engine passes the
+  output tensor's name, for methods whose work depends on where a tensor sits (per-layer
+  settings from whole-model statistics, which axis a permutation acts on).
 """
 
 from __future__ import annotations
@@ -121,6 +124,7 @@ class MethodSpec:
     reference: str
     wants_rng: bool = False
     wants_stats: bool = False
+    wants_name: bool = False
     elementwise: bool = False
     observer: Callable[[], Observer] | None = None
     doc: str = field(default="", repr=False)
@@ -136,12 +140,15 @@ class MethodSpec:
         params: dict[str, Any],
         rng: torch.Generator | None = None,
         stats: object = None,
+        name: str = "",
     ) -> torch.Tensor:
         kwargs = {self.params[k].py_name: v for k, v in params.items() if k in self.params}
         if self.wants_rng:
             kwargs["rng"] = rng
         if self.wants_stats:
             kwargs["stats"] = stats
+        if self.wants_name:
+            kwargs["name"] = name
         return self.fn(tensors, base, **kwargs)
 
 
@@ -199,7 +206,7 @@ def merge_method(
             )
         hints = typing.get_type_hints(fn, include_extras=True)
         params: dict[str, ParamSpec] = {}
-        wants_rng = wants_stats = False
+        wants_rng = wants_stats = wants_name = False
         for p in inspect.signature(fn).parameters.values():
             if p.kind is not inspect.Parameter.KEYWORD_ONLY:
                 continue
@@ -208,6 +215,9 @@ def merge_method(
                 continue
             if p.name == "stats":
                 wants_stats = True
+                continue
+            if p.name == "name":
+                wants_name = True
                 continue
             params[p.name.rstrip("_")] = _param_spec(p, hints.get(p.name, Any))
         _REGISTRY[name] = MethodSpec(
@@ -220,6 +230,7 @@ def merge_method(
             reference=reference,
             wants_rng=wants_rng,
             wants_stats=wants_stats,
+            wants_name=wants_name,
             observer=observer,
             elementwise=elementwise,
             doc=inspect.getdoc(fn) or "",
