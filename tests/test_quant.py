@@ -10,8 +10,10 @@ import torch
 
 from weightops.quant.mixed import (
     QuantError,
+    _grid,
     _pack,
     _pack_bits,
+    _refine,
     _unpack,
     _unpack_bits,
     bits_per_weight,
@@ -126,11 +128,83 @@ def test_all_4bit_is_close():
         (torch.full((4, 128), math.nan), {}, "NaN"),
         (torch.zeros(4, 128), {"k4": 3}, "outside"),
         (torch.zeros(4, 128), {"importance": torch.ones(5)}, "importance"),
+        (torch.zeros(4, 128), {"hessian": torch.eye(5)}, "hessian"),
+        (torch.zeros(4, 128), {"outliers": 129}, "outliers"),
     ],
 )
 def test_bad_input(w, kwargs, needle):
     with pytest.raises(QuantError, match=needle):
         quantize(w, **kwargs)
+
+
+def _group_error(groups, h, s, lo, bits):
+    q = ((groups - lo[..., None]) / s[..., None]).round().clamp(0, 2**bits - 1)
+    return ((q * s[..., None] + lo[..., None] - groups).square() * h).sum(-1)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_refinement_never_raises_a_groups_error_and_usually_lowers_it(bits):
+    g = torch.Generator().manual_seed(bits)
+    groups = torch.distributions.StudentT(3.0).sample((64, 8, 64)) * 0.02
+    h = torch.rand(8, 64, generator=g) + 0.1
+    s, lo = _grid(groups, h, bits, (1.0, 0.9, 0.8))
+    before = _group_error(groups, h, s, lo, bits)
+    after = _group_error(groups, h, *_refine(groups, h, s, lo, bits), bits)
+    assert (after <= before * (1 + 1e-5) + 1e-12).all()
+    assert (after < before * 0.999).float().mean() > 0.5
+
+
+def _output_error(w, q, x):
+    return ((w - q) @ x.T).square().sum().item()
+
+
+def test_hessian_feedback_lowers_the_output_error_on_correlated_inputs():
+    g = torch.Generator().manual_seed(0)
+    w = weight(out=64, inp=256)
+    # Inputs with strongly correlated features, as activations of real layers are.
+    mix = torch.randn(256, 256, generator=g) * 0.3 + torch.eye(256)
+    x = torch.randn(2048, 256, generator=g) @ mix
+    hessian = x.T @ x / x.shape[0]
+    plain = dequantize(quantize(w, k4=0, importance=hessian.diagonal()))
+    fed = dequantize(quantize(w, k4=0, hessian=hessian))
+    assert _output_error(w, fed, x) < 0.8 * _output_error(w, plain, x)
+
+
+def test_hessian_feedback_with_uncorrelated_inputs_is_plain_rounding():
+    # With a diagonal H the inverse's Cholesky factor is diagonal: no error is pushed
+    # onto other inputs, so every code is the nearest grid point, as without H.
+    w = weight(out=32, inp=256)
+    h = torch.linspace(0.5, 2.0, 256)
+    a = dequantize(quantize(w, importance=h))
+    b = dequantize(quantize(w, hessian=torch.diag(h)))
+    assert torch.equal(a, b)
+
+
+def test_outliers_are_stored_exactly_and_leave_the_grid_alone():
+    w = weight(out=16, inp=256)
+    spikes = [(r, (37 * r + 5) % 256) for r in range(16)]
+    for r, c in spikes:
+        w[r, c] = 0.5  # ~25 standard deviations
+    packed, reference = quantize_with_reference(w, k4=0, outliers=1)
+    assert torch.equal(dequantize(packed), reference)
+    for r, c in spikes:
+        assert packed.oidx[r, 0].item() == c
+        assert reference[r, c].item() == torch.tensor(0.5).half().item()
+    without = dequantize(quantize(w, k4=0))
+    err = lambda q: ((q - w).norm() / w.norm()).item()  # noqa: E731
+    assert err(reference) < 0.7 * err(without)
+    assert packed.bits == sum(t.numel() * t.element_size() * 8 for t in packed.parts().values())
+    assert packed.bits_per_weight == pytest.approx(bits_per_weight(256, 64, 0, 1))
+    # 32 bits per outlier: a 16-bit column index and an fp16 value.
+    assert bits_per_weight(256, 64, 0, 1) - bits_per_weight(256, 64, 0) == pytest.approx(32 / 256)
+
+
+def test_outliers_with_hessian_feedback_round_trip_exactly():
+    g = torch.Generator().manual_seed(3)
+    w = weight(out=24, inp=192)
+    x = torch.randn(512, 192, generator=g)
+    packed, reference = quantize_with_reference(w, outliers=2, hessian=x.T @ x / 512)
+    assert packed.outliers == 2 and torch.equal(dequantize(packed), reference)
 
 
 def test_constant_groups_survive():
@@ -170,7 +244,7 @@ def test_quantized_model_loads_and_runs_on_the_packed_weights(small_llama, tmp_p
 
     folder, model = small_llama
     manifest = quantize_model(folder, tmp_path / "q", avg_bits=2.85)
-    assert json_version(tmp_path / "q" / MANIFEST) == 1
+    assert json_version(tmp_path / "q" / MANIFEST) == 2
     assert manifest["quantized_bits_per_weight"] <= 2.85
     q = load(tmp_path / "q")
     linears = [m for m in q.modules() if isinstance(m, QuantLinear)]
@@ -184,7 +258,9 @@ def test_quantized_model_loads_and_runs_on_the_packed_weights(small_llama, tmp_p
         ref, got = model(ids).logits, q(ids).logits
     assert torch.isfinite(got).all() and got.shape == ref.shape
     # Embeddings and norms are kept, in 16 bits by default.
-    assert torch.equal(q.model.embed_tokens.weight, model.model.embed_tokens.weight.bfloat16().float())
+    assert torch.equal(
+        q.model.embed_tokens.weight, model.model.embed_tokens.weight.bfloat16().float()
+    )
 
 
 def test_an_already_quantized_model_is_refused(small_llama, tmp_path):
@@ -236,28 +312,60 @@ def test_quantize_cli_and_eval(small_llama, tmp_path):
         assert not (tmp_path / "bad").exists()
 
 
-def test_calibration_importance_is_the_mean_square_input(small_llama, tmp_path):
-    from weightops.quant.calibrate import importance
+def test_calibration_hessian_is_the_mean_input_outer_product(small_llama, tmp_path):
+    from weightops.quant.calibrate import hessians
 
     folder, model = small_llama
     text = "the quick brown fox jumps over the lazy dog. " * 4
     name = "model.layers.1.mlp.down_proj.weight"
-    got = importance(folder, [text], [name], window=64)[name]
+    # q and k read the same activations, so they may share one matrix: both must be right.
+    q_name, k_name = (f"model.layers.0.self_attn.{p}_proj.weight" for p in "qk")
+    got_all = hessians(folder, [text], [name, q_name, k_name], window=64)
+    got = got_all[name]
     from transformers import AutoTokenizer
 
     ids = AutoTokenizer.from_pretrained(folder)(text, return_tensors="pt").input_ids[0]
     seen = []
-    handle = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(
-        lambda m, a: seen.append(a[0])
-    )
+    seen_q = []
+    handles = [
+        model.model.layers[1].mlp.down_proj.register_forward_pre_hook(
+            lambda m, a: seen.append(a[0])
+        ),
+        model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(
+            lambda m, a: seen_q.append(a[0])
+        ),
+    ]
     with torch.no_grad():
         for start in range(0, ids.numel(), 64):
             model(ids[start : start + 64].unsqueeze(0))
-    handle.remove()
-    x = torch.cat([s.reshape(-1, s.shape[-1]) for s in seen])
-    torch.testing.assert_close(got, x.square().mean(0))
+    for h in handles:
+        h.remove()
+    for inputs, matrix in ((seen, got), (seen_q, got_all[q_name]), (seen_q, got_all[k_name])):
+        x = torch.cat([s.reshape(-1, s.shape[-1]) for s in inputs]).double().numpy()
+        expected = torch.from_numpy(x.T @ x / x.shape[0]).float()
+        torch.testing.assert_close(matrix, expected, rtol=1e-4, atol=1e-5)
     with pytest.raises(QuantError, match="at least"):
-        importance(folder, ["x"], [name])
+        hessians(folder, ["x"], [name])
+
+
+def test_calibrated_model_with_outliers_round_trips_through_the_folder(small_llama, tmp_path):
+    from weightops.quant.model import QuantLinear, load, quantize_model
+
+    folder, _ = small_llama
+    calib = tmp_path / "calib.txt"
+    calib.write_text("the quick brown fox jumps over the lazy dog. " * 8)
+    manifest = quantize_model(folder, tmp_path / "q", calib=calib, outliers=1 / 128, avg_bits=2.9)
+    assert manifest["calibrated"] and manifest["quantized_bits_per_weight"] <= 2.9
+    down = manifest["tensors"]["model.layers.0.mlp.down_proj.weight"]
+    assert down["outliers"] == 512 // 128
+    q = load(tmp_path / "q")
+    layer = q.model.layers[0].mlp.down_proj
+    assert isinstance(layer, QuantLinear) and layer.packed().outliers == 4
+    x = torch.randn(2, layer.in_features)
+    torch.testing.assert_close(layer(x), x @ dequantize(layer.packed()).T)
+    with pytest.raises(QuantError, match="outliers"):
+        quantize_model(folder, tmp_path / "bad", outliers=0.5)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_kept_tensors_are_16bit_and_lm_head_is_optional(small_llama, tmp_path):

@@ -45,7 +45,15 @@ def run(
     calib: Path | None = typer.Option(
         None,
         "--calib",
-        help="Text or JSONL (text/prompt) whose activations weigh each input's error.",
+        help="Text or JSONL (text/prompt) to calibrate on: codes are then chosen to "
+        "minimise each layer's output error on its activations (GPTQ-style), not the "
+        "weight error alone.",
+    ),
+    outliers: float = typer.Option(
+        0.0,
+        "--outliers",
+        help="Share of each row's weights kept exactly in fp16 (e.g. 0.004); they no "
+        "longer widen their group's range. Counted in the bits.",
     ),
     lm_head: bool = typer.Option(False, "--lm-head", help="Quantize an untied lm_head too."),
     keep: str = typer.Option(
@@ -75,6 +83,7 @@ def run(
             avg_bits=avg_bits,
             bits=bits,
             calib=calib,
+            outliers=outliers,
             lm_head=lm_head,
             keep_dtype=_keep_dtype(keep),
             force=force,

@@ -1,21 +1,22 @@
-"""Calibration: how much each input of each quantized matrix matters.
+"""Calibration: the second moment of each quantized matrix's inputs.
 
 For a linear layer y = W x, the squared output error of a perturbed W is, summed over
-calibration tokens, Σⱼₖ (ΔW)ᵢⱼ (ΔW)ᵢₖ Hⱼₖ with H = Σ x xᵀ; its diagonal, the mean of
-xⱼ² over tokens, is the per-input importance the quantizer weighs errors by (when
-choosing clip ranges and which groups get 4 bits).
+calibration tokens, Σᵢ Σⱼₖ (ΔW)ᵢⱼ (ΔW)ᵢₖ Hⱼₖ with H = mean x xᵀ. The quantizer chooses
+codes to minimise exactly that (GPTQ-style error feedback), and weighs each input's
+error by H's diagonal, the mean of xⱼ², when choosing clip ranges and 4-bit groups.
 
-The model is loaded whole for the forward passes (fine for the models this runs on
-here; a layer-by-layer pass for models larger than memory is future work).
+The model is loaded whole for the forward passes and H is kept for every quantized
+matrix until it is quantized: in × in floats each, about 0.5 GB for a 150M-parameter
+Llama. A layer-by-layer pass for models larger than memory is future work.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from weightops.io.jsonl import JsonlError, read_jsonl
 from weightops.quant.mixed import QuantError
 
 MIN_TOKENS = 64
@@ -24,28 +25,26 @@ MIN_TOKENS = 64
 def read_texts(path: str | Path) -> list[str]:
     """Plain text (one document) or JSONL with a "text" or "prompt" field per line."""
     path = Path(path)
-    try:
-        body = path.read_text()
-    except OSError as e:
-        raise QuantError(f"{path}: cannot read calibration data: {e.strerror or e}") from e
     if path.suffix != ".jsonl":
-        return [body]
-    texts = []
-    for n, line in enumerate(body.splitlines(), 1):
-        if not line.strip():
-            continue
         try:
-            row = json.loads(line)
-            texts.append(row.get("text") or row["prompt"])
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise QuantError(
-                f"{path}:{n}: expected a JSON object with 'text' or 'prompt' ({e})"
-            ) from e
+            return [path.read_text()]
+        except OSError as e:
+            raise QuantError(f"{path}: cannot read calibration data: {e.strerror or e}") from e
+    try:
+        rows = read_jsonl(path, what="calibration data")
+    except JsonlError as e:
+        raise QuantError(e.message, hint=e.hint) from e
+    texts = []
+    for n, row in rows:
+        text = row.get("text") or row.get("prompt")
+        if not isinstance(text, str):
+            raise QuantError(f"{path}:{n}: expected a JSON object with 'text' or 'prompt'")
+        texts.append(text)
     return texts
 
 
 @torch.no_grad()
-def importance(
+def hessians(
     model_folder: str | Path,
     texts: list[str],
     names: list[str],
@@ -53,7 +52,7 @@ def importance(
     max_tokens: int = 8192,
     window: int = 512,
 ) -> dict[str, torch.Tensor]:
-    """{weight name: mean x² per input} over the calibration tokens, for `names`."""
+    """{weight name: mean x xᵀ [in, in]} over the calibration tokens, for `names`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from weightops.demo import quiet_transformers
@@ -67,14 +66,35 @@ def importance(
             f"calibration data has {flat.numel()} tokens; at least {MIN_TOKENS} are needed"
         )
     model = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32).eval()
+    return model_hessians(
+        model, [flat[i : i + window] for i in range(0, flat.numel(), window)], names
+    )
+
+
+@torch.no_grad()
+def model_hessians(
+    model: torch.nn.Module, windows: list[torch.Tensor], names: list[str]
+) -> dict[str, torch.Tensor]:
+    """{weight name: mean x xᵀ} of a loaded model's linear inputs over token windows."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
+    # Projections that read the same activations (q/k/v, gate/up) share one matrix; the
+    # first window shows which: their hooks receive the very same input tensor.
+    owner: dict[str, str] = {}
+    seen: dict[int, tuple[torch.Tensor, str]] = {}  # holds x so its id is not reused
 
     def make(name: str):  # type: ignore[no-untyped-def]
         def hook(module: torch.nn.Module, args: tuple) -> None:
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            sums[name] = sums.get(name, 0) + x.square().sum(0)
-            counts[name] = counts.get(name, 0) + x.shape[0]
+            x = args[0]
+            if name in owner:
+                return
+            if id(x) in seen and not counts.get(name):
+                owner[name] = seen[id(x)][1]
+                return
+            seen[id(x)] = (x, name)
+            flat = x.detach().float().reshape(-1, x.shape[-1])
+            sums[name] = sums.get(name, 0) + flat.T @ flat
+            counts[name] = counts.get(name, 0) + flat.shape[0]
 
         return hook
 
@@ -83,9 +103,12 @@ def importance(
         module = model.get_submodule(name[: -len(".weight")])
         handles.append(module.register_forward_pre_hook(make(name)))
     try:
-        for start in range(0, flat.numel(), window):
-            model(flat[start : start + window].unsqueeze(0))
+        for ids in windows:
+            seen.clear()
+            model(ids.reshape(1, -1))
     finally:
         for h in handles:
             h.remove()
-    return {name: sums[name] / counts[name] for name in names}
+    for name in sums:
+        sums[name] /= counts[name]
+    return {name: sums[owner.get(name, name)] for name in names}

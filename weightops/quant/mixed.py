@@ -9,6 +9,24 @@ Per group (asymmetric): w ≈ lo + q·s with q ∈ [0, 2ᵇ − 1]. The range is
 factor (from a small grid) that minimises the group's squared error, weighted by a
 per-input importance h (the diagonal of the calibration Hessian, mean x²) when given.
 
+After the clip search, each group's (s, lo) is refined by alternating least squares: with
+the codes fixed, the weighted least-squares line through (q, w) gives s and lo; with s
+and lo fixed, rounding gives the codes. Each half-step can only lower the group's error,
+so the error never rises above the clip search's (bench/bench_quant.py shows the gain).
+
+With a calibration Hessian H = Σ x xᵀ of the layer's inputs, the codes are chosen
+GPTQ-style (Frantar et al. 2023) instead of by rounding each weight alone: inputs are
+quantized in order and each one's rounding error, scaled by the inverse Hessian's
+Cholesky factor, is pushed onto the inputs not yet quantized, which minimises the
+layer's output error ‖(W − Ŵ) X‖ rather than ‖W − Ŵ‖. The group grids (width, s, lo)
+are fixed from the original weights first ("static groups"), so the layout and the
+stored scales do not depend on the order.
+
+Optional sparse outliers: `outliers` weights per row, taken from the 2-bit groups where
+they are largest relative to their group, are stored exactly in fp16 with their column
+index, and left out of their group's range, so one large weight no longer widens the
+grid of the 63 others.
+
 Scales are quantized too ("2-order"): s and lo are stored as 8-bit integers against one
 fp16 super-scale per row each (s = s_q·S, lo = lo_q·L), and the codes are chosen for
 the quantized s and lo, so what is stored dequantizes exactly to what was optimised.
@@ -26,6 +44,8 @@ Packed layout of a [out, in] matrix with G = in / group_size groups per row:
   gmap   uint8 [out, ⌈G / 8⌉]                    bit j set: group j is 4-bit
   scale  uint8 [out, G], zero int8 [out, G]      quantized s and lo per group
   super  float16 [out, 2]                        S and L per row
+  oidx   int16 or int32 [out, n], oval float16 [out, n]   only with n > 0 outliers per
+         row: their columns (int32 when a row has more than 32767 inputs) and values
 Codes are packed little end first: code i of a word sits at bits [b·i, b·(i+1)).
 """
 
@@ -39,6 +59,9 @@ import torch
 from weightops.errors import WeightopsError
 
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+REFINE_STEPS = 4
+PARTS = ("q2", "q4", "gmap", "scale", "zero", "super")
+OUTLIER_PARTS = ("oidx", "oval")
 
 
 class QuantError(WeightopsError):
@@ -58,40 +81,57 @@ class Packed:
     scale: torch.Tensor
     zero: torch.Tensor
     super: torch.Tensor
+    oidx: torch.Tensor | None = None
+    oval: torch.Tensor | None = None
+
+    @property
+    def outliers(self) -> int:
+        return 0 if self.oidx is None else self.oidx.shape[1]
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The stored tensors by part name (outlier parts only when there are outliers)."""
+        names = PARTS + (OUTLIER_PARTS if self.outliers else ())
+        return {n: getattr(self, n) for n in names}
 
     @property
     def bits(self) -> int:
-        """Every stored bit: codes, group map, scales, zeros and super-scales."""
-        tensors = (self.q2, self.q4, self.gmap, self.scale, self.zero, self.super)
-        return sum(t.numel() * t.element_size() * 8 for t in tensors)
+        """Every stored bit: codes, group map, scales, zeros, super-scales, outliers."""
+        return sum(t.numel() * t.element_size() * 8 for t in self.parts().values())
 
     @property
     def bits_per_weight(self) -> float:
         return self.bits / (self.shape[0] * self.shape[1])
 
 
-def bits_per_weight(in_features: int, group_size: int, k4: int) -> float:
-    """Stored bits per weight of a row with k4 4-bit groups, everything counted
-    (two fp16 super-scales per row amortised over the row)."""
+def index_dtype(in_features: int) -> torch.dtype:
+    return torch.int16 if in_features <= 2**15 - 1 else torch.int32
+
+
+def bits_per_weight(in_features: int, group_size: int, k4: int, outliers: int = 0) -> float:
+    """Stored bits per weight of a row with k4 4-bit groups and `outliers` fp16 outliers,
+    everything counted (two fp16 super-scales per row amortised over the row)."""
     g = in_features // group_size
     bits = 2 * (g - k4) * group_size + 4 * k4 * group_size + 16 * g + 8 * math.ceil(g / 8) + 32
+    index_bits = 8 * torch.empty((), dtype=index_dtype(in_features)).element_size()
+    bits += outliers * (16 + index_bits)
     return bits / in_features
 
 
-def choose_k4(in_features: int, group_size: int, avg_bits: float) -> int:
+def choose_k4(in_features: int, group_size: int, avg_bits: float, outliers: int = 0) -> int:
     """The largest aligned count of 4-bit groups per row within `avg_bits`."""
     g = in_features // group_size
     # Cache-line alignment matters for long rows; short ones keep full freedom.
     step = 4 if g % 4 == 0 and g >= 16 else 1
     best = None
     for k4 in range(0, g + 1, step):
-        if bits_per_weight(in_features, group_size, k4) <= avg_bits + 1e-12:
+        if bits_per_weight(in_features, group_size, k4, outliers) <= avg_bits + 1e-12:
             best = k4
     if best is None:
-        floor = bits_per_weight(in_features, group_size, 0)
+        floor = bits_per_weight(in_features, group_size, 0, outliers)
+        with_outliers = f" and {outliers} outliers" if outliers else ""
         raise QuantError(
             f"average {avg_bits} bits per weight is below the all-2-bit floor of {floor:.3f} "
-            f"for rows of {in_features} with groups of {group_size}"
+            f"for rows of {in_features} with groups of {group_size}{with_outliers}"
         )
     return best
 
@@ -148,23 +188,121 @@ def _codes(groups: torch.Tensor, s: torch.Tensor, lo: torch.Tensor, bits: int) -
     return ((groups - lo[..., None]) / s[..., None]).round_().clamp_(0, 2**bits - 1)
 
 
+def _refine(
+    groups: torch.Tensor, h: torch.Tensor, s: torch.Tensor, lo: torch.Tensor, bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Alternating least squares on (s, lo) for fixed codes, then codes for fixed (s, lo)."""
+    h = h.expand_as(groups)
+    c = h.sum(-1)
+    hw = h * groups
+    e = hw.sum(-1)
+    for _ in range(REFINE_STEPS):
+        q = _codes(groups, s, lo, bits)
+        hq = h * q
+        a, b, d = (hq * q).sum(-1), hq.sum(-1), (hq * groups).sum(-1)
+        det = a * c - b * b
+        s_new = (c * d - b * e) / det.clamp_min(1e-30)
+        lo_new = (e - b * s_new) / c.clamp_min(1e-30)
+        # A group whose codes are all equal (or whose weights all count zero) has no
+        # unique line; a non-positive slope would flip the grid. Both keep their grid.
+        ok = (det > 1e-9 * (a * c).clamp_min(1e-30)) & (s_new > 1e-12)
+        s = torch.where(ok, s_new, s)
+        lo = torch.where(ok, lo_new, lo)
+    return s, lo
+
+
+def _pick_outliers(w: torch.Tensor, h: torch.Tensor, n: int) -> torch.Tensor:
+    """[out, in] mask of the n entries per row farthest from their group's mean, weighted
+    by importance (ties in index order)."""
+    out_f = w.shape[0]
+    score = (w - w.mean(-1, keepdim=True)).square() * h
+    # A stable descending sort keeps the choice independent of the backend's topk order.
+    idx = score.reshape(out_f, -1).argsort(dim=1, descending=True, stable=True)[:, :n]
+    mask = torch.zeros(out_f, score[0].numel(), dtype=torch.bool)
+    return mask.scatter_(1, idx, True)
+
+
+def _gptq_codes(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    s: torch.Tensor,
+    lo: torch.Tensor,
+    is4: torch.Tensor,
+    group_size: int,
+    outlier: torch.Tensor | None,
+    damp: float,
+    block: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes [out, in] chosen with error feedback through the inverse Hessian, and the
+    weights as updated when each column was reached (the outliers' stored values)."""
+    out_f, in_f = w.shape
+    work = w.clone()
+    hess = hessian.detach().to(torch.float64).clone()
+    diag = hess.diagonal()
+    dead = diag <= 0
+    # An input that never fires carries no error: a unit diagonal keeps H invertible.
+    diag[dead] = 1.0
+    diag += damp * diag.mean()
+    try:
+        chol = torch.linalg.cholesky(hess)
+    except torch.linalg.LinAlgError as e:
+        raise QuantError(f"the calibration Hessian is not positive definite ({e})") from e
+    u = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True).float()
+    levels = torch.where(is4, 15.0, 3.0)
+    codes = torch.empty(out_f, in_f)
+    for b0 in range(0, in_f, block):
+        b1 = min(b0 + block, in_f)
+        errs = torch.empty(out_f, b1 - b0)
+        for j in range(b1 - b0):
+            i = b0 + j
+            g = i // group_size
+            col = work[:, i]
+            q = torch.minimum(((col - lo[:, g]) / s[:, g]).round_().clamp_(min=0), levels[:, g])
+            codes[:, i] = q
+            deq = q * s[:, g] + lo[:, g]
+            if outlier is not None:
+                deq = torch.where(outlier[:, i], col.half().float(), deq)
+            err = (col - deq) / u[i, i]
+            work[:, i + 1 : b1] -= err[:, None] * u[i, i + 1 : b1]
+            errs[:, j] = err
+        work[:, b1:] -= errs @ u[b0:b1, b1:]
+    return codes, work
+
+
 def quantize(
     weight: torch.Tensor,
     *,
     group_size: int = 64,
     avg_bits: float = 2.85,
     importance: torch.Tensor | None = None,
+    hessian: torch.Tensor | None = None,
     k4: int | None = None,
     clip: bool = True,
+    refine: bool = True,
+    outliers: int = 0,
+    damp: float = 0.01,
 ) -> Packed:
     """Quantize `weight` [out, in] to mixed 2/4-bit groups within `avg_bits` per weight.
 
     importance: optional [in] non-negative weights of each input (e.g. mean x² of the
     calibration activations) for the clipping search and the choice of 4-bit groups.
+    hessian: optional [in, in] Σ x xᵀ of calibration inputs: codes are then chosen with
+    GPTQ-style error feedback (its diagonal is the importance when none is given).
     k4: force this many 4-bit groups per row instead of deriving it from avg_bits.
-    clip: search clipped ranges (off: plain min-max, to measure what the search buys)."""
+    clip / refine: the clip search and the least-squares refinement (switches to measure
+    what each buys). outliers: fp16 outliers kept per row. damp: added to the Hessian's
+    diagonal, as a share of its mean, before inverting it."""
     return quantize_with_reference(
-        weight, group_size=group_size, avg_bits=avg_bits, importance=importance, k4=k4, clip=clip
+        weight,
+        group_size=group_size,
+        avg_bits=avg_bits,
+        importance=importance,
+        hessian=hessian,
+        k4=k4,
+        clip=clip,
+        refine=refine,
+        outliers=outliers,
+        damp=damp,
     )[0]
 
 
@@ -174,8 +312,12 @@ def quantize_with_reference(
     group_size: int = 64,
     avg_bits: float = 2.85,
     importance: torch.Tensor | None = None,
+    hessian: torch.Tensor | None = None,
     k4: int | None = None,
     clip: bool = True,
+    refine: bool = True,
+    outliers: int = 0,
+    damp: float = 0.01,
 ) -> tuple[Packed, torch.Tensor]:
     """`quantize`, plus the dequantized matrix computed from the codes before packing
     (what a pack/unpack round trip must reproduce exactly)."""
@@ -183,50 +325,84 @@ def quantize_with_reference(
     clips = CLIP_GRID if clip else (1.0,)
     out_f, in_f = weight.shape
     n_groups = in_f // group_size
+    if not 0 <= outliers <= in_f:
+        raise QuantError(f"{outliers} outliers per row is outside 0 … {in_f}")
     if k4 is None:
-        k4 = choose_k4(in_f, group_size, avg_bits)
+        k4 = choose_k4(in_f, group_size, avg_bits, outliers)
     if not 0 <= k4 <= n_groups:
         raise QuantError(f"k4 = {k4} is outside 0 … {n_groups} groups per row")
+    if hessian is not None and hessian.shape != (in_f, in_f):
+        raise QuantError(f"hessian has shape {list(hessian.shape)}, expected [{in_f}, {in_f}]")
+    if importance is None and hessian is not None:
+        importance = hessian.diagonal()
     w = weight.detach().float().reshape(out_f, n_groups, group_size)
     h = torch.ones(in_f) if importance is None else importance.detach().float().clamp_min(0)
     if h.shape != (in_f,):
         raise QuantError(f"importance has shape {list(h.shape)}, expected [{in_f}]")
     h = h.reshape(n_groups, group_size)
 
+    outlier = None
+    fit = w
+    if outliers:
+        outlier = _pick_outliers(w, h, outliers)
+        keep = ~outlier.reshape(out_f, n_groups, group_size)
+        # Outliers get no say in their group's grid: zero weight in the error, and a
+        # stand-in value (the mean of the rest) that cannot widen the range.
+        h = h * keep
+        rest = (w * keep).sum(-1, keepdim=True) / keep.sum(-1, keepdim=True).clamp_min(1)
+        fit = torch.where(keep, w, rest)
+
+    def grid(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s, lo = _grid(fit, h, bits, clips)
+        return _refine(fit, h, s, lo, bits) if refine else (s, lo)
+
     # Error of each group at 2 and 4 bits decides which groups get 4.
-    errs = {}
+    grids, errs = {}, {}
     for b in (2, 4):
-        s, lo = _grid(w, h, b, clips)
-        deq = _codes(w, s, lo, b) * s[..., None] + lo[..., None]
-        errs[b] = ((deq - w).square() * h).sum(-1)
+        s, lo = grids[b] = grid(b)
+        deq = _codes(fit, s, lo, b) * s[..., None] + lo[..., None]
+        errs[b] = ((deq - fit).square() * h).sum(-1)
     gain = errs[2] - errs[4]
     is4 = torch.zeros(out_f, n_groups, dtype=torch.bool)
     if k4:
         is4.scatter_(1, gain.topk(k4, dim=1).indices, True)
 
     # Final scales for each group's chosen width, stored two-level, then the codes.
-    s2, lo2 = _grid(w, h, 2, clips)
-    s4, lo4 = _grid(w, h, 4, clips)
-    s = torch.where(is4, s4, s2)
-    lo = torch.where(is4, lo4, lo2)
+    s = torch.where(is4, grids[4][0], grids[2][0])
+    lo = torch.where(is4, grids[4][1], grids[2][1])
     s_q, s_sup = _second_order(s, signed=False)
     lo_q, lo_sup = _second_order(lo, signed=True)
     s_deq = (s_q * s_sup[:, None]).clamp_min(1e-12)
     lo_deq = lo_q * lo_sup[:, None]
-    q2 = _codes(w, s_deq, lo_deq, 2)
-    q4 = _codes(w, s_deq, lo_deq, 4)
-    codes = torch.where(is4[..., None], q4, q2)
+    if hessian is not None:
+        codes, seen = _gptq_codes(
+            weight.detach().float(), hessian, s_deq, lo_deq, is4, group_size, outlier, damp
+        )
+        codes = codes.reshape(out_f, n_groups, group_size)
+    else:
+        codes = torch.where(
+            is4[..., None], _codes(w, s_deq, lo_deq, 4), _codes(w, s_deq, lo_deq, 2)
+        )
+        seen = weight.detach().float()
     reference = (codes * s_deq[..., None] + lo_deq[..., None]).reshape(out_f, in_f)
+    oidx = oval = None
+    if outlier is not None:
+        cols = outlier.nonzero()[:, 1].reshape(out_f, outliers)
+        oval = seen.gather(1, cols).half()
+        oidx = cols.to(index_dtype(in_f))
+        reference.scatter_(1, cols, oval.float())
     packed = Packed(
         shape=(out_f, in_f),
         group_size=group_size,
         k4=k4,
-        q2=_pack(q2[~is4].reshape(out_f, -1), 2),
-        q4=_pack(q4[is4].reshape(out_f, -1), 4),
+        q2=_pack(codes[~is4].reshape(out_f, -1), 2),
+        q4=_pack(codes[is4].reshape(out_f, -1), 4),
         gmap=_pack_bits(is4),
         scale=s_q.to(torch.uint8),
         zero=lo_q.to(torch.int8),
         super=torch.stack([s_sup, lo_sup], dim=1).to(torch.float16),
+        oidx=oidx,
+        oval=oval,
     )
     return packed, reference
 
@@ -242,7 +418,10 @@ def dequantize(p: Packed) -> torch.Tensor:
     sup = p.super.float()
     s = p.scale.float() * sup[:, :1]
     lo = p.zero.float() * sup[:, 1:]
-    return (codes * s.clamp_min(1e-12)[..., None] + lo[..., None]).reshape(out_f, in_f)
+    w = (codes * s.clamp_min(1e-12)[..., None] + lo[..., None]).reshape(out_f, in_f)
+    if p.outliers:
+        w.scatter_(1, p.oidx.long(), p.oval.float())
+    return w
 
 
 def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -25,18 +25,27 @@ from weightops.arch import describe, is_block_linear
 from weightops.io.checkpoint import Checkpoint
 from weightops.io.rewrite import Entry, ordered_names, write_model
 from weightops.io.safetensors_file import FileReader
-from weightops.quant.mixed import Packed, QuantError, choose_k4, dequantize, quantize_with_reference
+from weightops.quant.mixed import (
+    Packed,
+    QuantError,
+    choose_k4,
+    dequantize,
+    index_dtype,
+    quantize_with_reference,
+)
 
-FORMAT_VERSION = 1
+# Version 2 added the optional outlier parts; version 1 folders are version 2 folders
+# without outliers, so both are read.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "weightops_quant.json"
-PARTS = ("q2", "q4", "gmap", "scale", "zero", "super")
 
 
 def part_shapes(
-    out_f: int, in_f: int, group_size: int, k4: int
+    out_f: int, in_f: int, group_size: int, k4: int, outliers: int = 0
 ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     g = in_f // group_size
-    return {
+    shapes = {
         "q2": ((out_f, (g - k4) * group_size // 16), torch.int32),
         "q4": ((out_f, k4 * group_size // 8), torch.int32),
         "gmap": ((out_f, math.ceil(g / 8)), torch.uint8),
@@ -44,6 +53,10 @@ def part_shapes(
         "zero": ((out_f, g), torch.int8),
         "super": ((out_f, 2), torch.float16),
     }
+    if outliers:
+        shapes["oidx"] = ((out_f, outliers), index_dtype(in_f))
+        shapes["oval"] = ((out_f, outliers), torch.float16)
+    return shapes
 
 
 def quantizable(ckpt: Checkpoint, name: str, group_size: int, lm_head: bool = False) -> bool:
@@ -60,6 +73,7 @@ def quantize_model(
     avg_bits: float = 2.85,
     bits: int = 2,
     calib: str | Path | None = None,
+    outliers: float = 0.0,
     lm_head: bool = False,
     keep_dtype: torch.dtype | None = torch.bfloat16,
     force: bool = False,
@@ -68,7 +82,9 @@ def quantize_model(
     """Write the quantized checkpoint; return the manifest (with the exact bits).
 
     bits 2: 2-bit groups with 4-bit ones up to `avg_bits`; bits 4: every group 4-bit.
-    calib: text or JSONL whose activations weigh each input's error (see calibrate).
+    calib: text or JSONL; its activations' Hessian per layer drives GPTQ-style code
+      choice and weighs each input's error (see calibrate and mixed).
+    outliers: share of each row's weights kept exactly as fp16 outliers (0 … 0.05).
     lm_head: quantize an untied lm_head too (it stays 16-bit by default).
     keep_dtype: the dtype of the float tensors that are not quantized (None: as stored)."""
     if bits not in (2, 4):
@@ -77,23 +93,26 @@ def quantize_model(
         raise QuantError(
             f"group size {group_size} must be a positive multiple of 16 (whole packed words)"
         )
+    if not 0 <= outliers <= 0.05:
+        raise QuantError(f"--outliers {outliers}: give a share of each row between 0 and 0.05")
     ckpt = Checkpoint(model)
     if (ckpt.folder / MANIFEST).exists() or any(n.endswith(".q2") for n in ckpt.tensors):
         raise QuantError(f"{ckpt.path}: this model is already quantized by weightops")
     if str(ckpt.config.get("model_type")) == "gpt2":
         raise QuantError("GPT-2 stores its linears as Conv1D ([in, out]); not supported yet")
     entries: list[Entry] = []
-    plan: dict[str, int] = {}
+    plan: dict[str, tuple[int, int]] = {}  # weight name -> (k4, outliers per row)
     for name in ordered_names(ckpt):
         info = ckpt.tensors[name]
         if quantizable(ckpt, name, group_size, lm_head):
             out_f, in_f = info.shape
-            k4 = in_f // group_size if bits == 4 else choose_k4(in_f, group_size, avg_bits)
-            plan[name] = k4
+            n_out = round(outliers * in_f)
+            k4 = in_f // group_size if bits == 4 else choose_k4(in_f, group_size, avg_bits, n_out)
+            plan[name] = (k4, n_out)
             prefix = name[: -len("weight")]
             entries += [
                 (prefix + part, shape, dtype)
-                for part, (shape, dtype) in part_shapes(out_f, in_f, group_size, k4).items()
+                for part, (shape, dtype) in part_shapes(out_f, in_f, group_size, k4, n_out).items()
             ]
         else:
             dtype = (
@@ -106,11 +125,12 @@ def quantize_model(
         raise QuantError(
             f"{ckpt.path}: no linear weight whose inputs the group size {group_size} divides"
         )
-    weights_of: dict[str, torch.Tensor] = {}
+    hessians: dict[str, torch.Tensor] = {}
     if calib is not None:
-        from weightops.quant.calibrate import importance, read_texts
+        from weightops.quant.calibrate import hessians as gather
+        from weightops.quant.calibrate import read_texts
 
-        weights_of = importance(model, read_texts(calib), list(plan))
+        hessians = gather(model, read_texts(calib), list(plan))
     current: dict[str, Packed] = {}
     stats: dict[str, dict[str, Any]] = {}
 
@@ -126,20 +146,22 @@ def quantize_model(
             packed, reference = quantize_with_reference(
                 w,
                 group_size=group_size,
-                k4=plan[weight_name],
-                importance=weights_of.get(weight_name),
+                k4=plan[weight_name][0],
+                outliers=plan[weight_name][1],
+                hessian=hessians.pop(weight_name, None),
             )
             err = float((reference - w).norm() / w.norm().clamp_min(1e-30))
             stats[weight_name] = {
                 "shape": list(w.shape),
                 "k4": packed.k4,
+                "outliers": packed.outliers,
                 "bits": packed.bits,
                 "rel_error": err,
             }
             current[weight_name] = packed
         return getattr(current[weight_name], part)
 
-    q_bits = sum(part_bits(ckpt.tensors[n].shape, group_size, k4) for n, k4 in plan.items())
+    q_bits = sum(part_bits(ckpt.tensors[n].shape, group_size, *kn) for n, kn in plan.items())
     q_weights = sum(math.prod(ckpt.tensors[n].shape) for n in plan)
     manifest: dict[str, Any] = {
         "format": "weightops-mixed-2-4",
@@ -147,6 +169,7 @@ def quantize_model(
         "group_size": group_size,
         "avg_bits_target": avg_bits if bits == 2 else None,
         "calibrated": calib is not None,
+        "outliers": outliers,
         "bits": bits,
         "quantized_bits_per_weight": q_bits / q_weights,
         "tensors": stats,
@@ -172,11 +195,11 @@ def quantize_model(
     return manifest
 
 
-def part_bits(shape: tuple[int, ...], group_size: int, k4: int) -> int:
+def part_bits(shape: tuple[int, ...], group_size: int, k4: int, outliers: int = 0) -> int:
     out_f, in_f = shape
     return sum(
         math.prod(s) * torch.empty((), dtype=d).element_size() * 8
-        for s, d in part_shapes(out_f, in_f, group_size, k4).values()
+        for s, d in part_shapes(out_f, in_f, group_size, k4, outliers).values()
     )
 
 
@@ -185,12 +208,19 @@ class QuantLinear(nn.Module):
     dequantized on the fly for each forward (CPU reference path)."""
 
     def __init__(
-        self, in_features: int, out_features: int, group_size: int, k4: int, bias: bool
+        self,
+        in_features: int,
+        out_features: int,
+        group_size: int,
+        k4: int,
+        bias: bool,
+        outliers: int = 0,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.group_size, self.k4 = group_size, k4
-        for part, (shape, dtype) in part_shapes(out_features, in_features, group_size, k4).items():
+        self.parts = part_shapes(out_features, in_features, group_size, k4, outliers)
+        for part, (shape, dtype) in self.parts.items():
             self.register_buffer(part, torch.zeros(shape, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
@@ -199,7 +229,7 @@ class QuantLinear(nn.Module):
             (self.out_features, self.in_features),
             self.group_size,
             self.k4,
-            *(getattr(self, p) for p in PARTS),
+            **{p: getattr(self, p) for p in self.parts},
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -216,9 +246,10 @@ def load(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     if not manifest_path.is_file():
         raise QuantError(f"{folder}: no {MANIFEST}; not a weightops-quantized model")
     manifest = json.loads(manifest_path.read_text())
-    if manifest.get("version") != FORMAT_VERSION:
+    if manifest.get("version") not in READABLE_VERSIONS:
         raise QuantError(
-            f"{folder}: quantized format version {manifest.get('version')} (this weightops reads {FORMAT_VERSION})"
+            f"{folder}: quantized format version {manifest.get('version')} "
+            f"(this weightops reads versions {', '.join(map(str, READABLE_VERSIONS))})"
         )
     config = AutoConfig.from_pretrained(folder)
     # Built on the CPU (not the meta device) so buffers the checkpoint does not hold,
@@ -231,7 +262,11 @@ def load(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
         old = getattr(parent, child)
         out_f, in_f = info["shape"]
         setattr(
-            parent, child, QuantLinear(in_f, out_f, group_size, info["k4"], old.bias is not None)
+            parent,
+            child,
+            QuantLinear(
+                in_f, out_f, group_size, info["k4"], old.bias is not None, info.get("outliers", 0)
+            ),
         )
     ckpt = Checkpoint(folder)
     with FileReader() as reader:
