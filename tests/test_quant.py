@@ -312,15 +312,21 @@ def test_quantize_cli_and_eval(small_llama, tmp_path):
         assert not (tmp_path / "bad").exists()
 
 
-def test_calibration_hessian_is_the_mean_input_outer_product(small_llama, tmp_path):
-    from weightops.quant.calibrate import hessians
+def test_layerwise_calibration_gives_the_whole_models_input_second_moments(small_llama):
+    from weightops.io.checkpoint import Checkpoint
+    from weightops.quant.calibrate import LayerwiseCalibration
 
     folder, model = small_llama
     text = "the quick brown fox jumps over the lazy dog. " * 4
     name = "model.layers.1.mlp.down_proj.weight"
     # q and k read the same activations, so they may share one matrix: both must be right.
     q_name, k_name = (f"model.layers.0.self_attn.{p}_proj.weight" for p in "qk")
-    got_all = hessians(folder, [text], [name, q_name, k_name], window=64)
+    calibration = LayerwiseCalibration(Checkpoint(folder), [text], window=64)
+    got_all = calibration.layer(0)
+    assert len(got_all) == 7  # q, k, v, o, gate, up, down
+    with pytest.raises(QuantError, match="one layer at a time"):
+        calibration.layer(0)
+    got_all.update(calibration.layer(1))
     got = got_all[name]
     from transformers import AutoTokenizer
 
@@ -345,7 +351,7 @@ def test_calibration_hessian_is_the_mean_input_outer_product(small_llama, tmp_pa
         expected = torch.from_numpy(x.T @ x / x.shape[0]).float()
         torch.testing.assert_close(matrix, expected, rtol=1e-4, atol=1e-5)
     with pytest.raises(QuantError, match="at least"):
-        hessians(folder, ["x"], [name])
+        LayerwiseCalibration(Checkpoint(folder), ["x"])
 
 
 def test_calibrated_model_with_outliers_round_trips_through_the_folder(small_llama, tmp_path):
@@ -382,3 +388,31 @@ def test_kept_tensors_are_16bit_and_lm_head_is_optional(small_llama, tmp_path):
     assert "lm_head.weight" in manifest["tensors"]
     assert Checkpoint(tmp_path / "b").tensors["model.embed_tokens.weight"].dtype == torch.float32
     assert isinstance(load(tmp_path / "b").lm_head, QuantLinear)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma"])
+def test_layerwise_calibration_matches_whole_model_hooks_across_families(families, family):
+    # Gemma scales its embeddings before block 0 and Qwen2 has attention biases: the
+    # one-block stub must reproduce what the whole model feeds each block.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from weightops.io.checkpoint import Checkpoint
+    from weightops.quant.calibrate import LayerwiseCalibration
+
+    folder = families[family]["base"]
+    text = "a tiny calibration text, repeated. " * 6
+    calibration = LayerwiseCalibration(Checkpoint(folder), [text], window=48)
+    calibration.layer(0)
+    got = calibration.layer(1)["model.layers.1.mlp.down_proj.weight"]
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = AutoTokenizer.from_pretrained(folder)(text, return_tensors="pt").input_ids[0]
+    seen = []
+    handle = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(
+        lambda m, a: seen.append(a[0])
+    )
+    with torch.no_grad():
+        for start in range(0, ids.numel(), 48):
+            model(ids[start : start + 48].unsqueeze(0))
+    handle.remove()
+    x = torch.cat([s.reshape(-1, s.shape[-1]) for s in seen]).double()
+    torch.testing.assert_close(got, (x.T @ x / x.shape[0]).float(), rtol=1e-4, atol=1e-6)

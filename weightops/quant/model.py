@@ -102,7 +102,9 @@ def quantize_model(
         raise QuantError("GPT-2 stores its linears as Conv1D ([in, out]); not supported yet")
     entries: list[Entry] = []
     plan: dict[str, tuple[int, int]] = {}  # weight name -> (k4, outliers per row)
-    for name in ordered_names(ckpt):
+    # Blocks in increasing order, so calibration can walk through the model once.
+    names = sorted(ordered_names(ckpt), key=lambda n: _layer(n))
+    for name in names:
         info = ckpt.tensors[name]
         if quantizable(ckpt, name, group_size, lm_head):
             out_f, in_f = info.shape
@@ -125,12 +127,12 @@ def quantize_model(
         raise QuantError(
             f"{ckpt.path}: no linear weight whose inputs the group size {group_size} divides"
         )
+    calibration = None
     hessians: dict[str, torch.Tensor] = {}
     if calib is not None:
-        from weightops.quant.calibrate import hessians as gather
-        from weightops.quant.calibrate import read_texts
+        from weightops.quant.calibrate import LayerwiseCalibration, read_texts
 
-        hessians = gather(model, read_texts(calib), list(plan))
+        calibration = LayerwiseCalibration(ckpt, read_texts(calib))
     current: dict[str, Packed] = {}
     stats: dict[str, dict[str, Any]] = {}
 
@@ -141,6 +143,12 @@ def quantize_model(
         weight_name = prefix + ".weight"
         if weight_name not in current:
             current.clear()
+            layer = describe(weight_name).layer
+            # An lm_head (outside the blocks) is quantized without calibration.
+            if calibration is not None and layer is not None:
+                while calibration.next_layer <= layer:
+                    hessians.clear()
+                    hessians.update(calibration.layer(calibration.next_layer))
             w = reader.read(ckpt.tensors[weight_name]).float()
             # The reference is what the packed form dequantizes to, without unpacking it.
             packed, reference = quantize_with_reference(
@@ -193,6 +201,11 @@ def quantize_model(
         extra_files={MANIFEST: lambda: json.dumps(manifest, indent=2) + "\n"},
     )
     return manifest
+
+
+def _layer(name: str) -> int:
+    layer = describe(name).layer
+    return -1 if layer is None else layer
 
 
 def part_bits(shape: tuple[int, ...], group_size: int, k4: int, outliers: int = 0) -> int:
