@@ -12,11 +12,14 @@ functions and never imports cupy.
 - `polar`: the orthogonal polar factor (nearest matrix with orthonormal columns).
 - `matmul`: a product in the precision the caller asks for.
 - `linear_assignment`: the permutation maximizing (or minimizing) a total score.
+- `quant_matmul`: x @ Ŵᵀ for a packed mixed 2/4-bit matrix Ŵ (weightops.quant.mixed);
+  on CUDA with cupy a fused dequantize + GEMV kernel (cupy_backend).
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -24,15 +27,26 @@ BACKENDS = ("torch", "cupy")
 
 
 def backend(t: torch.Tensor) -> str:
-    """The implementation that serves `t`: the environment's choice, else torch.
-
-    CuPy kernels are added for CUDA tensors; until a function has one, the torch
-    reference runs everywhere, so the choice never changes results beyond rounding.
+    """The implementation that serves `t`: CuPy for CUDA tensors when cupy is installed
+    and sees the device, torch otherwise. `WEIGHTOPS_BACKEND=torch` forces the
+    reference; `=cupy` makes a missing cupy an error instead of a silent fallback.
+    CPU tensors are always served by torch.
     """
     chosen = os.environ.get("WEIGHTOPS_BACKEND", "").strip().lower()
     if chosen and chosen not in BACKENDS:
         raise ValueError(f"WEIGHTOPS_BACKEND={chosen!r}: use one of {', '.join(BACKENDS)}")
-    return chosen or "torch"
+    if t.device.type != "cuda" or chosen == "torch":
+        return "torch"
+    from weightops.kernels import cupy_backend
+
+    if cupy_backend.available():
+        return "cupy"
+    if chosen == "cupy":
+        raise RuntimeError(
+            "WEIGHTOPS_BACKEND=cupy but cupy cannot be used here: "
+            "pip install 'weightops[gpu]' on a machine with a CUDA device"
+        )
+    return "torch"
 
 
 def _work_dtype(x: torch.Tensor) -> torch.dtype:
@@ -124,3 +138,16 @@ def linear_assignment(score: torch.Tensor, *, maximize: bool = True) -> torch.Te
     perm = torch.empty(score.shape[0], dtype=torch.long)
     perm[torch.from_numpy(rows)] = torch.from_numpy(cols)
     return perm.to(score.device)
+
+
+def quant_matmul(x: torch.Tensor, packed: Any) -> torch.Tensor:
+    """x [..., in] @ Ŵᵀ for a packed mixed 2/4-bit matrix (a weightops.quant.mixed.Packed),
+    without keeping the dequantized matrix; the result has x's dtype."""
+    if backend(x) == "cupy":
+        from weightops.kernels import cupy_backend
+
+        return cupy_backend.quant_matmul(x, packed)
+    from weightops.quant.mixed import dequantize
+
+    w = dequantize(packed).to(device=x.device, dtype=x.dtype)
+    return x @ w.T

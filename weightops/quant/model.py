@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from weightops import kernels
 from weightops.arch import describe, is_block_linear
 from weightops.io.checkpoint import Checkpoint
 from weightops.io.rewrite import Entry, ordered_names, write_model
@@ -29,7 +30,6 @@ from weightops.quant.mixed import (
     Packed,
     QuantError,
     choose_k4,
-    dequantize,
     index_dtype,
     quantize_with_reference,
 )
@@ -217,8 +217,9 @@ def part_bits(shape: tuple[int, ...], group_size: int, k4: int, outliers: int = 
 
 
 class QuantLinear(nn.Module):
-    """A linear layer running on packed mixed 2/4-bit weights: the weight is
-    dequantized on the fly for each forward (CPU reference path)."""
+    """A linear layer running on packed mixed 2/4-bit weights, through
+    `weightops.kernels.quant_matmul`: the fused dequantize + GEMV kernel on CUDA with
+    cupy, the weight dequantized on the fly for each forward elsewhere."""
 
     def __init__(
         self,
@@ -246,8 +247,8 @@ class QuantLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = dequantize(self.packed()).to(device=x.device, dtype=x.dtype)
-        return nn.functional.linear(x, w, self.bias)
+        y = kernels.quant_matmul(x, self.packed())
+        return y if self.bias is None else y + self.bias
 
 
 def load(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
