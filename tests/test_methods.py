@@ -100,6 +100,9 @@ def test_builtin_methods_are_registered():
         "breadcrumbs_ties",
         "model_stock",
         "passthrough",
+        "model_averaging",
+        "tsv_m",
+        "r_tsvm",
     }
     assert expected <= set(all_methods())
 

@@ -1,7 +1,8 @@
 """Recipes: mergekit's YAML format, validated strictly, every problem reported at once.
 
 A recipe names a merge method, its input models (or layer slices of them), parameters
-(scalars, gradients over depth, or lists of `{filter, value}` conditions), dtypes and
+(scalars, gradients over depth, lists of `{filter, value}` conditions, or — for the
+parameters a method declares as `Blocks` — a table of layer ranges), dtypes and
 the tokenizer source. Unknown keys are errors: a misspelt `densty` must not silently
 fall back to a default. `load_recipe` parses and checks structure, method, parameters
 and model paths, and raises one RecipeError listing every problem with its YAML path,
@@ -11,14 +12,22 @@ before any tensor is read.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError
 
+from weightops.arch import num_layers
 from weightops.errors import RecipeError
-from weightops.merge.registry import MethodSpec, ParamSpec, all_methods, unknown_method_message
+from weightops.merge.registry import (
+    Blocks,
+    MethodSpec,
+    ParamSpec,
+    all_methods,
+    unknown_method_message,
+)
 
 Scalar = bool | int | float | str
 DTypeName = Literal["float32", "float16", "bfloat16", "float64", "fp32", "fp16", "bf16"]
@@ -33,7 +42,8 @@ class Condition(_Strict):
     filter: str | None = None
 
 
-Setting = Scalar | list[Scalar] | Condition | list[Condition]
+# A list of lists is a table (`Blocks` parameters: [[first_layer, last_layer, value], …]).
+Setting = Scalar | list[Scalar] | list[list[Scalar]] | Condition | list[Condition]
 Parameters = dict[str, Setting]
 
 
@@ -54,6 +64,16 @@ class Slice(_Strict):
     parameters: Parameters | None = None
 
 
+class AlignSettings(_Strict):
+    """`align:` permutes every model's hidden units to match `to` before the merge
+    (weight matching, see weightops.align); `to` itself stays as it is."""
+
+    to: str
+    groups: list[Literal["residual", "mlp", "heads"]] | None = None
+    seed: int = 0
+    max_rounds: PositiveInt = 100
+
+
 class Recipe(_Strict):
     merge_method: str
     models: list[ModelInput] | None = None
@@ -65,6 +85,7 @@ class Recipe(_Strict):
     tokenizer_source: str | None = None
     chat_template: str | None = None
     output: str | None = None
+    align: AlignSettings | None = None
     # mergekit keys weightops knows but does not implement yet: refused with a reason.
     modules: dict[str, Any] | None = None
     tokenizer: dict[str, Any] | None = None
@@ -94,8 +115,11 @@ def evaluate(setting: Setting, tensor_name: str, t: float) -> Any:
 
     A list of numbers is a gradient, interpolated linearly over depth; a list of other
     scalars picks an element; conditions apply the first whose filter is a substring of
-    the tensor name (or is missing / "*"). Same semantics as mergekit.
+    the tensor name (or is missing / "*"). Same semantics as mergekit. A table (a list of
+    lists) is one value, the same for every tensor.
     """
+    if _is_table(setting):
+        return setting
     if isinstance(setting, Condition):
         setting = [setting]
     if isinstance(setting, list):
@@ -114,6 +138,10 @@ def evaluate(setting: Setting, tensor_name: str, t: float) -> Any:
             return (1 - frac) * setting[i0] + frac * setting[i1]
         return setting[int(t * (len(setting) - 1))]
     return setting
+
+
+def _is_table(setting: Any) -> bool:
+    return isinstance(setting, list) and bool(setting) and isinstance(setting[0], list)
 
 
 def _literals(setting: Setting) -> list[Any]:
@@ -166,11 +194,12 @@ def parse_recipe(text: str, source: str = "recipe", *, recipe_dir: Path | None =
     if recipe is not None:
         problems += check_recipe(recipe)
         if recipe_dir is not None:
-            problems += [
+            missing = [
                 (where, f"model {ref!r} not found (no such folder or file)")
                 for where, ref in _model_refs(recipe)
                 if resolve_model(ref, recipe_dir) is None
             ]
+            problems += missing or _check_table_depth(recipe, recipe_dir)
     if problems:
         raise RecipeError(source, problems)
     assert recipe is not None
@@ -225,6 +254,8 @@ def _model_refs(recipe: Recipe) -> list[tuple[str, str]]:
             refs.append((f"slices[{i}].base_model", s.base_model))
         for j, src in enumerate(s.sources):
             refs.append((f"slices[{i}].sources[{j}].model", src.model))
+    if recipe.align is not None:
+        refs.append(("align.to", recipe.align.to))
     return refs
 
 
@@ -314,6 +345,13 @@ def _check_inputs(
 
 
 def _check_values(spec: ParamSpec, setting: Setting, path: str) -> list[tuple[str, str]]:
+    if spec.kind is Blocks:
+        if not _is_table(setting):
+            return [(path, f"{spec.name} must be a list of [first_layer, last_layer, value]")]
+        _, msg = spec.validate(setting)
+        return [(path, f"{spec.name}: {msg}")] if msg else []
+    if _is_table(setting):
+        return [(path, f"{spec.name} takes a value, a gradient or conditions, not a table")]
     problems = []
     for value in _literals(setting):
         if value is None and not spec.required:
@@ -375,6 +413,63 @@ def _check_parameters(method: MethodSpec, recipe: Recipe) -> list[tuple[str, str
         in_slices = any(spec.name in (s.parameters or {}) for s in recipe.slices or [])
         if not spec.per_model and spec.required and spec.name not in global_keys and not in_slices:
             problems.append(("parameters", f"{method.name} needs parameter {spec.name!r}"))
+    return problems
+
+
+def _output_depth(recipe: Recipe, recipe_dir: Path) -> tuple[int, str] | None:
+    """The merged model's decoder depth, from the lead model's config.json (or the
+    slices' lengths), and what it was read from; None when it cannot be told."""
+    if recipe.slices is not None:
+        depth = sum(
+            max(0, s.sources[0].layer_range[1] - s.sources[0].layer_range[0])
+            for s in recipe.slices
+            if s.sources
+        )
+        return depth, "the slices"
+    uses_base = recipe.merge_method in all_methods() and recipe.method.base != "unused"
+    lead = recipe.base_model if uses_base and recipe.base_model else None
+    lead = lead or next((m.model for m in recipe.models or []), None)
+    path = resolve_model(lead, recipe_dir) if lead else None
+    if path is None:
+        return None
+    config = (path if path.is_dir() else path.parent) / "config.json"
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return None
+    depth = num_layers(data) if isinstance(data, dict) else 0
+    return (depth, repr(lead)) if depth > 0 else None
+
+
+def _check_table_depth(recipe: Recipe, recipe_dir: Path) -> list[tuple[str, str]]:
+    """Tables naming layers the merged model does not have (a recipe written for a
+    deeper model) are errors: those rows would silently apply to nothing."""
+    if recipe.merge_method not in all_methods():
+        return []
+    tables = [
+        (f"{where}.{key}", setting)
+        for where, params in [("parameters", recipe.parameters)]
+        + [(f"slices[{i}].parameters", s.parameters) for i, s in enumerate(recipe.slices or [])]
+        for key, setting in (params or {}).items()
+        if (spec := recipe.method.params.get(key)) is not None and spec.kind is Blocks
+    ]
+    if not tables:
+        return []
+    found = _output_depth(recipe, recipe_dir)
+    if found is None:
+        return []
+    depth, source = found
+    problems = []
+    for path, setting in tables:
+        table, _ = Blocks.parse(setting)
+        if table is not None and table.last_layer >= depth:
+            problems.append(
+                (
+                    path,
+                    f"names layer {table.last_layer}, but {source} has {depth} layers "
+                    f"(0-{depth - 1})",
+                )
+            )
     return problems
 
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from weightops.align.match import Alignment
+from weightops.align.model import AlignTarget, plan_alignment
 from weightops.arch import describe, layer_count_key, num_layers, rename_layer, text_config
 from weightops.errors import MergeError
 from weightops.io.checkpoint import Checkpoint
@@ -74,10 +76,23 @@ class Plan:
     tokenizer_source: Path | None
     # Where every input tensor lives, from the headers read while planning.
     sources: dict[tuple[int, str], TensorInfo] = field(default_factory=dict)
+    # Recipe `align:`: the reference every input is permuted to match. The executor
+    # computes each model's permutations (by index in `models`) before merging and
+    # applies them to every input tensor as it is read.
+    align: AlignTarget | None = None
+    permutations: dict[int, Alignment] = field(default_factory=dict)
 
     @property
     def output_bytes(self) -> int:
         return sum(t.out_bytes for t in self.tasks)
+
+    def permutes_rows(self, task: TensorTask) -> bool:
+        """Whether an input's rows are reordered, so it cannot be read in row blocks."""
+        refs = [*task.inputs, *([task.base] if task.base else [])]
+        return any(
+            r.model in self.permutations and self.permutations[r.model].permutes_rows(r.name)
+            for r in refs
+        )
 
     def task_input_bytes(self, task: TensorTask) -> int:
         refs = [*task.inputs, *([task.base] if task.base else [])]
@@ -331,6 +346,10 @@ def build_plan(recipe: Recipe, recipe_dir: Path | None = None) -> Plan:
     listing every missing tensor, shape mismatch and unresolved parameter."""
     p = _Planner(recipe, recipe_dir)
     lead, config = _plan_slices(p) if recipe.slices is not None else _plan_models(p)
+    align = None
+    if recipe.align is not None:
+        align, problems = plan_alignment(recipe.align, recipe_dir, p.ckpts)
+        p.problems += problems
     if p.problems:
         shown = "; ".join(p.problems[:_MAX_LISTED])
         more = len(p.problems) - _MAX_LISTED
@@ -361,4 +380,5 @@ def build_plan(recipe: Recipe, recipe_dir: Path | None = None) -> Plan:
         config_source=p.ckpts[lead].folder,
         tokenizer_source=tok if tok.is_dir() else tok.parent,
         sources=p.sources,
+        align=align,
     )

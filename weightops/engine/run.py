@@ -97,6 +97,7 @@ def pieces(
             chunk_elements
             and plan.method.elementwise
             and not task.copy
+            and not plan.permutes_rows(task)
             and task.numel > chunk_elements
             and rows > 1
         ):
@@ -144,6 +145,8 @@ class _Stream:
             if ref in cache:
                 return cache[ref].clone()
             tensor = self.reader.read(self.plan.sources[(ref.model, ref.name)], piece.rows)
+            if ref.model in self.plan.permutations:
+                tensor = self.plan.permutations[ref.model].apply(ref.name, tensor, piece.rows)
             if self.convert is not None and not task.copy:
                 tensor = _widen(tensor, self.convert)
             cache[ref] = tensor
@@ -290,6 +293,12 @@ def _execute(plan: Plan, out: Path, options: RunOptions, device: torch.device) -
             [(t.name, t.shape, t.out_dtype) for t in plan.tasks], options.shard_size, metadata
         )
         staging.check_space(layout.total_bytes)
+        if plan.align is not None:
+            from weightops.align.model import match_inputs
+
+            plan.permutations = match_inputs(
+                plan.align, plan.models, progress=options.progress, device=device
+            )
         stats = _statistics(plan, options, device) if plan.method.observer else None
         writer = ShardWriter(staging.path, layout, display=out)
         try:
@@ -386,6 +395,13 @@ def _side_files(plan: Plan, folder: Path) -> None:
         f"Tokenizer from `{plan.tokenizer_source}`"
         + (f" ({', '.join(tokenizer)})." if tokenizer else " (no tokenizer files found)."),
     ]
+    if plan.align is not None:
+        summary += [
+            "",
+            f"Before merging, every input was permuted to match `{plan.align.reference}` "
+            f"by weight matching (groups: {', '.join(plan.align.groups)}; seed "
+            f"{plan.align.seed}).",
+        ]
     title = f"{plan.method.name} merge of {', '.join(p.name for p in plan.models)}"
     sidefiles.write_card(
         folder, title=title, summary=summary, recipe_yaml=recipe.to_yaml(), version=__version__

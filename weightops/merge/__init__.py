@@ -7,11 +7,13 @@ from weightops.merge import (  # noqa: F401  (imported to register the methods)
     breadcrumbs,
     dare,
     linear,
+    model_averaging,
     model_stock,
     passthrough,
     slerp,
     task_arithmetic,
     ties,
+    tsv,
 )
 from weightops.merge.registry import MethodSpec, all_methods, get_method, merge_method
 

@@ -23,12 +23,18 @@ read from its keyword-only signature:
 - A parameter named `name` is not a recipe parameter either: the engine passes the
   output tensor's name, for methods whose work depends on where a tensor sits (per-layer
   settings from whole-model statistics, which axis a permutation acts on).
+- `Literal["a", "b"]` is a string parameter that must be one of the listed choices.
+- `Blocks` is a table of inclusive, non-overlapping decoder-layer ranges with a value
+  each, written `[[first, last, value], …]` in a recipe; a `Range` bounds the values.
+  The method gets a `Blocks` (or None) and finds a tensor's layer from its `name` with
+  `weightops.arch.describe`.
 """
 
 from __future__ import annotations
 
 import difflib
 import inspect
+import itertools
 import types
 import typing
 from collections.abc import Callable
@@ -75,6 +81,54 @@ Unit = Annotated[float, Range(gt=0, le=1)]
 NonNegative = Annotated[float, Range(ge=0)]
 
 
+class Blocks(tuple):
+    """A validated table of decoder-layer ranges: ((first, last, value), …), inclusive,
+    sorted and non-overlapping. `at(layer)` is the value covering a layer, or None."""
+
+    def at(self, layer: int | None) -> float | None:
+        if layer is None:
+            return None
+        for first, last, value in self:
+            if first <= layer <= last:
+                return value
+        return None
+
+    @classmethod
+    def parse(cls, value: Any, rng: Range | None = None) -> tuple[Blocks | None, str | None]:
+        """The table from a recipe value, or (None, why it is not valid)."""
+        shape = "must be a list of [first_layer, last_layer, value] entries"
+        if not isinstance(value, (list, tuple)) or not value:
+            return None, shape
+        rows: list[tuple[int, int, float]] = []
+        for i, entry in enumerate(value):
+            where = f"entry {i} ({list(entry) if isinstance(entry, (list, tuple)) else entry!r})"
+            if not isinstance(entry, (list, tuple)) or len(entry) != 3:
+                return None, f"{shape}; {where} is not"
+            first, last, v = entry
+            if not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in (first, last, v)
+            ):
+                return None, f"{shape}; {where} holds something other than numbers"
+            if first != int(first) or last != int(last) or first < 0:
+                return None, f"{where}: layers are whole numbers from 0"
+            if last < first:
+                return None, f"{where}: the last layer comes before the first"
+            if v != v or v in (float("inf"), float("-inf")):
+                return None, f"{where}: the value must be a finite number"
+            if rng is not None and (msg := rng.check(float(v))):
+                return None, f"{where}: the value {msg}"
+            rows.append((int(first), int(last), float(v)))
+        rows.sort()
+        for (f0, l0, _), (f1, l1, _) in itertools.pairwise(rows):
+            if f1 <= l0:
+                return None, f"layers {f0}-{l0} and {f1}-{l1} overlap"
+        return cls(rows), None
+
+    @property
+    def last_layer(self) -> int:
+        return max(last for _, last, _ in self)
+
+
 @dataclass(frozen=True)
 class ParamSpec:
     name: str
@@ -84,9 +138,22 @@ class ParamSpec:
     required: bool
     range: Range | None = None
     py_name: str = ""  # the name in the function's signature (`lambda_` for `lambda`)
+    choices: tuple[str, ...] | None = None  # the allowed values of a Literal parameter
 
     def validate(self, value: Any) -> tuple[Any, str | None]:
-        """Coerce one scalar value; return (value, error message or None)."""
+        """Coerce one value (a scalar, or a whole table for `Blocks`); return (value,
+        error message or None)."""
+        if self.kind is Blocks:
+            if isinstance(value, Blocks):
+                return value, None
+            table, msg = Blocks.parse(value, self.range)
+            return (value, msg) if msg else (table, None)
+        if self.kind is str:
+            if not isinstance(value, str):
+                return value, "must be a string"
+            if self.choices is not None and value not in self.choices:
+                return value, f"must be one of {', '.join(self.choices)}"
+            return value, None
         if self.kind is bool:
             if isinstance(value, bool):
                 return value, None
@@ -243,19 +310,28 @@ def merge_method(
 def _param_spec(p: inspect.Parameter, hint: Any) -> ParamSpec:
     per_model = False
     rng: Range | None = None
-    # Unwrap Annotated layers: PerModel[Unit] is Annotated[list[Annotated[float, Range]], PER_MODEL].
-    while typing.get_origin(hint) is Annotated:
-        for meta in hint.__metadata__:
-            if meta is PER_MODEL:
-                per_model = True
-            elif isinstance(meta, Range):
-                rng = meta
-        hint = hint.__origin__
-        if typing.get_origin(hint) is list:
-            hint = typing.get_args(hint)[0]
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    kind = hint if hint in (bool, int, float, str) else float
+    # Unwrap Annotated and Optional layers: PerModel[Unit] is
+    # Annotated[list[Annotated[float, Range]], PER_MODEL]; `Annotated[Blocks, …] | None`
+    # puts the Optional outside.
+    while True:
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        elif typing.get_origin(hint) is Annotated:
+            for meta in hint.__metadata__:
+                if meta is PER_MODEL:
+                    per_model = True
+                elif isinstance(meta, Range):
+                    rng = meta
+            hint = hint.__origin__
+            if typing.get_origin(hint) is list:
+                hint = typing.get_args(hint)[0]
+        else:
+            break
+    choices = None
+    if typing.get_origin(hint) is Literal:
+        choices = tuple(str(a) for a in typing.get_args(hint))
+        hint = str
+    kind = hint if hint in (bool, int, float, str, Blocks) else float
     required = p.default is inspect.Parameter.empty
     return ParamSpec(
         name=p.name.rstrip("_"),
@@ -265,6 +341,7 @@ def _param_spec(p: inspect.Parameter, hint: Any) -> ParamSpec:
         default=None if required else p.default,
         required=required,
         range=rng,
+        choices=choices,
     )
 
 
