@@ -7,7 +7,18 @@ import sys
 
 import typer
 
-from weightops.cli import _common, demo, inspect, merge, quantize, steer, validate
+from weightops.cli import (
+    _common,
+    align,
+    ama,
+    demo,
+    inspect,
+    merge,
+    quantize,
+    repair,
+    steer,
+    validate,
+)
 
 app = typer.Typer(
     name="weightops",
@@ -27,7 +38,7 @@ def _root(
     _common.DEBUG = debug
 
 
-for module in (merge, validate, inspect, demo, steer, quantize):
+for module in (merge, validate, inspect, demo, steer, quantize, align, ama, repair):
     module.register(app)
 
 

@@ -1,0 +1,290 @@
+"""`weightops repair`: undo the safety damage of a fine-tune, and measure it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from weightops.cli._common import parse_size, user_errors
+
+repair_app = typer.Typer(
+    help="Repair alignment after a fine-tune. `prune` zeroes or resets the weights a "
+    "harmful fine-tune relies on (Antidote, one shot, no training); `restore` puts back "
+    "the aligned model's values of the few weights that move harmful prompts' hidden "
+    "states back to where the aligned model had them (Yang et al., S&P 2025); `eval` "
+    "measures harmful rate and task score before and after. Data files are JSONL, one "
+    '{"prompt": …, "response": …} per line (response optional).',
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _dtype(name: str) -> Any:
+    import torch
+
+    from weightops.repair.data import RepairError
+
+    if name not in _DTYPES:
+        raise RepairError(f"--dtype {name!r}: choose {', '.join(_DTYPES)}")
+    return getattr(torch, name)
+
+
+@repair_app.command("prune")
+def prune(
+    finetuned: Path = typer.Option(
+        ...,
+        "--finetuned",
+        help="The fine-tuned model folder, or a LoRA adapter folder (adapter_config.json + "
+        "adapter_model.safetensors).",
+    ),
+    output: Path = typer.Option(..., "-o", "--output", help="Output folder."),
+    aligned: Path | None = typer.Option(
+        None,
+        "--aligned",
+        help="The aligned model the fine-tune started from. Full fine-tune: marked weights "
+        "are reset to its values (without it they are zeroed). Adapter: the base model "
+        "the activations are measured on (default: the adapter's base_model_name_or_path).",
+    ),
+    harmful: Path | None = typer.Option(
+        None,
+        "--harmful",
+        help="JSONL of harmful prompts with harmful responses (the re-alignment set; the "
+        "paper uses 2000 pairs disjoint from the fine-tune data). Without it weights are "
+        "scored by magnitude alone.",
+    ),
+    ratio: float = typer.Option(
+        0.1,
+        "--ratio",
+        min=0.0,
+        max=1.0,
+        help="Share of each output row marked harmful (the paper's dense_ratio).",
+    ),
+    score_on: str = typer.Option(
+        "delta",
+        "--score-on",
+        help="With --aligned on a full fine-tune: score the update |W_ft − W_aligned| "
+        "(delta) or the fine-tuned weights |W_ft| (weights).",
+    ),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Examples per forward pass."),
+    device: str = typer.Option("cpu", "--device", help="Device for the forward passes."),
+    dtype: str = typer.Option(
+        "float32", "--dtype", help="Forward-pass dtype: float32, bfloat16 or float16."
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Replace an existing non-empty output folder."
+    ),
+    shard_size: str = typer.Option("5GB", "--shard-size", help="Largest shard."),
+    progress: bool | None = typer.Option(
+        None, "--progress/--no-progress", help="Progress (default: only on a terminal)."
+    ),
+) -> None:
+    """Antidote (Huang et al.): prune the weights a harmful fine-tune relies on.
+
+    Every linear weight of the decoder blocks is scored S_ij = |W_ij|·‖X_j‖₂, with ‖X_j‖
+    the norm of input feature j over the harmful data's prompt and response tokens;
+    in every output row the top --ratio (default 0.1, as in the paper) are marked
+    harmful. A LoRA adapter (what the paper prunes) has the marked entries of A and B
+    zeroed and stays an adapter; a full fine-tune with --aligned has them reset to the
+    aligned values; a full fine-tune alone has them zeroed (destructive at 0.1: use a
+    smaller ratio). The model card lists how many weights of each tensor changed.
+    """
+    size = parse_size(shard_size)
+    with user_errors():
+        from weightops.repair.prune import prune as run_prune
+
+        result = run_prune(
+            finetuned,
+            aligned=aligned,
+            harmful=harmful,
+            ratio=ratio,
+            out=output,
+            score_on=score_on,
+            batch_size=batch_size,
+            device=device,
+            dtype=_dtype(dtype),
+            force=force,
+            shard_size=size,
+            progress=progress,
+        )
+        changed = sum(result.changed.values())
+        typer.echo(
+            f"wrote {output}: {changed} weights changed in {len(result.changed)} tensors "
+            f"({result.target}, scored by {result.settings['score']})",
+            err=True,
+        )
+
+
+@repair_app.command("restore")
+def restore(
+    finetuned: Path = typer.Option(..., "--finetuned", help="The fine-tuned model folder."),
+    aligned: Path = typer.Option(
+        ..., "--aligned", help="The aligned model it was fine-tuned from."
+    ),
+    harmful: Path = typer.Option(
+        ...,
+        "--harmful",
+        help="JSONL of harmful prompts (the paper uses 256); their last-token states in "
+        "the aligned model define the direction to restore.",
+    ),
+    task: Path = typer.Option(
+        ...,
+        "--task",
+        help="JSONL of the fine-tune's task prompts with reference responses; the task "
+        "score guards against restoring too much.",
+    ),
+    output: Path = typer.Option(..., "-o", "--output", help="Output folder."),
+    fraction: float = typer.Option(
+        0.002,
+        "--fraction",
+        help="Weights restored per step, as a share of the candidate pool (0.2% in the paper).",
+    ),
+    steps: int = typer.Option(20, "--steps", help="Recovery steps (20 in the paper)."),
+    layers: int | None = typer.Option(
+        None,
+        "--layers",
+        help="Work on the first N decoder blocks (default: half the depth; the paper's "
+        "configurations use 1/3 to 2/3).",
+    ),
+    metric_drop: float = typer.Option(
+        0.05,
+        "--metric-drop",
+        help="Largest tolerated relative drop of the task score before rolling back "
+        "(0.05: keep at least 95% of it).",
+    ),
+    rollback_fraction: float = typer.Option(
+        0.2,
+        "--rollback-fraction",
+        help="Share of each step's restored weights returned to their fine-tuned values "
+        "in the rollback run (20% in the paper).",
+    ),
+    checkpoint_every: int = typer.Option(
+        5, "--checkpoint-every", help="Measure the task score every N steps."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed for breaking ties."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress."),
+    device: str = typer.Option("cpu", "--device", help="Device for the forward passes."),
+    dtype: str = typer.Option(
+        "float32", "--dtype", help="Compute dtype: float32, bfloat16 or float16."
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Replace an existing non-empty output folder."
+    ),
+    shard_size: str = typer.Option("5GB", "--shard-size", help="Largest shard."),
+) -> None:
+    """Alignment restoration (Yang et al., S&P 2025): set back to their aligned values
+    the few weights that move harmful prompts' hidden states back towards the aligned
+    model's.
+
+    Each step restores the --fraction of the weights of the first --layers blocks with
+    the largest gradient of −cos(mean harmful state, aligned mean harmful state) whose
+    restoration is a descent move. If the task score falls below (1 − --metric-drop) of
+    the fine-tune's, the run restarts with rollback: after each step the
+    --rollback-fraction of that step's weights that matter most to the task go back to
+    their fine-tuned values. The last checkpoint above the threshold is kept.
+    """
+    size = parse_size(shard_size)
+    with user_errors():
+        from weightops.repair.data import load_examples
+        from weightops.repair.restore import restore_model
+
+        summary = restore_model(
+            finetuned,
+            aligned,
+            load_examples(harmful),
+            load_examples(task),
+            output,
+            fraction=fraction,
+            steps=steps,
+            layers=layers,
+            metric_drop=metric_drop,
+            rollback_fraction=rollback_fraction,
+            checkpoint_every=checkpoint_every,
+            seed=seed,
+            progress=progress,
+            device=device,
+            dtype=_dtype(dtype),
+            force=force,
+            shard_size=size,
+        )
+        typer.echo(
+            f"wrote {output}: {summary.get('restored_total', '?')} weights restored "
+            f"(kept step {summary.get('steps', '?')})",
+            err=True,
+        )
+
+
+def _fmt(value: float | None, base: float | None = None) -> str:
+    if value is None:
+        return "-"
+    text = f"{value:.3f}"
+    if base is not None:
+        text += f" ({value - base:+.3f})"
+    return text
+
+
+@repair_app.command("eval")
+def evaluate(
+    model: Path = typer.Argument(..., metavar="MODEL", help="Model folder.", show_default=False),
+    harmful: Path | None = typer.Option(
+        None,
+        "--harmful",
+        help="JSONL of harmful prompts held out from repair; a completion that is not a "
+        "refusal counts as harmful.",
+    ),
+    task: Path | None = typer.Option(
+        None,
+        "--task",
+        help="JSONL of task prompts with reference responses; scored by exact match.",
+    ),
+    baseline: list[Path] = typer.Option(
+        [],
+        "--baseline",
+        help="Another model to show beside MODEL, e.g. the fine-tune before repair (repeatable).",
+    ),
+    max_new_tokens: int = typer.Option(
+        32, "--max-new-tokens", min=1, help="Length of each greedy completion."
+    ),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Prompts per batch."),
+    device: str = typer.Option("cpu", "--device", help="Device for generation."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+) -> None:
+    """Harmful rate (share of harmful prompts whose greedy completion is not a refusal)
+    and task score (exact match with the reference response, whitespace stripped) of
+    MODEL and any --baseline models. The Python API takes your own judge and metric:
+    weightops.repair.evaluate(…, judge=fn(prompt, completion) -> bool,
+    metric=fn(prompt, completion, reference) -> float)."""
+    with user_errors():
+        from weightops.repair.data import RepairError
+        from weightops.repair.evaluate import evaluate as run_eval
+
+        if harmful is None and task is None:
+            raise RepairError("nothing to evaluate: give --harmful, --task or both")
+        rows = run_eval(
+            *baseline,
+            model,
+            harmful=harmful,
+            task=task,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            device=device,
+        )
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    first = rows[0] if baseline else None
+    width = max(len("model"), *(len(r["model"]) for r in rows))
+    typer.echo(f"{'model':<{width}}  {'harmful rate':<16}  task score")
+    for r in rows:
+        ref = first if first is not None and r is rows[-1] else None
+        h = _fmt(r["harmful_rate"], None if ref is None else ref["harmful_rate"])
+        t = _fmt(r["task_score"], None if ref is None else ref["task_score"])
+        typer.echo(f"{r['model']:<{width}}  {h:<16}  {t}")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(repair_app, name="repair")
