@@ -335,6 +335,8 @@ def test_lora_adapter_prunes_a_and_b(models, tmp_path):
     assert result.target == "lora"
     assert json.loads((out / "adapter_config.json").read_text()) == config
     assert not (out / "config.json").exists()
+    # peft reads an adapter from exactly this file, unsharded.
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["adapter_model.safetensors"]
     after = load_state(out)
     assert set(after) == set(tensors)
 

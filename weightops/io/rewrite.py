@@ -84,6 +84,7 @@ def write_model(
     force: bool = False,
     shard_size: int = 5 * 10**9,
     extra_files: dict[str, Callable[[], str]] | None = None,
+    single_file: str | None = None,
 ) -> Path:
     """Write a checkpoint folder whose tensors are `entries` (name, shape, dtype), in
     that order, each made by produce(name, reader) when its turn comes; the side files
@@ -96,7 +97,7 @@ def write_model(
     staging = StagingFolder(out, force=force)
     try:
         staging.create()
-        layout = plan_layout(entries, shard_size, metadata)
+        layout = plan_layout(entries, shard_size, metadata, single_file)
         staging.check_space(layout.total_bytes)
         writer = ShardWriter(staging.path, layout, display=out)
         try:

@@ -61,11 +61,16 @@ def _header_bytes(entries: dict[str, dict], metadata: dict[str, str]) -> bytes:
 
 def plan_layout(
     tensors: list[tuple[str, tuple[int, ...], torch.dtype]],
-    max_shard_bytes: int,
+    max_shard_bytes: float,
     metadata: dict[str, str],
+    single_file: str | None = None,
 ) -> Layout:
     """Assign tensors to shards of at most `max_shard_bytes` of data (a tensor larger
-    than the limit gets a shard of its own), HF file names, headers and offsets."""
+    than the limit gets a shard of its own), HF file names, headers and offsets.
+    `single_file` puts everything in one file of that name (e.g. a LoRA adapter's
+    adapter_model.safetensors, which peft reads unsharded)."""
+    if single_file is not None:
+        max_shard_bytes = math.inf
     groups: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
     used = 0
     for name, shape, dtype in tensors:
@@ -77,7 +82,7 @@ def plan_layout(
         used += nbytes
     n = len(groups)
     files = (
-        ["model.safetensors"]
+        [single_file or "model.safetensors"]
         if n == 1
         else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     )

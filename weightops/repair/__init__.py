@@ -12,6 +12,7 @@ from weightops.repair.data import (
 )
 from weightops.repair.evaluate import evaluate, harmful_rate, refuses, task_score
 from weightops.repair.prune import PruneResult, prune
+from weightops.repair.restore import RestoreError, RestoreResult, restore, restore_model
 
 __all__ = [
     "DataError",
@@ -19,6 +20,8 @@ __all__ = [
     "Example",
     "PruneResult",
     "RepairError",
+    "RestoreError",
+    "RestoreResult",
     "batches",
     "evaluate",
     "harmful_rate",
@@ -26,5 +29,7 @@ __all__ = [
     "prune",
     "refuses",
     "render",
+    "restore",
+    "restore_model",
     "task_score",
 ]

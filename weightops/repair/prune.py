@@ -63,6 +63,7 @@ from weightops.repair.data import (
 )
 
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _LORA_PREFIX = "base_model.model."
 _LORA_A, _LORA_B = ".lora_A.weight", ".lora_B.weight"
 # Families whose block projections are Conv1D, storing (in, out) matrices.
@@ -556,6 +557,7 @@ def prune(
                 force=force,
                 shard_size=shard_size,
                 extra_files=extra,
+                single_file=ADAPTER_WEIGHTS if is_lora else None,
             )
     finally:
         bar.close()
