@@ -13,6 +13,10 @@ from weightops.errors import RecipeError, WeightopsError
 
 DEBUG = False
 
+# Options every command that writes a checkpoint folder takes, declared once.
+FORCE = typer.Option(False, "--force", help="Replace an existing non-empty output folder.")
+SHARD_SIZE = typer.Option("5GB", "--shard-size", help="Largest shard, e.g. 2GB or 500MiB.")
+
 _UNITS = {
     "": 1,
     "B": 1,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from weightops.cli import _common
 from weightops.cli._common import parse_size, user_errors
 
 
@@ -22,10 +23,8 @@ def align(
     max_rounds: int = typer.Option(
         100, "--max-rounds", min=1, help="Most rounds of coordinate ascent."
     ),
-    force: bool = typer.Option(
-        False, "--force", help="Replace an existing non-empty output folder."
-    ),
-    shard_size: str = typer.Option("5GB", "--shard-size", help="Largest shard."),
+    force: bool = _common.FORCE,
+    shard_size: str = _common.SHARD_SIZE,
     threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads for compute."),
     progress: bool | None = typer.Option(
         None, "--progress/--no-progress", help="Progress bar (default: only on a terminal)."

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from weightops.cli import _common
 from weightops.cli._common import fail, parse_size, user_errors
 
 
@@ -17,12 +18,8 @@ def merge(
     output: Path | None = typer.Option(
         None, "-o", "--output", help="Output folder (default: the recipe's `output:` key)."
     ),
-    shard_size: str = typer.Option(
-        "5GB", "--shard-size", help="Largest shard, e.g. 2GB or 500MiB."
-    ),
-    force: bool = typer.Option(
-        False, "--force", help="Replace an existing non-empty output folder."
-    ),
+    shard_size: str = _common.SHARD_SIZE,
+    force: bool = _common.FORCE,
     device: str = typer.Option(
         "auto", "--device", help="auto, cpu or cuda[:N]; compute is fp32 there."
     ),

@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 from typer.core import TyperGroup
 
+from weightops.cli import _common
 from weightops.cli._common import parse_size, user_errors
 
 
@@ -64,10 +65,8 @@ def run(
     bits: int = typer.Option(
         2, "--bits", help="2: 2-bit groups plus 4-bit ones within --avg-bits; 4: all 4-bit."
     ),
-    force: bool = typer.Option(
-        False, "--force", help="Replace an existing non-empty output folder."
-    ),
-    shard_size: str = typer.Option("5GB", "--shard-size", help="Largest shard."),
+    force: bool = _common.FORCE,
+    shard_size: str = _common.SHARD_SIZE,
 ) -> None:
     """Quantize every linear weight of the decoder blocks to 2-bit groups, the groups
     that gain most from it to 4 bits (the same number in every row), within the

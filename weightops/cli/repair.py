@@ -8,6 +8,7 @@ from typing import Any
 
 import typer
 
+from weightops.cli import _common
 from weightops.cli._common import parse_size, user_errors
 
 repair_app = typer.Typer(
@@ -75,10 +76,8 @@ def prune(
     dtype: str = typer.Option(
         "float32", "--dtype", help="Forward-pass dtype: float32, bfloat16 or float16."
     ),
-    force: bool = typer.Option(
-        False, "--force", help="Replace an existing non-empty output folder."
-    ),
-    shard_size: str = typer.Option("5GB", "--shard-size", help="Largest shard."),
+    force: bool = _common.FORCE,
+    shard_size: str = _common.SHARD_SIZE,
     progress: bool | None = typer.Option(
         None, "--progress/--no-progress", help="Progress (default: only on a terminal)."
     ),
@@ -171,10 +170,8 @@ def restore(
     dtype: str = typer.Option(
         "float32", "--dtype", help="Compute dtype: float32, bfloat16 or float16."
     ),
-    force: bool = typer.Option(
-        False, "--force", help="Replace an existing non-empty output folder."
-    ),
-    shard_size: str = typer.Option("5GB", "--shard-size", help="Largest shard."),
+    force: bool = _common.FORCE,
+    shard_size: str = _common.SHARD_SIZE,
 ) -> None:
     """Alignment restoration (Yang et al., S&P 2025): set back to their aligned values
     the few weights that move harmful prompts' hidden states back towards the aligned

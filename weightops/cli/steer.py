@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from weightops.cli import _common
 from weightops.cli._common import parse_size, user_errors
 
 steer_app = typer.Typer(
@@ -103,10 +104,8 @@ def bake(
     vector: Path = typer.Option(..., "--vector", help="Steering vector (.safetensors or .gguf)."),
     strength: float = typer.Option(..., "--strength", help="Multiplier of the vector."),
     output: Path = typer.Option(..., "-o", "--output", help="Output model folder."),
-    force: bool = typer.Option(
-        False, "--force", help="Replace an existing non-empty output folder."
-    ),
-    shard_size: str = typer.Option("5GB", "--shard-size", help="Largest shard."),
+    force: bool = _common.FORCE,
+    shard_size: str = _common.SHARD_SIZE,
 ) -> None:
     """Bake `strength × vector` into the weights as an addition at every position (a
     bias on each steered block's MLP output projection). The output is an ordinary
@@ -127,10 +126,8 @@ def ablate(
     layer: int | None = typer.Option(
         None, "--layer", help="Which layer's direction (if the vector has several)."
     ),
-    force: bool = typer.Option(
-        False, "--force", help="Replace an existing non-empty output folder."
-    ),
-    shard_size: str = typer.Option("5GB", "--shard-size", help="Largest shard."),
+    force: bool = _common.FORCE,
+    shard_size: str = _common.SHARD_SIZE,
 ) -> None:
     """Remove a direction from the model (e.g. a refusal direction) by orthogonalising
     every matrix that writes to the residual stream against it."""
