@@ -22,8 +22,10 @@ from weightops.cli import (
 
 app = typer.Typer(
     name="weightops",
-    help="Weight-space alignment tooling for LLM checkpoints: streaming merges of "
-    "Hugging Face safetensors checkpoints (mergekit recipes run unchanged).",
+    help="Weight-space alignment tooling for LLM checkpoints: streaming merges "
+    "(mergekit recipes run unchanged), permutation alignment, AMA ratio search, "
+    "steering vectors, alignment repair and 2/4-bit quantization, on Hugging Face "
+    "safetensors checkpoint folders.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
