@@ -332,3 +332,17 @@ def test_cli_merge_on_the_llama_family(method, llama, tmp_path):
         scale = max(1.0, np.abs(expected).max())
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * scale, err_msg=name)
     assert matrices > 5
+
+
+def test_unknown_svd_mode_in_a_recipe_fails_before_any_work(llama, tmp_path):
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        f"merge_method: tsv_m\nbase_model: {llama['base']}\nmodels:\n"
+        f"  - model: {llama['ft_a']}\n  - model: {llama['ft_b']}\n"
+        "parameters:\n  svd: exact\n",
+    )
+    out = tmp_path / "merged"
+    result = CliRunner().invoke(app, ["merge", str(recipe), "-o", str(out)])
+    assert result.exit_code == 1
+    assert "parameters.svd: svd must be one of auto, full, truncated" in result.output
+    assert not out.exists()

@@ -9,7 +9,8 @@ thereby pushed apart instead of being added on top of each other.
 
 from __future__ import annotations
 
-from typing import Annotated
+import typing
+from typing import Annotated, Literal
 
 import torch
 
@@ -17,7 +18,8 @@ from weightops import kernels
 from weightops.merge.registry import NonNegative, PerModel, Range, merge_method
 from weightops.merge.sparsify import kth_largest, task_vectors
 
-SVD_MODES = ("auto", "full", "truncated")
+SvdMode = Literal["auto", "full", "truncated"]
+SVD_MODES = typing.get_args(SvdMode)
 # With svd="auto", matrices at least this large use the randomized truncated SVD: below
 # it an exact SVD costs milliseconds and the approximation would buy nothing.
 AUTO_TRUNCATE_ENTRIES = 1 << 18
@@ -40,7 +42,7 @@ def tsv_m(
     *,
     weight: PerModel[float] = 1.0,
     lambda_: float = 1.0,
-    svd: str = "full",
+    svd: SvdMode = "full",
 ) -> torch.Tensor:
     """TSV-M (Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in
     Model Merging", CVPR 2025).
@@ -106,7 +108,7 @@ def r_tsvm(
     *,
     weight: PerModel[float] = 1.0,
     lambda_: float = 1.0,
-    svd: str = "full",
+    svd: SvdMode = "full",
     outlier_z: NonNegative = 3.0,
     outlier_slope: Fraction = 0.0,
     energy: Fraction = 0.9,

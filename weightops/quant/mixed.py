@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -269,41 +270,10 @@ def _gptq_codes(
     return codes, work
 
 
-def quantize(
-    weight: torch.Tensor,
-    *,
-    group_size: int = 64,
-    avg_bits: float = 2.85,
-    importance: torch.Tensor | None = None,
-    hessian: torch.Tensor | None = None,
-    k4: int | None = None,
-    clip: bool = True,
-    refine: bool = True,
-    outliers: int = 0,
-    damp: float = 0.01,
-) -> Packed:
-    """Quantize `weight` [out, in] to mixed 2/4-bit groups within `avg_bits` per weight.
-
-    importance: optional [in] non-negative weights of each input (e.g. mean x² of the
-    calibration activations) for the clipping search and the choice of 4-bit groups.
-    hessian: optional [in, in] Σ x xᵀ of calibration inputs: codes are then chosen with
-    GPTQ-style error feedback (its diagonal is the importance when none is given).
-    k4: force this many 4-bit groups per row instead of deriving it from avg_bits.
-    clip / refine: the clip search and the least-squares refinement (switches to measure
-    what each buys). outliers: fp16 outliers kept per row. damp: added to the Hessian's
-    diagonal, as a share of its mean, before inverting it."""
-    return quantize_with_reference(
-        weight,
-        group_size=group_size,
-        avg_bits=avg_bits,
-        importance=importance,
-        hessian=hessian,
-        k4=k4,
-        clip=clip,
-        refine=refine,
-        outliers=outliers,
-        damp=damp,
-    )[0]
+def quantize(weight: torch.Tensor, **options: Any) -> Packed:
+    """Quantize `weight` [out, in] to mixed 2/4-bit groups; the options and what they do
+    are those of `quantize_with_reference`, which also returns the dequantized matrix."""
+    return quantize_with_reference(weight, **options)[0]
 
 
 def quantize_with_reference(
@@ -319,8 +289,18 @@ def quantize_with_reference(
     outliers: int = 0,
     damp: float = 0.01,
 ) -> tuple[Packed, torch.Tensor]:
-    """`quantize`, plus the dequantized matrix computed from the codes before packing
-    (what a pack/unpack round trip must reproduce exactly)."""
+    """Quantize `weight` [out, in] to mixed 2/4-bit groups within `avg_bits` per weight;
+    return the packed form and the dequantized matrix computed from the codes before
+    packing (what a pack/unpack round trip must reproduce exactly).
+
+    importance: optional [in] non-negative weights of each input (e.g. mean x² of the
+    calibration activations) for the clipping search and the choice of 4-bit groups.
+    hessian: optional [in, in] Σ x xᵀ of calibration inputs: codes are then chosen with
+    GPTQ-style error feedback (its diagonal is the importance when none is given).
+    k4: force this many 4-bit groups per row instead of deriving it from avg_bits.
+    clip / refine: the clip search and the least-squares refinement (switches to measure
+    what each buys). outliers: fp16 outliers kept per row. damp: added to the Hessian's
+    diagonal, as a share of its mean, before inverting it."""
     _check(weight, group_size)
     clips = CLIP_GRID if clip else (1.0,)
     out_f, in_f = weight.shape
