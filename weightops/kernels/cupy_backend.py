@@ -180,6 +180,15 @@ def _launch(name: str, device: torch.device, blocks: int, threads: int, args: tu
         _module(index).get_function(name)((blocks,), (threads,), args)
 
 
+@functools.cache
+def _placeholders(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Allocated once per device rather than on every GEMV call.
+    return (
+        torch.zeros(1, dtype=torch.int32, device=device),
+        torch.zeros(1, dtype=torch.float16, device=device),
+    )
+
+
 def _packed_args(packed: Any, device: torch.device) -> tuple[list[Any], int]:
     parts = [
         packed.q2.to(device),
@@ -193,8 +202,7 @@ def _packed_args(packed: Any, device: torch.device) -> tuple[list[Any], int]:
     if n_out:
         oidx, oval = packed.oidx.to(device, torch.int32), packed.oval.to(device)
     else:  # never read with n_out = 0; the kernel still needs valid pointers
-        oidx = torch.zeros(1, dtype=torch.int32, device=device)
-        oval = torch.zeros(1, dtype=torch.float16, device=device)
+        oidx, oval = _placeholders(device)
     return [_arr(p) for p in (*parts, oidx, oval)], n_out
 
 
