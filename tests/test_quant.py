@@ -306,6 +306,7 @@ def test_quantize_cli_and_eval(small_llama, tmp_path):
         (("quantize", folder, "-o", tmp_path / "bad", "--group-size", 24), "multiple of 16"),
         (("quantize", folder, "-o", tmp_path / "bad", "--avg-bits", 1.5), "floor"),
         (("quantize", folder, "-o", tmp_path / "bad", "--bits", 3), "--bits 3"),
+        (("quantize", folder, "-o", tmp_path / "bad", "--outliers", 0.5), "--outliers 0.5"),
     ]:
         r = run(*args)
         assert r.exit_code == 1 and r.stderr.startswith("error: ") and needle in r.stderr, r.output
