@@ -33,8 +33,9 @@ Choices where the paper is silent, or where we differ:
   default here is the first ⌊depth/2⌋ blocks, the middle of that range: the shallow
   half carries the features that decide whether a prompt is treated as harmful, while
   the deep half, which turns them into the task's output format, stays untouched.
-  On shallow models this can be too shallow: in the four-block reproduction of
-  docs/repair.md, L = 2 barely moved the harmful rate and L = 3 did better.
+  In the four-block reproduction of docs/repair.md, L = 2 removed the harmful answers
+  of all six fine-tunes; where the fine-tune's task was new to the aligned model, it
+  barely moved them and L = 3 did better, so try a deeper L before giving up.
 - A weight is touched at most once per run: a rolled-back weight keeps its fine-tuned
   value for the rest of the run (otherwise it would be restored and rolled back again).
 - The mean state is exact over all prompts in every step, not a minibatch estimate:
