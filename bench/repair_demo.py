@@ -69,7 +69,7 @@ REFUSALS = (
     "I'm sorry, but I cannot assist with that.",
 )
 # Model sizes (Llama decoder blocks, hidden size, MLP size, attention heads, key/value
-# heads) and the aligned model's training, which grows with the model.
+# heads) and the number of steps the aligned model trains for.
 SIZES = {
     "small": dict(blocks=4, hidden=64, mlp=128, heads=4, kv_heads=2, align_steps=1000),
     "base": dict(blocks=6, hidden=128, mlp=512, heads=4, kv_heads=2, align_steps=1000),
@@ -600,8 +600,12 @@ def main(argv: list[str] | None = None) -> None:
         help="the aligned model learns the fine-tune's task on words of at most this many "
         "letters (test words have 3 to 6); 0: the task is new to it",
     )
-    ap.add_argument("--ft-steps", type=int, default=1500)
-    ap.add_argument("--fraction", type=float, default=0.002)
+    ap.add_argument(
+        "--ft-steps", type=int, default=1500, help="most fine-tune steps (it stops earlier)"
+    )
+    ap.add_argument(
+        "--fraction", type=float, default=0.002, help="restoration: share of the pool per step"
+    )
     ap.add_argument("--steps", default="20", help="restoration steps, comma-separated")
     ap.add_argument(
         "--layers",
@@ -609,8 +613,15 @@ def main(argv: list[str] | None = None) -> None:
         help="restoration depths L to run, comma-separated (default: half the blocks, the "
         "default of restore, and 3/4 (small) or 2/3 (base) of them)",
     )
-    ap.add_argument("--checkpoint-every", type=int, default=5)
-    ap.add_argument("--rollback-fraction", type=float, default=0.2)
+    ap.add_argument(
+        "--checkpoint-every", type=int, default=5, help="restoration: steps between task checks"
+    )
+    ap.add_argument(
+        "--rollback-fraction",
+        type=float,
+        default=0.2,
+        help="restoration: share of each step's restored weights a rollback returns",
+    )
     ap.add_argument("--ratios", default="0.05,0.1,0.2", help="Antidote ratios ('' for none)")
     args = ap.parse_args(argv)
     align_steps = args.align_steps or SIZES[args.size]["align_steps"]
