@@ -601,7 +601,10 @@ def main(argv: list[str] | None = None) -> None:
         "letters (test words have 3 to 6); 0: the task is new to it",
     )
     ap.add_argument(
-        "--ft-steps", type=int, default=1500, help="most fine-tune steps (it stops earlier)"
+        "--ft-steps",
+        type=int,
+        default=1500,
+        help="most fine-tune steps (it stops once the task and the harmful answer are learnt)",
     )
     ap.add_argument(
         "--fraction", type=float, default=0.002, help="restoration: share of the pool per step"
