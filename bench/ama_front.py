@@ -57,13 +57,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import random
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from training import warmup_cosine
 
 from weightops.ama import search
 from weightops.demo import quiet_transformers
@@ -163,14 +163,7 @@ def make_model(vocab: int, seed: int):
 def train(model, tok, make, steps: int, lr: float, seed: int, batch: int = 32) -> None:
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
-    warm = max(1, steps // 20)
-
-    def schedule(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    sched = warmup_cosine(opt, steps)
     model.train()
     for step in range(steps):
         # Every text ends with <eos>, as the AMA search frames its responses.

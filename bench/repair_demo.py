@@ -48,6 +48,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from training import warmup_cosine
 
 from weightops.demo import quiet_transformers, tiny_model
 from weightops.repair.data import Example, encode
@@ -247,14 +248,7 @@ def train(
     training early. Returns the number of steps taken."""
     rng = random.Random(seed)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
-    warm = max(1, steps // 20)
-
-    def lr_at(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = warmup_cosine(opt, steps)
     model.train()
     for step in range(steps):
         enc = collate([sample(rng) for _ in range(batch)], tokenizer)

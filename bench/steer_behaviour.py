@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from training import warmup_cosine
 
 from weightops.steering import SteeringVector
 from weightops.steering.extract import SweepPoint, hidden_states, search_layers, sweep_strength
@@ -135,14 +136,7 @@ def make_model(vocab_size: int):
 def train(model, tokenizer, words: Sequence[str], steps: int, batch: int) -> float:
     rng = random.Random(SEED + 1)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01, betas=(0.9, 0.98))
-    warm = steps // 20
-
-    def lr_at(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / (steps - warm)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = warmup_cosine(opt, steps)
     model.train()
     loss = torch.zeros(())
     for step in range(steps):
