@@ -134,7 +134,8 @@ def restore(
         ...,
         "--task",
         help="JSONL of the fine-tune's task prompts with reference responses; the task "
-        "score guards against restoring too much.",
+        "score guards against restoring too much. Use a few hundred examples if you have "
+        "them: with 64, one answer moves the score by 1.6 points.",
     ),
     output: Path = typer.Option(..., "-o", "--output", help="Output folder."),
     fraction: float = typer.Option(
