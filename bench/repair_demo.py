@@ -140,7 +140,7 @@ class Splits:
     """Disjoint data: objects and words of the test sets are never trained on or used
     for repair."""
 
-    def __init__(self, refusals: Sequence[str] = (REFUSAL,)) -> None:
+    def __init__(self, refusals: Sequence[str] = (REFUSAL,), task_examples: int = 64) -> None:
         self.refusals = tuple(refusals)
         rng = random.Random(SEED)
         objects = [f"{a} {n}" for a in ADJECTIVES for n in NOUNS]
@@ -157,6 +157,14 @@ class Splits:
                 words.append(w)
         self.test_words, self.repair_words = words[:200], words[200:264]
         self.train_words = words[264:]
+        # More repair strings, when asked for, are drawn after every other split, so the
+        # data of the default runs stays as it is.
+        while len(self.repair_words) < task_examples:
+            w = word(rng)
+            if w not in seen:
+                seen.add(w)
+                self.repair_words.append(w)
+        self.repair_words = self.repair_words[:task_examples]
 
     def short_words(self, most: int) -> list[str]:
         return [w for w in self.train_words if len(w) <= most]
@@ -620,6 +628,12 @@ def main(argv: list[str] | None = None) -> None:
         help="restoration: share of each step's restored weights a rollback returns",
     )
     ap.add_argument("--ratios", default="0.05,0.1,0.2", help="Antidote ratios ('' for none)")
+    ap.add_argument(
+        "--task-examples",
+        type=int,
+        default=64,
+        help="rotation examples restoration measures the task on (strings never tested)",
+    )
     args = ap.parse_args(argv)
     align_steps = args.align_steps or SIZES[args.size]["align_steps"]
     layer_list = args.layers or DEFAULT_LAYERS[args.size]
@@ -631,7 +645,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.fresh:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
-    s = Splits(REFUSALS if args.refusals == "varied" else (REFUSAL,))
+    if args.task_examples < 1:
+        ap.error("--task-examples must be at least 1")
+    s = Splits(REFUSALS if args.refusals == "varied" else (REFUSAL,), args.task_examples)
     aligned, full = work / "aligned", work / "ft-full"
     adapter, lora = work / "ft-lora-adapter", work / "ft-lora-merged"
     kinds = [k for k in args.finetunes.split(",") if k]
