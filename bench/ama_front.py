@@ -63,7 +63,7 @@ import time
 from pathlib import Path
 
 import torch
-from training import warmup_cosine
+from training import small_llama, warmup_cosine
 
 from weightops.ama import search
 from weightops.demo import quiet_transformers
@@ -140,26 +140,6 @@ def make_tokenizer():
     )
 
 
-def make_model(vocab: int, seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=192,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=1,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
-
-
 def train(model, tok, make, steps: int, lr: float, seed: int, batch: int = 32) -> None:
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
@@ -191,7 +171,7 @@ def trained_pair(args, seed: int) -> tuple[Path, Path]:
     if (rlhf / "config.json").exists():
         return sft, rlhf
     tok = make_tokenizer()
-    model = make_model(len(tok), seed)
+    model = small_llama(len(tok), hidden=64, mlp=192, layers=LAYERS, seed=seed)
     print(f"seed {seed}: training the SFT model (A + B text)", flush=True)
     train(model, tok, sft_text, args.sft_steps, 3e-3, 1000 * seed + 1)
     model.save_pretrained(sft)

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from training import warmup_cosine
+from training import small_llama, warmup_cosine
 
 from weightops.steering import SteeringVector
 from weightops.steering.extract import SweepPoint, hidden_states, search_layers, sweep_strength
@@ -111,26 +111,6 @@ def make_tokenizer():
     with tempfile.TemporaryDirectory() as folder:
         fast.save_pretrained(folder)
         return PreTrainedTokenizerFast.from_pretrained(folder)
-
-
-def make_model(vocab_size: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=1,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(SEED)
-    return LlamaForCausalLM(config)
 
 
 def train(model, tokenizer, words: Sequence[str], steps: int, batch: int) -> float:
@@ -299,7 +279,7 @@ def main() -> None:
     train_words = words[N_EVAL + N_NEUTRAL + N_PAIRS :]
 
     tokenizer = make_tokenizer()
-    model = make_model(len(tokenizer))
+    model = small_llama(len(tokenizer), hidden=128, mlp=384, layers=4, seed=SEED)
     n_params = sum(p.numel() for p in model.parameters())
     print(
         f"model: Llama, 4 blocks, hidden 128, {n_params / 1e6:.2f} M parameters; "

@@ -19,3 +19,25 @@ def warmup_cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_sche
         return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
 
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def small_llama(vocab: int, *, hidden: int, mlp: int, layers: int, seed: int):
+    """A randomly initialised Llama (4 heads, no grouped keys, 64 positions, token 0
+    pads, token 1 begins and ends) seeded with `seed`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=mlp,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=1,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)

@@ -412,13 +412,6 @@ class AMAResult:
     def clamped(self) -> bool:
         return any(r > 1.0 for r in self.ratios)
 
-    def layer_ratios(self) -> list[float]:
-        """θ_pre's share in each decoder layer's linear projections (clamped to ≤ 1)."""
-        out: list[float] = []
-        for (a, b), r in zip(self.groups, self.ratios, strict=True):
-            out += [min(r, 1.0)] * (b - a + 1)
-        return out
-
     def recipe(self, pre: str | Path, post: str | Path, command: str | None = None) -> str:
         """A `weightops merge` recipe (model_averaging) building the searched model."""
         data = {

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import sys
 from collections.abc import Iterator
 
 import typer
@@ -72,7 +71,3 @@ def user_errors() -> Iterator[None]:
         raise fail(
             "out of memory; try --device cpu, fewer --threads, or a machine with more RAM"
         ) from None
-
-
-def stdout_is_terminal() -> bool:
-    return sys.stdout.isatty()
