@@ -238,6 +238,19 @@ def _top(scores: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     return torch.cat([above, pick.to(above.device)])
 
 
+def _split(chosen: torch.Tensor, names: list[str], sizes: list[int]) -> dict[str, torch.Tensor]:
+    """Indices into the concatenation of parts of `sizes` elements, split back into
+    sorted indices within each part (parts with none left out)."""
+    bounds = torch.tensor([0, *sizes]).cumsum(0)
+    chosen = chosen.sort().values
+    out = {}
+    for i, n in enumerate(names):
+        local = chosen[(chosen >= bounds[i]) & (chosen < bounds[i + 1])] - bounds[i]
+        if len(local):
+            out[n] = local
+    return out
+
+
 class _Run:
     """One pass of recovery steps from the fine-tuned model."""
 
@@ -273,7 +286,7 @@ class _Run:
         flat = torch.cat(scores)
         take = min(k, int((flat > 0).sum()))
         chosen = _top(flat, take, self.gen)
-        picked = self._scatter(names, chosen)
+        picked = _split(chosen, names, [self.pool[n].numel() for n in names])
         with torch.no_grad():
             for n, idx in picked.items():
                 p = self.pool[n]
@@ -311,29 +324,14 @@ class _Run:
         flat = torch.cat(scores)
         take = min(count, int((flat > 0).sum()))
         chosen = _top(flat, take, self.gen)
-        offsets = torch.tensor([0] + [len(picked[n]) for n in names]).cumsum(0)
         with torch.no_grad():
-            for i, n in enumerate(names):
-                local = chosen[(chosen >= offsets[i]) & (chosen < offsets[i + 1])] - offsets[i]
-                if len(local) == 0:
-                    continue
+            for n, local in _split(chosen, names, [len(picked[n]) for n in names]).items():
                 idx = picked[n][local]
                 ft = self.saved[n][-1][1][local]
                 p = self.pool[n]
                 p.view(-1)[idx.to(p.device)] = ft.to(p.device, p.dtype)
                 self.when[n].view(-1)[idx] = -step
         return take
-
-    def _scatter(self, names: list[str], chosen: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Split indices into the concatenated pool back into per-tensor flat indices."""
-        sizes = torch.tensor([0] + [self.pool[n].numel() for n in names]).cumsum(0)
-        out = {}
-        chosen = chosen.sort().values
-        for i, n in enumerate(names):
-            local = chosen[(chosen >= sizes[i]) & (chosen < sizes[i + 1])] - sizes[i]
-            if len(local):
-                out[n] = local
-        return out
 
 
 def _apply(
