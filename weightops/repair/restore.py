@@ -494,15 +494,12 @@ def restore(
         run, kept_step, used_rollback = kept
         when = run.when if run is not None else None
         _apply(pool, aligned, saved, when, kept_step)
-        if steps == 0 or k == 0:
-            # Nothing to restore: the result is the fine-tune itself.
-            restored_at = {n: torch.zeros(p.shape, dtype=torch.int16) for n, p in pool.items()}
-        else:
-            restored_at = (
-                {n: w.clone() for n, w in run.when.items()}
-                if run is not None
-                else {n: torch.zeros(p.shape, dtype=torch.int16) for n, p in pool.items()}
-            )
+        # With steps or k at 0 the kept run touched nothing, so its record is all zeros.
+        restored_at = (
+            {n: w.clone() for n, w in run.when.items()}
+            if run is not None
+            else {n: torch.zeros(p.shape, dtype=torch.int16) for n, p in pool.items()}
+        )
         kept_checks = [c for c in checkpoints if c["rollback"] == used_rollback]
         match = [c for c in kept_checks if c["step"] == kept_step]
         task_after = match[-1]["task"] if match else task_before
