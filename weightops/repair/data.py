@@ -112,6 +112,15 @@ def load_examples(path: str | Path) -> list[Example]:
     return examples
 
 
+def as_examples(data: Sequence[Example] | str | Path | None) -> list[Example] | None:
+    """Examples given directly or as a JSONL path (None stays None)."""
+    if data is None:
+        return None
+    if isinstance(data, (str, Path)):
+        return load_examples(data)
+    return list(data)
+
+
 def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 

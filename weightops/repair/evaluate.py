@@ -27,10 +27,10 @@ from weightops.repair.data import (
     DataLineError,
     Example,
     RepairError,
+    as_examples,
     context_length,
     describe_example,
     encode,
-    load_examples,
     pad_id,
 )
 
@@ -207,14 +207,6 @@ def task_score(
     return total / len(examples)
 
 
-def _as_examples(data: Sequence[Example] | str | Path | None) -> list[Example] | None:
-    if data is None:
-        return None
-    if isinstance(data, (str, Path)):
-        return load_examples(data)
-    return list(data)
-
-
 def load_model(folder: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """A transformers causal LM and its tokenizer from a local folder, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -252,7 +244,7 @@ def evaluate(
         models = tuple(models[0])
     if not models:
         raise RepairError("no models to evaluate")
-    harmful_ex, task_ex = _as_examples(harmful), _as_examples(task)
+    harmful_ex, task_ex = as_examples(harmful), as_examples(task)
     if harmful_ex is None and task_ex is None:
         raise RepairError("nothing to evaluate: give harmful prompts, task examples or both")
     rows = []

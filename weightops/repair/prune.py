@@ -57,9 +57,9 @@ from weightops.io.writer import StagingFolder
 from weightops.repair.data import (
     Example,
     RepairError,
+    as_examples,
     batches,
     context_length,
-    load_examples,
 )
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -385,12 +385,8 @@ def _lora_norms(
 
 
 def _as_examples(harmful: Sequence[Example] | str | Path | None) -> list[Example] | None:
-    if harmful is None:
-        return None
-    if isinstance(harmful, (str, Path)):
-        return load_examples(harmful)
-    examples = list(harmful)
-    if not examples:
+    examples = as_examples(harmful)
+    if examples == []:
         raise RepairError("no harmful examples given (pass None to score by magnitude)")
     return examples
 
