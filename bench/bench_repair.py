@@ -190,6 +190,8 @@ def main() -> None:
         "compute thread, wall time and peak RSS from `/usr/bin/time -f %M`."
         + ("" if has_restore else " `repair restore` was not benchmarked.")
         + " The machine is shared with other jobs, so wall times vary between runs."
+        + " No other tool packages Antidote or alignment restoration, so there is no peer"
+        + " column."
         + f"\n\n- Command: `{cmd}`\n- Machine: {machine()}\n\n"
         + "\n".join(lines)
         + "\n\n"
