@@ -63,7 +63,7 @@ import time
 from pathlib import Path
 
 import torch
-from training import small_llama, warmup_cosine
+from training import small_llama, train_lm
 
 from weightops.ama import search
 from weightops.demo import quiet_transformers
@@ -142,23 +142,15 @@ def make_tokenizer():
 
 def train(model, tok, make, steps: int, lr: float, seed: int, batch: int = 32) -> None:
     rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
-    sched = warmup_cosine(opt, steps)
-    model.train()
-    for step in range(steps):
-        # Every text ends with <eos>, as the AMA search frames its responses.
-        texts = [make(rng) + tok.eos_token for _ in range(batch)]
-        enc = tok(texts, padding=True, return_tensors="pt")
-        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
-        loss = model(**enc, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 200 == 0 or step == steps - 1:
-            print(f"  step {step:5d}  loss {loss.item():.3f}", flush=True)
-    model.eval()
+    # Every text ends with <eos>, as the AMA search frames its responses.
+    train_lm(
+        model,
+        tok,
+        lambda: [make(rng) + tok.eos_token for _ in range(batch)],
+        steps,
+        lr=lr,
+        weight_decay=0.0,
+    )
 
 
 def trained_pair(args, seed: int) -> tuple[Path, Path]:

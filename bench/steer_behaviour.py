@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from training import small_llama, warmup_cosine
+from training import small_llama, train_lm
 
 from weightops.steering import SteeringVector
 from weightops.steering.extract import SweepPoint, hidden_states, search_layers, sweep_strength
@@ -115,24 +115,14 @@ def make_tokenizer():
 
 def train(model, tokenizer, words: Sequence[str], steps: int, batch: int) -> float:
     rng = random.Random(SEED + 1)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01, betas=(0.9, 0.98))
-    sched = warmup_cosine(opt, steps)
-    model.train()
-    loss = torch.zeros(())
-    for step in range(steps):
-        texts = [training_text(rng.choice(words), rng) for _ in range(batch)]
-        enc = tokenizer(texts, padding=True, return_tensors="pt")
-        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
-        loss = model(**enc, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 200 == 0 or step == steps - 1:
-            print(f"  step {step:5d}  loss {loss.item():.3f}", flush=True)
-    model.eval()
-    return loss.item()
+    return train_lm(
+        model,
+        tokenizer,
+        lambda: [training_text(rng.choice(words), rng) for _ in range(batch)],
+        steps,
+        lr=3e-3,
+        weight_decay=0.01,
+    )
 
 
 # ---------------------------------------------------------------- measures

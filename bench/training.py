@@ -41,3 +41,26 @@ def small_llama(vocab: int, *, hidden: int, mlp: int, layers: int, seed: int):
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
+
+
+def train_lm(model, tokenizer, texts, steps: int, *, lr: float, weight_decay: float) -> float:
+    """`steps` AdamW steps (betas 0.9, 0.98; gradients clipped at norm 1; the schedule
+    above) of next-token loss on every non-padding token of `texts()`, a fresh batch of
+    strings per step. Returns the last step's loss; the model is left in eval mode."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+    sched = warmup_cosine(opt, steps)
+    model.train()
+    loss = torch.zeros(())
+    for step in range(steps):
+        enc = tokenizer(texts(), padding=True, return_tensors="pt")
+        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+        loss = model(**enc, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 200 == 0 or step == steps - 1:
+            print(f"  step {step:5d}  loss {loss.item():.3f}", flush=True)
+    model.eval()
+    return loss.item()
