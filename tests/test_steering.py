@@ -577,10 +577,15 @@ def test_start_leaves_earlier_positions_untouched(
 
 
 @torch.no_grad()
-def greedy_without_cache(model: Any, ids: torch.Tensor, n: int) -> torch.Tensor:
+def greedy_without_cache(model: Any, ids: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
+    """Greedy decoding that recomputes every position at every step (no KV cache), with
+    the positions `generate` gives left-padded rows."""
     for _ in range(n):
-        nxt = model(input_ids=ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         ids = torch.cat([ids, nxt], dim=1)
+        mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
     return ids
 
 
@@ -588,21 +593,28 @@ def greedy_without_cache(model: Any, ids: torch.Tensor, n: int) -> torch.Tensor:
 def test_generate_with_cache_and_start(
     zoo: _Zoo, vectors: dict[str, SteeringVector], family: str
 ) -> None:
+    """Cached generation equals recomputing everything, for `start` before the prompt
+    (in the left padding of the shorter row), inside it, at its end and after it."""
     model, tok = zoo.get(family)
-    ids = tok(["hello there"], return_tensors="pt").input_ids
+    tok.padding_side = "left"
+    enc = tok(["hello there, my good friend", "hi"], return_tensors="pt", padding=True)
+    ids, mask = enc.input_ids, enc.attention_mask
     n = ids.shape[1]
+    pad = int((mask[1] == 0).sum())
+    assert pad >= 2  # the second row starts inside the padding
     kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
     v = vectors[family]
     with torch.no_grad():
-        plain = model.generate(ids, **kw)
-    for start in (3, n + 2):
+        plain = model.generate(ids, attention_mask=mask, **kw)
+    for start in (1, pad, n - 2, n, n + 2):
         with v.apply(model, strength=8.0, start=start), torch.no_grad():
-            cached = model.generate(ids, **kw)
-            reference = greedy_without_cache(model, ids, 5)
+            cached = model.generate(ids, attention_mask=mask, **kw)
+            reference = greedy_without_cache(model, ids, mask, 5)
         assert torch.equal(cached, reference), start
         assert not torch.equal(cached, plain), start
-    # With start past the prompt, the first generated token comes from unsteered states.
-    assert cached[0, n] == plain[0, n]
+        if start >= n:
+            # The first generated token still comes from unsteered states.
+            assert torch.equal(cached[:, n], plain[:, n]), start
 
 
 def test_two_vectors_at_once_equal_their_sum(

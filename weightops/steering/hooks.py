@@ -47,24 +47,45 @@ def check_fits(vec: SteeringVector, layout: Layout) -> None:
 
 class _Positions:
     """Which positions of the current forward pass are at or after `start`: computed
-    once per pass from the KV cache, as None when all of them are (every decoding step
-    after the prompt), so the block hooks then add without a mask."""
+    once per pass, as None when all of them are (every decoding step after the prompt),
+    so the block hooks then add without a mask.
+
+    The absolute index of the first token of a pass is the length of the KV cache it
+    brings. transformers has renamed and dropped the keyword arguments that carry it
+    (`cache_position`, `past_key_values` became `cache` in 5.24), so the cache is found by
+    what it is, a `Cache` object (or the legacy tuple of per-layer (key, value) pairs),
+    whatever argument it comes in.
+    """
 
     def __init__(self, start: int) -> None:
         self.start = start
         self.mask: torch.Tensor | None = None
 
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        positions = kwargs.get("cache_position")
-        if positions is None:
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            if ids is None:
-                ids = kwargs.get("inputs_embeds")
-            past = kwargs.get("past_key_values")
-            offset = past.get_seq_length() if hasattr(past, "get_seq_length") else 0
-            positions = torch.arange(offset, offset + ids.shape[1], device=ids.device)
+        ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        offset = _cache_length((*kwargs.values(), *args))
+        positions = torch.arange(offset, offset + ids.shape[1], device=ids.device)
         keep = positions >= self.start
         self.mask = None if bool(keep.all()) else keep.view(1, -1, 1)
+
+
+def _cache_length(values: Sequence[Any]) -> int:
+    """Tokens already in the KV cache among a forward pass's arguments; 0 without one."""
+    for v in values:
+        if hasattr(v, "get_seq_length"):
+            return int(v.get_seq_length())
+        if (
+            isinstance(v, tuple)
+            and v
+            and isinstance(v[0], tuple)
+            and v[0]
+            and torch.is_tensor(v[0][0])
+            and v[0][0].dim() == 4
+        ):
+            return int(v[0][0].shape[-2])
+    return 0
 
 
 def _edit_output(output: Any, fn: Any) -> Any:
