@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import TORCH_VERSION, WORK
 from report import BENCHMARKS_MD, machine, write_section
 
+from weightops.compat import causal_lm
 from weightops.demo import tiny_model
 from weightops.steering import SteeringVector
 
@@ -176,12 +177,12 @@ def run_peer(folder: Path, out: Path) -> dict[str, dict[int, np.ndarray]]:
 
 
 def load(folder: Path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
     tok.pad_token = tok.eos_token
     tok.padding_side = "right"
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = causal_lm(folder, torch.float32).eval()
     return model, tok
 
 

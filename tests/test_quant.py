@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from weightops.compat import causal_lm
 from weightops.quant.mixed import (
     QuantError,
     _grid,
@@ -395,7 +396,7 @@ def test_kept_tensors_are_16bit_and_lm_head_is_optional(small_llama, tmp_path):
 def test_layerwise_calibration_matches_whole_model_hooks_across_families(families, family):
     # Gemma scales its embeddings before block 0 and Qwen2 has attention biases: the
     # one-block stub must reproduce what the whole model feeds each block.
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from weightops.io.checkpoint import Checkpoint
     from weightops.quant.calibrate import LayerwiseCalibration
@@ -405,7 +406,7 @@ def test_layerwise_calibration_matches_whole_model_hooks_across_families(familie
     calibration = LayerwiseCalibration(Checkpoint(folder), [text], window=48)
     calibration.layer(0)
     got = calibration.layer(1)["model.layers.1.mlp.down_proj.weight"]
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = causal_lm(folder, torch.float32).eval()
     ids = AutoTokenizer.from_pretrained(folder)(text, return_tensors="pt").input_ids[0]
     seen = []
     handle = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(

@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import load_state
 
+from weightops.compat import causal_lm
 from weightops.repair.data import Example
 from weightops.repair.restore import RestoreError, restore, restore_model
 
@@ -36,9 +37,9 @@ def llama(tmp_path_factory):
 
 
 def load(folder: Path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = causal_lm(folder, torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(folder)
 
 

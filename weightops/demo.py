@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from weightops.compat import causal_lm, causal_lm_from_config
+
 _DECODER = dict(
     hidden_size=64,
     intermediate_size=128,
@@ -65,7 +67,7 @@ def tiny_model(
     dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Save a random `family` model with a tokenizer into `folder`; return the folder."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     quiet_transformers()
     folder = Path(folder)
@@ -75,7 +77,7 @@ def tiny_model(
         cfg["n_layer" if model_type == "gpt2" else "num_hidden_layers"] = layers
     config = AutoConfig.for_model(model_type, vocab_size=VOCAB, **cfg)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = causal_lm_from_config(config, dtype)
     with torch.no_grad():
         for p in model.parameters():
             # Norm gains start at exactly 1 in a fresh model; perturb them so merges of
@@ -95,10 +97,10 @@ def fine_tune(
     shard_size: str | int = "1GB",
 ) -> Path:
     """Save base + a seeded random task vector (dense noise plus a sparse strong part)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     quiet_transformers()
-    model = AutoModelForCausalLM.from_pretrained(base)
+    model = causal_lm(base, "auto")  # keep the base's dtype on every transformers version
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():

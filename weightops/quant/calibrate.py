@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from weightops.arch import describe, embedding_name, layer_count_key, rename_layer
+from weightops.compat import causal_lm_from_config
 from weightops.io.checkpoint import Checkpoint
 from weightops.io.jsonl import JsonlError, read_jsonl
 from weightops.io.safetensors_file import FileReader
@@ -106,7 +107,6 @@ class LayerwiseCalibration:
 
     def _stub(self, index: int) -> torch.nn.Module:
         """A one-block model shaped like block `index` (blocks differ only by type)."""
-        from transformers import AutoModelForCausalLM
 
         types = getattr(self.config, "layer_types", None)
         kind = types[index] if types else None
@@ -118,7 +118,7 @@ class LayerwiseCalibration:
             # The stub never looks tokens up or computes logits: a tiny vocabulary keeps
             # its embedding and lm_head from costing a full model's memory.
             cfg.vocab_size, cfg.pad_token_id = 8, None
-            self._stubs[kind] = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+            self._stubs[kind] = causal_lm_from_config(cfg, torch.float32).eval()
         return self._stubs[kind]
 
     @torch.no_grad()

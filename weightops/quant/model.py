@@ -23,6 +23,7 @@ from torch import nn
 
 from weightops import kernels
 from weightops.arch import describe, is_block_linear
+from weightops.compat import causal_lm_from_config
 from weightops.io.checkpoint import Checkpoint
 from weightops.io.rewrite import Entry, ordered_names, write_model
 from weightops.io.safetensors_file import FileReader
@@ -253,7 +254,7 @@ class QuantLinear(nn.Module):
 
 def load(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A transformers causal LM running on the quantized weights of `folder`."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     folder = Path(folder)
     manifest_path = folder / MANIFEST
@@ -268,7 +269,7 @@ def load(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     config = AutoConfig.from_pretrained(folder)
     # Built on the CPU (not the meta device) so buffers the checkpoint does not hold,
     # such as rotary frequencies, are initialised as usual.
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = causal_lm_from_config(config, dtype)
     group_size = manifest["group_size"]
     for weight_name, info in manifest["tensors"].items():
         parent_name, _, child = weight_name[: -len(".weight")].rpartition(".")

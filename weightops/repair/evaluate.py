@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from weightops.compat import causal_lm
 from weightops.repair.data import (
     DataError,
     DataLineError,
@@ -209,7 +210,7 @@ def task_score(
 
 def load_model(folder: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """A transformers causal LM and its tokenizer from a local folder, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from weightops.demo import quiet_transformers
     from weightops.io.checkpoint import Checkpoint
@@ -223,7 +224,7 @@ def load_model(folder: str | Path, *, device: str = "cpu", dtype: torch.dtype = 
         raise RepairError(
             f"{folder}: no usable tokenizer", hint="copy the tokenizer files of its base model"
         ) from e
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    model = causal_lm(folder, dtype).to(device).eval()
     return model, tokenizer
 
 

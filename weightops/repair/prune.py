@@ -49,6 +49,7 @@ from typing import Any
 import torch
 
 from weightops.arch import family, is_block_linear
+from weightops.compat import causal_lm
 from weightops.engine.progress import Progress
 from weightops.io.checkpoint import Checkpoint
 from weightops.io.rewrite import ordered_names, write_model
@@ -245,12 +246,11 @@ def activation_norms(
 
 
 def _load_causal_lm(folder: Path, dtype: torch.dtype, device: str) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
 
     from weightops.demo import quiet_transformers
 
     quiet_transformers()
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    return causal_lm(folder, dtype).to(device).eval()
 
 
 def _load_tokenizer(folders: Sequence[Path]) -> Any:

@@ -63,6 +63,7 @@ import torch
 from torch import nn
 
 from weightops.arch import describe
+from weightops.compat import causal_lm
 from weightops.errors import WeightopsError
 from weightops.steering.layers import find_layers
 
@@ -554,7 +555,7 @@ def restore_model(
     fine-tune, restored weights take the aligned checkpoint's stored values, and the
     model card records the settings and the restored count per tensor. Returns the
     summary of the run (`RestoreResult.summary()` plus the output folder)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from weightops.demo import quiet_transformers
     from weightops.io.checkpoint import Checkpoint
@@ -565,8 +566,8 @@ def restore_model(
     ft_ckpt = Checkpoint(finetuned_dir)
     al_ckpt = Checkpoint(aligned_dir)
     tokenizer = AutoTokenizer.from_pretrained(ft_ckpt.folder)
-    ft_model = AutoModelForCausalLM.from_pretrained(ft_ckpt.folder, dtype=dtype).to(device)
-    al_model = AutoModelForCausalLM.from_pretrained(al_ckpt.folder, dtype=dtype).to(device)
+    ft_model = causal_lm(ft_ckpt.folder, dtype).to(device)
+    al_model = causal_lm(al_ckpt.folder, dtype).to(device)
     result = restore(
         ft_model,
         al_model,
