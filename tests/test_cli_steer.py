@@ -173,3 +173,193 @@ def test_bake_rejects_nan_strength(llama, pairs_file, tmp_path):
     )
     assert r.exit_code == 1 and "finite" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_gguf_with_layer_zero_fails_before_any_work(llama, tmp_path, monkeypatch):
+    import transformers
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded before the check")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", never)
+    r = invoke(
+        [
+            "steer",
+            "train",
+            llama["base"],
+            "--pairs",
+            tmp_path / "none.jsonl",
+            "--layers",
+            "0,1",
+            "-o",
+            tmp_path / "v.gguf",
+        ]
+    )
+    assert r.exit_code == 1
+    assert "layer 0" in r.stderr and "--layers" in r.stderr and "vec." not in r.stderr
+    assert not (tmp_path / "v.gguf").exists()
+
+
+def test_gguf_with_all_layers_leaves_out_layer_zero(llama, pairs_file, tmp_path):
+    out = tmp_path / "v.gguf"
+    r = invoke(["steer", "train", llama["base"], "--pairs", pairs_file, "-o", out])
+    assert r.exit_code == 0, r.output
+    depth = json.loads((llama["base"] / "config.json").read_text())["num_hidden_layers"]
+    assert SteeringVector.load(out).layers == list(range(1, depth))
+
+
+def test_chat_template_wraps_each_text_as_a_user_turn(llama, pairs_file, tmp_path):
+    tok = AutoTokenizer.from_pretrained(llama["base"])
+    if not tok.chat_template:
+        r = invoke(
+            [
+                "steer",
+                "train",
+                llama["base"],
+                "--pairs",
+                pairs_file,
+                "--chat-template",
+                "-o",
+                tmp_path / "v.safetensors",
+            ]
+        )
+        assert r.exit_code == 1 and "chat template" in r.stderr
+        folder = tmp_path / "chat"
+        import shutil
+
+        shutil.copytree(llama["base"], folder)
+        tok.chat_template = "{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}<a>"
+        tok.save_pretrained(folder)
+    else:
+        folder = llama["base"]
+    out = tmp_path / "v.safetensors"
+    r = invoke(
+        [
+            "steer",
+            "train",
+            folder,
+            "--pairs",
+            pairs_file,
+            "--chat-template",
+            "--layers",
+            "1",
+            "--method",
+            "mean_diff",
+            "-o",
+            out,
+        ]
+    )
+    assert r.exit_code == 0, r.output
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    wrapped = [
+        (
+            tok.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            ),
+            tok.apply_chat_template(
+                [{"role": "user", "content": n}], tokenize=False, add_generation_prompt=True
+            ),
+        )
+        for p, n in PAIRS
+    ]
+    want = SteeringVector.train(model, tok, wrapped, method="mean_diff", layers=[1])
+    plain = SteeringVector.train(model, tok, PAIRS, method="mean_diff", layers=[1])
+    got = SteeringVector.load(out)
+    torch.testing.assert_close(got.directions[1], want.directions[1], atol=1e-5, rtol=0)
+    assert not torch.allclose(got.directions[1], plain.directions[1], atol=1e-3)
+
+
+def test_ablate_takes_the_best_ranked_layer_or_asks(llama, pairs_file, tmp_path):
+    auto = tmp_path / "auto.safetensors"
+    r = invoke(
+        [
+            "steer",
+            "train",
+            llama["base"],
+            "--pairs",
+            pairs_file,
+            "--layers",
+            "auto",
+            "--top",
+            2,
+            "--method",
+            "mean_diff",
+            "-o",
+            auto,
+        ]
+    )
+    assert r.exit_code == 0, r.output
+    vec = SteeringVector.load(auto)
+    best = vec.info["ranking"][0]
+    r = invoke(["steer", "ablate", llama["base"], "--vector", auto, "-o", tmp_path / "a"])
+    assert r.exit_code == 0, r.output
+    assert f"layer {best}" in r.stderr
+    hooked = logits(llama["base"], vec, mode="ablate", layer=best)
+    torch.testing.assert_close(logits(tmp_path / "a"), hooked, atol=1e-4, rtol=0)
+
+    plain = tmp_path / "plain.safetensors"
+    r = invoke(["steer", "train", llama["base"], "--pairs", pairs_file, "-o", plain])
+    assert r.exit_code == 0, r.output
+    r = invoke(["steer", "ablate", llama["base"], "--vector", plain, "-o", tmp_path / "b"])
+    assert r.exit_code == 1 and "--layer" in r.stderr
+    assert not (tmp_path / "b").exists()
+
+
+def test_bf16_source_baked_in_float32_on_request(tmp_path, pairs_file):
+    from weightops.demo import tiny_model
+
+    base = tiny_model(tmp_path / "bf16", "llama", seed=3, dtype=torch.bfloat16)
+    vec_path = tmp_path / "v.safetensors"
+    r = invoke(["steer", "train", base, "--pairs", pairs_file, "--layers", "1", "-o", vec_path])
+    assert r.exit_code == 0, r.output
+    outs = {}
+    for dtype in ("source", "float32"):
+        outs[dtype] = tmp_path / dtype
+        r = invoke(
+            [
+                "steer",
+                "bake",
+                base,
+                "--vector",
+                vec_path,
+                "--strength",
+                4,
+                "--dtype",
+                dtype,
+                "-o",
+                outs[dtype],
+            ]
+        )
+        assert r.exit_code == 0, r.output
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(outs["source"] / "model.safetensors").values()} == {
+        torch.bfloat16
+    }
+    f32 = load_file(outs["float32"] / "model.safetensors")
+    assert {t.dtype for t in f32.values()} == {torch.float32}
+    # fp32 output: the bf16 weights exactly, plus the fp32 bias.
+    src = load_file(base / "model.safetensors")
+    for name, t in src.items():
+        torch.testing.assert_close(f32[name], t.float(), atol=0, rtol=0)
+    card = (outs["float32"] / "README.md").read_text()
+    assert "- steering" in card and "- merge" not in card
+    config = json.loads((outs["float32"] / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "float32"
+    r = invoke(
+        [
+            "steer",
+            "bake",
+            base,
+            "--vector",
+            vec_path,
+            "--strength",
+            1,
+            "--dtype",
+            "int8",
+            "-o",
+            tmp_path / "bad",
+        ]
+    )
+    assert r.exit_code == 1 and "--dtype" in r.stderr

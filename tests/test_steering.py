@@ -396,13 +396,54 @@ def test_search_layers_is_well_formed_and_deterministic(llama: tuple[Any, Any]) 
     assert sorted(s.layer for s in scores) == list(range(DEPTH))
     keys = [(s.accuracy, s.margin) for s in scores]
     assert keys == sorted(keys, reverse=True)
-    n_test = round(0.25 * len(PAIRS))
+    n = len(PAIRS)  # cross-validation holds every pair out once
     for s in scores:
         assert 0.0 <= s.accuracy <= 1.0 and math.isfinite(s.margin)
-        assert (s.accuracy * n_test) == pytest.approx(round(s.accuracy * n_test))
+        assert (s.accuracy * n) == pytest.approx(round(s.accuracy * n))
     assert extract.search_layers(model, tok, PAIRS, seed=1) == scores
     with pytest.raises(SteeringError, match="4 pairs"):
         extract.search_layers(model, tok, PAIRS[:3])
+
+
+def test_orientation_rule_is_deterministic_on_ties() -> None:
+    d = torch.tensor([0.6, -0.8])
+    # Two pairs project up, two down: the mean projected difference decides (+0.1 > 0).
+    diffs = torch.tensor([[1.0, 0.0], [1.0, 0.0], [-0.5, 0.0], [-1.0 - 1 / 6, 0.0]])
+    assert (diffs @ d).mean() > 0
+    assert torch.equal(extract.orient(d, diffs), d)
+    assert torch.equal(extract.orient(-d, diffs), d)
+    # A perfectly balanced split: the largest entry of the direction turns positive.
+    balanced = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    assert torch.equal(extract.orient(d, balanced), -d)
+    assert torch.equal(extract.orient(-d, balanced), -d)
+    # A clear majority wins whatever the mean says.
+    skew = torch.tensor([[0.1, 0.0], [0.1, 0.0], [-9.0, 0.0]])
+    assert torch.equal(extract.orient(d, skew), d)
+
+
+def test_search_layers_ranks_by_every_pair_held_out(
+    llama: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Layer 1 separates all pairs, layer 3 all but one: a single 25 % split would often
+    tie them at 1.0; cross-validation tells them apart."""
+    model, tok = llama
+    n = len(PAIRS)
+    g = torch.Generator().manual_seed(2)
+    u = unit(HIDDEN, 3)
+
+    def fake(model: Any, tokenizer: Any, texts: list[str], layers: list[int], **kw: Any):
+        out = {i: torch.randn(2 * n, HIDDEN, generator=g) * 0.01 for i in layers}
+        out[1][0::2] += 5 * u
+        out[3][0::2] += 5 * u
+        out[3][1] += 10 * u  # pair 0: its negative lies beyond the positives along u
+        return out
+
+    monkeypatch.setattr(extract, "hidden_states", fake)
+    scores = {s.layer: s for s in extract.search_layers(model, tok, PAIRS, method="mean_diff")}
+    assert scores[1].accuracy == 1.0
+    assert scores[3].accuracy == (n - 1) / n
+    ranked = extract.search_layers(model, tok, PAIRS, method="mean_diff")
+    assert ranked[0].layer == 1
 
 
 @pytest.mark.parametrize("method", ["mean_diff", "pca_diff"])
@@ -426,7 +467,7 @@ def test_search_layers_finds_a_planted_signal(
         return out
 
     monkeypatch.setattr(extract, "hidden_states", fake)
-    scores = extract.search_layers(model, tok, PAIRS, method=method, held_out=0.5)
+    scores = extract.search_layers(model, tok, PAIRS, method=method, folds=2)
     assert scores[0].layer == 2
     assert scores[0].accuracy == 1.0 and scores[0].margin > 1.0
 

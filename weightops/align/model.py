@@ -158,6 +158,7 @@ def align_model(
         title=f"{model.name} aligned to {reference.name}",
         summary=summary,
         settings=settings,
+        tag="alignment",
         force=force,
         shard_size=shard_size,
     )

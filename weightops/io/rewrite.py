@@ -35,16 +35,23 @@ def rewrite_checkpoint(
     title: str,
     summary: list[str],
     settings: dict[str, Any],
+    tag: str,
+    dtype: torch.dtype | None = None,
     force: bool = False,
     shard_size: int = 5 * 10**9,
 ) -> Path:
     """Write `source` with every tensor replaced by transform(name, tensor) to `out`.
 
     `new_tensors` adds tensors that the source lacks (transform gets None for them);
-    tensors keep their names, shapes and dtypes."""
+    tensors keep their names, shapes and dtypes, except that `dtype` (if given) replaces
+    the dtype of every floating-point tensor, and config.json says so."""
     new_tensors = new_tensors or {}
     entries = [(n, source.tensors[n].shape, source.tensors[n].dtype) for n in ordered_names(source)]
-    entries += [(n, shape, dtype) for n, (shape, dtype) in new_tensors.items()]
+    entries += [(n, shape, dt) for n, (shape, dt) in new_tensors.items()]
+    if dtype is not None:
+        entries = [(n, shape, dtype if dt.is_floating_point else dt) for n, shape, dt in entries]
+        key = "dtype" if "dtype" in source.config else "torch_dtype"
+        config_updates = {**(config_updates or {}), key: str(dtype).removeprefix("torch.")}
 
     def produce(name: str, reader: FileReader) -> torch.Tensor:
         tensor = reader.read(source.tensors[name]) if name in source.tensors else None
@@ -59,6 +66,7 @@ def rewrite_checkpoint(
         title=title,
         summary=summary,
         settings=settings,
+        tag=tag,
         force=force,
         shard_size=shard_size,
     )
@@ -81,6 +89,7 @@ def write_model(
     title: str,
     summary: list[str],
     settings: dict[str, Any],
+    tag: str,
     force: bool = False,
     shard_size: int = 5 * 10**9,
     extra_files: dict[str, Callable[[], str]] | None = None,
@@ -88,7 +97,7 @@ def write_model(
 ) -> Path:
     """Write a checkpoint folder whose tensors are `entries` (name, shape, dtype), in
     that order, each made by produce(name, reader) when its turn comes; the side files
-    come from `source`. Atomic like a merge: nothing is left behind on failure."""
+    come from `source`; `tag` names the job in the model card. Atomic like a merge: nothing is left behind on failure."""
     metadata = {
         "format": "pt",
         "weightops_version": __version__,
@@ -128,6 +137,7 @@ def write_model(
             recipe_yaml=recipe,
             version=__version__,
             heading="Settings",
+            tag=tag,
         )
         staging.commit()
     except BaseException:

@@ -57,13 +57,15 @@ def write_card(
     recipe_yaml: str,
     version: str,
     heading: str = "Recipe",
+    tag: str = "merge",
 ) -> None:
+    """README.md with a model card header; `tag` says which job made the model."""
     lines = [
         "---",
         "library_name: transformers",
         "tags:",
         "- weightops",
-        "- merge",
+        f"- {tag}",
         "---",
         "",
         f"# {title}",

@@ -197,6 +197,7 @@ def quantize_model(
         title=f"{ckpt.path.name}, 2/4-bit",
         summary=summary,
         settings=settings,
+        tag="quantization",
         force=force,
         shard_size=shard_size,
         extra_files={MANIFEST: lambda: json.dumps(manifest, indent=2) + "\n"},

@@ -550,6 +550,7 @@ def prune(
                 title=f"{folder.name}, harmful weights pruned (Antidote)",
                 summary=summary,
                 settings=settings,
+                tag="repair",
                 force=force,
                 shard_size=shard_size,
                 extra_files=extra,

@@ -640,6 +640,7 @@ def restore_model(
             title=f"{ft_ckpt.folder.name}, alignment restored",
             summary=card,
             settings=settings,
+            tag="repair",
             force=force,
             shard_size=shard_size,
         )

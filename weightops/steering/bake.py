@@ -68,10 +68,12 @@ def bake_addition(
     strength: float,
     out: str | Path,
     *,
+    dtype: torch.dtype | None = None,
     force: bool = False,
     shard_size: int = 5 * 10**9,
 ) -> Path:
-    """Write `model` with `strength · vec` added to every block output it names."""
+    """Write `model` with `strength · vec` added to every block output it names; the
+    floating-point tensors in `dtype` (default: the source's)."""
     _check_strength(strength)
     ckpt = Checkpoint(model)
     model_type = _check_model(vec, ckpt)
@@ -124,6 +126,8 @@ def bake_addition(
         title=f"{ckpt.path.name} + steering",
         summary=summary,
         settings=settings,
+        tag="steering",
+        dtype=dtype,
         force=force,
         shard_size=shard_size,
     )
@@ -135,10 +139,12 @@ def bake_ablation(
     out: str | Path,
     *,
     layer: int | None = None,
+    dtype: torch.dtype | None = None,
     force: bool = False,
     shard_size: int = 5 * 10**9,
 ) -> Path:
-    """Write `model` with the vector's direction projected out of every residual write."""
+    """Write `model` with the vector's direction projected out of every residual write;
+    the floating-point tensors in `dtype` (default: the source's)."""
     ckpt = Checkpoint(model)
     model_type = _check_model(vec, ckpt)
     q = ablation_basis([(vec, 1.0)], layer).double()
@@ -175,6 +181,8 @@ def bake_ablation(
         title=f"{ckpt.path.name} − direction",
         summary=summary,
         settings=settings,
+        tag="steering",
+        dtype=dtype,
         force=force,
         shard_size=shard_size,
     )
@@ -183,10 +191,10 @@ def bake_ablation(
 def _project_last(t: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Remove span(q) from the last axis (rows of an embedding, Conv1D outputs, biases)."""
     x = t.double()
-    return (x - (x @ q) @ q.T).to(t.dtype)
+    return x - (x @ q) @ q.T  # the writer rounds once, to the output dtype
 
 
 def _project_first(t: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Remove span(q) from the first axis (a Linear weight's output rows)."""
     x = t.double()
-    return (x - q @ (q.T @ x)).to(t.dtype)
+    return x - q @ (q.T @ x)

@@ -161,9 +161,20 @@ def direction(method: str, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor
         return _probe(pos, neg)
     else:
         raise SteeringError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    # Orient: the positive text of most pairs should project higher.
-    higher = ((pos - neg) @ d > 0).float().mean()
-    return d if higher >= 0.5 else -d
+    return orient(d, pos - neg)
+
+
+def orient(d: torch.Tensor, diffs: torch.Tensor) -> torch.Tensor:
+    """Turn d so that the positive text of most pairs projects higher. An even split
+    goes to the sign of the mean projected difference, and an exact zero there to the
+    sign of d's largest-magnitude entry, so the sign never depends on the SVD's."""
+    proj = diffs.double() @ d.double()
+    votes = int((proj > 0).sum()) - int((proj < 0).sum())
+    if votes == 0:
+        votes = int(torch.sign(proj.mean()))
+    if votes == 0:
+        votes = int(torch.sign(d[d.abs().argmax()]))
+    return d if votes >= 0 else -d
 
 
 def train(
@@ -231,30 +242,42 @@ def search_layers(
     pairs: Sequence[Pair],
     method: str = "mean_diff",
     *,
-    held_out: float = 0.25,
+    folds: int = 5,
     seed: int = 0,
     layers_path: str | None = None,
 ) -> list[LayerScore]:
     """Contrastive layer search: rank layers by how well a direction learned on some
-    pairs separates the others. Score: held-out pairwise accuracy, ties broken by a
-    margin (mean projected gap / pooled standard deviation), best first."""
+    pairs separates the others, by k-fold cross-validation (every pair is held out
+    once, so the accuracy has 1/len(pairs) resolution instead of one small split's).
+    Score: held-out pairwise accuracy, ties broken by a margin (mean projected gap over
+    the pooled standard deviation of the fold's projections, averaged over pairs),
+    best first."""
     _check_pairs(pairs)
     if len(pairs) < 4:
         raise SteeringError(f"layer search needs at least 4 pairs (got {len(pairs)})")
+    if folds < 2:
+        raise SteeringError(f"layer search needs at least 2 folds (got {folds})")
     layout = find_layers(model, layers_path)
     layers = list(range(len(layout.blocks)))
-    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_test = max(1, round(held_out * len(pairs)))
-    test, fit = order[:n_test], order[n_test:]
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed))
+    splits = [part for part in order.tensor_split(min(folds, len(pairs))) if len(part)]
     texts = [t for p in pairs for t in p]
     states = hidden_states(model, tokenizer, texts, layers, layers_path=layers_path)
     scores = []
     for i, h in states.items():
         pos, neg = h[0::2], h[1::2]
-        d = direction(method, pos[fit], neg[fit])
-        p, q = pos[test] @ d, neg[test] @ d
-        spread = torch.cat([p, q]).std().clamp_min(1e-12)
-        scores.append(LayerScore(i, float((p > q).float().mean()), float((p - q).mean() / spread)))
+        right, gap = 0, 0.0
+        for test in splits:
+            fit = torch.ones(len(pairs), dtype=torch.bool)
+            fit[test] = False
+            d = direction(method, pos[fit], neg[fit])
+            p, q = pos[test] @ d, neg[test] @ d
+            spread = torch.cat([p, q]).std().clamp_min(1e-12) if len(test) > 1 else None
+            if spread is None:
+                spread = (pos[fit] @ d - neg[fit] @ d).std().clamp_min(1e-12)
+            right += int((p > q).sum())
+            gap += float(((p - q) / spread).sum())
+        scores.append(LayerScore(i, right / len(pairs), gap / len(pairs)))
     return sorted(scores, key=lambda s: (s.accuracy, s.margin), reverse=True)
 
 
