@@ -418,3 +418,62 @@ def test_layerwise_calibration_matches_whole_model_hooks_across_families(familie
     handle.remove()
     x = torch.cat([s.reshape(-1, s.shape[-1]) for s in seen]).double()
     torch.testing.assert_close(got, (x.T @ x / x.shape[0]).float(), rtol=1e-4, atol=1e-6)
+
+
+def test_an_encoder_is_refused_in_one_line_and_nothing_is_written(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    from weightops.quant.model import quantize_model
+
+    cfg = BertConfig(
+        vocab_size=64,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=32,
+    )
+    BertModel(cfg).save_pretrained(tmp_path / "bert")
+    out = tmp_path / "q"
+    with pytest.raises(QuantError, match="not a causal language model"):
+        quantize_model(tmp_path / "bert", out)
+    assert not out.exists()
+
+
+def test_unrecognised_block_weights_are_refused_not_half_quantized(small_llama, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from weightops.quant.model import quantize_model
+
+    folder = tmp_path / "odd"
+    shutil.copytree(small_llama[0], folder)
+    shard = next(folder.glob("*.safetensors"))
+    state = load_file(shard)
+    state["model.layers.0.mlp.mystery_proj.weight"] = torch.zeros(64, 64)
+    save_file(state, shard, metadata={"format": "pt"})
+    with pytest.raises(QuantError, match="mystery_proj"):
+        quantize_model(folder, tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    [
+        "{not json",
+        "[]",
+        '{"version": 2, "group_size": 64, "tensors": {"x.nowhere.weight": '
+        '{"shape": [4, 64], "k4": 0}}}',
+        '{"version": 2, "tensors": {}}',
+    ],
+)
+def test_load_refuses_a_broken_folder_without_a_traceback(small_llama, tmp_path, manifest):
+    from weightops.quant import load
+    from weightops.quant.model import quantize_model
+
+    folder = tmp_path / "q"
+    quantize_model(small_llama[0], folder)
+    (folder / "weightops_quant.json").write_text(manifest)
+    with pytest.raises(QuantError):
+        load(folder)

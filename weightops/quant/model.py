@@ -66,6 +66,34 @@ def quantizable(ckpt: Checkpoint, name: str, group_size: int, lm_head: bool = Fa
     return linear and len(shape) == 2 and shape[1] % group_size == 0
 
 
+def check_supported(ckpt: Checkpoint) -> None:
+    """Refuse, in one line, a model that would come out half-quantized or that `load`
+    could not rebuild: quantization covers decoder language models whose every 2-D
+    weight inside the blocks is a linear projection it recognises."""
+    archs = [str(a) for a in ckpt.config.get("architectures") or []]
+    model_type = ckpt.config.get("model_type", "?")
+    if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        raise QuantError(
+            f"{ckpt.path}: {', '.join(archs)} ({model_type}) is not a causal language model; "
+            "weightops quantizes decoder LMs (…ForCausalLM) only"
+        )
+    unknown = [
+        n
+        for n, info in ckpt.tensors.items()
+        if describe(n).layer is not None
+        and n.endswith(".weight")
+        and len(info.shape) == 2
+        and not is_block_linear(n, info.shape)
+        and describe(n).role not in ("embed", "pos_embed")
+    ]
+    if unknown:
+        raise QuantError(
+            f"{ckpt.path}: {len(unknown)} block weights of this {model_type} model are not "
+            f"linear projections weightops recognises (e.g. {unknown[0]}); quantizing the "
+            "others would leave it half-quantized"
+        )
+
+
 def quantize_model(
     model: str | Path,
     out: str | Path,
@@ -101,6 +129,7 @@ def quantize_model(
         raise QuantError(f"{ckpt.path}: this model is already quantized by weightops")
     if str(ckpt.config.get("model_type")) == "gpt2":
         raise QuantError("GPT-2 stores its linears as Conv1D ([in, out]); not supported yet")
+    check_supported(ckpt)
     entries: list[Entry] = []
     plan: dict[str, tuple[int, int]] = {}  # weight name -> (k4, outliers per row)
     # Blocks in increasing order, so calibration can walk through the model once.
@@ -261,29 +290,39 @@ def load(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         raise QuantError(f"{folder}: no {MANIFEST}; not a weightops-quantized model")
-    manifest = json.loads(manifest_path.read_text())
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise QuantError(f"{manifest_path}: not a readable JSON manifest ({e})") from e
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("tensors"), dict):
+        raise QuantError(f"{manifest_path}: not a weightops quantization manifest")
     if manifest.get("version") not in READABLE_VERSIONS:
         raise QuantError(
             f"{folder}: quantized format version {manifest.get('version')} "
             f"(this weightops reads versions {', '.join(map(str, READABLE_VERSIONS))})"
         )
-    config = AutoConfig.from_pretrained(folder)
-    # Built on the CPU (not the meta device) so buffers the checkpoint does not hold,
-    # such as rotary frequencies, are initialised as usual.
-    model = causal_lm_from_config(config, dtype)
-    group_size = manifest["group_size"]
-    for weight_name, info in manifest["tensors"].items():
-        parent_name, _, child = weight_name[: -len(".weight")].rpartition(".")
-        parent = model.get_submodule(parent_name)
-        old = getattr(parent, child)
-        out_f, in_f = info["shape"]
-        setattr(
-            parent,
-            child,
-            QuantLinear(
+    try:
+        config = AutoConfig.from_pretrained(folder)
+        # Built on the CPU (not the meta device) so buffers the checkpoint does not hold,
+        # such as rotary frequencies, are initialised as usual.
+        model = causal_lm_from_config(config, dtype)
+    except (OSError, ValueError, KeyError) as e:
+        raise QuantError(f"{folder}: cannot build a causal LM from its config.json ({e})") from e
+    try:
+        group_size = int(manifest["group_size"])
+        for weight_name, info in manifest["tensors"].items():
+            parent_name, _, child = weight_name[: -len(".weight")].rpartition(".")
+            parent = model.get_submodule(parent_name)
+            old = getattr(parent, child)
+            out_f, in_f = info["shape"]
+            quant = QuantLinear(
                 in_f, out_f, group_size, info["k4"], old.bias is not None, info.get("outliers", 0)
-            ),
-        )
+            )
+            setattr(parent, child, quant)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise QuantError(
+            f"{folder}: {MANIFEST} does not describe this model's layers ({type(e).__name__}: {e})"
+        ) from e
     ckpt = Checkpoint(folder)
     with FileReader() as reader:
         state = {name: reader.read(info) for name, info in ckpt.tensors.items()}
