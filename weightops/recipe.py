@@ -286,6 +286,7 @@ def check_recipe(recipe: Recipe) -> list[tuple[str, str]]:
     for where, base, inputs in groups:
         problems += _check_inputs(method, where, base, inputs)
     problems += _check_parameters(method, recipe)
+    problems += _check_together(method, recipe)
     return problems
 
 
@@ -413,6 +414,30 @@ def _check_parameters(method: MethodSpec, recipe: Recipe) -> list[tuple[str, str
         in_slices = any(spec.name in (s.parameters or {}) for s in recipe.slices or [])
         if not spec.per_model and spec.required and spec.name not in global_keys and not in_slices:
             problems.append(("parameters", f"{method.name} needs parameter {spec.name!r}"))
+    return problems
+
+
+def _check_together(method: MethodSpec, recipe: Recipe) -> list[tuple[str, str]]:
+    """The method's `check` on each model's parameters, where they are plain values;
+    gradients and conditions vary by tensor and are checked while planning."""
+    if method.check is None or recipe.models is None:
+        return []
+    shared = recipe.parameters or {}
+    problems = []
+    for where, _, params, is_base in _per_model_blocks(recipe):
+        if is_base:
+            continue
+        values: dict[str, Any] = {}
+        for spec in method.params.values():
+            own = (params or {}).get(spec.name) if spec.per_model else None
+            setting = shared.get(spec.name) if own is None else own
+            value, msg = (spec.default, None) if setting is None else spec.validate(setting)
+            if msg or not isinstance(value, (bool, int, float, str)):
+                break  # missing, invalid (reported above) or varying by tensor
+            values[spec.name] = [value] if spec.per_model else value
+        else:
+            if msg := method.check(values):
+                problems.append((where, msg))
     return problems
 
 

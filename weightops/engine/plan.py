@@ -176,6 +176,8 @@ class _Planner:
                 params[spec.name] = spec.validate(value)[0] if value is not None else None
         if self.method.name == "linear" and params.get("normalize") and sum(params["weight"]) == 0:
             self.problem(f"{name}: the linear weights sum to 0 here, so they cannot be normalized")
+        if self.method.check is not None and (msg := self.method.check(params)):
+            self.problem(f"{name}: {msg}")
         return params
 
     def add(

@@ -6,10 +6,12 @@ Importing this package registers the built-in methods; `get_method(name)` finds 
 from weightops.merge import (  # noqa: F401  (imported to register the methods)
     breadcrumbs,
     dare,
+    della,
     linear,
     model_averaging,
     model_stock,
     passthrough,
+    sce,
     slerp,
     task_arithmetic,
     ties,

@@ -24,6 +24,10 @@ read from its keyword-only signature:
   output tensor's name, for methods whose work depends on where a tensor sits (per-layer
   settings from whole-model statistics, which axis a permutation acts on).
 - `Literal["a", "b"]` is a string parameter that must be one of the listed choices.
+- `check=fn` on `merge_method` tests a tensor's resolved parameters together (bounds
+  that involve two parameters): `fn(params)` returns what is wrong, or None. The
+  planner calls it for every output tensor, so a bad combination fails before any
+  tensor is read.
 - `Blocks` is a table of inclusive, non-overlapping decoder-layer ranges with a value
   each, written `[[first, last, value], …]` in a recipe; a `Range` bounds the values.
   The method gets a `Blocks` (or None) and finds a tensor's layer from its `name` with
@@ -194,6 +198,7 @@ class MethodSpec:
     wants_name: bool = False
     elementwise: bool = False
     observer: Callable[[], Observer] | None = None
+    check: Callable[[dict[str, Any]], str | None] | None = None
     doc: str = field(default="", repr=False)
 
     @property
@@ -251,13 +256,15 @@ def merge_method(
     reference: str = "",
     observer: Callable[[], Observer] | None = None,
     elementwise: bool = False,
+    check: Callable[[dict[str, Any]], str | None] | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register a merge method under `name`; duplicate names are an error.
 
     `elementwise=True` promises that each output entry depends only on the same entry
     of the inputs; the engine may then run the method on row blocks of large tensors.
     With `observer`, the engine first runs a statistics pass (see Observer) and passes
-    its result to the method's keyword-only `stats` argument.
+    its result to the method's keyword-only `stats` argument. `check` tests the resolved
+    parameters of each output tensor together while planning (see the module docstring).
     """
 
     def register(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -300,6 +307,7 @@ def merge_method(
             wants_name=wants_name,
             observer=observer,
             elementwise=elementwise,
+            check=check,
             doc=inspect.getdoc(fn) or "",
         )
         return fn

@@ -46,7 +46,12 @@ def magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
     n = delta.numel()
     if density >= 1 or n == 0:
         return delta
-    k = max(1, int(density * n))
+    return top_k(delta, max(1, int(density * n)))
+
+
+def top_k(delta: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k entries of largest magnitude (1 ≤ k), zero the rest, in place; ties at
+    the threshold are kept in index order until exactly k survive."""
     # Task vectors of bf16 fine-tunes are often mostly exact zeros; when no more than k
     # entries are nonzero, the threshold is 0 and keeping k entries changes nothing.
     if int(torch.count_nonzero(delta)) <= k:
@@ -89,6 +94,45 @@ def random_drop(delta: torch.Tensor, density: float, rng: torch.Generator | None
     return delta.mul_(keep.lt_(density))
 
 
+def magnitude_sample(
+    delta: torch.Tensor,
+    density: float,
+    epsilon: float,
+    rng: torch.Generator | None,
+    *,
+    rescale: bool,
+) -> torch.Tensor:
+    """DELLA's MagPrune: within each row, rank the entries by |δ| (ties in index order)
+    and keep the entry of rank r (0 = smallest, of m) with probability
+    pᵣ = density − epsilon + 2·epsilon·r/(m − 1), a single-entry row with p = density;
+    with `rescale` the kept entries are divided by their pᵣ. A row is the whole tensor
+    when it has one dimension, else everything after the first dimension. Needs
+    0 ≤ density − epsilon and density + epsilon ≤ 1. In place.
+    """
+    if density >= 1 or delta.numel() == 0:
+        return delta
+    rows = delta.view(1, -1) if delta.dim() < 2 else delta.view(delta.shape[0], -1)
+    m = rows.shape[1]
+    ranks = torch.arange(m, device=delta.device, dtype=delta.dtype)
+    levels = (density - epsilon + 2 * epsilon * ranks / max(m - 1, 1)).clamp_(0, 1)
+    if m == 1:
+        levels.fill_(density)
+    # Ranking sorts each row and holds int64 indices: go through the rows in blocks so
+    # the temporaries stay small; the draws depend only on the generator's state.
+    step = max(1, BLOCK // m)
+    for start in range(0, rows.shape[0], step):
+        block = rows[start : start + step]
+        order = torch.argsort(block.abs(), dim=1, stable=True)
+        keep_p = torch.empty_like(block).scatter_(1, order, levels.expand_as(block))
+        draw = torch.rand(block.shape, generator=rng, device=block.device, dtype=block.dtype)
+        keep = draw < keep_p
+        block.mul_(keep)
+        if rescale:
+            # Dropped entries are already 0; dividing them by 1 avoids 0/0 where p = 0.
+            block.div_(keep_p.masked_fill_(~keep, 1.0))
+    return delta
+
+
 def rescale_l1(l1_before: torch.Tensor, pruned: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Scale `pruned` in place so its L1 norm is `l1_before` (no-op for near-zero norms)."""
     after = pruned.abs().sum()
@@ -119,9 +163,11 @@ def combine(
     consensus: bool,
     normalize: bool,
     lam: float,
+    elect_weights: list[float] | None = None,
 ) -> torch.Tensor:
     """base + λ · Σ wᵢ·δᵢ (masked by sign consensus), optionally divided by Σ wᵢ
-    over the deltas that contributed to each entry. Writes the result into `base`
+    over the deltas that contributed to each entry. The consensus sign is that of
+    Σ vᵢ·δᵢ with vᵢ = `elect_weights` (default the wᵢ). Writes the result into `base`
     (returned) and overwrites the deltas."""
     flats = [d.reshape(-1) for d in deltas]
     out = base.view(-1)
@@ -129,7 +175,7 @@ def combine(
     for start in range(0, out.numel(), BLOCK):
         block = [f[start : start + BLOCK] for f in flats]
         if consensus:
-            mixed = _elect(block, weights, normalize)
+            mixed = _elect(block, weights, elect_weights or weights, normalize)
         else:
             mixed = torch.zeros_like(block[0])
             for delta, weight in zip(block, weights, strict=True):
@@ -142,13 +188,15 @@ def combine(
     return base
 
 
-def _elect(block: list[torch.Tensor], weights: list[float], normalize: bool) -> torch.Tensor:
+def _elect(
+    block: list[torch.Tensor], weights: list[float], votes: list[float], normalize: bool
+) -> torch.Tensor:
     """TIES election without stacking the deltas. With uᵢ = wᵢδᵢ and e = ±1 the elected
-    sign (that of Σ uᵢ, 0 counting as +), the agreeing part of uᵢ is e·relu(e·uᵢ), and it
-    agrees where e·uᵢ > 0 (zeros never agree). Overwrites the deltas."""
+    sign (that of Σ vᵢδᵢ, 0 counting as +), the agreeing part of uᵢ is e·relu(e·uᵢ), and
+    it agrees where e·uᵢ > 0 (zeros never agree). Overwrites the deltas."""
     elected = torch.zeros_like(block[0])
-    for delta, weight in zip(block, weights, strict=True):
-        elected.add_(delta, alpha=weight)
+    for delta, vote in zip(block, votes, strict=True):
+        elected.add_(delta, alpha=vote)
     elected.sign_().add_(0.5).sign_()  # -1 -> -1, 0 -> +1, +1 -> +1
     mixed = torch.zeros_like(elected)
     divisor = torch.zeros_like(elected) if normalize else None
