@@ -4,12 +4,18 @@ Importing this package registers the built-in methods; `get_method(name)` finds 
 """
 
 from weightops.merge import (  # noqa: F401  (imported to register the methods)
+    arcee_fusion,
     breadcrumbs,
     dare,
+    karcher,
     linear,
     model_averaging,
     model_stock,
+    multislerp,
+    nearswap,
+    nuslerp,
     passthrough,
+    ram,
     slerp,
     task_arithmetic,
     ties,
