@@ -26,7 +26,8 @@ def karcher(
     Each of the N flattened inputs is split into its norm nᵢ and direction uᵢ. Inputs
     with nᵢ ≤ tol have no direction and are left out of the mean (weights 1/K over the
     K others). Starting from the normalised mean direction u = Σuᵢ/‖Σuᵢ‖ (or the first
-    direction when that sum is shorter than tol), repeat at most max_iter times:
+    direction when the mean (1/K)Σuᵢ is shorter than tol), repeat at most max_iter
+    times:
       θᵢ = arccos(u·uᵢ)
       T = (1/K) Σᵢ θᵢ/sin θᵢ · (uᵢ − (u·uᵢ)u)     (the mean of the log maps; θᵢ < tol skipped)
       stop if ‖T‖ < tol, else u ← cos‖T‖·u + sin‖T‖·T/‖T‖ (renormalised)
