@@ -4,13 +4,19 @@ Importing this package registers the built-in methods; `get_method(name)` finds 
 """
 
 from weightops.merge import (  # noqa: F401  (imported to register the methods)
+    arcee_fusion,
     breadcrumbs,
     dare,
     della,
+    karcher,
     linear,
     model_averaging,
     model_stock,
+    multislerp,
+    nearswap,
+    nuslerp,
     passthrough,
+    ram,
     sce,
     slerp,
     task_arithmetic,
