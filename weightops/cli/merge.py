@@ -113,8 +113,9 @@ def _merge_steps(
     start = time.perf_counter()
 
     def report(step, path: Path, plan) -> None:
+        where = "an intermediate" if step.name and found.final else str(path)
         typer.echo(
-            f"{step.label}: wrote {path} ({len(plan.tasks)} tensors, "
+            f"{step.label}: wrote {where} ({len(plan.tasks)} tensors, "
             f"{plan.output_bytes / 1e9:.2f} GB) after {time.perf_counter() - start:.1f}s",
             err=True,
         )
