@@ -200,6 +200,19 @@ align: {to: base, sed: 1}
     assert set(problems) == {"align.sed", "models[0].parameters.density"}
 
 
+def test_a_bad_setting_is_reported_under_its_own_key():
+    # Keys starting with a type's name (int8_mask, strength) used to lose their name.
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(
+            "merge_method: ties\nbase_model: b\n"
+            "models: [{model: a, parameters: {weight: 1, strength: {x: 1}}}]\n"
+            "parameters: {int8_mask: {x: 1}}\n"
+        )
+    problems = dict(info.value.problems)
+    assert set(problems) == {"parameters.int8_mask", "models[0].parameters.strength"}
+    assert all(m.startswith("is not a setting") for m in problems.values())
+
+
 def test_strict_turns_every_warning_into_a_problem():
     text = "merge_method: linear\ndype: bf16\nmodels: [{model: a, parameters: {weight: 1, wieght: 2}}]\n"
     assert len(parse_recipe(text).warnings) == 2
@@ -374,6 +387,29 @@ def test_multi_document_validate_and_dry_run(llama, tmp_path):
     assert "method      linear" in dry.stdout
     assert "reads the output of 'avg'" in dry.stdout
     assert not (tmp_path / "out").exists()
+
+
+def test_output_of_a_named_document_is_a_warning(llama, tmp_path):
+    recipe = _multi(tmp_path, llama)
+    recipe.write_text(recipe.read_text().replace("name: avg\n", "name: avg\noutput: elsewhere\n"))
+    result = invoke("validate", recipe)
+    assert result.exit_code == 0, result.output
+    assert warning_lines(result.stderr) == [
+        f"warning: {recipe}: document 2 (avg): output: has no effect: a named document's "
+        "output is its name"
+    ]
+
+
+def test_dry_run_names_the_chat_template(llama, tmp_path):
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        f"merge_method: linear\nmodels: [{{model: {llama['ft_a']}, parameters: {{weight: 1}}}}]\n"
+        "chat_template: auto\n",
+    )
+    result = invoke("merge", recipe, "-o", tmp_path / "out", "--dry-run")
+    assert result.exit_code == 0, result.output
+    # The demo tokenizer carries no chat template, so `auto` finds none.
+    assert "chat template auto (no input model has one: none written)" in result.stdout
 
 
 @pytest.mark.parametrize(

@@ -155,24 +155,32 @@ def _literals(setting: Setting) -> list[Any]:
     return [setting]
 
 
-def _yaml_path(loc: tuple[Any, ...]) -> str:
+_UNION_MEMBERS = ("bool", "int", "float", "str", "Condition")
+
+
+def _yaml_path(loc: tuple[Any, ...]) -> tuple[str, bool]:
+    """The YAML path of a pydantic error location, and whether it is a failure of a
+    union (a parameter setting): pydantic then names each member it tried in the
+    location, and the path stops before the first of them."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif not str(part).startswith(
-            ("function-", "list[", "tuple[", "dict[", "str", "bool", "int", "float")
-        ):
+        elif part in _UNION_MEMBERS or str(part).startswith(("list[", "tuple[", "dict[")):
+            return out, True
+        elif not str(part).startswith("function-"):
             out += f".{part}" if out else str(part)
-    return out
+    return out, False
 
 
 def _pydantic_problems(err: ValidationError) -> list[tuple[str, str]]:
     seen: dict[str, str] = {}
     for e in err.errors():
-        path = _yaml_path(e["loc"])
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        # Union members each report a failure; one line per path is enough.
+        path, union = _yaml_path(e["loc"])
+        if union:
+            msg = "is not a setting: give a value, a list of values or {filter, value} conditions"
+        else:
+            msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
         seen.setdefault(path, msg)
     return list(seen.items())
 

@@ -111,6 +111,10 @@ def _documents(docs: list[Any], recipe_dir: Path, problems: Found, warnings: Fou
         recipe, found, ignored = check_mapping(body, recipe_dir=recipe_dir, outputs=outputs)
         problems.extend((_where(i, name, p), m) for p, m in found)
         warnings.extend((_where(i, name, p), m) for p, m in ignored)
+        if recipe is not None and name is not None and recipe.output is not None:
+            warnings.append(
+                (_where(i, name, "output"), "has no effect: a named document's output is its name")
+            )
         if recipe is not None:
             needs = tuple(r for r in dict.fromkeys(references(recipe)) if r in outputs)
             steps.append(Step(name, recipe, needs, i + 1))

@@ -142,6 +142,11 @@ def _print_plan(plan, out: Path | str, options) -> None:
     )
     if plan.method.observer:
         echo("passes      2 (statistics, then merge)")
+    template = plan.recipe.chat_template
+    if template is not None:
+        named = template if len(template) < 20 else "given in the recipe"
+        found = "" if plan.chat_template else " (no input model has one: none written)"
+        echo(f"chat template {named}{found}")
     echo("")
     for task in plan.tasks:
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in task.params if v is not None)
