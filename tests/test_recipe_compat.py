@@ -346,6 +346,9 @@ def test_multi_document_merge_runs_in_order_and_leaves_only_the_output(llama, tm
         want = base[name].double() + 2.0 * (avg - base[name].double())
         torch.testing.assert_close(value.double(), want, rtol=1e-5, atol=1e-5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["multi.yaml", "out"]
+    card = (out / "README.md").read_text()
+    recipe_block = card.split("```yaml")[1]
+    assert "- model: avg" in recipe_block and "weightops-steps" not in recipe_block
 
 
 def test_multi_document_all_named_writes_each_under_its_name(llama, tmp_path):

@@ -44,6 +44,9 @@ def run_steps(
             plan = build_plan(
                 with_outputs(step.recipe, outputs), recipe_dir, random_seed=random_seed
             )
+            # The model card and shard metadata record the recipe as written, with
+            # step names, not the temporary folders they stood for.
+            plan.recipe = step.recipe
             if step.name is None:
                 execute(plan, out, options)
                 report(step, out, plan)
