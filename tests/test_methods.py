@@ -452,6 +452,22 @@ def test_breadcrumbs_drops_outliers_and_smallest_by_rank():
     torch.testing.assert_close(out, base + kept)
 
 
+def test_breadcrumbs_rescale_restores_l1_norm():
+    # The same pruning as above keeps 2, 4, 1, 3, 0.5 (L1 10.5) of a vector with L1 22.1;
+    # mergekit's `rescale` scales the survivors back to the original L1 norm.
+    kept = T(0, 0, 2, 0, 4, 1, 0, 3, 0.5, 0)
+    out = call(
+        "breadcrumbs",
+        [_CRUMB],
+        torch.zeros(10),
+        weight=[1.0],
+        density=[0.5],
+        gamma=[0.2],
+        rescale=True,
+    )
+    torch.testing.assert_close(out, kept * (22.1 / 10.5))
+
+
 def test_breadcrumbs_density_plus_gamma_above_one_drops_fewer_outliers():
     # density 0.9 keeps 9 of 10; gamma 0.2 would drop 2, but only the largest can go.
     out = call("breadcrumbs", [_CRUMB], torch.zeros(10), weight=[1.0], density=[0.9], gamma=[0.2])

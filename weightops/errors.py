@@ -21,11 +21,18 @@ class CheckpointError(WeightopsError):
 
 
 class RecipeError(WeightopsError):
-    """A recipe is invalid; `problems` lists every (yaml path, message) found."""
+    """A recipe is invalid; `problems` lists every (yaml path, message) found, and
+    `warnings` what else was found that mergekit would ignore."""
 
-    def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
+    def __init__(
+        self,
+        source: str,
+        problems: list[tuple[str, str]],
+        warnings: list[tuple[str, str]] | None = None,
+    ) -> None:
         self.source = source
         self.problems = problems
+        self.warnings = warnings or []
         lines = "; ".join(f"{path}: {msg}" if path else msg for path, msg in problems)
         noun = "problem" if len(problems) == 1 else "problems"
         super().__init__(f"{source}: {len(problems)} {noun}: {lines}")

@@ -3,31 +3,26 @@
 A recipe names a merge method, its input models (or layer slices of them), parameters
 (scalars, gradients over depth, lists of `{filter, value}` conditions, or — for the
 parameters a method declares as `Blocks` — a table of layer ranges), dtypes and
-the tokenizer source. Unknown keys are errors: a misspelt `densty` must not silently
-fall back to a default. `load_recipe` parses and checks structure, method, parameters
-and model paths, and raises one RecipeError listing every problem with its YAML path,
-before any tensor is read.
+the tokenizer source. What mergekit runs, weightops runs: a key mergekit silently
+ignores (a misspelt `densty`, a parameter the method does not take) is a warning
+naming its YAML path and the closest valid name (weightops.recipe_keys and
+weightops.recipe_checks), and an error with `strict`, so it cannot silently fall back
+to a default. `load_recipe` parses and checks structure, method, parameters and model
+paths, and raises one RecipeError listing every problem with its YAML path, before
+any tensor is read.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, PositiveInt, PrivateAttr, ValidationError
 
-from weightops.arch import num_layers
 from weightops.errors import RecipeError
-from weightops.merge.registry import (
-    Blocks,
-    MethodSpec,
-    ParamSpec,
-    all_methods,
-    unknown_method_message,
-)
+from weightops.merge.registry import MethodSpec, all_methods, unknown_method_message
 
 Scalar = bool | int | float | str
 DTypeName = Literal["float32", "float16", "bfloat16", "float64", "fp32", "fp16", "bf16"]
@@ -45,6 +40,8 @@ class Condition(_Strict):
 # A list of lists is a table (`Blocks` parameters: [[first_layer, last_layer, value], …]).
 Setting = Scalar | list[Scalar] | list[list[Scalar]] | Condition | list[Condition]
 Parameters = dict[str, Setting]
+# (yaml path, message) pairs: the problems or warnings of a recipe.
+Found = list[tuple[str, str]]
 
 
 class ModelInput(_Strict):
@@ -89,6 +86,12 @@ class Recipe(_Strict):
     # mergekit keys weightops knows but does not implement yet: refused with a reason.
     modules: dict[str, Any] | None = None
     tokenizer: dict[str, Any] | None = None
+    _warnings: list[tuple[str, str]] = PrivateAttr(default_factory=list)
+
+    @property
+    def warnings(self) -> list[tuple[str, str]]:
+        """(yaml path, message) of every key mergekit would ignore."""
+        return self._warnings
 
     @property
     def method(self) -> MethodSpec:
@@ -152,58 +155,98 @@ def _literals(setting: Setting) -> list[Any]:
     return [setting]
 
 
-def _yaml_path(loc: tuple[Any, ...]) -> str:
+_UNION_MEMBERS = ("bool", "int", "float", "str", "Condition")
+
+
+def _yaml_path(loc: tuple[Any, ...]) -> tuple[str, bool]:
+    """The YAML path of a pydantic error location, and whether it is a failure of a
+    union (a parameter setting): pydantic then names each member it tried in the
+    location, and the path stops before the first of them."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif not str(part).startswith(
-            ("function-", "list[", "tuple[", "dict[", "str", "bool", "int", "float")
-        ):
+        elif part in _UNION_MEMBERS or str(part).startswith(("list[", "tuple[", "dict[")):
+            return out, True
+        elif not str(part).startswith("function-"):
             out += f".{part}" if out else str(part)
-    return out
+    return out, False
 
 
 def _pydantic_problems(err: ValidationError) -> list[tuple[str, str]]:
     seen: dict[str, str] = {}
     for e in err.errors():
-        path = _yaml_path(e["loc"])
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        # Union members each report a failure; one line per path is enough.
+        path, union = _yaml_path(e["loc"])
+        if union:
+            msg = "is not a setting: give a value, a list of values or {filter, value} conditions"
+        else:
+            msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
         seen.setdefault(path, msg)
     return list(seen.items())
 
 
-def parse_recipe(text: str, source: str = "recipe", *, recipe_dir: Path | None = None) -> Recipe:
+def parse_recipe(
+    text: str, source: str = "recipe", *, recipe_dir: Path | None = None, strict: bool = False
+) -> Recipe:
     """Parse YAML text into a Recipe, checking structure, method and parameters, and
-    (with `recipe_dir`) that every model exists; one RecipeError lists every problem."""
+    (with `recipe_dir`) that every model exists; one RecipeError lists every problem.
+    What mergekit would ignore is kept in `Recipe.warnings`, or, with `strict`, is a
+    problem too."""
+    documents = load_documents(text, source)
+    if len(documents) != 1:
+        raise RecipeError(
+            source,
+            [("", f"holds {len(documents)} YAML documents; one recipe is one document")],
+        )
+    recipe, problems, warnings = check_mapping(documents[0], recipe_dir=recipe_dir)
+    if strict:
+        problems, warnings = problems + warnings, []
+    if problems:
+        raise RecipeError(source, problems, warnings=warnings)
+    assert recipe is not None
+    recipe._warnings = warnings
+    return recipe
+
+
+def load_documents(text: str, source: str) -> list[Any]:
+    """The YAML documents of a recipe file (mergekit-multi puts several in one)."""
     try:
-        data = yaml.safe_load(text)
+        return [d for d in yaml.safe_load_all(text) if d is not None] or [None]
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else ""
         raise RecipeError(source, [(where, f"not valid YAML: {getattr(e, 'problem', e)}")]) from e
+
+
+def check_mapping(
+    data: Any, *, recipe_dir: Path | None = None, outputs: frozenset[str] = frozenset()
+) -> tuple[Recipe | None, Found, Found]:
+    """(recipe or None, problems, warnings) of one recipe document. With `recipe_dir`
+    every model must exist, except the `outputs` of earlier steps of a multi-document
+    recipe."""
+    from weightops.recipe_checks import check_table_depth
+    from weightops.recipe_keys import ignored_keys
+
     if not isinstance(data, dict):
-        raise RecipeError(source, [("", "a recipe is a YAML mapping with merge_method, models, …")])
-    problems: list[tuple[str, str]] = []
+        return None, [("", "a recipe is a YAML mapping with merge_method, models, …")], []
+    warnings: Found = []
+    data = ignored_keys(data, warnings)
+    problems: Found = []
     try:
         recipe: Recipe | None = Recipe.model_validate(data)
     except ValidationError as e:
         problems += _pydantic_problems(e)
         recipe = _without_unknown_keys(data, e)
     if recipe is not None:
-        problems += check_recipe(recipe)
+        problems += check_recipe(recipe, warnings)
         if recipe_dir is not None:
             missing = [
                 (where, f"model {ref!r} not found (no such folder or file)")
                 for where, ref in _model_refs(recipe)
-                if resolve_model(ref, recipe_dir) is None
+                if ref not in outputs and resolve_model(ref, recipe_dir) is None
             ]
-            problems += missing or _check_table_depth(recipe, recipe_dir)
-    if problems:
-        raise RecipeError(source, problems)
-    assert recipe is not None
-    return recipe
+            problems += missing or check_table_depth(recipe, recipe_dir)
+    return recipe, problems, warnings
 
 
 def _without_unknown_keys(data: dict[str, Any], err: ValidationError) -> Recipe | None:
@@ -224,14 +267,22 @@ def _without_unknown_keys(data: dict[str, Any], err: ValidationError) -> Recipe 
         return None
 
 
-def load_recipe(path: str | Path, *, check_paths: bool = True) -> Recipe:
+def load_recipe(path: str | Path, *, check_paths: bool = True, strict: bool = False) -> Recipe:
     """Read and fully validate a recipe file (model folders must exist)."""
     path = Path(path)
+    return parse_recipe(
+        read_recipe_text(path),
+        str(path),
+        recipe_dir=path.parent if check_paths else None,
+        strict=strict,
+    )
+
+
+def read_recipe_text(path: Path) -> str:
     try:
-        text = path.read_text()
+        return path.read_text()
     except OSError as e:
         raise RecipeError(str(path), [("", f"cannot read recipe: {e.strerror or e}")]) from e
-    return parse_recipe(text, str(path), recipe_dir=path.parent if check_paths else None)
 
 
 def resolve_model(ref: str, recipe_dir: Path | None = None) -> Path | None:
@@ -259,8 +310,19 @@ def _model_refs(recipe: Recipe) -> list[tuple[str, str]]:
     return refs
 
 
-def check_recipe(recipe: Recipe) -> list[tuple[str, str]]:
-    """Every structural and parameter problem of a parsed recipe."""
+def check_recipe(
+    recipe: Recipe, warnings: list[tuple[str, str]] | None = None
+) -> list[tuple[str, str]]:
+    """Every structural and parameter problem of a parsed recipe; what mergekit would
+    ignore is appended to `warnings` (when given)."""
+    from weightops.chat_templates import check_chat_template
+    from weightops.recipe_checks import (
+        check_inputs,
+        check_parameters,
+        check_together,
+        input_groups,
+    )
+
     problems: list[tuple[str, str]] = []
     for key, why in (
         ("modules", "multi-module (vision/audio tower) merges are not supported yet"),
@@ -277,249 +339,14 @@ def check_recipe(recipe: Recipe) -> list[tuple[str, str]]:
         )
     if (recipe.models is None) == (recipe.slices is None):
         problems.append(("", "give exactly one of 'models' or 'slices'"))
-    methods = all_methods()
-    method = methods.get(recipe.merge_method)
+    problems += check_chat_template(recipe.chat_template)
+    method = all_methods().get(recipe.merge_method)
     if method is None:
         problems.append(("merge_method", unknown_method_message(recipe.merge_method)))
         return problems
-    groups = _input_groups(recipe)
-    for where, base, inputs in groups:
-        problems += _check_inputs(method, where, base, inputs)
-    problems += _check_parameters(method, recipe)
-    problems += _check_together(method, recipe)
-    return problems
-
-
-def _input_groups(recipe: Recipe) -> list[tuple[str, str | None, list[tuple[str, str]]]]:
-    """(yaml path, base model, [(yaml path, model)]) for each group merged together."""
-    if recipe.models is not None:
-        return [
-            (
-                "models",
-                recipe.base_model,
-                [(f"models[{i}]", m.model) for i, m in enumerate(recipe.models)],
-            )
-        ]
-    return [
-        (
-            f"slices[{i}]",
-            s.base_model or recipe.base_model,
-            [(f"slices[{i}].sources[{j}]", src.model) for j, src in enumerate(s.sources)],
-        )
-        for i, s in enumerate(recipe.slices or [])
-    ]
-
-
-def _check_inputs(
-    method: MethodSpec, where: str, base: str | None, inputs: list[tuple[str, str]]
-) -> list[tuple[str, str]]:
-    problems = []
-    name = method.name
-    if method.base == "required" and not base:
-        problems.append(("base_model", f"{name} needs a base_model"))
-    if method.base == "unused" and base and base not in [m for _, m in inputs]:
-        problems.append(
-            (
-                "base_model",
-                f"{name} does not use base_model; list the model under {where} with its parameters instead",
-            )
-        )
-    others = [m for _, m in inputs if method.base == "unused" or m != base]
-    if len(others) < method.min_models:
-        need = method.min_models
-        what = "besides base_model " if method.base != "unused" else ""
-        problems.append(
-            (
-                where,
-                f"{name} needs at least {need} model{'s' if need > 1 else ''} {what}(got {len(others)})",
-            )
-        )
-    if method.max_models is not None and len(others) > method.max_models:
-        what = "besides base_model " if method.base != "unused" else ""
-        problems.append(
-            (
-                where,
-                f"{name} takes at most {method.max_models} model {what}per tensor (got {len(others)})",
-            )
-        )
-    return problems
-
-
-def _check_values(spec: ParamSpec, setting: Setting, path: str) -> list[tuple[str, str]]:
-    if spec.kind is Blocks:
-        if not _is_table(setting):
-            return [(path, f"{spec.name} must be a list of [first_layer, last_layer, value]")]
-        _, msg = spec.validate(setting)
-        return [(path, f"{spec.name}: {msg}")] if msg else []
-    if _is_table(setting):
-        return [(path, f"{spec.name} takes a value, a gradient or conditions, not a table")]
-    problems = []
-    for value in _literals(setting):
-        if value is None and not spec.required:
-            continue
-        _, msg = spec.validate(value)
-        if msg:
-            problems.append((path, f"{spec.name} {msg} (got {value!r})"))
-    return problems
-
-
-def _check_parameters(method: MethodSpec, recipe: Recipe) -> list[tuple[str, str]]:
-    problems: list[tuple[str, str]] = []
-    valid = ", ".join(method.params) or "none"
-    shared_blocks = [("parameters", recipe.parameters)] + [
-        (f"slices[{i}].parameters", s.parameters) for i, s in enumerate(recipe.slices or [])
-    ]
-    for where, params in shared_blocks:
-        for key, setting in (params or {}).items():
-            spec = method.params.get(key)
-            if spec is None:
-                problems.append(
-                    (f"{where}.{key}", f"{method.name} has no parameter {key!r} (valid: {valid})")
-                )
-            else:
-                problems += _check_values(spec, setting, f"{where}.{key}")
-    global_keys = set(recipe.parameters or {})
-    for where, model, params, is_base in _per_model_blocks(recipe):
-        for key, setting in (params or {}).items():
-            spec = method.params.get(key)
-            if spec is None:
-                problems.append(
-                    (f"{where}.{key}", f"{method.name} has no parameter {key!r} (valid: {valid})")
-                )
-            elif not spec.per_model:
-                problems.append(
-                    (
-                        f"{where}.{key}",
-                        f"{key} applies to the whole merge; put it under the top-level parameters",
-                    )
-                )
-            else:
-                problems += _check_values(spec, setting, f"{where}.{key}")
-        if is_base:
-            continue
-        for spec in method.params.values():
-            if (
-                spec.per_model
-                and spec.required
-                and spec.name not in (params or {})
-                and spec.name not in global_keys
-            ):
-                problems.append(
-                    (
-                        where,
-                        f"{method.name} needs {spec.name!r} for model {model!r}",
-                    )
-                )
-    for spec in method.params.values():
-        in_slices = any(spec.name in (s.parameters or {}) for s in recipe.slices or [])
-        if not spec.per_model and spec.required and spec.name not in global_keys and not in_slices:
-            problems.append(("parameters", f"{method.name} needs parameter {spec.name!r}"))
-    return problems
-
-
-def _check_together(method: MethodSpec, recipe: Recipe) -> list[tuple[str, str]]:
-    """The method's `check` on each model's parameters, where they are plain values;
-    gradients and conditions vary by tensor and are checked while planning."""
-    if method.check is None or recipe.models is None:
-        return []
-    shared = recipe.parameters or {}
-    problems = []
-    for where, _, params, is_base in _per_model_blocks(recipe):
-        if is_base:
-            continue
-        values: dict[str, Any] = {}
-        for spec in method.params.values():
-            own = (params or {}).get(spec.name) if spec.per_model else None
-            setting = shared.get(spec.name) if own is None else own
-            value, msg = (spec.default, None) if setting is None else spec.validate(setting)
-            if msg or not isinstance(value, (bool, int, float, str)):
-                break  # missing, invalid (reported above) or varying by tensor
-            values[spec.name] = [value] if spec.per_model else value
-        else:
-            if msg := method.check(values):
-                problems.append((where, msg))
-    return problems
-
-
-def _output_depth(recipe: Recipe, recipe_dir: Path) -> tuple[int, str] | None:
-    """The merged model's decoder depth, from the lead model's config.json (or the
-    slices' lengths), and what it was read from; None when it cannot be told."""
-    if recipe.slices is not None:
-        depth = sum(
-            max(0, s.sources[0].layer_range[1] - s.sources[0].layer_range[0])
-            for s in recipe.slices
-            if s.sources
-        )
-        return depth, "the slices"
-    uses_base = recipe.merge_method in all_methods() and recipe.method.base != "unused"
-    lead = recipe.base_model if uses_base and recipe.base_model else None
-    lead = lead or next((m.model for m in recipe.models or []), None)
-    path = resolve_model(lead, recipe_dir) if lead else None
-    if path is None:
-        return None
-    config = (path if path.is_dir() else path.parent) / "config.json"
-    try:
-        data = json.loads(config.read_text())
-    except (OSError, ValueError):
-        return None
-    depth = num_layers(data) if isinstance(data, dict) else 0
-    return (depth, repr(lead)) if depth > 0 else None
-
-
-def _check_table_depth(recipe: Recipe, recipe_dir: Path) -> list[tuple[str, str]]:
-    """Tables naming layers the merged model does not have (a recipe written for a
-    deeper model) are errors: those rows would silently apply to nothing."""
-    if recipe.merge_method not in all_methods():
-        return []
-    tables = [
-        (f"{where}.{key}", setting)
-        for where, params in [("parameters", recipe.parameters)]
-        + [(f"slices[{i}].parameters", s.parameters) for i, s in enumerate(recipe.slices or [])]
-        for key, setting in (params or {}).items()
-        if (spec := recipe.method.params.get(key)) is not None and spec.kind is Blocks
-    ]
-    if not tables:
-        return []
-    found = _output_depth(recipe, recipe_dir)
-    if found is None:
-        return []
-    depth, source = found
-    problems = []
-    for path, setting in tables:
-        table, _ = Blocks.parse(setting)
-        if table is not None and table.last_layer >= depth:
-            problems.append(
-                (
-                    path,
-                    f"names layer {table.last_layer}, but {source} has {depth} layers "
-                    f"(0-{depth - 1})",
-                )
-            )
-    return problems
-
-
-def _per_model_blocks(recipe: Recipe) -> list[tuple[str, str, Parameters | None, bool]]:
-    """(yaml path, model, its parameters, is it the base of its group)."""
-    uses_base = recipe.merge_method in all_methods() and recipe.method.base != "unused"
-    blocks = []
-    for i, m in enumerate(recipe.models or []):
-        blocks.append(
-            (
-                f"models[{i}].parameters",
-                m.model,
-                m.parameters,
-                uses_base and m.model == recipe.base_model,
-            )
-        )
-    for i, s in enumerate(recipe.slices or []):
-        base = s.base_model or recipe.base_model
-        for j, src in enumerate(s.sources):
-            blocks.append(
-                (
-                    f"slices[{i}].sources[{j}].parameters",
-                    src.model,
-                    src.parameters,
-                    uses_base and src.model == base,
-                )
-            )
-    return blocks
+    for where, base, inputs in input_groups(recipe):
+        problems += check_inputs(method, where, base, inputs)
+    found, ignored = check_parameters(method, recipe)
+    if warnings is not None:
+        warnings += ignored
+    return problems + found + check_together(method, recipe)

@@ -15,6 +15,11 @@ DEBUG = False
 # Options every command that writes a checkpoint folder takes, declared once.
 FORCE = typer.Option(False, "--force", help="Replace an existing non-empty output folder.")
 SHARD_SIZE = typer.Option("5GB", "--shard-size", help="Largest shard, e.g. 2GB or 500MiB.")
+STRICT = typer.Option(
+    False,
+    "--strict",
+    help="Treat every recipe warning (a key mergekit would ignore) as an error.",
+)
 
 _UNITS = {
     "": 1,
@@ -38,6 +43,12 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
+def print_warnings(source: str, warnings: list[tuple[str, str]]) -> None:
+    """One line on stderr for each recipe key that has no effect."""
+    for path, msg in warnings:
+        typer.echo(f"warning: {source}: {path or '<recipe>'}: {msg}", err=True)
+
+
 def fail(message: str, code: int = 1) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code)
@@ -55,6 +66,7 @@ def user_errors() -> Iterator[None]:
         noun = "problem" if len(e.problems) == 1 else "problems"
         typer.echo(f"error: {e.source}: {len(e.problems)} {noun}", err=True)
         typer.echo(e.details(), err=True)
+        print_warnings(e.source, e.warnings)
         raise typer.Exit(1) from None
     except WeightopsError as e:
         if DEBUG:

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from weightops.cli import _common
-from weightops.cli._common import fail, parse_size, user_errors
+from weightops.cli._common import fail, parse_size, print_warnings, user_errors
 
 
 def merge(
@@ -30,31 +30,47 @@ def merge(
     progress: bool | None = typer.Option(
         None, "--progress/--no-progress", help="Progress bar (default: only on a terminal)."
     ),
+    strict: bool = _common.STRICT,
+    random_seed: int | None = typer.Option(
+        None,
+        "--random-seed",
+        help="Seed of the random methods (dare_*), in place of the recipe's `seed`.",
+    ),
 ) -> None:
     """Merge the models of RECIPE into one checkpoint folder.
 
     The recipe uses mergekit's format (merge_method, base_model, models or slices,
     parameters with gradients and filters, dtype, out_dtype, tokenizer_source), so
-    existing mergekit configs run unchanged. Tensors stream through one at a time:
-    memory stays at a few tensors whatever the model size. The output appears only
-    when complete; a failed or interrupted run leaves nothing behind.
+    existing mergekit configs run unchanged; a key mergekit would ignore is a warning
+    (an error with --strict). Several YAML documents in one file are run in order as
+    mergekit-multi does: a document's `name:` names its output, later ones read it by
+    that name, and the unnamed document is the final merge written to OUT. Tensors
+    stream through one at a time: memory stays at a few tensors whatever the model
+    size. The output appears only when complete; a failed or interrupted run leaves
+    nothing behind.
 
     Example:  weightops merge recipes/ties.yaml -o merged-ties --shard-size 2GB
     """
     from weightops.engine.plan import build_plan
     from weightops.engine.run import RunOptions, execute, resolve_device
-    from weightops.recipe import load_recipe
+    from weightops.recipe_multi import load_recipe_file
 
     size = parse_size(shard_size)
     with user_errors():
-        r = load_recipe(recipe)
-        out = output or (Path(r.output) if r.output else None)
+        found = load_recipe_file(recipe, strict=strict)
+        print_warnings(found.source, found.warnings)
+        final = found.final
+        named = final.recipe.output if final is not None else None
+        out = output or (Path(named) if named else None)
         if out is None:
             raise fail("no output folder: pass -o OUT or set `output:` in the recipe")
-        plan = build_plan(r, recipe.parent)
         options = RunOptions(
             shard_size=size, device=device, threads=threads, force=force, progress=progress
         )
+        if found.multi:
+            _merge_steps(found, out, recipe.parent, options, random_seed, dry_run)
+            return
+        plan = build_plan(found.steps[0].recipe, recipe.parent, random_seed=random_seed)
         if dry_run:
             resolve_device(device)
             _print_plan(plan, out, options)
@@ -68,7 +84,46 @@ def merge(
         )
 
 
-def _print_plan(plan, out: Path, options) -> None:
+def _merge_steps(
+    found, out: Path, recipe_dir: Path, options, random_seed: int | None, dry_run: bool
+) -> None:
+    from weightops.engine.plan import build_plan
+    from weightops.engine.run import resolve_device
+    from weightops.engine.steps import run_steps
+
+    if dry_run:
+        resolve_device(options.device)
+        for step in found.steps:
+            if step.name is None:
+                where = str(out)
+            elif found.final is None:
+                where = str(out / step.name)
+            else:
+                where = f"intermediate {step.name!r}, removed at the end"
+            typer.echo(f"# step {step.label} (document {step.document}) -> {where}")
+            if step.needs:
+                reads = ", ".join(repr(n) for n in step.needs)
+                typer.echo(f"reads the output of {reads}; planned when that exists")
+                typer.echo("")
+                continue
+            plan = build_plan(step.recipe, recipe_dir, random_seed=random_seed)
+            _print_plan(plan, where, options)
+            typer.echo("")
+        return
+    start = time.perf_counter()
+
+    def report(step, path: Path, plan) -> None:
+        where = "an intermediate" if step.name and found.final else str(path)
+        typer.echo(
+            f"{step.label}: wrote {where} ({len(plan.tasks)} tensors, "
+            f"{plan.output_bytes / 1e9:.2f} GB) after {time.perf_counter() - start:.1f}s",
+            err=True,
+        )
+
+    run_steps(found, out, recipe_dir, options, random_seed=random_seed, report=report)
+
+
+def _print_plan(plan, out: Path | str, options) -> None:
     from weightops.io.writer import plan_layout
 
     layout = plan_layout(
@@ -87,6 +142,11 @@ def _print_plan(plan, out: Path, options) -> None:
     )
     if plan.method.observer:
         echo("passes      2 (statistics, then merge)")
+    template = plan.recipe.chat_template
+    if template is not None:
+        named = template if len(template) < 20 else "given in the recipe"
+        found = "" if plan.chat_template else " (no input model has one: none written)"
+        echo(f"chat template {named}{found}")
     echo("")
     for task in plan.tasks:
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in task.params if v is not None)

@@ -6,20 +6,30 @@ from pathlib import Path
 
 import typer
 
-from weightops.cli._common import user_errors
+from weightops.cli import _common
+from weightops.cli._common import print_warnings, user_errors
 
 
 def validate(
     recipe: Path = typer.Argument(
         ..., metavar="RECIPE", help="Recipe YAML (mergekit format).", show_default=False
     ),
+    strict: bool = _common.STRICT,
 ) -> None:
     """Check a recipe: keys, method, parameters and their ranges, and that every model
-    folder exists. Every problem is listed with its YAML path. Reads no tensor."""
-    from weightops.recipe import load_recipe
+    folder exists. Every problem is listed with its YAML path, and every key that has
+    no effect (mergekit would ignore it) as a warning; warnings fail only with
+    --strict. Multi-document recipes are checked document by document. Reads no tensor."""
+    from weightops.recipe_multi import load_recipe_file
 
     with user_errors():
-        r = load_recipe(recipe)
+        found = load_recipe_file(recipe, strict=strict)
+        print_warnings(found.source, found.warnings)
+        if found.multi:
+            steps = ", ".join(f"{s.name or 'final'} ({s.recipe.merge_method})" for s in found.steps)
+            typer.echo(f"{recipe}: ok ({len(found.steps)} merges, in order: {steps})")
+            return
+        r = found.steps[0].recipe
         n = len(r.model_paths())
         typer.echo(f"{recipe}: ok ({r.merge_method}, {n} model{'s' if n != 1 else ''})")
 

@@ -20,6 +20,7 @@ import torch
 from weightops.align.match import Alignment
 from weightops.align.model import AlignTarget, plan_alignment
 from weightops.arch import describe, layer_count_key, num_layers, rename_layer, text_config
+from weightops.chat_templates import resolve_chat_template
 from weightops.errors import MergeError
 from weightops.io.checkpoint import Checkpoint
 from weightops.io.safetensors_file import TensorInfo
@@ -81,6 +82,8 @@ class Plan:
     # applies them to every input tensor as it is read.
     align: AlignTarget | None = None
     permutations: dict[int, Alignment] = field(default_factory=dict)
+    # The text of the recipe's `chat_template` (a name or `auto` expanded).
+    chat_template: str | None = None
 
     @property
     def output_bytes(self) -> int:
@@ -129,8 +132,11 @@ class _Source:
 
 
 class _Planner:
-    def __init__(self, recipe: Recipe, recipe_dir: Path | None) -> None:
+    def __init__(
+        self, recipe: Recipe, recipe_dir: Path | None, random_seed: int | None = None
+    ) -> None:
         self.recipe = recipe
+        self.random_seed = random_seed
         self.method = recipe.method
         self.problems: list[str] = []
         self.paths: list[Path] = []
@@ -218,6 +224,10 @@ class _Planner:
         is_float = stored_dtype.is_floating_point
         params = self.resolve(out_name, t, sources, shared) if is_float else {}
         seed = params.get("seed")
+        if self.random_seed is not None and self.method.wants_rng:
+            seed = self.random_seed
+            if "seed" in params:
+                params["seed"] = seed
         self.tasks.append(
             TensorTask(
                 name=out_name,
@@ -343,10 +353,16 @@ def _plan_outside_layers(p: _Planner, group: tuple, *, embeddings: bool) -> None
             p.add(name, 0.0, base, sources, shared, None)
 
 
-def build_plan(recipe: Recipe, recipe_dir: Path | None = None) -> Plan:
+def build_plan(
+    recipe: Recipe, recipe_dir: Path | None = None, *, random_seed: int | None = None
+) -> Plan:
     """Open every input's headers and plan each output tensor; raise one MergeError
-    listing every missing tensor, shape mismatch and unresolved parameter."""
-    p = _Planner(recipe, recipe_dir)
+    listing every missing tensor, shape mismatch and unresolved parameter.
+
+    `random_seed` (mergekit's --random-seed) seeds every random method in place of
+    the recipe's `seed` parameter; each tensor's generator is still seeded from it and
+    the tensor's name, so the output does not depend on the order of work."""
+    p = _Planner(recipe, recipe_dir, random_seed)
     lead, config = _plan_slices(p) if recipe.slices is not None else _plan_models(p)
     align = None
     if recipe.align is not None:
@@ -383,4 +399,5 @@ def build_plan(recipe: Recipe, recipe_dir: Path | None = None) -> Plan:
         tokenizer_source=tok if tok.is_dir() else tok.parent,
         sources=p.sources,
         align=align,
+        chat_template=resolve_chat_template(recipe.chat_template, p.paths),
     )

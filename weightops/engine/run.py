@@ -376,7 +376,7 @@ def _apply(
 def _side_files(plan: Plan, folder: Path) -> None:
     sidefiles.write_config(folder, plan.config)
     sidefiles.copy_generation_config(plan.config_source, folder)
-    tokenizer = sidefiles.copy_tokenizer(plan.tokenizer_source, folder, plan.recipe.chat_template)
+    tokenizer = sidefiles.copy_tokenizer(plan.tokenizer_source, folder, plan.chat_template)
     recipe = plan.recipe
     base = recipe.base_model
     inputs = [

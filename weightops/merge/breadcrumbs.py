@@ -7,7 +7,7 @@ from typing import Annotated
 import torch
 
 from weightops.merge.registry import PerModel, Range, Unit, merge_method
-from weightops.merge.sparsify import combine, magnitude_outliers, task_vectors
+from weightops.merge.sparsify import combine, magnitude_outliers, rescale_l1, task_vectors
 
 Gamma = Annotated[float, Range(ge=0, lt=1)]
 
@@ -25,6 +25,8 @@ Parameters:
   gamma (per model, default 0.01, 0 ≤ gamma < 1): share of largest entries dropped.
   lambda (default 1.0): global scale of the merged task vector.
   normalize (default false): divide by the summed weights{agree}.
+  rescale (default false): scale each pruned task vector back to its original L1
+    norm, as mergekit's `rescale` does.
   int8_mask: accepted so mergekit recipes run.
 With density 1 the task vector is left whole (gamma is not applied), as in mergekit.
 Deliberate difference from mergekit: ties in |δ| are ranked in index order (a stable
@@ -43,11 +45,15 @@ def _register(name: str, *, consensus: bool, doc: str) -> None:
         gamma: PerModel[Gamma] = 0.01,
         lambda_: float = 1.0,
         normalize: bool = False,
+        rescale: bool = False,
         int8_mask: bool = False,
     ) -> torch.Tensor:
         deltas = task_vectors(tensors, base)
         for i, (d, g) in enumerate(zip(density, gamma, strict=True)):
+            l1 = deltas[i].abs().sum() if rescale else None
             deltas[i] = magnitude_outliers(deltas[i], d, g)
+            if l1 is not None:
+                deltas[i] = rescale_l1(l1, deltas[i])
         return combine(deltas, base, weight, consensus=consensus, normalize=normalize, lam=lambda_)
 
     breadcrumbs.__name__ = breadcrumbs.__qualname__ = name
