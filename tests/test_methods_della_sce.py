@@ -476,7 +476,7 @@ def test_sce_matches_numpy_with_many_equal_entries(topk):
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-6, atol=1e-7)
 
 
-def test_sce_recipe_rejects_per_model_weight():
+def test_sce_per_model_weight_is_a_warning_as_mergekit_ignores_it():
     text = """
 merge_method: sce
 base_model: base
@@ -485,5 +485,7 @@ models:
     parameters: {weight: 0.5}
   - model: b
 """
-    with pytest.raises(RecipeError, match="sce has no parameter 'weight'"):
-        parse_recipe(text)
+    warnings = dict(parse_recipe(text).warnings)
+    assert "has no effect" in warnings["models[0].parameters.weight"]
+    with pytest.raises(RecipeError, match="weight"):
+        parse_recipe(text, strict=True)
