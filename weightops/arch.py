@@ -129,3 +129,16 @@ def layer_count_key(config: dict[str, Any]) -> str | None:
 def family(config: dict[str, Any]) -> str:
     """A readable family name: the config's model_type, or 'unknown'."""
     return str(config.get("model_type") or text_config(config).get("model_type") or "unknown")
+
+
+def writes_residual(name: str) -> bool:
+    """A tensor of a block's attention output or MLP down projection: what the block
+    adds to the residual stream is linear in it (weight and bias)."""
+    r = describe(name)
+    return r.layer is not None and r.role in ("attn_o", "mlp_down")
+
+
+def normalizes_block_output(names: Iterable[str]) -> str | None:
+    """The name of a norm applied to a block's MLP output before the residual add
+    (Gemma 2/3, OLMo 2), which undoes any scaling of the projections; else None."""
+    return next((n for n in names if "post_feedforward_layernorm" in n), None)

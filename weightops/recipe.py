@@ -20,7 +20,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError
 
 from weightops.arch import num_layers
+from weightops.engine.modules import canonical_module, unknown_module_message
 from weightops.errors import RecipeError
+from weightops.io.lora import read_config, split_reference
 from weightops.merge.registry import (
     Blocks,
     MethodSpec,
@@ -61,6 +63,9 @@ class SliceSource(_Strict):
 class Slice(_Strict):
     sources: list[SliceSource]
     base_model: str | None = None
+    # Scales what the slice's layers add to the residual stream (their attention output
+    # and MLP down projections), after the merge; see weightops.arch.writes_residual.
+    residual_weight: float | None = None
     parameters: Parameters | None = None
 
 
@@ -74,10 +79,22 @@ class AlignSettings(_Strict):
     max_rounds: PositiveInt = 100
 
 
+class ModuleRecipe(_Strict):
+    """`modules.<name>`: one part of a multimodal model (weightops.engine.modules) with
+    its own inputs, and optionally its own method and base model."""
+
+    models: list[ModelInput] | None = None
+    slices: list[Slice] | None = None
+    merge_method: str | None = None
+    base_model: str | None = None
+    parameters: Parameters | None = None
+
+
 class Recipe(_Strict):
     merge_method: str
     models: list[ModelInput] | None = None
     slices: list[Slice] | None = None
+    modules: dict[str, ModuleRecipe] | None = None
     base_model: str | None = None
     parameters: Parameters | None = None
     dtype: DTypeName | None = None
@@ -87,7 +104,6 @@ class Recipe(_Strict):
     output: str | None = None
     align: AlignSettings | None = None
     # mergekit keys weightops knows but does not implement yet: refused with a reason.
-    modules: dict[str, Any] | None = None
     tokenizer: dict[str, Any] | None = None
 
     @property
@@ -103,7 +119,32 @@ class Recipe(_Strict):
             if s.base_model:
                 paths.append(s.base_model)
             paths.extend(src.model for src in s.sources)
+        for name in self.modules or {}:
+            paths.extend(self.module_view(name).model_paths())
         return list(dict.fromkeys(paths))
+
+    def module_view(self, name: str) -> Recipe:
+        """The recipe module `name` is merged by: its inputs; its own method and base
+        model or the top-level ones; the top-level parameters, when it uses the top-level
+        method, else those its method declares, under its own parameters."""
+        module = (self.modules or {})[name]
+        method = module.merge_method or self.merge_method
+        spec = all_methods().get(method)
+        inherited = {
+            k: v
+            for k, v in (self.parameters or {}).items()
+            if method == self.merge_method or (spec is not None and k in spec.params)
+        }
+        return self.model_copy(
+            update={
+                "merge_method": method,
+                "base_model": module.base_model or self.base_model,
+                "models": module.models,
+                "slices": module.slices,
+                "parameters": {**inherited, **(module.parameters or {})} or None,
+                "modules": None,
+            }
+        )
 
     def to_yaml(self) -> str:
         data = self.model_dump(exclude_none=True, mode="json")
@@ -169,6 +210,8 @@ def _pydantic_problems(err: ValidationError) -> list[tuple[str, str]]:
     for e in err.errors():
         path = _yaml_path(e["loc"])
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        if msg == "unknown key" and path.endswith("].residual_weight"):
+            msg += "; residual_weight is set per slice (slices[i].residual_weight), as in mergekit"
         # Union members each report a failure; one line per path is enough.
         seen.setdefault(path, msg)
     return list(seen.items())
@@ -195,11 +238,12 @@ def parse_recipe(text: str, source: str = "recipe", *, recipe_dir: Path | None =
         problems += check_recipe(recipe)
         if recipe_dir is not None:
             missing = [
-                (where, f"model {ref!r} not found (no such folder or file)")
+                (where, msg)
                 for where, ref in _model_refs(recipe)
-                if resolve_model(ref, recipe_dir) is None
+                for msg in _reference_problems(ref, recipe_dir)
             ]
-            problems += missing or _check_table_depth(recipe, recipe_dir)
+            if missing or recipe.modules is None:
+                problems += missing or _check_table_depth(recipe, recipe_dir)
     if problems:
         raise RecipeError(source, problems)
     assert recipe is not None
@@ -243,17 +287,38 @@ def resolve_model(ref: str, recipe_dir: Path | None = None) -> Path | None:
     return next((c for c in candidates if c.exists()), None)
 
 
+def _reference_problems(ref: str, recipe_dir: Path) -> list[str]:
+    """Why a model reference (MODEL, or MODEL+LORA_ADAPTER) cannot be used; [] if it can."""
+    try:
+        model, adapter = split_reference(ref)
+    except ValueError as e:
+        return [str(e)]
+    if resolve_model(model, recipe_dir) is None:
+        return [f"model {model!r} not found (no such folder or file)"]
+    if adapter is None:
+        return []
+    folder = resolve_model(adapter, recipe_dir)
+    if folder is None:
+        return [f"LoRA adapter {adapter!r} not found (no such folder)"]
+    return read_config(folder)[1]
+
+
 def _model_refs(recipe: Recipe) -> list[tuple[str, str]]:
     refs = []
     if recipe.base_model:
         refs.append(("base_model", recipe.base_model))
-    for i, m in enumerate(recipe.models or []):
-        refs.append((f"models[{i}].model", m.model))
-    for i, s in enumerate(recipe.slices or []):
-        if s.base_model:
-            refs.append((f"slices[{i}].base_model", s.base_model))
-        for j, src in enumerate(s.sources):
-            refs.append((f"slices[{i}].sources[{j}].model", src.model))
+    parts: list[tuple[str, Recipe | ModuleRecipe]] = [("", recipe)]
+    parts += [(f"modules.{name}.", m) for name, m in (recipe.modules or {}).items()]
+    for at, part in parts:
+        if at and part.base_model:
+            refs.append((f"{at}base_model", part.base_model))
+        for i, m in enumerate(part.models or []):
+            refs.append((f"{at}models[{i}].model", m.model))
+        for i, s in enumerate(part.slices or []):
+            if s.base_model:
+                refs.append((f"{at}slices[{i}].base_model", s.base_model))
+            for j, src in enumerate(s.sources):
+                refs.append((f"{at}slices[{i}].sources[{j}].model", src.model))
     if recipe.align is not None:
         refs.append(("align.to", recipe.align.to))
     return refs
@@ -262,12 +327,10 @@ def _model_refs(recipe: Recipe) -> list[tuple[str, str]]:
 def check_recipe(recipe: Recipe) -> list[tuple[str, str]]:
     """Every structural and parameter problem of a parsed recipe."""
     problems: list[tuple[str, str]] = []
-    for key, why in (
-        ("modules", "multi-module (vision/audio tower) merges are not supported yet"),
-        ("tokenizer", "vocabulary merging is not supported yet; use tokenizer_source"),
-    ):
-        if getattr(recipe, key) is not None:
-            problems.append((key, why))
+    if recipe.tokenizer is not None:
+        problems.append(
+            ("tokenizer", "vocabulary merging is not supported yet; use tokenizer_source")
+        )
     if recipe.tokenizer_source == "union":
         problems.append(
             (
@@ -275,18 +338,70 @@ def check_recipe(recipe: Recipe) -> list[tuple[str, str]]:
                 "'union' (vocabulary merging) is not supported yet; use 'base' or a model path",
             )
         )
-    if (recipe.models is None) == (recipe.slices is None):
-        problems.append(("", "give exactly one of 'models' or 'slices'"))
+    if [recipe.models, recipe.slices, recipe.modules].count(None) != 2:
+        problems.append(("", "give exactly one of 'models', 'slices' or 'modules'"))
+    if recipe.align is not None and any("+" in ref for ref in recipe.model_paths()):
+        problems.append(("align", "cannot be combined with LoRA adapter references (MODEL+LORA)"))
     methods = all_methods()
     method = methods.get(recipe.merge_method)
     if method is None:
         problems.append(("merge_method", unknown_method_message(recipe.merge_method)))
         return problems
-    groups = _input_groups(recipe)
-    for where, base, inputs in groups:
+    if recipe.modules is not None:
+        return problems + _check_modules(recipe)
+    return problems + _check_group(method, recipe)
+
+
+def _check_group(method: MethodSpec, recipe: Recipe) -> list[tuple[str, str]]:
+    """The problems of one merge: the recipe's inputs and parameters (or a module's)."""
+    problems = []
+    for where, base, inputs in _input_groups(recipe):
         problems += _check_inputs(method, where, base, inputs)
-    problems += _check_parameters(method, recipe)
-    return problems
+    for i, s in enumerate(recipe.slices or []):
+        w = s.residual_weight
+        if w is not None and not 0 <= w < float("inf"):
+            problems.append(
+                (f"slices[{i}].residual_weight", f"must be a finite number >= 0 (got {w})")
+            )
+    return problems + _check_parameters(method, recipe)
+
+
+def _check_modules(recipe: Recipe) -> list[tuple[str, str]]:
+    """Each module's name, inputs and parameters. A top-level parameter's problem is
+    reported where it is written, once, whichever modules inherit it."""
+    problems: list[tuple[str, str]] = []
+    methods = all_methods()
+    seen: dict[str, str] = {}
+    used: set[str] = set()
+    for name, module in (recipe.modules or {}).items():
+        where = f"modules.{name}"
+        canonical = canonical_module(name)
+        if canonical is None:
+            problems.append((where, unknown_module_message(name)))
+        elif canonical in seen:
+            problems.append((where, f"is the same module as modules.{seen[canonical]}"))
+        else:
+            seen[canonical] = name
+        if (module.models is None) == (module.slices is None):
+            problems.append((where, "give exactly one of 'models' or 'slices'"))
+        method = methods.get(module.merge_method or recipe.merge_method)
+        if method is None:
+            problems.append(
+                (f"{where}.merge_method", unknown_method_message(str(module.merge_method)))
+            )
+            continue
+        used.add(method.name)
+        own = module.parameters or {}
+        for path, msg in _check_group(method, recipe.module_view(name)):
+            inherited = path.startswith("parameters.") and path.split(".")[1] not in own
+            problems.append((path if inherited else f"{where}.{path}".rstrip("."), msg))
+    if recipe.merge_method not in used:
+        for key in recipe.parameters or {}:
+            if not any(key in methods[m].params for m in used):
+                problems.append(
+                    (f"parameters.{key}", f"no module's merge method has a parameter {key!r}")
+                )
+    return list(dict.fromkeys(problems))
 
 
 def _input_groups(recipe: Recipe) -> list[tuple[str, str | None, list[tuple[str, str]]]]:

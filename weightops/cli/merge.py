@@ -76,8 +76,18 @@ def _print_plan(plan, out: Path, options) -> None:
     )
     echo = typer.echo
     echo(f"method      {plan.method.name}")
+    for key in plan.recipe.modules or {}:
+        view = plan.recipe.module_view(key)
+        base = f", base {view.base_model}" if view.base_model else ""
+        echo(f"module      {key}: {view.merge_method}{base}")
     for i, path in enumerate(plan.models):
-        echo(f"model {i:<5} {path}")
+        adapter = plan.adapters.get(i)
+        lora = (
+            f" + LoRA {adapter.folder} ({len(adapter.deltas)} adapted, {len(adapter.replaced)} replaced)"
+            if adapter
+            else ""
+        )
+        echo(f"model {i:<5} {path}{lora}")
     echo(f"output      {out} ({len(layout.files)} shard{'s' if len(layout.files) > 1 else ''})")
     echo(f"tensors     {len(plan.tasks)}")
     echo(f"output size {plan.output_bytes / 1e9:.3f} GB")
@@ -85,12 +95,14 @@ def _print_plan(plan, out: Path, options) -> None:
         f"peak memory {plan.peak_bytes(options.read_ahead_bytes, options.chunk_elements) / 1e9:.3f} GB "
         "(estimated tensor data: the largest piece in compute + read-ahead; the runtime adds ~0.3 GB)"
     )
-    if plan.method.observer:
+    if any(m.observer for m in plan.methods.values()):
         echo("passes      2 (statistics, then merge)")
     echo("")
     for task in plan.tasks:
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in task.params if v is not None)
-        what = "copy" if task.copy else plan.method.name
+        what = "copy" if task.copy else plan.method_of(task).name
+        if task.scale != 1.0:
+            what = f"{_fmt(task.scale)} * {what}"
         echo(
             f"{task.name}  {list(task.shape)} {str(task.out_dtype).removeprefix('torch.')}  {what}({params})"
         )
