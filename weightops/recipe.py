@@ -125,11 +125,13 @@ class Recipe(_Strict):
 
     def module_view(self, name: str) -> Recipe:
         """The recipe module `name` is merged by: its inputs; its own method and base
-        model or the top-level ones; the top-level parameters, when it uses the top-level
-        method, else those its method declares, under its own parameters."""
+        model, or the top-level ones (the base only if its method uses one); the
+        top-level parameters, when it uses the top-level method, else those its method
+        declares, under its own parameters."""
         module = (self.modules or {})[name]
         method = module.merge_method or self.merge_method
         spec = all_methods().get(method)
+        uses_base = spec is None or spec.base != "unused"
         inherited = {
             k: v
             for k, v in (self.parameters or {}).items()
@@ -138,7 +140,7 @@ class Recipe(_Strict):
         return self.model_copy(
             update={
                 "merge_method": method,
-                "base_model": module.base_model or self.base_model,
+                "base_model": module.base_model or (self.base_model if uses_base else None),
                 "models": module.models,
                 "slices": module.slices,
                 "parameters": {**inherited, **(module.parameters or {})} or None,

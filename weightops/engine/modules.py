@@ -24,6 +24,7 @@ block index among its tensors.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -46,6 +47,11 @@ _PREFIXES = {
 _MERGERS = ("merger", "deepstack_merger_list")
 _SUB_CONFIGS = {"vision_tower": "vision_config", "audio_tower": "audio_config"}
 _COUNT_KEYS = ("num_hidden_layers", "depth", "num_layers", "n_layers", "encoder_layers")
+# What a tower computes before its first block: patch, position and class embeddings,
+# and the norm in front of the blocks.
+_BEFORE_BLOCKS = re.compile(
+    r"(?:^|\.)(?:\w*embed\w*|patch_conv|pre_layrnorm|ln_pre|layernorm_pre)(?:\.|$)"
+)
 
 
 def module_of(name: str) -> str:
@@ -70,11 +76,24 @@ def unknown_module_message(name: str) -> str:
 
 
 def module_names(names: Iterable[str]) -> dict[str, list[str]]:
-    """The names grouped by module, each group in the given order."""
-    out: dict[str, list[str]] = {}
+    """The names grouped by module (in the order of MODULES), each in the given order."""
+    out: dict[str, list[str]] = {m: [] for m in MODULES}
     for n in names:
-        out.setdefault(module_of(n), []).append(n)
-    return out
+        out[module_of(n)].append(n)
+    return {m: found for m, found in out.items() if found}
+
+
+def before_blocks(name: str) -> bool:
+    """A tensor outside the blocks that acts before the first one (when slices stack
+    layers, these come from the first slice and the rest from the last, as in
+    mergekit): token and position embeddings, and a tower's patch embedding and
+    pre-norm."""
+    r = describe(name)
+    if r.layer is not None:
+        return False
+    if r.role in ("embed", "pos_embed"):
+        return True
+    return module_of(name) != "text_decoder" and bool(_BEFORE_BLOCKS.search(name))
 
 
 def _sub_config(config: dict[str, Any], module: str) -> dict[str, Any] | None:

@@ -21,7 +21,7 @@ from weightops.arch import (
     text_config,
     writes_residual,
 )
-from weightops.engine.modules import module_depth, module_names, module_of
+from weightops.engine.modules import before_blocks, module_depth, module_names, module_of
 from weightops.engine.tasks import DTYPES, InputRef, TensorTask
 from weightops.errors import MergeError
 from weightops.io.checkpoint import Checkpoint
@@ -333,10 +333,5 @@ def _residual_scale(
 def _plan_outside_layers(p: Planner, g: Group, group: tuple, *, embeddings: bool) -> None:
     lead, base, sources, shared = group
     for name in _sorted_names(p.ckpts[lead.model]):
-        role = describe(name)
-        if (
-            g.owns(name)
-            and role.layer is None
-            and (role.role in ("embed", "pos_embed")) == embeddings
-        ):
+        if g.owns(name) and describe(name).layer is None and before_blocks(name) == embeddings:
             p.add(g, name, 0.0, base, sources, shared, None)

@@ -15,7 +15,8 @@ block) at a time, as PEFT's `merge_and_unload` would:
   for square weights;
 - with `lora_bias`, the layer's bias gains s · lora_B.bias;
 - tensors the adapter stores whole (modules_to_save, trained biases, saved embedding
-  layers) replace the base's tensors of the same name.
+  layers) replace the base's tensors of the same name; a saved `base_layer` of an
+  adapted layer replaces the weight the update is then added to.
 
 PEFT's tensor names are the base model's module names under `base_model.model.`:
 `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` adapts
@@ -259,8 +260,6 @@ class _Binder:
                 )
                 if "lora_B.bias" in parts:
                     self.bias(module, parts["lora_B.bias"])
-        for name in set(self.deltas) & set(self.replaced):
-            self.problem(f"{name!r} is both replaced whole and adapted")
 
     def replace(self, name: str, info: TensorInfo, key: str) -> None:
         target = self.target(name, key)
