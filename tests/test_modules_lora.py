@@ -568,7 +568,7 @@ def test_lora_refusals(llama, tmp_path):
     ia3 = write_adapter(tmp_path / "ia3", {"peft_type": "IA3", "r": 4, "lora_alpha": 8}, ok)
     assert "peft_type 'IA3' is not supported" in fails(tmp_path, recipe(ia3))
     assert "LoRA adapter 'nowhere' not found" in fails(tmp_path, recipe("nowhere"))
-    assert "one '+' between two non-empty paths" in fails(tmp_path, recipe(f"{ok}+x"))
+    assert "one '+' between two non-empty paths" in fails(tmp_path, recipe("a+b"))
     magnitude = {**ok, f"{pre}.lora_magnitude_vector": torch.ones(64)}
     dora_weights = write_adapter(tmp_path / "m", {"r": 4, "lora_alpha": 8}, magnitude)
     assert "DoRA adapters (lora_magnitude_vector) are not supported" in fails(

@@ -1,9 +1,11 @@
 """Recipes: mergekit's YAML format, validated strictly, every problem reported at once.
 
-A recipe names a merge method, its input models (or layer slices of them), parameters
-(scalars, gradients over depth, lists of `{filter, value}` conditions, or — for the
-parameters a method declares as `Blocks` — a table of layer ranges), dtypes and
-the tokenizer source. Unknown keys are errors: a misspelt `densty` must not silently
+A recipe names a merge method, its input models (or layer slices of them, or — for a
+multimodal model — `modules:`, each with its own inputs and optionally its own method
+and base), parameters (scalars, gradients over depth, lists of `{filter, value}`
+conditions, or — for the parameters a method declares as `Blocks` — a table of layer
+ranges), dtypes and the tokenizer source. A model may be `MODEL+LORA_ADAPTER`
+(weightops.io.lora). Unknown keys are errors: a misspelt `densty` must not silently
 fall back to a default. `load_recipe` parses and checks structure, method, parameters
 and model paths, and raises one RecipeError listing every problem with its YAML path,
 before any tensor is read.
@@ -546,7 +548,7 @@ def _output_depth(recipe: Recipe, recipe_dir: Path) -> tuple[int, str] | None:
     uses_base = recipe.merge_method in all_methods() and recipe.method.base != "unused"
     lead = recipe.base_model if uses_base and recipe.base_model else None
     lead = lead or next((m.model for m in recipe.models or []), None)
-    path = resolve_model(lead, recipe_dir) if lead else None
+    path = resolve_model(split_reference(lead)[0], recipe_dir) if lead else None
     if path is None:
         return None
     config = (path if path.is_dir() else path.parent) / "config.json"
