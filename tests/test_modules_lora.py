@@ -488,6 +488,9 @@ def test_lora_adapter_merged_on_read(llama, llama_adapter, tmp_path):
     want = numpy_state(llama["base"]) | adapted
     assert_close(numpy_state(out), want)
     assert f"with the LoRA adapter `{folder}` merged in" in (out / "README.md").read_text()
+    result = invoke(["merge", tmp_path / "out.yaml", "-o", tmp_path / "dry", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert f"+ LoRA {folder} (4 adapted, 1 replaced)" in result.output
 
 
 def test_lora_input_in_a_merge_read_in_row_blocks(llama, llama_adapter, tmp_path):

@@ -33,9 +33,9 @@ def merge(
 ) -> None:
     """Merge the models of RECIPE into one checkpoint folder.
 
-    The recipe uses mergekit's format (merge_method, base_model, models or slices,
-    parameters with gradients and filters, dtype, out_dtype, tokenizer_source), so
-    existing mergekit configs run unchanged. Tensors stream through one at a time:
+    The recipe uses mergekit's format (merge_method, base_model, models, slices or
+    modules, parameters with gradients and filters, dtype, out_dtype, tokenizer_source,
+    MODEL+LORA references), so existing mergekit configs run unchanged. Tensors stream through one at a time:
     memory stays at a few tensors whatever the model size. The output appears only
     when complete; a failed or interrupted run leaves nothing behind.
 
