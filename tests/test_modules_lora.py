@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from weightops.cli import app
+from weightops.compat import causal_lm
 from weightops.engine.modules import module_of
 from weightops.engine.plan import build_plan
 from weightops.engine.run import RunOptions, execute
@@ -599,9 +600,7 @@ def test_lora_refusals(llama, tmp_path):
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 def test_lora_matches_peft_merge_and_unload(llama, tmp_path):
     peft = pytest.importorskip("peft")
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(llama["base"], dtype=torch.float32)
+    model = causal_lm(llama["base"], torch.float32)
     config = peft.LoraConfig(
         r=4,
         lora_alpha=6,
