@@ -253,7 +253,7 @@ def test_no_suggestion_for_unrelated_name():
 )
 def test_models_and_slices_exactly_one(body):
     found = problems("merge_method: linear\n" + body)
-    assert "exactly one of 'models' or 'slices'" in found[""]
+    assert "exactly one of 'models', 'slices' or 'modules'" in found[""]
 
 
 def test_slerp_needs_base_model():

@@ -1,9 +1,11 @@
 """Recipes: mergekit's YAML format, validated strictly, every problem reported at once.
 
-A recipe names a merge method, its input models (or layer slices of them), parameters
-(scalars, gradients over depth, lists of `{filter, value}` conditions, or — for the
-parameters a method declares as `Blocks` — a table of layer ranges), dtypes and
-the tokenizer source. What mergekit runs, weightops runs: a key mergekit silently
+A recipe names a merge method, its input models (or layer slices of them, or — for a
+multimodal model — `modules:`, each with its own inputs and optionally its own method
+and base), parameters (scalars, gradients over depth, lists of `{filter, value}`
+conditions, or — for the parameters a method declares as `Blocks` — a table of layer
+ranges), dtypes and the tokenizer source. A model may be `MODEL+LORA_ADAPTER`
+(weightops.io.lora). What mergekit runs, weightops runs: a key mergekit silently
 ignores (a misspelt `densty`, a parameter the method does not take) is a warning
 naming its YAML path and the closest valid name (weightops.recipe_keys and
 weightops.recipe_checks), and an error with `strict`, so it cannot silently fall back
@@ -22,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, PositiveInt, PrivateAttr, ValidationError
 
 from weightops.errors import RecipeError
+from weightops.io.lora import read_config, split_reference
 from weightops.merge.registry import MethodSpec, all_methods, unknown_method_message
 
 Scalar = bool | int | float | str
@@ -71,10 +74,22 @@ class AlignSettings(_Strict):
     max_rounds: PositiveInt = 100
 
 
+class ModuleRecipe(_Strict):
+    """`modules.<name>`: one part of a multimodal model (weightops.engine.modules) with
+    its own inputs, and optionally its own method and base model."""
+
+    models: list[ModelInput] | None = None
+    slices: list[Slice] | None = None
+    merge_method: str | None = None
+    base_model: str | None = None
+    parameters: Parameters | None = None
+
+
 class Recipe(_Strict):
     merge_method: str
     models: list[ModelInput] | None = None
     slices: list[Slice] | None = None
+    modules: dict[str, ModuleRecipe] | None = None
     base_model: str | None = None
     parameters: Parameters | None = None
     dtype: DTypeName | None = None
@@ -84,7 +99,6 @@ class Recipe(_Strict):
     output: str | None = None
     align: AlignSettings | None = None
     # mergekit keys weightops knows but does not implement yet: refused with a reason.
-    modules: dict[str, Any] | None = None
     tokenizer: dict[str, Any] | None = None
     _warnings: list[tuple[str, str]] = PrivateAttr(default_factory=list)
 
@@ -106,7 +120,34 @@ class Recipe(_Strict):
             if s.base_model:
                 paths.append(s.base_model)
             paths.extend(src.model for src in s.sources)
+        for name in self.modules or {}:
+            paths.extend(self.module_view(name).model_paths())
         return list(dict.fromkeys(paths))
+
+    def module_view(self, name: str) -> Recipe:
+        """The recipe module `name` is merged by: its inputs; its own method and base
+        model, or the top-level ones (the base only if its method uses one); the
+        top-level parameters, when it uses the top-level method, else those its method
+        declares, under its own parameters."""
+        module = (self.modules or {})[name]
+        method = module.merge_method or self.merge_method
+        spec = all_methods().get(method)
+        uses_base = spec is None or spec.base != "unused"
+        inherited = {
+            k: v
+            for k, v in (self.parameters or {}).items()
+            if method == self.merge_method or (spec is not None and k in spec.params)
+        }
+        return self.model_copy(
+            update={
+                "merge_method": method,
+                "base_model": module.base_model or (self.base_model if uses_base else None),
+                "models": module.models,
+                "slices": module.slices,
+                "parameters": {**inherited, **(module.parameters or {})} or None,
+                "modules": None,
+            }
+        )
 
     def to_yaml(self) -> str:
         data = self.model_dump(exclude_none=True, mode="json")
@@ -241,11 +282,13 @@ def check_mapping(
         problems += check_recipe(recipe, warnings)
         if recipe_dir is not None:
             missing = [
-                (where, f"model {ref!r} not found (no such folder or file)")
+                (where, msg)
                 for where, ref in _model_refs(recipe)
-                if ref not in outputs and resolve_model(ref, recipe_dir) is None
+                if ref not in outputs
+                for msg in _reference_problems(ref, recipe_dir)
             ]
-            problems += missing or check_table_depth(recipe, recipe_dir)
+            if missing or recipe.modules is None:
+                problems += missing or check_table_depth(recipe, recipe_dir)
     return recipe, problems, warnings
 
 
@@ -294,17 +337,38 @@ def resolve_model(ref: str, recipe_dir: Path | None = None) -> Path | None:
     return next((c for c in candidates if c.exists()), None)
 
 
+def _reference_problems(ref: str, recipe_dir: Path) -> list[str]:
+    """Why a model reference (MODEL, or MODEL+LORA_ADAPTER) cannot be used; [] if it can."""
+    try:
+        model, adapter = split_reference(ref)
+    except ValueError as e:
+        return [str(e)]
+    if resolve_model(model, recipe_dir) is None:
+        return [f"model {model!r} not found (no such folder or file)"]
+    if adapter is None:
+        return []
+    folder = resolve_model(adapter, recipe_dir)
+    if folder is None:
+        return [f"LoRA adapter {adapter!r} not found (no such folder)"]
+    return read_config(folder)[1]
+
+
 def _model_refs(recipe: Recipe) -> list[tuple[str, str]]:
     refs = []
     if recipe.base_model:
         refs.append(("base_model", recipe.base_model))
-    for i, m in enumerate(recipe.models or []):
-        refs.append((f"models[{i}].model", m.model))
-    for i, s in enumerate(recipe.slices or []):
-        if s.base_model:
-            refs.append((f"slices[{i}].base_model", s.base_model))
-        for j, src in enumerate(s.sources):
-            refs.append((f"slices[{i}].sources[{j}].model", src.model))
+    parts: list[tuple[str, Recipe | ModuleRecipe]] = [("", recipe)]
+    parts += [(f"modules.{name}.", m) for name, m in (recipe.modules or {}).items()]
+    for at, part in parts:
+        if at and part.base_model:
+            refs.append((f"{at}base_model", part.base_model))
+        for i, m in enumerate(part.models or []):
+            refs.append((f"{at}models[{i}].model", m.model))
+        for i, s in enumerate(part.slices or []):
+            if s.base_model:
+                refs.append((f"{at}slices[{i}].base_model", s.base_model))
+            for j, src in enumerate(s.sources):
+                refs.append((f"{at}slices[{i}].sources[{j}].model", src.model))
     if recipe.align is not None:
         refs.append(("align.to", recipe.align.to))
     return refs
@@ -316,20 +380,13 @@ def check_recipe(
     """Every structural and parameter problem of a parsed recipe; what mergekit would
     ignore is appended to `warnings` (when given)."""
     from weightops.chat_templates import check_chat_template
-    from weightops.recipe_checks import (
-        check_inputs,
-        check_parameters,
-        check_together,
-        input_groups,
-    )
+    from weightops.recipe_checks import check_group, check_modules
 
     problems: list[tuple[str, str]] = []
-    for key, why in (
-        ("modules", "multi-module (vision/audio tower) merges are not supported yet"),
-        ("tokenizer", "vocabulary merging is not supported yet; use tokenizer_source"),
-    ):
-        if getattr(recipe, key) is not None:
-            problems.append((key, why))
+    if recipe.tokenizer is not None:
+        problems.append(
+            ("tokenizer", "vocabulary merging is not supported yet; use tokenizer_source")
+        )
     if recipe.tokenizer_source == "union":
         problems.append(
             (
@@ -337,16 +394,16 @@ def check_recipe(
                 "'union' (vocabulary merging) is not supported yet; use 'base' or a model path",
             )
         )
-    if (recipe.models is None) == (recipe.slices is None):
-        problems.append(("", "give exactly one of 'models' or 'slices'"))
+    if [recipe.models, recipe.slices, recipe.modules].count(None) != 2:
+        problems.append(("", "give exactly one of 'models', 'slices' or 'modules'"))
+    if recipe.align is not None and any("+" in ref for ref in recipe.model_paths()):
+        problems.append(("align", "cannot be combined with LoRA adapter references (MODEL+LORA)"))
     problems += check_chat_template(recipe.chat_template)
     method = all_methods().get(recipe.merge_method)
     if method is None:
         problems.append(("merge_method", unknown_method_message(recipe.merge_method)))
         return problems
-    for where, base, inputs in input_groups(recipe):
-        problems += check_inputs(method, where, base, inputs)
-    found, ignored = check_parameters(method, recipe)
-    if warnings is not None:
-        warnings += ignored
-    return problems + found + check_together(method, recipe)
+    found = warnings if warnings is not None else []
+    if recipe.modules is not None:
+        return problems + check_modules(recipe, found)
+    return problems + check_group(method, recipe, found)

@@ -221,6 +221,63 @@ def check_together(method: MethodSpec, recipe: Recipe) -> Found:
     return problems
 
 
+def check_group(method: MethodSpec, recipe: Recipe, warnings: Found) -> Found:
+    """The problems of one merge (the recipe's, or a module's view of it): inputs and
+    parameters; what mergekit ignores goes to `warnings`."""
+    problems: Found = []
+    for where, base, inputs in input_groups(recipe):
+        problems += check_inputs(method, where, base, inputs)
+    found, ignored = check_parameters(method, recipe)
+    warnings += ignored
+    return problems + found + check_together(method, recipe)
+
+
+def check_modules(recipe: Recipe, warnings: Found) -> Found:
+    """Each module's name, inputs and parameters. A top-level parameter's problem is
+    reported where it is written, once, whichever modules inherit it."""
+    from weightops.engine.modules import canonical_module, unknown_module_message
+    from weightops.merge.registry import unknown_method_message
+
+    problems: Found = []
+    noted: Found = []
+    methods = all_methods()
+    seen: dict[str, str] = {}
+    used: set[str] = set()
+    for name, module in (recipe.modules or {}).items():
+        where = f"modules.{name}"
+        canonical = canonical_module(name)
+        if canonical is None:
+            problems.append((where, unknown_module_message(name)))
+        elif canonical in seen:
+            problems.append((where, f"is the same module as modules.{seen[canonical]}"))
+        else:
+            seen[canonical] = name
+        if (module.models is None) == (module.slices is None):
+            problems.append((where, "give exactly one of 'models' or 'slices'"))
+        method = methods.get(module.merge_method or recipe.merge_method)
+        if method is None:
+            problems.append(
+                (f"{where}.merge_method", unknown_method_message(str(module.merge_method)))
+            )
+            continue
+        used.add(method.name)
+        own = module.parameters or {}
+        found: Found = []
+        errors = check_group(method, recipe.module_view(name), found)
+        for into, pairs in ((problems, errors), (noted, found)):
+            for path, msg in pairs:
+                inherited = path.startswith("parameters.") and path.split(".")[1] not in own
+                into.append((path if inherited else f"{where}.{path}".rstrip("."), msg))
+    if recipe.merge_method not in used:
+        for key in recipe.parameters or {}:
+            if not any(key in methods[m].params for m in used):
+                noted.append(
+                    (f"parameters.{key}", f"has no effect: no module's merge method takes {key!r}")
+                )
+    warnings += list(dict.fromkeys(noted))
+    return list(dict.fromkeys(problems))
+
+
 def _output_depth(recipe: Recipe, recipe_dir: Path) -> tuple[int, str] | None:
     """The merged model's decoder depth, from the lead model's config.json (or the
     slices' lengths), and what it was read from; None when it cannot be told."""

@@ -71,7 +71,12 @@ def _drop_unknown(
     node: dict[str, Any], model: type[BaseModel], where: str, warnings: Found
 ) -> None:
     for key in [k for k in node if k not in model.model_fields]:
-        warnings.append((f"{where}.{key}", _NO_EFFECT + closest(str(key), model.model_fields)))
+        if key == "residual_weight":
+            # mergekit declares it on a slice but never reads it.
+            msg = "has no effect: mergekit accepts residual_weight and does not use it"
+        else:
+            msg = _NO_EFFECT + closest(str(key), model.model_fields)
+        warnings.append((f"{where}.{key}", msg))
         del node[key]
 
 

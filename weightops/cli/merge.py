@@ -39,15 +39,15 @@ def merge(
 ) -> None:
     """Merge the models of RECIPE into one checkpoint folder.
 
-    The recipe uses mergekit's format (merge_method, base_model, models or slices,
-    parameters with gradients and filters, dtype, out_dtype, tokenizer_source), so
-    existing mergekit configs run unchanged; a key mergekit would ignore is a warning
-    (an error with --strict). Several YAML documents in one file are run in order as
-    mergekit-multi does: a document's `name:` names its output, later ones read it by
-    that name, and the unnamed document is the final merge written to OUT. Tensors
-    stream through one at a time: memory stays at a few tensors whatever the model
-    size. The output appears only when complete; a failed or interrupted run leaves
-    nothing behind.
+    The recipe uses mergekit's format (merge_method, base_model, models, slices or
+    modules, parameters with gradients and filters, dtype, out_dtype, tokenizer_source,
+    MODEL+LORA references), so existing mergekit configs run unchanged; a key mergekit
+    would ignore is a warning (an error with --strict). Several YAML documents in one
+    file are run in order as mergekit-multi does: a document's `name:` names its output,
+    later ones read it by that name, and the unnamed document is the final merge written
+    to OUT. Tensors stream through one at a time: memory stays at a few tensors whatever
+    the model size. The output appears only when complete; a failed or interrupted run
+    leaves nothing behind.
 
     Example:  weightops merge recipes/ties.yaml -o merged-ties --shard-size 2GB
     """
@@ -131,8 +131,18 @@ def _print_plan(plan, out: Path | str, options) -> None:
     )
     echo = typer.echo
     echo(f"method      {plan.method.name}")
+    for key in plan.recipe.modules or {}:
+        view = plan.recipe.module_view(key)
+        base = f", base {view.base_model}" if view.base_model else ""
+        echo(f"module      {key}: {view.merge_method}{base}")
     for i, path in enumerate(plan.models):
-        echo(f"model {i:<5} {path}")
+        adapter = plan.adapters.get(i)
+        lora = (
+            f" + LoRA {adapter.folder} ({len(adapter.deltas)} adapted, {len(adapter.replaced)} replaced)"
+            if adapter
+            else ""
+        )
+        echo(f"model {i:<5} {path}{lora}")
     echo(f"output      {out} ({len(layout.files)} shard{'s' if len(layout.files) > 1 else ''})")
     echo(f"tensors     {len(plan.tasks)}")
     echo(f"output size {plan.output_bytes / 1e9:.3f} GB")
@@ -140,7 +150,7 @@ def _print_plan(plan, out: Path | str, options) -> None:
         f"peak memory {plan.peak_bytes(options.read_ahead_bytes, options.chunk_elements) / 1e9:.3f} GB "
         "(estimated tensor data: the largest piece in compute + read-ahead; the runtime adds ~0.3 GB)"
     )
-    if plan.method.observer:
+    if any(m.observer for m in plan.methods.values()):
         echo("passes      2 (statistics, then merge)")
     template = plan.recipe.chat_template
     if template is not None:
@@ -150,7 +160,7 @@ def _print_plan(plan, out: Path | str, options) -> None:
     echo("")
     for task in plan.tasks:
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in task.params if v is not None)
-        what = "copy" if task.copy else plan.method.name
+        what = "copy" if task.copy else plan.method_of(task).name
         echo(
             f"{task.name}  {list(task.shape)} {str(task.out_dtype).removeprefix('torch.')}  {what}({params})"
         )

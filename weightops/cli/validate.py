@@ -31,7 +31,10 @@ def validate(
             return
         r = found.steps[0].recipe
         n = len(r.model_paths())
-        typer.echo(f"{recipe}: ok ({r.merge_method}, {n} model{'s' if n != 1 else ''})")
+        how = r.merge_method
+        if r.modules is not None:
+            how = ", ".join(f"{key} {r.module_view(key).merge_method}" for key in r.modules)
+        typer.echo(f"{recipe}: ok ({how}, {n} model{'s' if n != 1 else ''})")
 
 
 def register(app: typer.Typer) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import ctypes.util
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,10 +24,10 @@ from pathlib import Path
 import torch
 
 from weightops import __version__
+from weightops.engine.card import write_side_files
 from weightops.engine.plan import InputRef, Plan, TensorTask
 from weightops.engine.progress import Progress
 from weightops.errors import MergeError, WeightopsError
-from weightops.io import sidefiles
 from weightops.io.safetensors_file import FileReader
 from weightops.io.writer import ShardWriter, StagingFolder, plan_layout
 
@@ -95,7 +96,7 @@ def pieces(
         rows = task.shape[0] if task.shape else 0
         if (
             chunk_elements
-            and plan.method.elementwise
+            and plan.method_of(task).elementwise
             and not task.copy
             and not plan.permutes_rows(task)
             and task.numel > chunk_elements
@@ -145,6 +146,11 @@ class _Stream:
             if ref in cache:
                 return cache[ref].clone()
             tensor = self.reader.read(self.plan.sources[(ref.model, ref.name)], piece.rows)
+            adapter = self.plan.adapters.get(ref.model)
+            if adapter is not None:
+                tensor = adapter.apply(
+                    ref.name, tensor, piece.rows, self.reader, self.plan.compute_dtype
+                )
             if ref.model in self.plan.permutations:
                 tensor = self.plan.permutations[ref.model].apply(ref.name, tensor, piece.rows)
             if self.convert is not None and not task.copy:
@@ -208,11 +214,12 @@ def _to_compute(plan: Plan, loaded: Loaded, device: torch.device) -> Loaded:
 
 
 def _compute(
-    plan: Plan, piece: Piece, loaded: Loaded, device: torch.device, stats: object
+    plan: Plan, piece: Piece, loaded: Loaded, device: torch.device, stats: dict[str, object]
 ) -> torch.Tensor:
     task = piece.task
     if task.copy:
         return loaded[0][0]
+    method = plan.method_of(task)
     inputs, base = _to_compute(plan, loaded, device)
     del loaded
     rng = None
@@ -221,18 +228,25 @@ def _compute(
         rng.manual_seed(task.seed)
     try:
         with torch.no_grad():
-            out = plan.method(inputs, base, dict(task.params), rng=rng, stats=stats, name=task.name)
+            out = method(
+                inputs,
+                base,
+                dict(task.params),
+                rng=rng,
+                stats=stats.get(task.module),
+                name=task.name,
+            )
     except WeightopsError:
         raise
     except (ValueError, RuntimeError) as e:
-        raise MergeError(f"{task.name}: {plan.method.name} failed: {e}") from e
+        raise MergeError(f"{task.name}: {method.name} failed: {e}") from e
     del inputs, base
     expected = (
         task.shape if piece.rows is None else (piece.rows[1] - piece.rows[0], *task.shape[1:])
     )
     if tuple(out.shape) != tuple(expected):
         raise MergeError(
-            f"{task.name}: {plan.method.name} returned shape {list(out.shape)}, expected {list(expected)}"
+            f"{task.name}: {method.name} returned shape {list(out.shape)}, expected {list(expected)}"
         )
     out = out.to(dtype=task.out_dtype)
     # A finite sum proves every entry finite at the cost of one reduction; only a
@@ -245,22 +259,32 @@ def _compute(
     return out
 
 
-def _statistics(plan: Plan, options: RunOptions, device: torch.device) -> object:
-    """The statistics pass: stream every tensor once, whole, through the observer."""
-    observer = plan.method.observer()
-    stream = _Stream(plan, options, device, chunked=False)
-    progress = Progress(len(plan.tasks), plan.output_bytes, "statistics", enabled=options.progress)
+def _statistics(plan: Plan, options: RunOptions, device: torch.device) -> dict[str, object]:
+    """The statistics pass: stream the tensors of every method with an observer once,
+    whole, through it; one observer per module, so each sees only its own model part."""
+    observers = {}
+    for task in plan.tasks:
+        factory = plan.method_of(task).observer
+        if factory is not None and task.module not in observers:
+            observers[task.module] = factory()
+    if not observers:
+        return {}
+    observed = dataclasses.replace(plan, tasks=[t for t in plan.tasks if t.module in observers])
+    stream = _Stream(observed, options, device, chunked=False)
+    progress = Progress(
+        len(observed.tasks), observed.output_bytes, "statistics", enabled=options.progress
+    )
     try:
         for piece, box in stream:
             task = piece.task
             if not task.copy:
                 inputs, base = _to_compute(plan, box.pop(), device)
-                observer.observe(task.name, inputs, base, dict(task.params))
+                observers[task.module].observe(task.name, inputs, base, dict(task.params))
             progress.update(task.out_bytes, task.name)
     finally:
         stream.close()
         progress.close()
-    return observer.result()
+    return {module: o.result() for module, o in observers.items()}
 
 
 def execute(plan: Plan, out: Path, options: RunOptions | None = None) -> Path:
@@ -270,7 +294,7 @@ def execute(plan: Plan, out: Path, options: RunOptions | None = None) -> Path:
     threads = torch.get_num_threads()
     if options.threads:
         torch.set_num_threads(options.threads)
-    elif plan.method.elementwise and device.type == "cpu":
+    elif all(m.elementwise for m in plan.methods.values()) and device.type == "cpu":
         # Small row blocks gain nothing from intra-op threads, which would only contend
         # with the readers for the cores.
         torch.set_num_threads(1)
@@ -299,7 +323,7 @@ def _execute(plan: Plan, out: Path, options: RunOptions, device: torch.device) -
             plan.permutations = match_inputs(
                 plan.align, plan.models, progress=options.progress, device=device
             )
-        stats = _statistics(plan, options, device) if plan.method.observer else None
+        stats = _statistics(plan, options, device)
         writer = ShardWriter(staging.path, layout, display=out)
         try:
             _apply(plan, writer, options, device, stats)
@@ -307,7 +331,7 @@ def _execute(plan: Plan, out: Path, options: RunOptions, device: torch.device) -
         finally:
             writer.close()
         writer.write_index(plan.output_bytes)
-        _side_files(plan, staging.path)
+        write_side_files(plan, staging.path)
         staging.commit()
     except BaseException:
         staging.discard()
@@ -337,7 +361,11 @@ _TRIM_EVERY = 64 * 2**20
 
 
 def _apply(
-    plan: Plan, writer: ShardWriter, options: RunOptions, device: torch.device, stats: object
+    plan: Plan,
+    writer: ShardWriter,
+    options: RunOptions,
+    device: torch.device,
+    stats: dict[str, object],
 ) -> None:
     stream = _Stream(plan, options, device, chunked=True)
     write_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightops-write")
@@ -371,38 +399,3 @@ def _apply(
         write_pool.shutdown(wait=True, cancel_futures=True)
         stream.close()
         progress.close()
-
-
-def _side_files(plan: Plan, folder: Path) -> None:
-    sidefiles.write_config(folder, plan.config)
-    sidefiles.copy_generation_config(plan.config_source, folder)
-    tokenizer = sidefiles.copy_tokenizer(plan.tokenizer_source, folder, plan.chat_template)
-    recipe = plan.recipe
-    base = recipe.base_model
-    inputs = [
-        f"- `{p}`" + (" (base)" if base and p.name == base.rstrip("/").split("/")[-1] else "")
-        for p in plan.models
-    ]
-    reference = f" ({plan.method.reference})" if plan.method.reference else ""
-    summary = [
-        f"This model was made by merging {len(plan.models)} checkpoint(s) with the "
-        f"`{plan.method.name}` method{reference}.",
-        "",
-        "## Inputs",
-        "",
-        *inputs,
-        "",
-        f"Tokenizer from `{plan.tokenizer_source}`"
-        + (f" ({', '.join(tokenizer)})." if tokenizer else " (no tokenizer files found)."),
-    ]
-    if plan.align is not None:
-        summary += [
-            "",
-            f"Before merging, every input was permuted to match `{plan.align.reference}` "
-            f"by weight matching (groups: {', '.join(plan.align.groups)}; seed "
-            f"{plan.align.seed}).",
-        ]
-    title = f"{plan.method.name} merge of {', '.join(p.name for p in plan.models)}"
-    sidefiles.write_card(
-        folder, title=title, summary=summary, recipe_yaml=recipe.to_yaml(), version=__version__
-    )
