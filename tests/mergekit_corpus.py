@@ -174,12 +174,12 @@ def check_output(name: str, folder: Path, family: dict[str, Path]) -> None:
         assert len(AutoTokenizer.from_pretrained(folder).get_vocab()) == vocab_sizes[test]
 
 
-def run_weightops(name: str, family: dict[str, Path], out: Path) -> Path:
+def run_weightops(name: str, family: dict[str, Path], out: Path, numerics: str = "default") -> Path:
     """Merge one corpus recipe with weightops' Python API into `out`."""
     from weightops.engine.plan import build_plan
     from weightops.engine.run import RunOptions, execute
     from weightops.recipe import parse_recipe
 
     recipe = parse_recipe(render(name, family), name, recipe_dir=out.parent)
-    plan = build_plan(recipe, out.parent)
+    plan = build_plan(recipe, out.parent, numerics)
     return execute(plan, out, RunOptions(device="cpu", progress=False))

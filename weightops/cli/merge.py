@@ -30,6 +30,12 @@ def merge(
     progress: bool | None = typer.Option(
         None, "--progress/--no-progress", help="Progress bar (default: only on a terminal)."
     ),
+    numerics: str = typer.Option(
+        "default",
+        "--numerics",
+        help="default: compute in fp32 (fp64 for dtype float64). mergekit: compute in the "
+        "recipe's dtype in mergekit's order of operations, for its tensors bit for bit.",
+    ),
 ) -> None:
     """Merge the models of RECIPE into one checkpoint folder.
 
@@ -51,7 +57,7 @@ def merge(
         out = output or (Path(r.output) if r.output else None)
         if out is None:
             raise fail("no output folder: pass -o OUT or set `output:` in the recipe")
-        plan = build_plan(r, recipe.parent)
+        plan = build_plan(r, recipe.parent, numerics)
         options = RunOptions(
             shard_size=size, device=device, threads=threads, force=force, progress=progress
         )

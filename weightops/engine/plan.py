@@ -23,7 +23,7 @@ from weightops.arch import describe, layer_count_key, num_layers, rename_layer, 
 from weightops.errors import MergeError
 from weightops.io.checkpoint import Checkpoint
 from weightops.io.safetensors_file import TensorInfo
-from weightops.merge.registry import MethodSpec
+from weightops.merge.registry import DEFAULT_NUMERICS, NUMERICS, MethodSpec
 from weightops.recipe import Recipe, Setting, evaluate, resolve_model
 
 DTYPES = {
@@ -70,7 +70,8 @@ class Plan:
     method: MethodSpec
     models: list[Path]
     tasks: list[TensorTask]
-    compute_dtype: torch.dtype
+    # None: each tensor is computed in the dtype its inputs are stored in.
+    compute_dtype: torch.dtype | None
     config: dict[str, Any]
     config_source: Path
     tokenizer_source: Path | None
@@ -81,6 +82,9 @@ class Plan:
     # applies them to every input tensor as it is read.
     align: AlignTarget | None = None
     permutations: dict[int, Alignment] = field(default_factory=dict)
+    # "default" (fp32 compute) or "mergekit" (the recipe's dtype, mergekit's order of
+    # operations; see weightops.merge.registry).
+    numerics: str = "default"
 
     @property
     def output_bytes(self) -> int:
@@ -105,7 +109,7 @@ class Plan:
         are whole tensors, or row blocks of `chunk_elements` for elementwise methods."""
         if not self.tasks:
             return 0
-        item = torch.empty((), dtype=self.compute_dtype).element_size()
+        item = torch.empty((), dtype=self.compute_dtype or torch.float32).element_size()
 
         def entries(t: TensorTask) -> int:
             return min(t.numel, chunk_elements) if self.method.elementwise else t.numel
@@ -129,7 +133,7 @@ class _Source:
 
 
 class _Planner:
-    def __init__(self, recipe: Recipe, recipe_dir: Path | None) -> None:
+    def __init__(self, recipe: Recipe, recipe_dir: Path | None, numerics: str) -> None:
         self.recipe = recipe
         self.method = recipe.method
         self.problems: list[str] = []
@@ -144,7 +148,11 @@ class _Planner:
             self.paths.append(path)
             self.ckpts.append(Checkpoint(path))
         self.global_params = dict(recipe.parameters or {})
-        self.compute_dtype = torch.float64 if recipe.dtype == "float64" else torch.float32
+        if numerics == "mergekit":
+            # mergekit computes in the recipe's dtype, or in the stored one without it.
+            self.compute_dtype = DTYPES.get(recipe.dtype or "")
+        else:
+            self.compute_dtype = torch.float64 if recipe.dtype == "float64" else torch.float32
         self.out_dtype = DTYPES.get(recipe.out_dtype or recipe.dtype or "")
         self.tasks: list[TensorTask] = []
         self.sources: dict[tuple[int, str], TensorInfo] = {}
@@ -341,10 +349,20 @@ def _plan_outside_layers(p: _Planner, group: tuple, *, embeddings: bool) -> None
             p.add(name, 0.0, base, sources, shared, None)
 
 
-def build_plan(recipe: Recipe, recipe_dir: Path | None = None) -> Plan:
+def build_plan(
+    recipe: Recipe, recipe_dir: Path | None = None, numerics: str = DEFAULT_NUMERICS
+) -> Plan:
     """Open every input's headers and plan each output tensor; raise one MergeError
-    listing every missing tensor, shape mismatch and unresolved parameter."""
-    p = _Planner(recipe, recipe_dir)
+    listing every missing tensor, shape mismatch and unresolved parameter. `numerics`
+    is "default" (fp32 compute) or "mergekit" (mergekit's dtype and arithmetic)."""
+    if numerics not in NUMERICS:
+        raise MergeError(f"unknown numerics {numerics!r}", hint=f"use one of {', '.join(NUMERICS)}")
+    if not recipe.method.supports(numerics):
+        raise MergeError(
+            f"{recipe.merge_method} has no {numerics} numerics yet",
+            hint="run it without --numerics",
+        )
+    p = _Planner(recipe, recipe_dir, numerics)
     lead, config = _plan_slices(p) if recipe.slices is not None else _plan_models(p)
     align = None
     if recipe.align is not None:
@@ -381,4 +399,5 @@ def build_plan(recipe: Recipe, recipe_dir: Path | None = None) -> Plan:
         tokenizer_source=tok if tok.is_dir() else tok.parent,
         sources=p.sources,
         align=align,
+        numerics=numerics,
     )

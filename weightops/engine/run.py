@@ -199,7 +199,7 @@ class _Stream:
 
 def _to_compute(plan: Plan, loaded: Loaded, device: torch.device) -> Loaded:
     tensors, base = loaded
-    dtype = plan.compute_dtype
+    dtype = plan.compute_dtype or (base if base is not None else tensors[0]).dtype
     # Convert one input at a time, letting go of each stored-dtype copy as we go.
     inputs = []
     while tensors:
@@ -221,7 +221,15 @@ def _compute(
         rng.manual_seed(task.seed)
     try:
         with torch.no_grad():
-            out = plan.method(inputs, base, dict(task.params), rng=rng, stats=stats, name=task.name)
+            out = plan.method(
+                inputs,
+                base,
+                dict(task.params),
+                rng=rng,
+                stats=stats,
+                name=task.name,
+                numerics=plan.numerics,
+            )
     except WeightopsError:
         raise
     except (ValueError, RuntimeError) as e:
