@@ -31,7 +31,7 @@ from mergekit_corpus import (
     build_family,
     config_names,
     render,
-    run_weightops,
+    run_recipe,
 )
 from peers import WORK, ensure_mergekit, mergekit_version
 from report import machine, write_section
@@ -131,7 +131,7 @@ def side_files(a: Path, b: Path) -> str:
 
 def run_mergekit(names: list[str], recipes: Path, outs: Path) -> dict[str, dict]:
     python = VENV / "bin" / "python"
-    jobs = [[str(recipes / f"{n}.yaml"), str(outs / n)] for n in names]
+    jobs = [[str(recipes / f"{_folder(n)}.yaml"), str(outs / _folder(n))] for n in names]
     (OUT / "jobs.json").write_text(json.dumps(jobs))
     driver = Path(__file__).resolve().parent / "mergekit_run_all.py"
     subprocess.run(
@@ -139,14 +139,14 @@ def run_mergekit(names: list[str], recipes: Path, outs: Path) -> dict[str, dict]
         check=True,
     )
     results = json.loads((OUT / "mergekit-results.json").read_text())
-    return {n: results[str(recipes / f"{n}.yaml")] for n in names}
+    return {n: results[str(recipes / f"{_folder(n)}.yaml")] for n in names}
 
 
-def run_ours(names: list[str], family: dict[str, Path], outs: Path, numerics: str) -> dict:
+def run_ours(names: list[str], texts: dict[str, str], outs: Path, numerics: str) -> dict:
     results = {}
     for n in names:
         try:
-            run_weightops(n, family, outs / n, numerics=numerics)
+            run_recipe(texts[n], n, outs / _folder(n), numerics=numerics)
             results[n] = {"ok": True, "error": ""}
         except Exception as e:  # every failure is a result to report
             msg = " ".join(str(e).split())
@@ -166,88 +166,119 @@ def _names_reason(error: str, name: str) -> bool:
     return "epsilon" in error.replace(name, "").lower()
 
 
-def _method(name: str) -> str:
-    return yaml.safe_load(
-        (
-            Path(__file__).resolve().parent.parent / "tests" / "mergekit_configs" / f"{name}.yaml"
-        ).read_text()
-    )["merge_method"]
+def derived_recipes(family: dict[str, Path]) -> dict[str, str]:
+    """Recipes made from corpus ones for the arithmetic the corpus reaches in mergekit
+    only: the per-model weights mergekit ignores dropped (model_stock, slerp), or the
+    method swapped for a sibling mergekit's tests leave out."""
+    out = {}
+
+    def load(name: str) -> dict:
+        return yaml.safe_load(render(f"test_basic_merges.{name}", family))
+
+    for name in ["test_model_stock_merge", "test_model_stock_filterwise_merge", "test_slerp_merge"]:
+        data = load(name)
+        for m in data["models"]:
+            m.pop("parameters", None)
+        out[f"{name}, weights dropped"] = data
+    data = load("test_breadcrumbs_merge")
+    data |= {"merge_method": "breadcrumbs_ties", "parameters": {"density": 0.8, "gamma": 0.05}}
+    out["test_breadcrumbs_merge as breadcrumbs_ties, density 0.8, gamma 0.05"] = data
+    data = load("test_ties_merge")
+    data["parameters"] |= {"rescale": True, "lambda": 0.7}
+    out["test_ties_merge with rescale, lambda 0.7"] = data
+    data = load("test_dare_ties_merge")
+    data["merge_method"] = "dare_linear"
+    out["test_dare_ties_merge as dare_linear"] = data
+    return {k: yaml.safe_dump(v, sort_keys=False) for k, v in out.items()}
 
 
-def _base(name: str, family: dict[str, Path]) -> Path | None:
-    data = yaml.safe_load(render(name, family))
-    return Path(data["base_model"]) if data.get("base_model") else None
+def _row(n: str, text: str, results: tuple[dict, dict, dict], counts: dict[str, int]) -> str:
+    """One table row; counts what it found."""
+    mk, ours, exact = (r[n] for r in results)
+    data = yaml.safe_load(text)
+    method = data["merge_method"]
+    expected_error = n in EXPECT_ERROR
+    mk_ok, wo_ok = mk["ok"], ours["ok"]
+    if expected_error:
+        # Refused, and for the reason the recipe is meant to be refused.
+        mk_ok = not mk_ok and _names_reason(mk["error"], n)
+        wo_ok = not ours["ok"] and _names_reason(ours["error"], n)
+    counts["mk"] += mk_ok
+    counts["wo"] += wo_ok
+    ident = abs_ = ulp = files = "–"
+    note = ""
+    if expected_error:
+        note = f"meant to be refused ({EXPECT_ERROR[n]})"
+        if not wo_ok:
+            note += f"; weightops: {_short(ours['error'])}"
+    elif not mk_ok:
+        note = f"mergekit: {_short(mk['error'])}"
+    elif not wo_ok:
+        note = f"weightops: {_short(ours['error'])}"
+    folder = _folder(n)
+    if not expected_error and mk_ok and wo_ok:
+        a, b = OUT / "mergekit" / folder, OUT / "weightops" / folder
+        files = side_files(a, b)
+        if method in RANDOM:
+            base = Path(data["base_model"])
+            km, lm = random_stats(a, base)
+            kw, lw = random_stats(b, base)
+            ident = f"random: changed share {kw:.3f} vs {km:.3f}, mean \\|Δ\\| ratio {lw / lm:.3f}"
+        else:
+            counts["deterministic"] += 1
+            d = compare_tensors(a, b)
+            if not d["same_names"]:
+                note = d["why"]
+            else:
+                abs_, ulp = f"{d['max_abs']:.2e}", f"{d['max_ulp']:.3g}"
+                counts["same_default"] += d["identical"]
+                if exact["ok"]:
+                    e = compare_tensors(a, OUT / "weightops-mergekit-numerics" / folder)
+                    same = e["same_names"] and e["identical"]
+                    counts["same_exact"] += same
+                    ident = "yes" if same else f"**no** (max ulp {e.get('max_ulp', 0):.3g})"
+                else:
+                    ident = "not run: " + _short(exact["error"])
+
+    def yes(ok: bool) -> str:
+        return "yes" if ok else "**no**"
+
+    mk_cell = ("refused" if mk_ok else "**not for that**") if expected_error else yes(mk_ok)
+    wo_cell = ("refused" if wo_ok else "**not for that**") if expected_error else yes(wo_ok)
+    return f"| `{n}` | {method} | {mk_cell} | {wo_cell} | {ident} | {abs_} | {ulp} | {files} | {note} |"
+
+
+def _folder(name: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", name)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="run only recipes whose name contains this")
     args = parser.parse_args()
-    names = [n for n in config_names() if not args.only or args.only in n]
     ensure_mergekit(VENV, MERGEKIT_VERSION)
     if OUT.exists():
         shutil.rmtree(OUT)
     recipes = OUT / "recipes"
     recipes.mkdir(parents=True)
     family = build_family(OUT / "family")
-    for n in names:
-        (recipes / f"{n}.yaml").write_text(render(n, family))
-    mk = run_mergekit(names, recipes, OUT / "mergekit")
-    ours = run_ours(names, family, OUT / "weightops", "default")
-    exact = run_ours(names, family, OUT / "weightops-mergekit-numerics", "mergekit")
-
-    rows, counts = [], dict(mk=0, wo=0, same_default=0, same_exact=0, deterministic=0)
-    for n in names:
-        method = _method(n)
-        expected_error = n in EXPECT_ERROR
-        mk_ok, wo_ok = mk[n]["ok"], ours[n]["ok"]
-        if expected_error:
-            # Refused, and for the reason the recipe is meant to be refused.
-            mk_ok = not mk_ok and _names_reason(mk[n]["error"], n)
-            wo_ok = not ours[n]["ok"] and _names_reason(ours[n]["error"], n)
-        counts["mk"] += mk_ok
-        counts["wo"] += wo_ok
-        ident = abs_ = ulp = files = "–"
-        note = ""
-        if expected_error:
-            note = f"meant to be refused ({EXPECT_ERROR[n]})"
-        elif not mk_ok:
-            note = f"mergekit: {_short(mk[n]['error'])}"
-        elif not wo_ok:
-            note = f"weightops: {_short(ours[n]['error'])}"
-        if not expected_error and mk_ok and wo_ok:
-            a, b = OUT / "mergekit" / n, OUT / "weightops" / n
-            files = side_files(a, b)
-            if method in RANDOM:
-                base = _base(n, family)
-                km, lm = random_stats(a, base)
-                kw, lw = random_stats(b, base)
-                ident = (
-                    f"random: changed share {kw:.3f} vs {km:.3f}, mean \\|Δ\\| ratio {lw / lm:.3f}"
-                )
-            else:
-                counts["deterministic"] += 1
-                d = compare_tensors(a, b)
-                if not d["same_names"]:
-                    note = d["why"]
-                else:
-                    abs_, ulp = f"{d['max_abs']:.2e}", f"{d['max_ulp']:.3g}"
-                    counts["same_default"] += d["identical"]
-                    if exact[n]["ok"]:
-                        e = compare_tensors(a, OUT / "weightops-mergekit-numerics" / n)
-                        same = e["same_names"] and e["identical"]
-                        counts["same_exact"] += same
-                        ident = "yes" if same else f"**no** (max ulp {e.get('max_ulp', 0):.3g})"
-                    else:
-                        ident = "not run: " + _short(exact[n]["error"])
-        yes = lambda ok: "yes" if ok else "**no**"  # noqa: E731
-        mk_cell = ("refused" if mk_ok else "**not for that**") if expected_error else yes(mk_ok)
-        wo_cell = ("refused" if wo_ok else "**not for that**") if expected_error else yes(wo_ok)
-        if expected_error and not wo_ok:
-            note += f"; weightops: {_short(ours[n]['error'])}"
-        rows.append(
-            f"| `{n}` | {method} | {mk_cell} | {wo_cell} | {ident} | {abs_} | {ulp} | {files} | {note} |"
-        )
+    texts = {n: render(n, family) for n in config_names()}
+    extra = derived_recipes(family)
+    names = [n for n in texts if not args.only or args.only in n]
+    extra_names = [n for n in extra if not args.only or args.only in n]
+    everything = {**texts, **extra}
+    todo = names + extra_names
+    for n in todo:
+        (recipes / f"{_folder(n)}.yaml").write_text(everything[n])
+    results = (
+        run_mergekit(todo, recipes, OUT / "mergekit"),
+        run_ours(todo, everything, OUT / "weightops", "default"),
+        run_ours(todo, everything, OUT / "weightops-mergekit-numerics", "mergekit"),
+    )
+    counts = dict(mk=0, wo=0, same_default=0, same_exact=0, deterministic=0)
+    rows = [_row(n, texts[n], results, counts) for n in names]
+    extra_counts = dict(counts, mk=0, wo=0, same_default=0, same_exact=0, deterministic=0)
+    extra_rows = [_row(n, extra[n], results, extra_counts) for n in extra_names]
 
     total = len(names)
     body = (
@@ -273,7 +304,14 @@ def main() -> None:
         f"{counts['same_exact']} with `--numerics mergekit`.**\n\n"
         "| recipe | method | mergekit ran | weightops ran | identical (`--numerics mergekit`) "
         "| max abs diff (default) | max ulp (default) | config.json / tokenizer | note |\n"
-        "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+        "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
+        "Recipes derived from the corpus, for arithmetic it reaches in mergekit only "
+        "(per-model weights that mergekit ignores dropped, or a sibling method): "
+        f"{extra_counts['same_exact']} of {extra_counts['deterministic']} deterministic "
+        "ones identical with `--numerics mergekit`.\n\n"
+        "| recipe | method | mergekit ran | weightops ran | identical (`--numerics mergekit`) "
+        "| max abs diff (default) | max ulp (default) | config.json / tokenizer | note |\n"
+        "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(extra_rows) + "\n"
     )
     print(body)
     if not args.only:

@@ -176,10 +176,15 @@ def check_output(name: str, folder: Path, family: dict[str, Path]) -> None:
 
 def run_weightops(name: str, family: dict[str, Path], out: Path, numerics: str = "default") -> Path:
     """Merge one corpus recipe with weightops' Python API into `out`."""
+    return run_recipe(render(name, family), name, out, numerics)
+
+
+def run_recipe(text: str, source: str, out: Path, numerics: str = "default") -> Path:
+    """Merge recipe `text` (model paths filled in) into `out`."""
     from weightops.engine.plan import build_plan
     from weightops.engine.run import RunOptions, execute
     from weightops.recipe import parse_recipe
 
-    recipe = parse_recipe(render(name, family), name, recipe_dir=out.parent)
+    recipe = parse_recipe(text, source, recipe_dir=out.parent)
     plan = build_plan(recipe, out.parent, numerics)
     return execute(plan, out, RunOptions(device="cpu", progress=False))

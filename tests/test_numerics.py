@@ -18,7 +18,8 @@ from conftest import load_state, write_recipe
 from typer.testing import CliRunner
 
 from weightops.cli import app
-from weightops.merge import get_method
+from weightops.merge import all_methods, get_method
+from weightops.merge.registry import numerics_variants
 
 SHAPE = (48, 40)
 
@@ -251,3 +252,31 @@ def test_cli_numerics_refused_without_a_variant(llama: dict[str, Path], tmp_path
     )
     assert res.exit_code != 0
     assert "no mergekit numerics" in res.output
+
+
+def test_every_mergekit_variant_takes_its_methods_parameters() -> None:
+    import inspect
+
+    def keywords(fn) -> set[str]:
+        return {
+            p.name
+            for p in inspect.signature(fn).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+        }
+
+    variants = numerics_variants()
+    assert {m for m, _ in variants} >= {
+        "linear",
+        "slerp",
+        "task_arithmetic",
+        "ties",
+        "dare_linear",
+        "dare_ties",
+        "breadcrumbs",
+        "breadcrumbs_ties",
+        "model_stock",
+        "passthrough",
+    }
+    for (method, numerics), fn in variants.items():
+        assert numerics == "mergekit"
+        assert keywords(fn) == keywords(all_methods()[method].fn), method

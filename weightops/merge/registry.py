@@ -339,6 +339,12 @@ def merge_method(
     return register
 
 
+def numerics_variants() -> dict[tuple[str, str], Callable[..., torch.Tensor]]:
+    """Every registered variant, by (method, numerics)."""
+    _load_builtin()
+    return dict(_VARIANTS)
+
+
 def _param_spec(p: inspect.Parameter, hint: Any) -> ParamSpec:
     per_model = False
     rng: Range | None = None
