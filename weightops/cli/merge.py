@@ -21,7 +21,7 @@ def merge(
     shard_size: str = _common.SHARD_SIZE,
     force: bool = _common.FORCE,
     device: str = typer.Option(
-        "auto", "--device", help="auto, cpu or cuda[:N]; compute is fp32 there."
+        "auto", "--device", help="auto, cpu or cuda[:N] (where the tensors are computed)."
     ),
     threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads for compute."),
     dry_run: bool = typer.Option(
