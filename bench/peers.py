@@ -33,15 +33,17 @@ def mergekit_version(venv: Path = MERGEKIT_VENV) -> str:
     return f"mergekit {mk} (torch {torch})"
 
 
-def ensure_mergekit(venv: Path = MERGEKIT_VENV) -> Path:
-    """Create the mergekit virtualenv if needed and return the mergekit-yaml path."""
+def ensure_mergekit(venv: Path = MERGEKIT_VENV, version: str = MERGEKIT_VERSION) -> Path:
+    """Create the mergekit virtualenv (mergekit `version`) if needed and return the
+    mergekit-yaml path. Each version gets its own folder, so benchmarks pinned to
+    different releases never reinstall over each other."""
     exe = mergekit_yaml(venv)
     if not exe.exists():
         venv.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
         subprocess.run([*pip, f"torch=={TORCH_VERSION}"], check=True)
-        subprocess.run([*pip, f"mergekit=={MERGEKIT_VERSION}"], check=True)
+        subprocess.run([*pip, f"mergekit=={version}"], check=True)
     subprocess.run([str(exe), "--help"], check=True, capture_output=True)
     return exe
 

@@ -28,6 +28,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "qwen2": dict(_DECODER, model_type="qwen2", tie_word_embeddings=True),
     "gemma": dict(_DECODER, model_type="gemma", num_key_value_heads=1, head_dim=16),
     "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=4, n_head=4, n_positions=128),
+    "granite": dict(_DECODER, model_type="granite", tie_word_embeddings=True),
+    "mistral": dict(_DECODER, model_type="mistral", tie_word_embeddings=False),
 }
 VOCAB = 320
 
@@ -65,17 +67,22 @@ def tiny_model(
     layers: int | None = None,
     shard_size: str | int = "1GB",
     dtype: torch.dtype = torch.float32,
+    vocab: int = VOCAB,
+    tokenizer: bool = True,
+    **config_overrides: Any,
 ) -> Path:
-    """Save a random `family` model with a tokenizer into `folder`; return the folder."""
+    """Save a random `family` model into `folder` (with a tokenizer unless
+    `tokenizer=False`); return the folder. `config_overrides` replace entries of the
+    family's config (e.g. hidden_size)."""
     from transformers import AutoConfig
 
     quiet_transformers()
     folder = Path(folder)
-    cfg = dict(FAMILIES[family])
+    cfg = dict(FAMILIES[family]) | config_overrides
     model_type = cfg.pop("model_type")
     if layers is not None:
         cfg["n_layer" if model_type == "gpt2" else "num_hidden_layers"] = layers
-    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, **cfg)
+    config = AutoConfig.for_model(model_type, vocab_size=vocab, **cfg)
     torch.manual_seed(seed)
     model = causal_lm_from_config(config, dtype)
     with torch.no_grad():
@@ -84,7 +91,8 @@ def tiny_model(
             # norms are tested on real numbers too.
             p.add_(torch.randn_like(p) * 0.02)
     model.save_pretrained(folder, max_shard_size=shard_size)
-    _tokenizer(folder)
+    if tokenizer:
+        _tokenizer(folder)
     return folder
 
 
@@ -96,7 +104,8 @@ def fine_tune(
     scale: float = 0.01,
     shard_size: str | int = "1GB",
 ) -> Path:
-    """Save base + a seeded random task vector (dense noise plus a sparse strong part)."""
+    """Save base + a seeded random task vector (dense noise plus a sparse strong part),
+    with the base's tokenizer if it has one."""
     from transformers import AutoTokenizer
 
     quiet_transformers()
@@ -113,7 +122,8 @@ def fine_tune(
             )
             p.add_((noise + strong).to(p.dtype))
     model.save_pretrained(folder, max_shard_size=shard_size)
-    AutoTokenizer.from_pretrained(base).save_pretrained(folder)
+    if any(Path(base).glob("tokenizer*")):
+        AutoTokenizer.from_pretrained(base).save_pretrained(folder)
     return Path(folder)
 
 

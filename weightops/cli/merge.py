@@ -21,7 +21,7 @@ def merge(
     shard_size: str = _common.SHARD_SIZE,
     force: bool = _common.FORCE,
     device: str = typer.Option(
-        "auto", "--device", help="auto, cpu or cuda[:N]; compute is fp32 there."
+        "auto", "--device", help="auto, cpu or cuda[:N] (where the tensors are computed)."
     ),
     threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads for compute."),
     dry_run: bool = typer.Option(
@@ -34,7 +34,13 @@ def merge(
     random_seed: int | None = typer.Option(
         None,
         "--random-seed",
-        help="Seed of the random methods (dare_*), in place of the recipe's `seed`.",
+        help="Seed of the random methods (dare_*, della*), in place of the recipe's `seed`.",
+    ),
+    numerics: str = typer.Option(
+        "default",
+        "--numerics",
+        help="default: compute in fp32 (fp64 for dtype float64). mergekit: compute in the "
+        "recipe's dtype in mergekit's order of operations, for its tensors bit for bit.",
     ),
 ) -> None:
     """Merge the models of RECIPE into one checkpoint folder.
@@ -68,9 +74,11 @@ def merge(
             shard_size=size, device=device, threads=threads, force=force, progress=progress
         )
         if found.multi:
-            _merge_steps(found, out, recipe.parent, options, random_seed, dry_run)
+            _merge_steps(found, out, recipe.parent, options, random_seed, numerics, dry_run)
             return
-        plan = build_plan(found.steps[0].recipe, recipe.parent, random_seed=random_seed)
+        plan = build_plan(
+            found.steps[0].recipe, recipe.parent, random_seed=random_seed, numerics=numerics
+        )
         if dry_run:
             resolve_device(device)
             _print_plan(plan, out, options)
@@ -85,7 +93,13 @@ def merge(
 
 
 def _merge_steps(
-    found, out: Path, recipe_dir: Path, options, random_seed: int | None, dry_run: bool
+    found,
+    out: Path,
+    recipe_dir: Path,
+    options,
+    random_seed: int | None,
+    numerics: str,
+    dry_run: bool,
 ) -> None:
     from weightops.engine.plan import build_plan
     from weightops.engine.run import resolve_device
@@ -106,7 +120,7 @@ def _merge_steps(
                 typer.echo(f"reads the output of {reads}; planned when that exists")
                 typer.echo("")
                 continue
-            plan = build_plan(step.recipe, recipe_dir, random_seed=random_seed)
+            plan = build_plan(step.recipe, recipe_dir, random_seed=random_seed, numerics=numerics)
             _print_plan(plan, where, options)
             typer.echo("")
         return
@@ -120,7 +134,9 @@ def _merge_steps(
             err=True,
         )
 
-    run_steps(found, out, recipe_dir, options, random_seed=random_seed, report=report)
+    run_steps(
+        found, out, recipe_dir, options, random_seed=random_seed, numerics=numerics, report=report
+    )
 
 
 def _print_plan(plan, out: Path | str, options) -> None:

@@ -30,7 +30,7 @@ from weightops.engine.tasks import DTYPES, InputRef, TensorTask
 from weightops.errors import MergeError
 from weightops.io.lora import LoraAdapter, split_reference
 from weightops.io.safetensors_file import TensorInfo
-from weightops.merge.registry import MethodSpec
+from weightops.merge.registry import DEFAULT_NUMERICS, NUMERICS, MethodSpec
 from weightops.recipe import Recipe, resolve_model
 
 __all__ = ["DTYPES", "InputRef", "Plan", "TensorTask", "build_plan"]
@@ -60,6 +60,10 @@ class Plan:
     methods: dict[str, MethodSpec] = field(default_factory=dict)
     # `MODEL+LORA` inputs: the adapter merged into that model's tensors as they are read.
     adapters: dict[int, LoraAdapter] = field(default_factory=dict)
+
+    # "default" (fp32 compute) or "mergekit" (the recipe's dtype, mergekit's order of
+    # operations; see weightops.merge.registry).
+    numerics: str = "default"
 
     def method_of(self, task: TensorTask) -> MethodSpec:
         return self.methods[task.method]
@@ -120,16 +124,29 @@ def _check_modules_listed(p: Planner, groups: list[Group], lead: int) -> None:
 
 
 def build_plan(
-    recipe: Recipe, recipe_dir: Path | None = None, *, random_seed: int | None = None
+    recipe: Recipe,
+    recipe_dir: Path | None = None,
+    *,
+    random_seed: int | None = None,
+    numerics: str = DEFAULT_NUMERICS,
 ) -> Plan:
     """Open every input's headers and plan each output tensor; raise one MergeError
     listing every missing tensor, shape mismatch and unresolved parameter.
 
     `random_seed` (mergekit's --random-seed) seeds every random method in place of
     the recipe's `seed` parameter; each tensor's generator is still seeded from it and
-    the tensor's name, so the output does not depend on the order of work."""
-    p = Planner(recipe, recipe_dir, random_seed)
+    the tensor's name, so the output does not depend on the order of work. `numerics`
+    is "default" (fp32 compute) or "mergekit" (mergekit's dtype and arithmetic)."""
+    if numerics not in NUMERICS:
+        raise MergeError(f"unknown numerics {numerics!r}", hint=f"use one of {', '.join(NUMERICS)}")
     groups = _groups(recipe)
+    for g in groups:
+        if not g.method.supports(numerics):
+            raise MergeError(
+                f"{g.method.name} has no {numerics} numerics yet",
+                hint="run it without --numerics",
+            )
+    p = Planner(recipe, recipe_dir, random_seed, numerics)
     planned = [(plan_slices if g.recipe.slices is not None else plan_models)(p, g) for g in groups]
     lead = next(
         (
@@ -185,4 +202,5 @@ def build_plan(
         methods={g.method.name: g.method for g in groups},
         adapters=p.adapters,
         chat_template=resolve_chat_template(recipe.chat_template, p.paths),
+        numerics=numerics,
     )

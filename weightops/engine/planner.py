@@ -69,7 +69,11 @@ class Planned:
 
 class Planner:
     def __init__(
-        self, recipe: Recipe, recipe_dir: Path | None, random_seed: int | None = None
+        self,
+        recipe: Recipe,
+        recipe_dir: Path | None,
+        random_seed: int | None = None,
+        numerics: str = "default",
     ) -> None:
         self.recipe = recipe
         self.random_seed = random_seed
@@ -80,7 +84,11 @@ class Planner:
         self._index: dict[str, int] = {}
         for ref in recipe.model_paths():
             self._open(ref, recipe_dir)
-        self.compute_dtype = torch.float64 if recipe.dtype == "float64" else torch.float32
+        if numerics == "mergekit":
+            # mergekit computes in the recipe's dtype, or in the stored one without it.
+            self.compute_dtype = DTYPES.get(recipe.dtype or "")
+        else:
+            self.compute_dtype = torch.float64 if recipe.dtype == "float64" else torch.float32
         self.out_dtype = DTYPES.get(recipe.out_dtype or recipe.dtype or "")
         self.tasks: list[TensorTask] = []
         self.sources: dict[tuple[int, str], TensorInfo] = {}

@@ -205,7 +205,7 @@ class _Stream:
 
 def _to_compute(plan: Plan, loaded: Loaded, device: torch.device) -> Loaded:
     tensors, base = loaded
-    dtype = plan.compute_dtype
+    dtype = plan.compute_dtype or (base if base is not None else tensors[0]).dtype
     # Convert one input at a time, letting go of each stored-dtype copy as we go.
     inputs = []
     while tensors:
@@ -235,6 +235,7 @@ def _compute(
                 rng=rng,
                 stats=stats.get(task.module),
                 name=task.name,
+                numerics=plan.numerics,
             )
     except WeightopsError:
         raise

@@ -28,6 +28,7 @@ def run_steps(
     options: RunOptions,
     *,
     random_seed: int | None = None,
+    numerics: str = "default",
     report: Callable[[Step, Path, Plan], None] = lambda step, path, plan: None,
 ) -> None:
     """Run every step of `found` in order (see the module for where each goes)."""
@@ -42,7 +43,10 @@ def run_steps(
         holder.create()
         for step in found.steps:
             plan = build_plan(
-                with_outputs(step.recipe, outputs), recipe_dir, random_seed=random_seed
+                with_outputs(step.recipe, outputs),
+                recipe_dir,
+                random_seed=random_seed,
+                numerics=numerics,
             )
             # The model card and shard metadata record the recipe as written, with
             # step names, not the temporary folders they stood for.

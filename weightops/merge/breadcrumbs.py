@@ -6,7 +6,8 @@ from typing import Annotated
 
 import torch
 
-from weightops.merge.registry import PerModel, Range, Unit, merge_method
+from weightops.merge import as_mergekit as mk
+from weightops.merge.registry import PerModel, Range, Unit, merge_method, numerics_variant
 from weightops.merge.sparsify import combine, magnitude_outliers, rescale_l1, task_vectors
 
 Gamma = Annotated[float, Range(ge=0, lt=1)]
@@ -31,7 +32,8 @@ Parameters:
 With density 1 the task vector is left whole (gamma is not applied), as in mergekit.
 Deliberate difference from mergekit: ties in |δ| are ranked in index order (a stable
 sort), so the masks depend only on the inputs; mergekit's unstable sort may keep other
-tied entries.
+tied entries; `--numerics mergekit` keeps mergekit's order (see
+weightops.merge.as_mergekit), including its all-zero mask when ⌊gamma·n⌋ = 0.
 """
 
 
@@ -56,9 +58,36 @@ def _register(name: str, *, consensus: bool, doc: str) -> None:
                 deltas[i] = rescale_l1(l1, deltas[i])
         return combine(deltas, base, weight, consensus=consensus, normalize=normalize, lam=lambda_)
 
+    def breadcrumbs_as_mergekit(
+        tensors: list[torch.Tensor],
+        base: torch.Tensor | None,
+        *,
+        weight: list[float],
+        density: list[float],
+        gamma: list[float],
+        lambda_: float = 1.0,
+        normalize: bool = False,
+        rescale: bool = False,
+        int8_mask: bool = False,
+    ) -> torch.Tensor:
+        deltas = [
+            mk.magnitude_outliers(d, p, g, rescale=rescale)
+            for d, p, g in zip(mk.task_vectors(tensors, base), density, gamma, strict=True)
+        ]
+        return mk.combine(
+            deltas,
+            base,
+            weight,
+            consensus=consensus,
+            normalize=normalize,
+            lam=lambda_,
+            int8_mask=int8_mask,
+        )
+
     breadcrumbs.__name__ = breadcrumbs.__qualname__ = name
     breadcrumbs.__doc__ = doc
     merge_method(name, base="required", reference="https://arxiv.org/abs/2312.06795")(breadcrumbs)
+    numerics_variant(name, "mergekit")(breadcrumbs_as_mergekit)
 
 
 _register(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from weightops.merge.registry import PerModel, Unit, merge_method
+from weightops.merge import as_mergekit as mk
+from weightops.merge.registry import PerModel, Unit, merge_method, numerics_variant
 from weightops.merge.sparsify import combine, random_drop, task_vectors
 
 _DOC = """DARE (Yu et al., "Language Models are Super Mario: Absorbing Abilities from
@@ -25,6 +26,8 @@ Parameters:
   seed (default 0): the drop masks come from this seed and the tensor's name, so a
     recipe gives the same output every run, whatever the order of work.
   int8_mask: accepted so mergekit recipes run; masks here are always booleans.
+With `--numerics mergekit` the arithmetic and the L1 rescale are mergekit's; the masks
+are still drawn from the seed, so the result matches mergekit in distribution only.
 """
 
 
@@ -49,9 +52,37 @@ def _register(name: str, *, consensus: bool, doc: str) -> None:
                 deltas[i].div_(d)
         return combine(deltas, base, weight, consensus=consensus, normalize=normalize, lam=lambda_)
 
+    def dare_as_mergekit(
+        tensors: list[torch.Tensor],
+        base: torch.Tensor | None,
+        *,
+        weight: list[float],
+        density: list[float],
+        lambda_: float = 1.0,
+        normalize: bool = False,
+        rescale: bool = True,
+        seed: int = 0,
+        int8_mask: bool = False,
+        rng: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        deltas = [
+            mk.bernoulli(d, p, rescale, rng)
+            for d, p in zip(mk.task_vectors(tensors, base), density, strict=True)
+        ]
+        return mk.combine(
+            deltas,
+            base,
+            weight,
+            consensus=consensus,
+            normalize=normalize,
+            lam=lambda_,
+            int8_mask=int8_mask,
+        )
+
     dare.__name__ = dare.__qualname__ = name
     dare.__doc__ = doc
     merge_method(name, base="required", reference="https://arxiv.org/abs/2311.03099")(dare)
+    numerics_variant(name, "mergekit")(dare_as_mergekit)
 
 
 _register(

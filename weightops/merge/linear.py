@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from weightops.merge.registry import NonNegative, PerModel, merge_method
+from weightops.merge.registry import NonNegative, PerModel, merge_method, numerics_variant
 
 
 @merge_method(
@@ -36,3 +36,21 @@ def linear(
             raise ValueError("the weights sum to 0, so they cannot be normalized")
         out /= total
     return out
+
+
+@numerics_variant("linear", "mergekit")
+def linear_as_mergekit(
+    tensors: list[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    weight: list[float],
+    normalize: bool = True,
+) -> torch.Tensor:
+    """mergekit's order: the weights as a tensor of the inputs' dtype, the weighted
+    inputs stacked and summed over the models, then divided by the weights' sum (itself
+    rounded to that dtype)."""
+    stacked = torch.stack(tensors, dim=0)
+    w = torch.tensor(weight, dtype=stacked.dtype, device=stacked.device)
+    w = w.view(-1, *([1] * (stacked.dim() - 1)))
+    out = (w * stacked).sum(dim=0)
+    return out / w.sum(dim=0) if normalize else out

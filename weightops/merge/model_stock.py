@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from weightops.merge.registry import merge_method
+from weightops.merge.registry import merge_method, numerics_variant
 
 
 @merge_method(
@@ -47,3 +47,36 @@ def model_stock(
     t = torch.where(singular, torch.zeros_like(cos), k * cos / torch.where(singular, 1, denom))
     average = torch.stack(tensors).mean(0).reshape(flat.shape)
     return (t * average + (1 - t) * flat).reshape(shape)
+
+
+@numerics_variant("model_stock", "mergekit")
+def model_stock_as_mergekit(
+    tensors: list[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    filter_wise: bool = False,
+) -> torch.Tensor:
+    """mergekit's order in the inputs' dtype: per-row cosines over the last axis
+    (filter_wise; vectors as one row) or one over the flattened tensor, their mean, no
+    guard for a vanishing denominator, and the average as a running sum."""
+    shape = base.shape
+    if filter_wise:
+        w0 = base.unsqueeze(0) if base.dim() == 1 else base
+        ws = [w.unsqueeze(0) if base.dim() == 1 else w for w in tensors]
+    else:
+        w0 = base.view(-1)
+        ws = [w.view(-1) for w in tensors]
+    offsets = [w - w0 for w in ws]
+    cosines = []
+    for i in range(len(offsets)):
+        for j in range(i + 1, len(offsets)):
+            norms = torch.norm(offsets[i], dim=-1) * torch.norm(offsets[j], dim=-1)
+            dot = (offsets[i] * offsets[j]).sum(dim=-1)
+            cosines.append((dot / norms.clamp(min=1e-6)).clamp(-1, 1))
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    k = len(ws)
+    t = (k * cos) / (1 + (k - 1) * cos)
+    total = ws[0]
+    for w in ws[1:]:
+        total = total + w
+    return (t * (total / k) + (1 - t) * w0).reshape(shape)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from weightops.merge.registry import PerModel, merge_method
+from weightops.merge.registry import PerModel, merge_method, numerics_variant
 
 
 @merge_method(
@@ -27,3 +27,7 @@ def passthrough(
     """
     s = scale[0]
     return tensors[0] if s is None else tensors[0] * s
+
+
+# One multiplication: in the recipe's dtype it is mergekit's arithmetic as it stands.
+numerics_variant("passthrough", "mergekit")(passthrough)

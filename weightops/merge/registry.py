@@ -32,6 +32,13 @@ read from its keyword-only signature:
   each, written `[[first, last, value], …]` in a recipe; a `Range` bounds the values.
   The method gets a `Blocks` (or None) and finds a tensor's layer from its `name` with
   `weightops.arch.describe`.
+
+Numerics. By default the engine computes in fp32 (fp64 for `dtype: float64`). A
+method may also register variants of its arithmetic under another name with
+`@numerics_variant(method, "mergekit")` in its own module: same signature, but the
+inputs arrive in the recipe's `dtype` and the variant repeats mergekit's order of
+operations and roundings, so that `weightops merge --numerics mergekit` writes
+mergekit's tensors bit for bit. A method without the variant refuses that option.
 """
 
 from __future__ import annotations
@@ -205,6 +212,9 @@ class MethodSpec:
     def summary(self) -> str:
         return (self.doc.strip().splitlines() or [""])[0]
 
+    def supports(self, numerics: str) -> bool:
+        return numerics == DEFAULT_NUMERICS or (self.name, numerics) in _VARIANTS
+
     def __call__(
         self,
         tensors: list[torch.Tensor],
@@ -213,7 +223,9 @@ class MethodSpec:
         rng: torch.Generator | None = None,
         stats: object = None,
         name: str = "",
+        numerics: str = "default",
     ) -> torch.Tensor:
+        fn = self.fn if numerics == DEFAULT_NUMERICS else _VARIANTS[(self.name, numerics)]
         kwargs = {self.params[k].py_name: v for k, v in params.items() if k in self.params}
         if self.wants_rng:
             kwargs["rng"] = rng
@@ -221,7 +233,7 @@ class MethodSpec:
             kwargs["stats"] = stats
         if self.wants_name:
             kwargs["name"] = name
-        return self.fn(tensors, base, **kwargs)
+        return fn(tensors, base, **kwargs)
 
 
 class Observer(Protocol):
@@ -245,6 +257,26 @@ class Observer(Protocol):
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
+DEFAULT_NUMERICS = "default"
+NUMERICS = (DEFAULT_NUMERICS, "mergekit")
+_VARIANTS: dict[tuple[str, str], Callable[..., torch.Tensor]] = {}
+
+
+def numerics_variant(
+    method: str, numerics: str
+) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    """Register `fn` as `method`'s arithmetic under `numerics` (see the module doc). Its
+    keyword-only parameters must be the method's own."""
+
+    def register(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        if numerics not in NUMERICS or numerics == DEFAULT_NUMERICS:
+            raise ValueError(f"unknown numerics {numerics!r} for {method!r}")
+        if (method, numerics) in _VARIANTS:
+            raise ValueError(f"{method!r} already has {numerics} numerics")
+        _VARIANTS[(method, numerics)] = fn
+        return fn
+
+    return register
 
 
 def merge_method(
@@ -313,6 +345,12 @@ def merge_method(
         return fn
 
     return register
+
+
+def numerics_variants() -> dict[tuple[str, str], Callable[..., torch.Tensor]]:
+    """Every registered variant, by (method, numerics)."""
+    _load_builtin()
+    return dict(_VARIANTS)
 
 
 def _param_spec(p: inspect.Parameter, hint: Any) -> ParamSpec:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import numpy as np
 import torch
 
-from weightops.merge.registry import Range, merge_method
+from weightops.merge.registry import Range, merge_method, numerics_variant
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
@@ -54,3 +55,31 @@ def slerp(
     ca = (torch.sin((1 - t) * omega) / so).item()
     cb = (torch.sin(t * omega) / so).item()
     return base.mul_(ca).add_(tensors[0], alpha=cb)
+
+
+@numerics_variant("slerp", "mergekit")
+def slerp_as_mergekit(
+    tensors: list[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    t: float,
+) -> torch.Tensor:
+    """mergekit's slerp: numpy float32 on the CPU (its norms, pairwise sum and
+    trigonometry, every scalar kept in float32), rounded back to the inputs' dtype."""
+    a = base.detach().cpu().float().numpy()
+    b = tensors[0].detach().cpu().float().numpy()
+    t32 = np.float32(t)
+
+    def unit(v: np.ndarray) -> np.ndarray:
+        norm = np.linalg.norm(v)
+        return v / norm if norm > EPS else v
+
+    dot = np.sum(unit(a) * unit(b))
+    if np.abs(dot) > DOT_THRESHOLD:
+        out = (np.float32(1) - t32) * a + t32 * b
+    else:
+        omega = np.arccos(dot)
+        so = np.sin(omega)
+        omega_t = omega * t32
+        out = (np.sin(omega - omega_t) / so) * a + (np.sin(omega_t) / so) * b
+    return torch.from_numpy(np.ascontiguousarray(out)).to(base.dtype).to(base.device)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from weightops.merge.registry import PerModel, merge_method
+from weightops.merge import as_mergekit as mk
+from weightops.merge.registry import PerModel, merge_method, numerics_variant
 from weightops.merge.sparsify import combine, task_vectors
 
 
@@ -34,3 +35,17 @@ def task_arithmetic(
     """
     deltas = task_vectors(tensors, base)
     return combine(deltas, base, weight, consensus=False, normalize=normalize, lam=lambda_)
+
+
+@numerics_variant("task_arithmetic", "mergekit")
+def task_arithmetic_as_mergekit(
+    tensors: list[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    weight: list[float],
+    lambda_: float = 1.0,
+    normalize: bool = False,
+) -> torch.Tensor:
+    """Task arithmetic in mergekit's order of operations and dtype."""
+    deltas = mk.task_vectors(tensors, base)
+    return mk.combine(deltas, base, weight, consensus=False, normalize=normalize, lam=lambda_)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from weightops.merge.registry import PerModel, Unit, merge_method
+from weightops.merge import as_mergekit as mk
+from weightops.merge.registry import PerModel, Unit, merge_method, numerics_variant
 from weightops.merge.sparsify import combine, magnitude, rescale_l1, task_vectors
 
 
@@ -41,7 +42,8 @@ def ties(
     coarsely quantized, so on dense fine-tunes a few percent of entries can tie at the
     threshold and, through the sign election, the two tools then differ beyond bf16
     rounding at those entries; with sparse task vectors (threshold 0) they agree bit
-    for bit. BENCHMARKS.md shows both cases.
+    for bit. BENCHMARKS.md shows both cases. `--numerics mergekit` keeps mergekit's
+    tie order (see weightops.merge.as_mergekit).
     """
     del int8_mask
     deltas = task_vectors(tensors, base)
@@ -51,3 +53,25 @@ def ties(
         if l1 is not None:
             deltas[i] = rescale_l1(l1, deltas[i])
     return combine(deltas, base, weight, consensus=True, normalize=normalize, lam=lambda_)
+
+
+@numerics_variant("ties", "mergekit")
+def ties_as_mergekit(
+    tensors: list[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    weight: list[float],
+    density: list[float],
+    lambda_: float = 1.0,
+    normalize: bool = True,
+    rescale: bool = False,
+    int8_mask: bool = False,
+) -> torch.Tensor:
+    """TIES in mergekit's order of operations and dtype."""
+    deltas = [
+        mk.magnitude(d, p, rescale)
+        for d, p in zip(mk.task_vectors(tensors, base), density, strict=True)
+    ]
+    return mk.combine(
+        deltas, base, weight, consensus=True, normalize=normalize, lam=lambda_, int8_mask=int8_mask
+    )
