@@ -331,9 +331,9 @@ def test_load_recipe_reports_missing_model_folders(tmp_path):
 
 def test_unsupported_mergekit_keys_are_refused_with_reason():
     found = problems(
-        "merge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\ntokenizer_source: union\n"
+        "merge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\nmodules: {text: {}}\n"
     )
-    assert "not supported" in found["tokenizer_source"]
+    assert "not supported" in found["modules"]
 
 
 # -------------------------------------------------------------------- to_yaml

@@ -28,6 +28,7 @@ from weightops.merge.registry import (
     all_methods,
     unknown_method_message,
 )
+from weightops.vocab.config import TokenizerSettings, check_tokenizer
 
 Scalar = bool | int | float | str
 DTypeName = Literal["float32", "float16", "bfloat16", "float64", "fp32", "fp16", "bf16"]
@@ -82,13 +83,13 @@ class Recipe(_Strict):
     parameters: Parameters | None = None
     dtype: DTypeName | None = None
     out_dtype: DTypeName | None = None
-    tokenizer_source: str | None = None
+    tokenizer_source: str | None = None  # union, base or a model path (weightops.vocab)
     chat_template: str | None = None
     output: str | None = None
     align: AlignSettings | None = None
-    # mergekit keys weightops knows but does not implement yet: refused with a reason.
+    tokenizer: TokenizerSettings | None = None
+    # A mergekit key weightops knows but does not implement yet: refused with a reason.
     modules: dict[str, Any] | None = None
-    tokenizer: dict[str, Any] | None = None
 
     @property
     def method(self) -> MethodSpec:
@@ -264,17 +265,10 @@ def check_recipe(recipe: Recipe) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     for key, why in (
         ("modules", "multi-module (vision/audio tower) merges are not supported yet"),
-        ("tokenizer", "vocabulary merging is not supported yet; use tokenizer_source"),
     ):
         if getattr(recipe, key) is not None:
             problems.append((key, why))
-    if recipe.tokenizer_source == "union":
-        problems.append(
-            (
-                "tokenizer_source",
-                "'union' (vocabulary merging) is not supported yet; use 'base' or a model path",
-            )
-        )
+    problems += check_tokenizer(recipe)
     if (recipe.models is None) == (recipe.slices is None):
         problems.append(("", "give exactly one of 'models' or 'slices'"))
     methods = all_methods()

@@ -87,6 +87,8 @@ def _print_plan(plan, out: Path, options) -> None:
     )
     if plan.method.observer:
         echo("passes      2 (statistics, then merge)")
+    for line in plan.vocab.summary if plan.vocab else []:
+        echo(line)
     echo("")
     for task in plan.tasks:
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in task.params if v is not None)

@@ -25,6 +25,7 @@ from weightops.io.checkpoint import Checkpoint
 from weightops.io.safetensors_file import TensorInfo
 from weightops.merge.registry import MethodSpec
 from weightops.recipe import Recipe, Setting, evaluate, resolve_model
+from weightops.vocab.plan import VocabPlan, is_vocab_tensor, plan_vocabulary, update_config
 
 DTYPES = {
     "float32": torch.float32,
@@ -81,6 +82,9 @@ class Plan:
     # applies them to every input tensor as it is read.
     align: AlignTarget | None = None
     permutations: dict[int, Alignment] = field(default_factory=dict)
+    # Vocabulary merging (weightops.vocab): the output tokenizer and how the inputs'
+    # embedding and lm_head rows are re-indexed to it as they are read.
+    vocab: VocabPlan | None = None
 
     @property
     def output_bytes(self) -> int:
@@ -202,7 +206,10 @@ class _Planner:
                 return
             if shape is None:
                 shape, stored_dtype = info.shape, info.dtype
-            elif info.shape != shape:
+            elif info.shape != shape and not (
+                # Vocabularies of different sizes are reconciled by weightops.vocab.
+                is_vocab_tensor(name, shape) and info.shape[1:] == shape[1:]
+            ):
                 self.problem(
                     f"tensor {name!r} has shape {list(info.shape)} in {self.paths[src.model]} "
                     f"but {list(shape)} in {self.paths[(base or sources[0]).model]}"
@@ -350,6 +357,10 @@ def build_plan(recipe: Recipe, recipe_dir: Path | None = None) -> Plan:
     if recipe.align is not None:
         align, problems = plan_alignment(recipe.align, recipe_dir, p.ckpts)
         p.problems += problems
+    vocab, p.tasks, problems = plan_vocabulary(
+        recipe, recipe_dir, p.paths, p.ckpts, p.tasks, p.sources, p.idx
+    )
+    p.problems += problems
     if p.problems:
         shown = "; ".join(p.problems[:_MAX_LISTED])
         more = len(p.problems) - _MAX_LISTED
@@ -362,14 +373,8 @@ def build_plan(recipe: Recipe, recipe_dir: Path | None = None) -> Plan:
         config["dtype" if "dtype" in config else "torch_dtype"] = str(p.out_dtype).removeprefix(
             "torch."
         )
-    tok_ref = recipe.tokenizer_source
-    if tok_ref in (None, "base"):
-        tok = p.paths[lead]
-    else:
-        found = resolve_model(tok_ref, recipe_dir)
-        if found is None:
-            raise MergeError(f"tokenizer_source {tok_ref!r} not found (no such folder)")
-        tok = found
+    if vocab is not None:
+        update_config(config, vocab.size)
     return Plan(
         recipe=recipe,
         method=p.method,
@@ -378,7 +383,8 @@ def build_plan(recipe: Recipe, recipe_dir: Path | None = None) -> Plan:
         compute_dtype=p.compute_dtype,
         config=config,
         config_source=p.ckpts[lead].folder,
-        tokenizer_source=tok if tok.is_dir() else tok.parent,
+        tokenizer_source=None if vocab and vocab.vocabulary else p.ckpts[lead].folder,
         sources=p.sources,
         align=align,
+        vocab=vocab,
     )

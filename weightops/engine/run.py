@@ -135,8 +135,25 @@ class _Stream:
         self.reader = FileReader()
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="weightops-read")
 
+    def _fetch(self, task: TensorTask) -> Callable[[int, int, int], torch.Tensor]:
+        """Reads rows of the task's input of one model, aligned, in the compute dtype."""
+        names = {r.model: r.name for r in [*task.inputs, *([task.base] if task.base else [])]}
+
+        def fetch(model: int, r0: int, r1: int) -> torch.Tensor:
+            name = names[model]
+            tensor = self.reader.read(self.plan.sources[(model, name)], (r0, r1))
+            if model in self.plan.permutations:
+                tensor = self.plan.permutations[model].apply(name, tensor, (r0, r1))
+            return _widen(tensor, self.plan.compute_dtype)
+
+        return fetch
+
     def _load(self, piece: Piece) -> Loaded:
         task = piece.task
+        if self.plan.vocab is not None and task.name in self.plan.vocab.reindex:
+            return self.plan.vocab.load(
+                task, piece.rows, self._fetch(task), self.plan.compute_dtype
+            )
         # A model listed twice is read once, but each use gets its own copy: methods
         # overwrite their inputs.
         cache: dict[InputRef, torch.Tensor] = {}
@@ -299,6 +316,14 @@ def _execute(plan: Plan, out: Path, options: RunOptions, device: torch.device) -
             plan.permutations = match_inputs(
                 plan.align, plan.models, progress=options.progress, device=device
             )
+        if plan.vocab is not None:
+            stream = _Stream(plan, options, device, chunked=True)
+            try:
+                plan.vocab.padding_rows(
+                    plan.tasks, stream._fetch, plan.compute_dtype, options.chunk_elements
+                )
+            finally:
+                stream.close()
         stats = _statistics(plan, options, device) if plan.method.observer else None
         writer = ShardWriter(staging.path, layout, display=out)
         try:
@@ -376,7 +401,15 @@ def _apply(
 def _side_files(plan: Plan, folder: Path) -> None:
     sidefiles.write_config(folder, plan.config)
     sidefiles.copy_generation_config(plan.config_source, folder)
-    tokenizer = sidefiles.copy_tokenizer(plan.tokenizer_source, folder, plan.recipe.chat_template)
+    vocabulary = plan.vocab.vocabulary if plan.vocab else None
+    if vocabulary is not None:
+        tokenizer = sidefiles.save_tokenizer(
+            vocabulary.tokenizer, folder, plan.recipe.chat_template
+        )
+    else:
+        tokenizer = sidefiles.copy_tokenizer(
+            plan.tokenizer_source, folder, plan.recipe.chat_template
+        )
     recipe = plan.recipe
     base = recipe.base_model
     inputs = [
@@ -392,7 +425,12 @@ def _side_files(plan: Plan, folder: Path) -> None:
         "",
         *inputs,
         "",
-        f"Tokenizer from `{plan.tokenizer_source}`"
+        (
+            f"Tokenizer: {vocabulary.source} ({len(vocabulary.tokens)} tokens; embeddings "
+            "re-indexed to it)"
+            if vocabulary is not None
+            else f"Tokenizer from `{plan.tokenizer_source}`"
+        )
         + (f" ({', '.join(tokenizer)})." if tokenizer else " (no tokenizer files found)."),
     ]
     if plan.align is not None:
