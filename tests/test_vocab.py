@@ -206,7 +206,7 @@ def check_union_rows(out: Path, models: list[Path], base: Path | None, combine) 
     base_rows = Rows(base) if base is not None else None
     state = load_state(out)
     vocab = output_tokenizer(out).get_vocab()
-    for name in (EMBED, HEAD):
+    for name in [n for n in (EMBED, HEAD) if n in state]:  # a tied output has no lm_head
         for token, i in vocab.items():
             rows = [aligned(token, r, inputs, base_rows, name) for r in inputs]
             b = aligned(token, base_rows, inputs, base_rows, name) if base_rows else None
@@ -469,3 +469,38 @@ def test_validate_and_dry_run_report_the_vocabulary(mk, tmp_path):
     assert "66 tokens, 96 rows" in result.output
     assert "re-indexed" in result.output and "2 from the only model" in result.output
     assert f"{EMBED}  [96, 16]" in result.output
+
+
+def test_slices_take_embeddings_from_the_first_slice_and_lm_head_from_the_last(chars, tmp_path):
+    """Each vocabulary tensor's defaults come from the models merged in it: the
+    embedding only from a (so tokens a lacks are zeros), lm_head only from b."""
+    data = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": str(chars["a"]), "layer_range": [0, 1]}]},
+            {"sources": [{"model": str(chars["b"]), "layer_range": [0, 1]}]},
+        ],
+        "tokenizer_source": "union",
+    }
+    out = merge(data, tmp_path / "out")
+    vocab = output_tokenizer(out).get_vocab()
+    a, b, state = Rows(chars["a"]), Rows(chars["b"]), load_state(out)
+    assert state[EMBED].shape == state[HEAD].shape == (132, 16)
+    for token, i in vocab.items():
+        expect = a.row(token) if a.row(token) is not None else torch.zeros(16)
+        torch.testing.assert_close(state[EMBED][i], expect)
+        torch.testing.assert_close(state[HEAD][i], b.row(token, HEAD))
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 2
+
+
+def test_tied_base_stays_tied(chars, tmp_path):
+    models = [chars["tied"], chars["b"]]
+    out = merge(recipe(models, chars["tied"], tokenizer_source="union"), tmp_path / "out")
+    state = load_state(out)
+    assert HEAD not in state and state[EMBED].shape == (133, 16)
+    check_union_rows(out, models, chars["tied"], lambda rows, b: torch.stack(rows).mean(0))
+    model = causal_lm(out, "auto")
+    assert (
+        model.get_output_embeddings().weight.data_ptr()
+        == model.get_input_embeddings().weight.data_ptr()
+    )

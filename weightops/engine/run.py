@@ -135,25 +135,23 @@ class _Stream:
         self.reader = FileReader()
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="weightops-read")
 
+    def _read(self, ref: InputRef, rows: tuple[int, int] | None) -> torch.Tensor:
+        tensor = self.reader.read(self.plan.sources[(ref.model, ref.name)], rows)
+        if ref.model in self.plan.permutations:
+            tensor = self.plan.permutations[ref.model].apply(ref.name, tensor, rows)
+        return tensor
+
     def _fetch(self, task: TensorTask) -> Callable[[int, int, int], torch.Tensor]:
         """Reads rows of the task's input of one model, aligned, in the compute dtype."""
-        names = {r.model: r.name for r in [*task.inputs, *([task.base] if task.base else [])]}
-
-        def fetch(model: int, r0: int, r1: int) -> torch.Tensor:
-            name = names[model]
-            tensor = self.reader.read(self.plan.sources[(model, name)], (r0, r1))
-            if model in self.plan.permutations:
-                tensor = self.plan.permutations[model].apply(name, tensor, (r0, r1))
-            return _widen(tensor, self.plan.compute_dtype)
-
-        return fetch
+        refs = {r.model: r for r in [*task.inputs, *([task.base] if task.base else [])]}
+        dtype = self.plan.compute_dtype
+        return lambda model, r0, r1: _widen(self._read(refs[model], (r0, r1)), dtype)
 
     def _load(self, piece: Piece) -> Loaded:
         task = piece.task
-        if self.plan.vocab is not None and task.name in self.plan.vocab.reindex:
-            return self.plan.vocab.load(
-                task, piece.rows, self._fetch(task), self.plan.compute_dtype
-            )
+        vocab = self.plan.vocab
+        if vocab is not None and task.name in vocab.reindex:
+            return vocab.load(task, piece.rows, self._fetch(task), self.plan.compute_dtype)
         # A model listed twice is read once, but each use gets its own copy: methods
         # overwrite their inputs.
         cache: dict[InputRef, torch.Tensor] = {}
@@ -161,9 +159,7 @@ class _Stream:
         def get(ref: InputRef) -> torch.Tensor:
             if ref in cache:
                 return cache[ref].clone()
-            tensor = self.reader.read(self.plan.sources[(ref.model, ref.name)], piece.rows)
-            if ref.model in self.plan.permutations:
-                tensor = self.plan.permutations[ref.model].apply(ref.name, tensor, piece.rows)
+            tensor = self._read(ref, piece.rows)
             if self.convert is not None and not task.copy:
                 tensor = _widen(tensor, self.convert)
             cache[ref] = tensor
@@ -406,10 +402,15 @@ def _side_files(plan: Plan, folder: Path) -> None:
         tokenizer = sidefiles.save_tokenizer(
             vocabulary.tokenizer, folder, plan.recipe.chat_template
         )
+        origin = (
+            f"merged ({vocabulary.source}, {len(vocabulary.tokens)} tokens; the inputs' "
+            "embedding rows were re-indexed to it)"
+        )
     else:
         tokenizer = sidefiles.copy_tokenizer(
             plan.tokenizer_source, folder, plan.recipe.chat_template
         )
+        origin = f"from `{plan.tokenizer_source}`"
     recipe = plan.recipe
     base = recipe.base_model
     inputs = [
@@ -425,12 +426,7 @@ def _side_files(plan: Plan, folder: Path) -> None:
         "",
         *inputs,
         "",
-        (
-            f"Tokenizer: {vocabulary.source} ({len(vocabulary.tokens)} tokens; embeddings "
-            "re-indexed to it)"
-            if vocabulary is not None
-            else f"Tokenizer from `{plan.tokenizer_source}`"
-        )
+        f"Tokenizer {origin}"
         + (f" ({', '.join(tokenizer)})." if tokenizer else " (no tokenizer files found)."),
     ]
     if plan.align is not None:

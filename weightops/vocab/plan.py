@@ -108,7 +108,7 @@ def plan_vocabulary(
         return [*([task.base] if task.base else []), *task.inputs]
 
     if settings is None:
-        return _common_rows(tasks, vocab_tasks, sources, inputs)
+        return _common_rows(tasks, vocab_tasks, sources, inputs, recipe.align is not None)
     problems: list[str] = []
     source_path = None
     if settings.source not in ("union", "base"):
@@ -158,13 +158,16 @@ def plan_vocabulary(
             reindex[task.name] = rx
         tasks[i] = dataclasses.replace(task, shape=(size, task.shape[1]))
     if reindex and recipe.align is not None:
-        problems.append("align: weight matching needs every model to share one vocabulary")
+        problems.append(_ALIGN_PROBLEM)
     summary = _summary(vocab, size, reindex, paths)
     return VocabPlan(vocab, size, reindex, summary), tasks, problems
 
 
+_ALIGN_PROBLEM = "align: weight matching needs every model to have the same vocabulary rows"
+
+
 def _common_rows(
-    tasks: list[Any], vocab_tasks: list[int], sources: dict, inputs: Callable
+    tasks: list[Any], vocab_tasks: list[int], sources: dict, inputs: Callable, align: bool
 ) -> tuple[VocabPlan | None, list[Any], list[str]]:
     """Without tokenizer settings: inputs with different row counts are cut to their
     first rows in common."""
@@ -188,7 +191,8 @@ def _common_rows(
         "of each are merged (no tokenizer settings; set tokenizer_source to match rows by token)"
         for name, counts, n in sizes
     ]
-    return VocabPlan(None, min(n for _, _, n in sizes), reindex, summary), tasks, []
+    problems = [_ALIGN_PROBLEM] if align else []
+    return VocabPlan(None, min(n for _, _, n in sizes), reindex, summary), tasks, problems
 
 
 def update_config(config: dict[str, Any], size: int) -> None:

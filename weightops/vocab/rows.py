@@ -65,20 +65,26 @@ class Reindex:
         top = max(r0, min(r1, self.real))
         lo, hi = torch.searchsorted(self._default_rows, torch.tensor([r0, top])).tolist()
         drows = self._default_rows[lo:hi].tolist()
-        need: dict[int, list[torch.Tensor]] = {m: [o[r0:top]] for m, o in self.own.items()}
-        for r in drows:
+        # Each default row is the mean of its (model, row) sources: list them per model,
+        # so that each model's rows are read and added in one go.
+        wanted: dict[int, tuple[list[int], list[int]]] = {}
+        counts = []
+        for k, r in enumerate(drows):
+            counts.append(max(1, len(self.defaults[r])))
             for m, j in self.defaults[r]:
-                need.setdefault(m, []).append(torch.tensor([j]))
+                slots, ids = wanted.setdefault(m, ([], []))
+                slots.append(k)
+                ids.append(j)
+        need = {m: [o[r0:top]] for m, o in self.own.items()}
+        for m, (_, ids) in wanted.items():
+            need.setdefault(m, []).append(torch.tensor(ids, dtype=torch.long))
         read = {
             m: _read(fetch, m, torch.cat(parts), dtype, self.hidden) for m, parts in need.items()
         }
         dvals = torch.zeros((len(drows), self.hidden), dtype=dtype)
-        for k, r in enumerate(drows):
-            sources = self.defaults[r]
-            for m, j in sources:
-                dvals[k] += _lookup(read[m], torch.tensor([j]))[0]
-            if sources:
-                dvals[k] /= len(sources)
+        for m, (slots, ids) in wanted.items():
+            dvals.index_add_(0, torch.tensor(slots), _lookup(read[m], torch.tensor(ids)))
+        dvals /= torch.tensor(counts, dtype=dtype).unsqueeze(1)
         local = torch.tensor(drows, dtype=torch.long) - r0
         out = {}
         for m, o in self.own.items():
