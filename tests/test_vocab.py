@@ -380,9 +380,10 @@ def test_row_blocks_give_the_same_merge(chars, tmp_path):
         torch.testing.assert_close(blocks[name], whole[name])
 
 
-def test_output_tokenizer_round_trips_and_the_model_loads(chars, tmp_path):
+@pytest.mark.parametrize("settings", [{"tokenizer_source": "union"}, {"tokenizer": {}}])
+def test_output_tokenizer_round_trips_and_the_model_loads(chars, tmp_path, settings):
     models = [chars["a"], chars["b"], chars["c"]]
-    out = merge(recipe(models, chars["a"], tokenizer_source="union"), tmp_path / "out")
+    out = merge(recipe(models, chars["a"], **settings), tmp_path / "out")
     tok = output_tokenizer(out)
     text = "<|im_start|>user\nhi there<|im_end|><tool>{}"
     ids = tok(text, add_special_tokens=False).input_ids
@@ -504,3 +505,39 @@ def test_tied_base_stays_tied(chars, tmp_path):
         model.get_output_embeddings().weight.data_ptr()
         == model.get_input_embeddings().weight.data_ptr()
     )
+
+
+def test_new_token_from_a_model_token_and_a_model_without_tokenizer(chars, tmp_path):
+    """A token no model has, named under tokens: with a model_token source, is appended
+    and gets that row in every input; a model without tokenizer files is read with the
+    base's vocabulary (as mergekit does)."""
+    import shutil
+
+    bare = Path(shutil.copytree(chars["c"], tmp_path / "bare"))
+    for f in bare.glob("tokenizer*"):
+        f.unlink()
+    models = [chars["a"], bare]
+    data = recipe(models, chars["a"])
+    source = {"kind": "model_token", "model": str(bare), "token_id": 135}
+    data["tokenizer"] = {"source": "union", "tokens": {"<think>": {"source": source}}}
+    out = merge(data, tmp_path / "out")
+    vocab = output_tokenizer(out).get_vocab()
+    assert len(vocab) == 131 and vocab["<think>"] == 130
+    a, c, state = load_state(chars["a"]), load_state(bare), load_state(out)
+    torch.testing.assert_close(state[EMBED][:130], (a[EMBED] + c[EMBED][:130]) / 2)
+    torch.testing.assert_close(state[EMBED][130], c[EMBED][135])
+    torch.testing.assert_close(state[HEAD][130], c[HEAD][135])
+
+
+def test_base_tokenizer_is_trimmed_to_its_embedding_rows(mk, tmp_path):
+    """padded's tokenizer lists four tokens past its 64 rows: as the base they are
+    dropped, so the output has 64 tokens with their ids."""
+    models = [mk["padded"], mk["base"]]
+    out = merge(recipe(models, mk["padded"], tokenizer_source="base"), tmp_path / "out")
+    tok = output_tokenizer(out)
+    vocab = tok.get_vocab()
+    assert len(vocab) == 64 and not set(UNUSED) & set(vocab)
+    assert tok("<s></s>", add_special_tokens=False).input_ids == [1, 2]
+    assert tok.convert_tokens_to_ids("_tok_63") == 63
+    expect = (load_state(mk["padded"])[EMBED] + load_state(mk["base"])[EMBED]) / 2
+    torch.testing.assert_close(load_state(out)[EMBED], expect)
