@@ -541,3 +541,15 @@ def test_base_tokenizer_is_trimmed_to_its_embedding_rows(mk, tmp_path):
     assert tok.convert_tokens_to_ids("_tok_63") == 63
     expect = (load_state(mk["padded"])[EMBED] + load_state(mk["base"])[EMBED]) / 2
     torch.testing.assert_close(load_state(out)[EMBED], expect)
+
+
+def test_tokenizer_block_round_trips_through_to_yaml():
+    first = parse_recipe(
+        "merge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\n"
+        "tokenizer:\n  source: base\n  pad_to_multiple_of: 8\n  tokens:\n"
+        "    '<x>': {source: {kind: model_token, model: a, token_id: 3}, force: true}\n"
+        "    '<y>': {source: {kind: zero}}\n    '<z>': {source: a}\n"
+    )
+    second = parse_recipe(first.to_yaml())
+    assert second == first
+    assert second.tokenizer.tokens["<x>"].source.token_id == 3

@@ -34,10 +34,11 @@ def merge(
     """Merge the models of RECIPE into one checkpoint folder.
 
     The recipe uses mergekit's format (merge_method, base_model, models or slices,
-    parameters with gradients and filters, dtype, out_dtype, tokenizer_source), so
-    existing mergekit configs run unchanged. Tensors stream through one at a time:
-    memory stays at a few tensors whatever the model size. The output appears only
-    when complete; a failed or interrupted run leaves nothing behind.
+    parameters with gradients and filters, dtype, out_dtype, tokenizer_source or a
+    tokenizer: block for vocabulary merging), so existing mergekit configs run
+    unchanged. Tensors stream through one at a time: memory stays at a few tensors
+    whatever the model size. The output appears only when complete; a failed or
+    interrupted run leaves nothing behind.
 
     Example:  weightops merge recipes/ties.yaml -o merged-ties --shard-size 2GB
     """
