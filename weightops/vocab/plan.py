@@ -26,6 +26,7 @@ from weightops.vocab.config import effective
 from weightops.vocab.rows import Fetch, Reindex, build_reindex
 
 VOCAB_ROLES = ("embed", "lm_head")
+_ALIGN_PROBLEM = "align: weight matching needs every model to have the same vocabulary rows"
 
 
 @dataclass
@@ -116,20 +117,14 @@ def plan_vocabulary(
         if source_path is None:
             return None, tasks, [f"tokenizer source {settings.source!r} not found (no such folder)"]
         source_path = source_path if source_path.is_dir() else source_path.parent
-    rows = [_model_rows(c) for c in ckpts]
-    if any(r is None for r in rows):
-        bad = paths[rows.index(None)]
+    found_rows = [_model_rows(c) for c in ckpts]
+    if None in found_rows:
+        bad = paths[found_rows.index(None)]
         return None, tasks, [f"{bad}: no embedding tensor or vocab_size to merge vocabularies by"]
+    rows = [int(r) for r in found_rows if r is not None]
     reference = index(recipe.base_model) if recipe.base_model else 0
-    tokens = dict((settings.tokens or {}).items())
-    vocab = build_vocabulary(
-        settings.source,
-        list(tokens),
-        paths,
-        rows,
-        reference,
-        source_path,  # type: ignore[arg-type]
-    )
+    tokens = dict(settings.tokens or {})
+    vocab = build_vocabulary(settings.source, list(tokens), paths, rows, reference, source_path)
     real = len(vocab.tokens)
     multiple = settings.pad_to_multiple_of or 1
     size = -(-real // multiple) * multiple
@@ -161,9 +156,6 @@ def plan_vocabulary(
         problems.append(_ALIGN_PROBLEM)
     summary = _summary(vocab, size, reindex, paths)
     return VocabPlan(vocab, size, reindex, summary), tasks, problems
-
-
-_ALIGN_PROBLEM = "align: weight matching needs every model to have the same vocabulary rows"
 
 
 def _common_rows(
