@@ -383,8 +383,13 @@ def test_row_blocks_give_the_same_merge(chars, tmp_path):
 @pytest.mark.parametrize("settings", [{"tokenizer_source": "union"}, {"tokenizer": {}}])
 def test_output_tokenizer_round_trips_and_the_model_loads(chars, tmp_path, settings):
     models = [chars["a"], chars["b"], chars["c"]]
-    out = merge(recipe(models, chars["a"], **settings), tmp_path / "out")
+    template = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
+    data = recipe(models, chars["a"], chat_template=template, **settings)
+    out = merge(data, tmp_path / "out")
     tok = output_tokenizer(out)
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == (
+        "<|im_start|>hi<|im_end|>"
+    )
     text = "<|im_start|>user\nhi there<|im_end|><tool>{}"
     ids = tok(text, add_special_tokens=False).input_ids
     assert tok.decode(ids) == text
