@@ -347,13 +347,6 @@ def test_load_recipe_reports_missing_model_folders(tmp_path):
     assert load_recipe(path, check_paths=False).base_model == "nowhere"
 
 
-def test_unsupported_mergekit_keys_are_refused_with_reason():
-    found = problems(
-        "merge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\ntokenizer_source: union\n"
-    )
-    assert "not supported" in found["tokenizer_source"]
-
-
 # -------------------------------------------------------------------- to_yaml
 
 

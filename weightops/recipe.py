@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, PositiveInt, PrivateAttr, Validation
 from weightops.errors import RecipeError
 from weightops.io.lora import read_config, split_reference
 from weightops.merge.registry import MethodSpec, all_methods, unknown_method_message
+from weightops.vocab.config import TokenizerSettings, check_tokenizer
 
 Scalar = bool | int | float | str
 DTypeName = Literal["float32", "float16", "bfloat16", "float64", "fp32", "fp16", "bf16"]
@@ -94,12 +95,11 @@ class Recipe(_Strict):
     parameters: Parameters | None = None
     dtype: DTypeName | None = None
     out_dtype: DTypeName | None = None
-    tokenizer_source: str | None = None
+    tokenizer_source: str | None = None  # union, base or a model path (weightops.vocab)
     chat_template: str | None = None
     output: str | None = None
     align: AlignSettings | None = None
-    # mergekit keys weightops knows but does not implement yet: refused with a reason.
-    tokenizer: dict[str, Any] | None = None
+    tokenizer: TokenizerSettings | None = None
     _warnings: list[tuple[str, str]] = PrivateAttr(default_factory=list)
 
     @property
@@ -383,17 +383,7 @@ def check_recipe(
     from weightops.recipe_checks import check_group, check_modules
 
     problems: list[tuple[str, str]] = []
-    if recipe.tokenizer is not None:
-        problems.append(
-            ("tokenizer", "vocabulary merging is not supported yet; use tokenizer_source")
-        )
-    if recipe.tokenizer_source == "union":
-        problems.append(
-            (
-                "tokenizer_source",
-                "'union' (vocabulary merging) is not supported yet; use 'base' or a model path",
-            )
-        )
+    problems += check_tokenizer(recipe)
     if [recipe.models, recipe.slices, recipe.modules].count(None) != 2:
         problems.append(("", "give exactly one of 'models', 'slices' or 'modules'"))
     if recipe.align is not None and any("+" in ref for ref in recipe.model_paths()):

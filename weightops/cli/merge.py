@@ -46,8 +46,8 @@ def merge(
     """Merge the models of RECIPE into one checkpoint folder.
 
     The recipe uses mergekit's format (merge_method, base_model, models, slices or
-    modules, parameters with gradients and filters, dtype, out_dtype, tokenizer_source,
-    MODEL+LORA references), so existing mergekit configs run unchanged; a key mergekit
+    modules, parameters with gradients and filters, dtype, out_dtype, tokenizer_source
+    or a tokenizer: block for vocabulary merging, MODEL+LORA references), so existing mergekit configs run unchanged; a key mergekit
     would ignore is a warning (an error with --strict). Several YAML documents in one
     file are run in order as mergekit-multi does: a document's `name:` names its output,
     later ones read it by that name, and the unnamed document is the final merge written
@@ -173,6 +173,8 @@ def _print_plan(plan, out: Path | str, options) -> None:
         named = template if len(template) < 20 else "given in the recipe"
         found = "" if plan.chat_template else " (no input model has one: none written)"
         echo(f"chat template {named}{found}")
+    for line in plan.vocab.summary if plan.vocab else []:
+        echo(line)
     echo("")
     for task in plan.tasks:
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in task.params if v is not None)

@@ -19,7 +19,8 @@ def validate(
     """Check a recipe: keys, method, parameters and their ranges, and that every model
     folder exists. Every problem is listed with its YAML path, and every key that has
     no effect (mergekit would ignore it) as a warning; warnings fail only with
-    --strict. Multi-document recipes are checked document by document. Reads no tensor."""
+    --strict. Multi-document recipes are checked document by document. Reads no tensor
+    data; with tokenizer settings, also reports the merged vocabulary and its embeddings."""
     from weightops.recipe_multi import load_recipe_file
 
     with user_errors():
@@ -35,6 +36,13 @@ def validate(
         if r.modules is not None:
             how = ", ".join(f"{key} {r.module_view(key).merge_method}" for key in r.modules)
         typer.echo(f"{recipe}: ok ({how}, {n} model{'s' if n != 1 else ''})")
+        if r.tokenizer is not None or r.tokenizer_source is not None:
+            # The merged vocabulary needs the tokenizers and the tensor headers (no data).
+            from weightops.engine.plan import build_plan
+
+            vocab = build_plan(r, recipe.parent).vocab
+            for line in vocab.summary if vocab else []:
+                typer.echo(line)
 
 
 def register(app: typer.Typer) -> None:

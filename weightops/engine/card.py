@@ -13,7 +13,16 @@ def write_side_files(plan: Plan, folder: Path) -> None:
     """Write everything but the weights into the output folder."""
     sidefiles.write_config(folder, plan.config)
     sidefiles.copy_generation_config(plan.config_source, folder)
-    tokenizer = sidefiles.copy_tokenizer(plan.tokenizer_source, folder, plan.chat_template)
+    vocabulary = plan.vocab.vocabulary if plan.vocab else None
+    if vocabulary is not None:
+        tokenizer = sidefiles.save_tokenizer(vocabulary.tokenizer, folder, plan.chat_template)
+        origin = (
+            f"merged ({vocabulary.source}, {len(vocabulary.tokens)} tokens; the inputs' "
+            "embedding rows were re-indexed to it)"
+        )
+    else:
+        tokenizer = sidefiles.copy_tokenizer(plan.tokenizer_source, folder, plan.chat_template)
+        origin = f"from `{plan.tokenizer_source}`"
     recipe = plan.recipe
     base = recipe.base_model
     inputs = [
@@ -39,7 +48,7 @@ def write_side_files(plan: Plan, folder: Path) -> None:
         "",
         *inputs,
         "",
-        f"Tokenizer from `{plan.tokenizer_source}`"
+        f"Tokenizer {origin}"
         + (f" ({', '.join(tokenizer)})." if tokenizer else " (no tokenizer files found)."),
     ]
     if plan.align is not None:

@@ -28,10 +28,11 @@ from weightops.engine.modules import canonical_module, module_names, set_module_
 from weightops.engine.planner import Group, Planner, plan_models, plan_slices
 from weightops.engine.tasks import DTYPES, InputRef, TensorTask
 from weightops.errors import MergeError
-from weightops.io.lora import LoraAdapter, split_reference
+from weightops.io.lora import LoraAdapter
 from weightops.io.safetensors_file import TensorInfo
 from weightops.merge.registry import DEFAULT_NUMERICS, NUMERICS, MethodSpec
-from weightops.recipe import Recipe, resolve_model
+from weightops.recipe import Recipe
+from weightops.vocab.plan import VocabPlan, plan_vocabulary, update_config
 
 __all__ = ["DTYPES", "InputRef", "Plan", "TensorTask", "build_plan"]
 _MAX_LISTED = 8
@@ -54,6 +55,9 @@ class Plan:
     # applies them to every input tensor as it is read.
     align: AlignTarget | None = None
     permutations: dict[int, Alignment] = field(default_factory=dict)
+    # Vocabulary merging (weightops.vocab): the output tokenizer and how the inputs'
+    # embedding and lm_head rows are re-indexed to it as they are read.
+    vocab: VocabPlan | None = None
     # The text of the recipe's `chat_template` (a name or `auto` expanded).
     chat_template: str | None = None
     # Every method a task uses, by name (the recipe's, and any module's own).
@@ -162,6 +166,10 @@ def build_plan(
     if recipe.align is not None:
         align, problems = plan_alignment(recipe.align, recipe_dir, p.ckpts)
         p.problems += problems
+    vocab, p.tasks, problems = plan_vocabulary(
+        recipe, recipe_dir, p.paths, p.ckpts, p.tasks, p.sources, p.idx
+    )
+    p.problems += problems
     if p.problems:
         shown = "; ".join(p.problems[:_MAX_LISTED])
         more = len(p.problems) - _MAX_LISTED
@@ -180,14 +188,8 @@ def build_plan(
         config["dtype" if "dtype" in config else "torch_dtype"] = str(p.out_dtype).removeprefix(
             "torch."
         )
-    tok_ref = recipe.tokenizer_source
-    if tok_ref in (None, "base"):
-        tok = p.paths[lead]
-    else:
-        found = resolve_model(split_reference(tok_ref)[0], recipe_dir)
-        if found is None:
-            raise MergeError(f"tokenizer_source {tok_ref!r} not found (no such folder)")
-        tok = found
+    if vocab is not None:
+        update_config(config, vocab.size)
     return Plan(
         recipe=recipe,
         method=recipe.method,
@@ -196,11 +198,12 @@ def build_plan(
         compute_dtype=p.compute_dtype,
         config=config,
         config_source=p.ckpts[lead].folder,
-        tokenizer_source=tok if tok.is_dir() else tok.parent,
+        tokenizer_source=None if vocab and vocab.vocabulary else p.ckpts[lead].folder,
         sources=p.sources,
         align=align,
         methods={g.method.name: g.method for g in groups},
         adapters=p.adapters,
         chat_template=resolve_chat_template(recipe.chat_template, p.paths),
         numerics=numerics,
+        vocab=vocab,
     )

@@ -27,6 +27,7 @@ from weightops.io.lora import LoraAdapter, open_adapter, split_reference
 from weightops.io.safetensors_file import TensorInfo
 from weightops.merge.registry import MethodSpec
 from weightops.recipe import Recipe, Setting, evaluate, resolve_model
+from weightops.vocab.plan import is_vocab_tensor
 
 
 def _seed(seed: int, name: str) -> int:
@@ -177,7 +178,10 @@ class Planner:
                 info = adapter.replaced[stored]
             if shape is None:
                 shape, stored_dtype = info.shape, info.dtype
-            elif info.shape != shape:
+            elif info.shape != shape and not (
+                # Vocabularies of different sizes are reconciled by weightops.vocab.
+                is_vocab_tensor(name, shape) and info.shape[1:] == shape[1:]
+            ):
                 self.problem(
                     f"tensor {name!r} has shape {list(info.shape)} in {self.paths[src.model]} "
                     f"but {list(shape)} in {self.paths[(base or sources[0]).model]}"

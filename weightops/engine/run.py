@@ -136,8 +136,27 @@ class _Stream:
         self.reader = FileReader()
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="weightops-read")
 
+    def _read(self, ref: InputRef, rows: tuple[int, int] | None) -> torch.Tensor:
+        """Rows of one stored input as the merge sees it: adapter folded in, aligned."""
+        tensor = self.reader.read(self.plan.sources[(ref.model, ref.name)], rows)
+        adapter = self.plan.adapters.get(ref.model)
+        if adapter is not None:
+            tensor = adapter.apply(ref.name, tensor, rows, self.reader, self.plan.compute_dtype)
+        if ref.model in self.plan.permutations:
+            tensor = self.plan.permutations[ref.model].apply(ref.name, tensor, rows)
+        return tensor
+
+    def _fetch(self, task: TensorTask) -> Callable[[int, int, int], torch.Tensor]:
+        """Reads rows of the task's input of one model, aligned, in the compute dtype."""
+        refs = {r.model: r for r in [*task.inputs, *([task.base] if task.base else [])]}
+        dtype = self.plan.compute_dtype or torch.float32
+        return lambda model, r0, r1: _widen(self._read(refs[model], (r0, r1)), dtype)
+
     def _load(self, piece: Piece) -> Loaded:
         task = piece.task
+        vocab = self.plan.vocab
+        if vocab is not None and task.name in vocab.reindex:
+            return vocab.load(task, piece.rows, self._fetch(task), self.plan.compute_dtype)
         # A model listed twice is read once, but each use gets its own copy: methods
         # overwrite their inputs.
         cache: dict[InputRef, torch.Tensor] = {}
@@ -145,14 +164,7 @@ class _Stream:
         def get(ref: InputRef) -> torch.Tensor:
             if ref in cache:
                 return cache[ref].clone()
-            tensor = self.reader.read(self.plan.sources[(ref.model, ref.name)], piece.rows)
-            adapter = self.plan.adapters.get(ref.model)
-            if adapter is not None:
-                tensor = adapter.apply(
-                    ref.name, tensor, piece.rows, self.reader, self.plan.compute_dtype
-                )
-            if ref.model in self.plan.permutations:
-                tensor = self.plan.permutations[ref.model].apply(ref.name, tensor, piece.rows)
+            tensor = self._read(ref, piece.rows)
             if self.convert is not None and not task.copy:
                 tensor = _widen(tensor, self.convert)
             cache[ref] = tensor
@@ -324,6 +336,14 @@ def _execute(plan: Plan, out: Path, options: RunOptions, device: torch.device) -
             plan.permutations = match_inputs(
                 plan.align, plan.models, progress=options.progress, device=device
             )
+        if plan.vocab is not None:
+            stream = _Stream(plan, options, device, chunked=True)
+            try:
+                plan.vocab.padding_rows(
+                    plan.tasks, stream._fetch, plan.compute_dtype, options.chunk_elements
+                )
+            finally:
+                stream.close()
         stats = _statistics(plan, options, device)
         writer = ShardWriter(staging.path, layout, display=out)
         try:

@@ -49,6 +49,15 @@ def copy_tokenizer(
     return copied
 
 
+def save_tokenizer(tokenizer: Any, folder: Path, chat_template: str | None = None) -> list[str]:
+    """Write a transformers tokenizer (a merged vocabulary) with save_pretrained; return
+    the names of the files written."""
+    before = set(folder.iterdir())
+    tokenizer.save_pretrained(str(folder))
+    written = sorted(p.name for p in set(folder.iterdir()) - before)
+    return written + copy_tokenizer(None, folder, chat_template)
+
+
 def write_card(
     folder: Path,
     *,
