@@ -316,11 +316,17 @@ parameters: {weight: 0.5, density: 0.5}
     assert recipe.parameters["weight"] == 0.5
 
 
-def test_linear_does_not_use_base_model():
+def test_an_unlisted_base_model_joins_the_inputs_of_a_method_without_base():
+    # As in mergekit: linear then needs a weight for it too.
     found = problems(
         "merge_method: linear\nbase_model: z\nmodels: [{model: a, parameters: {weight: 1}}]\n"
     )
-    assert "does not use base_model" in found["base_model"]
+    assert "joins the inputs" in found["base_model"] and "'weight'" in found["base_model"]
+    # With a global weight it is one more input.
+    ok = parse_recipe(
+        "merge_method: linear\nbase_model: z\nparameters: {weight: 1}\nmodels: [{model: a}]\n"
+    )
+    assert ok.base_model == "z"
 
 
 def test_base_model_needs_no_per_model_weight():

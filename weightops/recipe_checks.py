@@ -64,14 +64,10 @@ def check_inputs(
     name = method.name
     if method.base == "required" and not base:
         problems.append(("base_model", f"{name} needs a base_model"))
-    if method.base == "unused" and base and base not in [m for _, m in inputs]:
-        problems.append(
-            (
-                "base_model",
-                f"{name} does not use base_model; list the model under {where} with its parameters instead",
-            )
-        )
     others = [m for _, m in inputs if method.base == "unused" or m != base]
+    if method.base == "unused" and base and base not in others:
+        # As in mergekit: one more input, with default parameters.
+        others.append(base)
     what = "besides base_model " if method.base != "unused" else ""
     if len(others) < method.min_models:
         need = method.min_models
@@ -227,6 +223,22 @@ def check_group(method: MethodSpec, recipe: Recipe, warnings: Found) -> Found:
     problems: Found = []
     for where, base, inputs in input_groups(recipe):
         problems += check_inputs(method, where, base, inputs)
+    listed = [m.model for m in recipe.models or []]
+    if method.base == "unused" and recipe.base_model and recipe.models is not None:
+        needs = [
+            s.name
+            for s in method.params.values()
+            if s.per_model and s.required and s.name not in (recipe.parameters or {})
+        ]
+        if recipe.base_model not in listed and needs:
+            problems.append(
+                (
+                    "base_model",
+                    f"{method.name} takes no base, so base_model joins the inputs (as in "
+                    f"mergekit) and needs {needs[0]!r}: list it under models with its "
+                    "parameters, or remove base_model",
+                )
+            )
     found, ignored = check_parameters(method, recipe)
     warnings += ignored
     return problems + found + check_together(method, recipe)

@@ -235,6 +235,10 @@ def plan_models(p: Planner, g: Group) -> Planned:
         for m in r.models or []
         if not (uses_base and m.model == r.base_model)
     ]
+    if not uses_base and r.base_model and r.base_model not in [m.model for m in r.models or []]:
+        # mergekit adds a base_model that the models do not list as one more input,
+        # with default parameters, for methods that take no base.
+        sources.append(Source(p.idx(r.base_model)))
     lead = base or sources[0]
     ref = p.ckpts[lead.model]
     # Each module's layers span its own depth (a vision tower's gradient runs over the
