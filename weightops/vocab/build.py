@@ -12,7 +12,8 @@ than a padded or trimmed embedding has). The reference tokenizer is the base mod
   appended as a new added token; then the models' added tokens (special or not, with
   the settings of their first appearance) that are still missing.
 
-Tokens named under `tokenizer.tokens` that the result lacks are appended last. A model
+Tokens named under `tokenizer.tokens` are then added as added tokens, as mergekit does:
+one the result lacks is appended, one it has keeps its id. A model
 whose tokenizer cannot be loaded is taken to share the reference's vocabulary.
 """
 
@@ -185,9 +186,10 @@ def build_vocabulary(
             raise MergeError(
                 f"tokenizer source {source_path}: cannot load its tokenizer ({e})"
             ) from e
-    missing = [t for t in dict.fromkeys(extra_tokens) if t not in out.get_vocab()]
-    if missing:
-        out.add_tokens(missing)
+    # As mergekit does: every token named under `tokenizer.tokens` is added, so one the
+    # vocabulary already has becomes an added token with its id (matched whole in text).
+    for token in dict.fromkeys(extra_tokens):
+        out.add_tokens(token)
     vocabs = []
     for i, tokenizer in enumerate(loaded):
         vocab = (tokenizer or base).get_vocab()
