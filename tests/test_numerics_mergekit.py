@@ -9,10 +9,15 @@ where they are not. bench/mergekit_parity.py compares with mergekit itself.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from conftest import load_state, write_recipe
+from typer.testing import CliRunner
 
+from weightops.cli import app
 from weightops.merge import get_method
 
 
@@ -221,3 +226,20 @@ def test_della_rescales_to_the_l1_norm_and_keeps_large_entries_more_often() -> N
     by_rank = kept.gather(1, order).double()
     assert by_rank[:, :50].mean() < 0.2
     assert by_rank[:, -50:].mean() > 0.8
+
+
+@pytest.mark.parametrize("out_dtype", [None, "bfloat16"])
+def test_arcee_fusion_writes_mergekit_fp32_result_unless_out_dtype(
+    llama: dict[str, Path], tmp_path: Path, out_dtype: str | None
+) -> None:
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        f"merge_method: arcee_fusion\nbase_model: {llama['base']}\nmodels:\n"
+        f"  - model: {llama['ft_a']}\ndtype: bfloat16\n"
+        + (f"out_dtype: {out_dtype}\n" if out_dtype else ""),
+    )
+    out = tmp_path / "o"
+    res = CliRunner().invoke(app, ["merge", str(recipe), "-o", str(out), "--numerics", "mergekit"])
+    assert res.exit_code == 0, res.output
+    dtypes = {t.dtype for t in load_state(out).values() if t.is_floating_point()}
+    assert dtypes == {torch.float32 if out_dtype is None else torch.bfloat16}

@@ -48,7 +48,8 @@ def arcee_fusion(
     are kept, so the base comes back unchanged. `--numerics mergekit` repeats
     mergekit's arithmetic: scores, softmax and quartiles in the inputs' dtype, the
     median and the two other quartiles from separate samples (without replacement,
-    from the seed) on large tensors, and base + kept change added in fp32.
+    from the seed) on large tensors, and base + kept change added in fp32, which is
+    written in fp32 unless the recipe sets `out_dtype`.
     """
     del seed
     other = tensors[0]
@@ -83,7 +84,7 @@ def _fence(scores: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
     return q2 + 1.5 * (q3 - q1)
 
 
-@numerics_variant("arcee_fusion", "mergekit")
+@numerics_variant("arcee_fusion", "mergekit", widens_to=torch.float32)
 def arcee_fusion_as_mergekit(
     tensors: list[torch.Tensor],
     base: torch.Tensor | None,
