@@ -217,6 +217,9 @@ def derived_recipes(family: dict[str, Path]) -> dict[str, str]:
     data = load("test_dare_ties_merge")
     data["merge_method"] = "dare_linear"
     out["test_dare_ties_merge as dare_linear"] = data
+    data = load("test_della_merge")
+    data["merge_method"] = "della_linear"
+    out["test_della_merge as della_linear"] = data
     return {k: yaml.safe_dump(v, sort_keys=False) for k, v in out.items()}
 
 
@@ -257,21 +260,25 @@ def _row(n: str, text: str, results: tuple[dict, dict, dict], counts: dict[str, 
             km, lm = random_stats(a, base)
             kw, lw = random_stats(b, base)
             ident = f"random: changed share {kw:.3f} vs {km:.3f}, mean \\|Δ\\| ratio {lw / lm:.3f}"
+            if exact["ok"]:
+                ke, le = random_stats(OUT / "weightops-mergekit-numerics" / folder, base)
+                ident += f"; `--numerics mergekit`: {ke:.3f}, ratio {le / lm:.3f}"
         else:
             counts["deterministic"] += 1
             d = compare_tensors(a, b)
             if not d["same_names"]:
-                note = d["why"]
+                note = f"default numerics: {d['why']}"
             else:
                 abs_, ulp = f"{d['max_abs']:.2e}", f"{d['max_ulp']:.3g}"
                 counts["same_default"] += d["identical"]
-                if exact["ok"]:
-                    e = compare_tensors(a, OUT / "weightops-mergekit-numerics" / folder)
-                    same = e["same_names"] and e["identical"]
-                    counts["same_exact"] += same
-                    ident = "yes" if same else f"**no** (max ulp {e.get('max_ulp', 0):.3g})"
-                else:
-                    ident = "not run: " + _short(exact["error"])
+            if exact["ok"]:
+                e = compare_tensors(a, OUT / "weightops-mergekit-numerics" / folder)
+                same = e["same_names"] and e["identical"]
+                counts["same_exact"] += same
+                why = f"max ulp {e['max_ulp']:.3g}" if e["same_names"] else e["why"]
+                ident = "yes" if same else f"**no** ({why})"
+            else:
+                ident = "not run: " + _short(exact["error"])
 
     def yes(ok: bool) -> str:
         return "yes" if ok else "**no**"
@@ -326,7 +333,8 @@ def main() -> None:
         "where mergekit's bf16 arithmetic keeps few correct bits, count many. "
         "For the random methods (dare_*, della*) the two tools draw different masks, so "
         "the table compares statistics instead: the share of entries that differ from "
-        "the base model and the ratio (weightops/mergekit) of their mean |Δ|. A recipe "
+        "the base model and the ratio (weightops/mergekit) of their mean |Δ|, in the default "
+        "numerics and with `--numerics mergekit` (mergekit's rescale). A recipe "
         "meant to be refused counts as run when it is refused for that reason.\n\n"
         f"- Command: `python bench/mergekit_parity.py`\n"
         f"- Machine: {machine()}\n"

@@ -276,6 +276,14 @@ def test_every_mergekit_variant_takes_its_methods_parameters() -> None:
         "breadcrumbs_ties",
         "model_stock",
         "passthrough",
+        "sce",
+        "nuslerp",
+        "multislerp",
+        "karcher",
+        "nearswap",
+        "arcee_fusion",
+        "della",
+        "della_linear",
     }
     for (method, numerics), fn in variants.items():
         assert numerics == "mergekit"

@@ -85,6 +85,7 @@ class Planner:
         self._index: dict[str, int] = {}
         for ref in recipe.model_paths():
             self._open(ref, recipe_dir)
+        self.numerics = numerics
         if numerics == "mergekit":
             # mergekit computes in the recipe's dtype, or in the stored one without it.
             self.compute_dtype = DTYPES.get(recipe.dtype or "")
@@ -193,6 +194,11 @@ class Planner:
         base_ref = refs[0] if base else None
         inputs = tuple(refs[1:] if base else refs)
         is_float = stored_dtype.is_floating_point
+        out_dtype = stored_dtype
+        if is_float:
+            out_dtype = self.out_dtype or stored_dtype
+            if not self.recipe.out_dtype:
+                out_dtype = g.method.result_dtype(self.numerics, out_dtype)
         params = self.resolve(g.method, out_name, t, sources, shared) if is_float else {}
         seed = params.get("seed")
         if self.random_seed is not None and g.method.wants_rng:
@@ -203,7 +209,7 @@ class Planner:
             TensorTask(
                 name=out_name,
                 shape=shape,
-                out_dtype=(self.out_dtype or stored_dtype) if is_float else stored_dtype,
+                out_dtype=out_dtype,
                 inputs=inputs,
                 base=base_ref,
                 params=tuple(params.items()),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from weightops.merge.registry import merge_method
+from weightops.merge.registry import merge_method, numerics_variant
 
 # Larger tensors take their quartiles from this many entries drawn at random.
 _SAMPLE = 1_000_000
@@ -45,7 +45,11 @@ def arcee_fusion(
         and the tensor's name.
     Exactly one model besides base_model; no weights or thresholds to tune. Where
     the other model equals the base every score is 0, τ = 0 and all (zero) changes
-    are kept, so the base comes back unchanged.
+    are kept, so the base comes back unchanged. `--numerics mergekit` repeats
+    mergekit's arithmetic: scores, softmax and quartiles in the inputs' dtype, the
+    median and the two other quartiles from separate samples (without replacement,
+    from the seed) on large tensors, and base + kept change added in fp32, which is
+    written in fp32 unless the recipe sets `out_dtype`.
     """
     del seed
     other = tensors[0]
@@ -78,3 +82,35 @@ def _fence(scores: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
 
     q1, q2, q3 = rank(last // 4), rank(last // 2), rank(3 * last // 4)
     return q2 + 1.5 * (q3 - q1)
+
+
+@numerics_variant("arcee_fusion", "mergekit", widens_to=torch.float32)
+def arcee_fusion_as_mergekit(
+    tensors: list[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    seed: int = 0,
+    rng: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Arcee Fusion in mergekit's dtype and order; the mask is fp32, so the kept
+    changes and the sum with the base are fp32, rounded once on output."""
+    other = tensors[0]
+    diff = (other - base).abs()
+    p = torch.softmax(other, dim=-1) + _KL_EPS
+    q = torch.softmax(base, dim=-1) + _KL_EPS
+    score = diff * torch.sum(p * torch.log(p / q), dim=-1).unsqueeze(-1)
+    (q2,) = _quantiles(score, [0.5], rng)
+    q1, q3 = _quantiles(score, [0.25, 0.75], rng)
+    keep = (score >= q2 + 1.5 * (q3 - q1)).float()
+    return base + (other - base) * keep
+
+
+def _quantiles(scores: torch.Tensor, qs: list[float], rng: torch.Generator | None) -> torch.Tensor:
+    """Entries of rank ⌊q·(n − 1)⌋ (q·(n − 1) in fp32) of the sorted scores, from a
+    sample of 10⁶ without replacement when there are more."""
+    flat = scores.view(-1)
+    if flat.numel() > _SAMPLE:
+        picks = torch.randperm(flat.numel(), generator=rng, device=flat.device)[:_SAMPLE]
+        flat = flat[picks]
+    ranks = (torch.tensor(qs) * (flat.numel() - 1)).long()
+    return torch.sort(flat).values[ranks.to(flat.device)]

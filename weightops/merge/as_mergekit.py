@@ -13,6 +13,11 @@ equals mergekit 0.1.4's bit for bit on the same torch:
 - Breadcrumbs ranks by an ascending `torch.sort` and keeps ranks [n_bot, n − n_top):
   with n_top = 0 (⌊gamma·n⌋ = 0, small tensors) that range is empty in mergekit, which
   zeroes the whole task vector; repeated here;
+- DELLA's MagPrune ranks |δ| with `torch.argsort` along the second dimension (a 1-D
+  tensor as one row), holds the ranks 1 … m in the working dtype (bf16 on the CPU
+  for bf16 inputs, so ranks above 256 are rounded), keeps with probability
+  density − ε + 2ε·(r − r_min)/(r_max − r_min), and rescales to the former L1 norm;
+  density ± ε must lie strictly inside (0, 1);
 - the weighted deltas wᵢ·δᵢ are stacked and reduced with `sum(dim=0)`, the TIES sign
   is that of Σᵢ wᵢδᵢ with 0 counting as +, the divisor is Σ of the agreeing weights
   (0 → 1), and base + mixed is rounded once to the dtype.
@@ -86,6 +91,43 @@ def bernoulli(
     return _finish(delta.to(work), mask, rescale).to(delta.dtype)
 
 
+def magprune(
+    delta: torch.Tensor,
+    density: float,
+    epsilon: float,
+    rescale: bool,
+    rng: torch.Generator | None,
+) -> torch.Tensor:
+    """DELLA's magnitude-ranked random mask, keep probabilities drawn from `rng`."""
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise ValueError(
+            f"density {density:g} ± epsilon {epsilon:g} must lie strictly between 0 and 1 "
+            "in mergekit's numerics"
+        )
+    shape = delta.shape
+    cpu_wide = delta.device.type == "cpu" and delta.dtype != torch.bfloat16
+    work = torch.float32 if cpu_wide else delta.dtype
+    rows = delta.unsqueeze(0) if delta.dim() < 2 else delta
+    ranks = torch.argsort(rows.abs(), dim=1).argsort(dim=1).to(work) + 1
+    low = ranks.min(dim=1, keepdim=True).values
+    high = ranks.max(dim=1, keepdim=True).values
+    spread = ((ranks - low) / (high - low)).clamp(0, 1)
+    probs = (density - epsilon) + spread * 2 * epsilon
+    mask = torch.bernoulli(probs, generator=rng).to(work)
+    return _finish(rows.to(work), mask, rescale).to(delta.dtype).reshape(shape)
+
+
+def sign_agreement(stacked: torch.Tensor, mask_dtype: torch.dtype) -> torch.Tensor:
+    """Where each stacked delta's sign is that of the deltas' sum (0 counting as +)."""
+    signs = stacked.sign().to(mask_dtype)
+    elected = (stacked.sum(dim=0) >= 0).to(mask_dtype) * 2 - 1
+    return signs == elected
+
+
 def task_vectors(tensors: list[torch.Tensor], base: torch.Tensor) -> list[torch.Tensor]:
     return [t.to(base.dtype) - base for t in tensors]
 
@@ -109,10 +151,7 @@ def combine(
     w = w.view(-1, *([1] * (stacked.dim() - 1)))
     weighted = stacked * w
     if consensus:
-        mask_dtype = torch.int8 if int8_mask else base.dtype
-        signs = weighted.sign().to(mask_dtype)
-        elected = (weighted.sum(dim=0) >= 0).to(mask_dtype) * 2 - 1
-        agree = signs == elected
+        agree = sign_agreement(weighted, torch.int8 if int8_mask else base.dtype)
         mixed = (weighted * agree).sum(dim=0)
         divisor = (w * agree).sum(dim=0)
         divisor[divisor == 0] = 1

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from weightops.merge.registry import NonNegative, PerModel, Unit, merge_method
+from weightops.merge import as_mergekit as mk
+from weightops.merge.registry import NonNegative, PerModel, Unit, merge_method, numerics_variant
 from weightops.merge.sparsify import combine, magnitude_sample, task_vectors
 
 # density ± epsilon may touch 0 or 1 up to rounding of the recipe's decimals.
@@ -45,6 +46,9 @@ Deliberate differences from mergekit: equal magnitudes are ranked in index order
 by an unstable sort; tensors of three or more dimensions are ranked over each
 first-dimension slice (mergekit ranks along the second dimension only); the bounds on
 density ± epsilon are closed (mergekit rejects density ± epsilon equal to 0 or 1).
+With `--numerics mergekit` the ranking, keep rates, bounds and L1 rescale are
+mergekit's (see weightops.merge.as_mergekit); the masks are still drawn from the seed,
+so the result matches mergekit in distribution only.
 """
 
 
@@ -81,11 +85,40 @@ def _register(name: str, *, consensus: bool, normalize_default: bool, doc: str) 
             deltas[i] = magnitude_sample(deltas[i], d, e, rng, rescale=rescale)
         return combine(deltas, base, weight, consensus=consensus, normalize=normalize, lam=lambda_)
 
+    def della_as_mergekit(
+        tensors: list[torch.Tensor],
+        base: torch.Tensor | None,
+        *,
+        weight: list[float],
+        density: list[float],
+        epsilon: list[float],
+        lambda_: float = 1.0,
+        normalize: bool = normalize_default,
+        rescale: bool = True,
+        seed: int = 0,
+        int8_mask: bool = False,
+        rng: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        deltas = [
+            mk.magprune(d, p, e, rescale, rng)
+            for d, p, e in zip(mk.task_vectors(tensors, base), density, epsilon, strict=True)
+        ]
+        return mk.combine(
+            deltas,
+            base,
+            weight,
+            consensus=consensus,
+            normalize=normalize,
+            lam=lambda_,
+            int8_mask=int8_mask,
+        )
+
     della.__name__ = della.__qualname__ = name
     della.__doc__ = doc
     merge_method(
         name, base="required", reference="https://arxiv.org/abs/2406.11617", check=epsilon_problem
     )(della)
+    numerics_variant(name, "mergekit")(della_as_mergekit)
 
 
 _register(

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import torch
 
-from weightops.merge.registry import Range, merge_method
+from weightops.merge.registry import Range, merge_method, numerics_variant
 from weightops.merge.slerp import EPS
 
 
@@ -43,7 +43,8 @@ def karcher(
         angle below which an input already sits at u, and the step size that ends
         the iteration.
     No weights (every model counts equally, as in mergekit) and no base_model: list
-    every model to average under `models`.
+    every model to average under `models`. `--numerics mergekit` follows mergekit in
+    the inputs' dtype, where an exactly opposite input is not skipped.
     """
     n = len(tensors)
     norms = [torch.linalg.vector_norm(x).item() for x in tensors]
@@ -77,3 +78,52 @@ def karcher(
         if nu > tol:
             u.div_(nu)
     return u.mul_(sum(norms) / n)
+
+
+@numerics_variant("karcher", "mergekit")
+def karcher_as_mergekit(
+    tensors: list[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    max_iter: int = 10,
+    tol: float = 1e-5,
+) -> torch.Tensor:
+    """The Karcher mean as mergekit computes it: norms in fp32, every direction, step
+    and iterate rounded to the inputs' dtype, weights 1/N."""
+    if len(tensors) == 1:
+        return tensors[0]
+    alpha = 1.0 / len(tensors)
+    norms: list[float] = []
+    units: list[torch.Tensor] = []
+    for x in tensors:
+        nx = torch.linalg.norm(x.float())
+        norms.append(nx.item())
+        units.append(torch.zeros_like(x) if norms[-1] == 0.0 else (x / nx).to(x.dtype))
+    valid = [ui for ui, nx in zip(units, norms, strict=True) if nx > tol]
+    if not valid:
+        return torch.zeros_like(tensors[0])
+    a = alpha / sum([alpha] * len(valid))
+    u = torch.zeros_like(valid[0])
+    for ui in valid:
+        u += a * ui
+    nu = torch.linalg.norm(u.float()).item()
+    u = valid[0].clone() if nu < tol else (u / nu).to(u.dtype)
+    for _ in range(max_iter):
+        step = torch.zeros_like(u)
+        for ui in valid:
+            c = torch.clamp(torch.dot(u.flatten(), ui.flatten()), -1.0, 1.0)
+            theta = torch.arccos(c)
+            if theta.item() < tol:
+                continue
+            step += a * (theta / torch.sin(theta)) * (ui - c * u)
+        norm_step = torch.linalg.norm(step.float())
+        if norm_step.item() < tol:
+            break
+        u = (torch.cos(norm_step) * u + torch.sin(norm_step) * (step / norm_step)).to(u.dtype)
+        nu_t = torch.linalg.norm(u.float())
+        if nu_t.item() > tol:
+            u = (u / nu_t).to(u.dtype)
+    scale = 0.0
+    for nx in norms:
+        scale += alpha * nx
+    return scale * u

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import torch
 
-from weightops.merge.registry import PerModel, Range, merge_method
+from weightops.merge.registry import PerModel, Range, merge_method, numerics_variant
 
 
 @merge_method(
@@ -50,6 +50,8 @@ def multislerp(
       eps (default 1e-8, > 0): added to the norms before dividing, and the smallest
         ‖m‖ that still gives a direction.
     base_model is optional: with it the task vectors are blended and added back.
+    `--numerics mergekit` follows mergekit's route through the tangent space instead
+    of the closed form, in the inputs' dtype, where τ is rounding noise rather than 0.
     """
     if len(tensors) == 1:
         return tensors[0]
@@ -80,3 +82,45 @@ def multislerp(
         scale = sum(wi * ni for wi, ni in zip(w, norms, strict=True))
         out = mean.mul_(scale / mean_norm)
     return out if base is None else out.add_(base)
+
+
+@numerics_variant("multislerp", "mergekit")
+def multislerp_as_mergekit(
+    tensors: list[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    weight: list[float],
+    normalize_weights: bool = True,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Multi-SLERP as mergekit computes it: weights in the inputs' dtype, the tangent
+    projection and exponential map evaluated step by step (‖τ‖ + eps as its norm),
+    and a linear blend of two inputs whose weighted directions cancel."""
+    if len(tensors) == 1:
+        return tensors[0]
+    stacked = torch.stack(tensors, dim=0)
+    if base is not None:
+        stacked -= base
+    flat = stacked.view(stacked.shape[0], -1)
+    w = torch.tensor(weight, dtype=stacked.dtype, device=stacked.device)
+    if normalize_weights:
+        w = w / w.sum()
+    norms = torch.norm(flat, dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * w.view(-1, 1)).sum(0)
+    mean_norm = torch.norm(mean)
+    if mean_norm < eps:
+        if stacked.shape[0] != 2:
+            raise ValueError(
+                "the weighted directions of the inputs cancel out (antipodal tensors with "
+                "balancing weights), so they have no spherical mean; change the weights"
+            )
+        out = (stacked[0] * w[0] + stacked[1] * w[1]).view(stacked.shape[1:])
+        return out if base is None else out + base
+    mean = mean / mean_norm
+    tangents = units - (units * mean).sum(-1, keepdim=True) * mean
+    tau = (tangents * w.view(-1, 1)).sum(0)
+    tau_norm = torch.norm(tau) + eps
+    out = mean * torch.cos(tau_norm) + tau * (torch.sin(tau_norm) / tau_norm)
+    out = (out * (norms.squeeze(-1) * w).sum()).view(stacked.shape[1:])
+    return out if base is None else out + base

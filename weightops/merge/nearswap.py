@@ -6,7 +6,7 @@ from typing import Annotated
 
 import torch
 
-from weightops.merge.registry import Range, merge_method
+from weightops.merge.registry import Range, merge_method, numerics_variant
 
 # Differences are floored here so that equal entries give weight t / 1e-6, not t / 0.
 _MIN_DIFF = 1e-6
@@ -44,3 +44,18 @@ def nearswap(
     other = tensors[0]
     w = torch.sub(other, base).abs_().clamp_(min=_MIN_DIFF).reciprocal_().mul_(t).clamp_(0, 1)
     return base.lerp_(other, w)
+
+
+@numerics_variant("nearswap", "mergekit")
+def nearswap_as_mergekit(
+    tensors: list[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    t: float,
+) -> torch.Tensor:
+    """NearSwap in the inputs' dtype: t / |Δ| as torch evaluates a number over a tensor
+    (the reciprocal, rounded, times t), then w·θ_other + (1 − w)·θ_base, each product
+    rounded."""
+    other = tensors[0]
+    w = (t / torch.abs(base - other).clamp(min=_MIN_DIFF)).clamp(min=0, max=1)
+    return w * other + (1 - w) * base

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from weightops.merge.registry import PerModel, merge_method
+from weightops.merge.registry import PerModel, merge_method, numerics_variant
 from weightops.merge.slerp import DOT_THRESHOLD, EPS
 
 # Weights summing to less than this in magnitude cannot set t; the midpoint is used.
@@ -52,6 +52,7 @@ def nuslerp(
     only where sin Ω < 1e-8; here below the 0.9995 cosine threshold as in `slerp`,
     which changes the result by at most ~1e-4 relative for nearly parallel vectors and
     avoids mergekit's division by sin(π) ≈ −9e-8 for exactly antiparallel ones.
+    `--numerics mergekit` keeps mergekit's threshold.
     """
     total = weight[0] + weight[1]
     t = 0.5 if abs(total) < _ZERO_SUM else weight[1] / total
@@ -85,3 +86,46 @@ def slerp_vectors_(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     ca = torch.where(linear, 1 - t, torch.sin((1 - t) * omega) / so)
     cb = torch.where(linear, t, torch.sin(t * omega) / so)
     return a.mul_(ca).add_(b.mul_(cb))
+
+
+@numerics_variant("nuslerp", "mergekit")
+def nuslerp_as_mergekit(
+    tensors: list[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    weight: list[float],
+    nuslerp_row_wise: bool = False,
+    nuslerp_flatten: bool = True,
+) -> torch.Tensor:
+    """NuSLERP in mergekit's dtype and order: norms floored at 1e-7, and linear
+    interpolation only where |sin Ω| < 1e-8."""
+    total = sum(weight)
+    t = 0.5 if abs(total) < _ZERO_SUM else weight[1] / total
+    a, b = tensors
+    dim = 0 if nuslerp_row_wise else -1
+    if base is None:
+        return _slerp_mergekit(t, a, b, dim, nuslerp_flatten)
+    return base + _slerp_mergekit(t, a - base, b - base, dim, nuslerp_flatten)
+
+
+def _slerp_mergekit(
+    t: float, a: torch.Tensor, b: torch.Tensor, dim: int, flatten: bool
+) -> torch.Tensor:
+    shape = a.shape
+    if flatten:
+        a, b = a.view(-1), b.view(-1)
+    elif dim != -1:
+        a, b = a.transpose(dim, -1), b.transpose(dim, -1)
+
+    def unit(x: torch.Tensor) -> torch.Tensor:
+        return x / torch.norm(x, dim=-1, keepdim=True).clamp(min=1e-7)
+
+    cos = torch.sum(unit(a) * unit(b), dim=-1, keepdim=True)
+    omega = torch.acos(cos.clamp(-1, 1))
+    so = torch.sin(omega)
+    colinear = (so.abs() < EPS).squeeze()
+    out = (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / so
+    out[colinear] = (1 - t) * a[colinear] + t * b[colinear]
+    if dim != -1 and not flatten:
+        out = out.transpose(dim, -1)
+    return out.view(shape)

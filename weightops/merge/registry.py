@@ -39,6 +39,9 @@ method may also register variants of its arithmetic under another name with
 inputs arrive in the recipe's `dtype` and the variant repeats mergekit's order of
 operations and roundings, so that `weightops merge --numerics mergekit` writes
 mergekit's tensors bit for bit. A method without the variant refuses that option.
+A variant whose result is wider than its inputs in mergekit (a float32 mask) says so
+with `widens_to=torch.float32`: without an `out_dtype` in the recipe, mergekit writes
+that wider result as it is, and so does the engine.
 """
 
 from __future__ import annotations
@@ -215,6 +218,11 @@ class MethodSpec:
     def supports(self, numerics: str) -> bool:
         return numerics == DEFAULT_NUMERICS or (self.name, numerics) in _VARIANTS
 
+    def result_dtype(self, numerics: str, dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the method's result from inputs in `dtype` under `numerics`."""
+        wider = _WIDENS.get((self.name, numerics))
+        return dtype if wider is None else torch.promote_types(dtype, wider)
+
     def __call__(
         self,
         tensors: list[torch.Tensor],
@@ -260,13 +268,15 @@ _REGISTRY: dict[str, MethodSpec] = {}
 DEFAULT_NUMERICS = "default"
 NUMERICS = (DEFAULT_NUMERICS, "mergekit")
 _VARIANTS: dict[tuple[str, str], Callable[..., torch.Tensor]] = {}
+_WIDENS: dict[tuple[str, str], torch.dtype] = {}
 
 
 def numerics_variant(
-    method: str, numerics: str
+    method: str, numerics: str, *, widens_to: torch.dtype | None = None
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register `fn` as `method`'s arithmetic under `numerics` (see the module doc). Its
-    keyword-only parameters must be the method's own."""
+    keyword-only parameters must be the method's own; `widens_to` is the dtype its
+    result is promoted with."""
 
     def register(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         if numerics not in NUMERICS or numerics == DEFAULT_NUMERICS:
@@ -274,6 +284,8 @@ def numerics_variant(
         if (method, numerics) in _VARIANTS:
             raise ValueError(f"{method!r} already has {numerics} numerics")
         _VARIANTS[(method, numerics)] = fn
+        if widens_to is not None:
+            _WIDENS[(method, numerics)] = widens_to
         return fn
 
     return register

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from weightops.merge.registry import Unit, merge_method
+from weightops.merge import as_mergekit as mk
+from weightops.merge.registry import Unit, merge_method, numerics_variant
 from weightops.merge.sparsify import combine, task_vectors, top_k
 
 
@@ -40,7 +41,8 @@ def sce(
     not by an unstable sort; the weights follow the formula whenever some selected δ
     is nonzero (mergekit falls back to equal weights once Σ mean(δ²) < 1e-6, which
     holds for many tensors of real fine-tunes with |δ| ≲ 1e-3); and the divisor is
-    the exact sum of surviving weights (mergekit floors it at 1e-6).
+    the exact sum of surviving weights (mergekit floors it at 1e-6). `--numerics
+    mergekit` repeats mergekit's fallback, floor and ranking.
     """
     del int8_mask
     if base.numel() == 0:
@@ -84,3 +86,43 @@ def _high_variance(deltas: list[torch.Tensor], share: float) -> torch.Tensor:
     if k == 0:
         return torch.zeros_like(var, dtype=torch.bool)
     return top_k(var, k) != 0
+
+
+@numerics_variant("sce", "mergekit")
+def sce_as_mergekit(
+    tensors: list[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    select_topk: float = 1.0,
+    int8_mask: bool = False,
+) -> torch.Tensor:
+    """SCE in mergekit's dtype and order: the variance is `torch.var` of the stacked
+    task vectors, ranked by `torch.topk`; the weights are mean(δ²) over their sum, equal
+    once that sum is below 1e-6; the divisor is floored at 1e-6."""
+    if not tensors:
+        return base
+    mask_dtype = torch.int8 if int8_mask else base.dtype
+    stacked = torch.stack([t - base for t in tensors], dim=0)
+    if select_topk < 1:
+        stacked = stacked * _top_variance(stacked, select_topk, mask_dtype).unsqueeze(0)
+    agree = mk.sign_agreement(stacked, mask_dtype)
+    energy = torch.mean(stacked**2, dim=list(range(1, stacked.dim())))
+    total = torch.sum(energy).item()
+    flat = abs(total) < 1e-6
+    weights = torch.ones_like(energy) / energy.shape[0] if flat else energy / total
+    weights = weights.view(-1, *([1] * (stacked.dim() - 1)))
+    kept = weights * agree
+    mixed = (stacked * kept).sum(dim=0)
+    return base + mixed / torch.sum(kept, dim=0).clamp(min=1e-6)
+
+
+def _top_variance(stacked: torch.Tensor, share: float, dtype: torch.dtype) -> torch.Tensor:
+    if share <= 0:
+        return torch.zeros_like(stacked, dtype=dtype)
+    var = torch.var(stacked, dim=0, unbiased=False)
+    k = int(torch.count_nonzero(var) * share)
+    if k == 0:
+        return torch.zeros_like(stacked, dtype=dtype)
+    mask = torch.zeros_like(var, dtype=dtype)
+    mask.view(-1)[torch.topk(var.abs().view(-1), k=k, largest=True).indices] = 1
+    return mask
