@@ -1,3 +1,3 @@
-from weightops.cli import main
+from weightops.console import main
 
 main()

@@ -7,6 +7,7 @@ import sys
 
 import typer
 
+from weightops import signals
 from weightops.cli import (
     _common,
     align,
@@ -50,6 +51,14 @@ def main() -> None:
         code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except KeyboardInterrupt:
+        # A stop that came before or after a command's own handling of it.
+        code = 130
+    stopped = signals.stop_code()
+    if stopped is not None and code != stopped:
+        if code not in (130, 143):
+            typer.echo("interrupted", err=True)
+        code = stopped
     # Everything is written and closed by now; skipping the interpreter's teardown
     # (unloading torch alone takes ~0.4 s) makes every command return that much sooner.
     sys.stdout.flush()

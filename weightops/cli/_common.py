@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import typer
 
+from weightops import signals
 from weightops.errors import RecipeError, WeightopsError
 
 DEBUG = False
@@ -63,8 +64,8 @@ def user_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         if DEBUG:
             raise
-        typer.echo("\ninterrupted: nothing was written", err=True)
-        raise typer.Exit(130) from None
+        typer.echo("interrupted: nothing was written", err=True)
+        raise typer.Exit(signals.stop_code() or 130) from None
     except MemoryError:
         if DEBUG:
             raise

@@ -22,6 +22,7 @@ from weightops.align.model import AlignTarget, plan_alignment
 from weightops.arch import describe, layer_count_key, num_layers, rename_layer, text_config
 from weightops.errors import MergeError
 from weightops.io.checkpoint import Checkpoint
+from weightops.io.safe_read import Stamp
 from weightops.io.safetensors_file import TensorInfo
 from weightops.merge.registry import MethodSpec
 from weightops.recipe import Recipe, Setting, evaluate, resolve_model
@@ -81,6 +82,8 @@ class Plan:
     # applies them to every input tensor as it is read.
     align: AlignTarget | None = None
     permutations: dict[int, Alignment] = field(default_factory=dict)
+    # Every input file as it was when planned; checked again before the output is kept.
+    stamps: dict[Path, Stamp | None] = field(default_factory=dict)
 
     @property
     def output_bytes(self) -> int:
@@ -381,4 +384,5 @@ def build_plan(recipe: Recipe, recipe_dir: Path | None = None) -> Plan:
         tokenizer_source=tok if tok.is_dir() else tok.parent,
         sources=p.sources,
         align=align,
+        stamps={f: stamp for c in p.ckpts for f, stamp in c.stamps.items()},
     )

@@ -28,7 +28,13 @@ from weightops.engine.progress import Progress
 from weightops.errors import MergeError, WeightopsError
 from weightops.io import sidefiles
 from weightops.io.safetensors_file import FileReader
-from weightops.io.writer import ShardWriter, StagingFolder, plan_layout
+from weightops.io.writer import (
+    ShardWriter,
+    StagingFolder,
+    check_unchanged,
+    disk_error,
+    plan_layout,
+)
 
 # Elementwise methods work on row blocks of about this many entries (4 MB in fp32):
 # small enough that a method's chain of passes stays in cache and its buffers are
@@ -281,7 +287,10 @@ def execute(plan: Plan, out: Path, options: RunOptions | None = None) -> Path:
 
 
 def _execute(plan: Plan, out: Path, options: RunOptions, device: torch.device) -> Path:
-    staging = StagingFolder(out, force=options.force)
+    inputs = [*plan.models, plan.config_source]
+    if plan.tokenizer_source is not None:
+        inputs.append(plan.tokenizer_source)
+    staging = StagingFolder(out, force=options.force, inputs=inputs)
     try:
         staging.create()
         metadata = {
@@ -308,7 +317,11 @@ def _execute(plan: Plan, out: Path, options: RunOptions, device: torch.device) -
             writer.close()
         writer.write_index(plan.output_bytes)
         _side_files(plan, staging.path)
+        check_unchanged(plan.stamps)
         staging.commit()
+    except OSError as e:
+        staging.discard()
+        raise disk_error(out, e) from e
     except BaseException:
         staging.discard()
         raise

@@ -5,13 +5,13 @@ Opening a checkpoint reads headers only. Tensors are read one at a time on deman
 
 from __future__ import annotations
 
-import json
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from weightops.arch import embedding_name, tied_lm_head_name
 from weightops.errors import CheckpointError
+from weightops.io.safe_read import Stamp, file_stamp, load_json
 from weightops.io.safetensors_file import TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -32,7 +32,11 @@ class Checkpoint:
         self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict[str, str] = {}
         weight_map = _read_index(self.index_path) if self.index_path else None
+        # What each input file was when its header was read: a run checks them again
+        # at its end, so a shard replaced or rewritten mid-run fails it.
+        self.stamps: dict[Path, Stamp | None] = {}
         for file in self.files:
+            self.stamps[file] = file_stamp(file)
             infos, meta = read_header(file)
             self.metadata.update(meta)
             for name, info in infos.items():
@@ -44,6 +48,11 @@ class Checkpoint:
                 self.tensors[name] = info
         if weight_map is not None:
             _check_index(self.index_path, weight_map, self.tensors)
+        if not self.tensors:
+            raise CheckpointError(
+                f"{self.path}: the checkpoint holds no tensors",
+                hint="the weights are missing or the file is truncated; download it again",
+            )
         self.aliases: dict[str, str] = {}
         tied = tied_lm_head_name(self.tensors.keys(), self.config)
         if tied is not None:
@@ -57,12 +66,13 @@ class Checkpoint:
     def config(self) -> dict[str, Any]:
         """config.json as a dict ({} for a bare file without one)."""
         cfg = self.folder / "config.json"
-        if not cfg.is_file():
+        if not cfg.exists() and not cfg.is_symlink():
             return {}
-        try:
-            return json.loads(cfg.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{cfg}: not valid JSON ({e})") from e
+        return load_json(cfg, "config.json")
+
+    def changed_files(self) -> list[Path]:
+        """Input files that are not what they were when the checkpoint was opened."""
+        return [f for f, stamp in self.stamps.items() if file_stamp(f) != stamp]
 
     def info(self, name: str) -> TensorInfo | None:
         """The stored tensor for `name`, following a tied lm_head to the embedding."""
@@ -86,14 +96,14 @@ def _locate(path: Path) -> tuple[list[Path], Path | None]:
             hint="weightops reads local checkpoints; check the path, or download the model first "
             "(huggingface-cli download REPO --local-dir PATH)",
         )
-    if path.is_file():
+    if not path.is_dir():
         if path.suffix != ".safetensors":
             if any(path.match(p) for p in _PICKLED):
                 raise CheckpointError(f"{path}: pickled checkpoint refused", hint=_CONVERT_HINT)
             raise CheckpointError(f"{path}: not a .safetensors file")
         return [path], None
     index = path / INDEX_NAME
-    if index.is_file():
+    if index.exists() or index.is_symlink():
         return _index_files(index), index
     files = sorted(path.glob("*.safetensors"))
     if files:
@@ -107,24 +117,35 @@ def _locate(path: Path) -> tuple[list[Path], Path | None]:
 
 
 def _read_index(index: Path) -> dict[str, str]:
-    try:
-        data = json.loads(index.read_text())
-        weight_map = data["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError
-        return {str(k): str(v) for k, v in weight_map.items()}
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+    data = load_json(index, "the safetensors index")
+    weight_map = data.get("weight_map")
+    hint = "re-save the model or delete the index if the folder holds a single file"
+    if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(
-            f"{index}: not a valid safetensors index (needs a 'weight_map' object)",
-            hint="re-save the model or delete the index if the folder holds a single file",
-        ) from e
+            f"{index}: not a valid safetensors index (needs a non-empty 'weight_map' object)",
+            hint=hint,
+        )
+    for name, file in weight_map.items():
+        # A shard is a file in the model folder: never a path that leads out of it.
+        if not (
+            isinstance(file, str)
+            and file.endswith(".safetensors")
+            and Path(file).name == file
+            and file not in (".", "..")
+        ):
+            raise CheckpointError(
+                f"{index}: weight_map gives tensor {name[:80]!r} the shard {str(file)[:80]!r}, "
+                "which is not a .safetensors file name in this folder",
+                hint=hint,
+            )
+    return weight_map
 
 
 def _index_files(index: Path) -> list[Path]:
     files = []
     for name in dict.fromkeys(_read_index(index).values()):
         file = index.parent / name
-        if not file.is_file():
+        if not file.exists():
             raise CheckpointError(
                 f"{index}: lists shard {name} which does not exist",
                 hint="the download is incomplete; fetch the missing shard",

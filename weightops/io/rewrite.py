@@ -19,7 +19,13 @@ from weightops import __version__
 from weightops.io import sidefiles
 from weightops.io.checkpoint import Checkpoint
 from weightops.io.safetensors_file import FileReader
-from weightops.io.writer import ShardWriter, StagingFolder, plan_layout
+from weightops.io.writer import (
+    ShardWriter,
+    StagingFolder,
+    check_unchanged,
+    disk_error,
+    plan_layout,
+)
 
 Transform = Callable[[str, torch.Tensor | None], torch.Tensor]
 Entry = tuple[str, tuple[int, ...], torch.dtype]
@@ -94,7 +100,7 @@ def write_model(
         "weightops_version": __version__,
         "weightops_settings": json.dumps(settings),
     }
-    staging = StagingFolder(out, force=force)
+    staging = StagingFolder(out, force=force, inputs=[source.path])
     try:
         staging.create()
         layout = plan_layout(entries, shard_size, metadata, single_file)
@@ -129,7 +135,11 @@ def write_model(
             version=__version__,
             heading="Settings",
         )
+        check_unchanged(source.stamps)
         staging.commit()
+    except OSError as e:
+        staging.discard()
+        raise disk_error(out, e) from e
     except BaseException:
         staging.discard()
         raise
