@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError
 
 from weightops.arch import num_layers
 from weightops.errors import RecipeError
+from weightops.io.safe_read import load_yaml, read_recipe_text
 from weightops.merge.registry import (
     Blocks,
     MethodSpec,
@@ -178,7 +179,9 @@ def parse_recipe(text: str, source: str = "recipe", *, recipe_dir: Path | None =
     """Parse YAML text into a Recipe, checking structure, method and parameters, and
     (with `recipe_dir`) that every model exists; one RecipeError lists every problem."""
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(
+            text, source, error=lambda msg, hint=None: RecipeError(source, [("", msg)])
+        )
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else ""
@@ -227,20 +230,20 @@ def _without_unknown_keys(data: dict[str, Any], err: ValidationError) -> Recipe 
 def load_recipe(path: str | Path, *, check_paths: bool = True) -> Recipe:
     """Read and fully validate a recipe file (model folders must exist)."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise RecipeError(str(path), [("", f"cannot read recipe: {e.strerror or e}")]) from e
+    text = read_recipe_text(path)
     return parse_recipe(text, str(path), recipe_dir=path.parent if check_paths else None)
 
 
 def resolve_model(ref: str, recipe_dir: Path | None = None) -> Path | None:
     """A model reference as a local path: relative to the working directory first (as
     mergekit does), then to the recipe's folder."""
-    candidates = [Path(ref).expanduser()]
-    if recipe_dir is not None and not Path(ref).is_absolute():
-        candidates.append(recipe_dir / ref)
-    return next((c for c in candidates if c.exists()), None)
+    try:
+        candidates = [Path(ref).expanduser()]
+        if recipe_dir is not None and not Path(ref).is_absolute():
+            candidates.append(recipe_dir / ref)
+        return next((c for c in candidates if c.exists()), None)
+    except (OSError, ValueError, RuntimeError):  # a name too long, a NUL, ~nobody
+        return None
 
 
 def _model_refs(recipe: Recipe) -> list[tuple[str, str]]:

@@ -14,12 +14,16 @@ def validate(
         ..., metavar="RECIPE", help="Recipe YAML (mergekit format).", show_default=False
     ),
 ) -> None:
-    """Check a recipe: keys, method, parameters and their ranges, and that every model
-    folder exists. Every problem is listed with its YAML path. Reads no tensor."""
+    """Check a recipe: keys, method, parameters and their ranges, that every model
+    folder exists, and everything `merge` checks before it starts: the inputs'
+    headers, tensor names and shapes, layer ranges and each parameter's value at
+    every tensor. Every problem is listed with its YAML path. Reads no tensor data."""
+    from weightops.engine.plan import build_plan
     from weightops.recipe import load_recipe
 
     with user_errors():
         r = load_recipe(recipe)
+        build_plan(r, recipe.parent)
         n = len(r.model_paths())
         typer.echo(f"{recipe}: ok ({r.merge_method}, {n} model{'s' if n != 1 else ''})")
 

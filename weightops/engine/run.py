@@ -302,6 +302,8 @@ def _execute(plan: Plan, out: Path, options: RunOptions, device: torch.device) -
             [(t.name, t.shape, t.out_dtype) for t in plan.tasks], options.shard_size, metadata
         )
         staging.check_space(layout.total_bytes)
+        # Side files first: a bad one fails the run before the long work, not after.
+        _side_files(plan, staging.path)
         if plan.align is not None:
             from weightops.align.model import match_inputs
 
@@ -316,7 +318,6 @@ def _execute(plan: Plan, out: Path, options: RunOptions, device: torch.device) -
         finally:
             writer.close()
         writer.write_index(plan.output_bytes)
-        _side_files(plan, staging.path)
         check_unchanged(plan.stamps)
         staging.commit()
     except OSError as e:

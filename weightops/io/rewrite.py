@@ -105,6 +105,11 @@ def write_model(
         staging.create()
         layout = plan_layout(entries, shard_size, metadata, single_file)
         staging.check_space(layout.total_bytes)
+        # Side files first: a bad one fails the run before the long work, not after.
+        config = {**source.config, **(config_updates or {})}
+        sidefiles.write_config(staging.path, config)
+        sidefiles.copy_generation_config(source.folder, staging.path)
+        sidefiles.copy_tokenizer(source.folder, staging.path)
         writer = ShardWriter(staging.path, layout, display=out)
         try:
             with FileReader() as reader:
@@ -119,10 +124,6 @@ def write_model(
         finally:
             writer.close()
         writer.write_index(sum(layout.shard_sizes) - sum(8 + len(h) for h in layout.headers))
-        config = {**source.config, **(config_updates or {})}
-        sidefiles.write_config(staging.path, config)
-        sidefiles.copy_generation_config(source.folder, staging.path)
-        sidefiles.copy_tokenizer(source.folder, staging.path)
         # Called after every tensor is written, so they can report on the work.
         for fname, text in (extra_files or {}).items():
             (staging.path / fname).write_text(text())

@@ -29,7 +29,7 @@ MAX_DEPTH = 32
 MAX_NODES = 1_000_000
 # Integers wider than this are corrupt everywhere weightops reads them; the bound
 # also keeps Python's quadratic big-int parsing off the table.
-MAX_INT_DIGITS = 30
+MAX_INT_DIGITS = 64
 MAX_CONFIG_BYTES = 64 * 2**20
 
 ErrorFactory = Callable[..., WeightopsError]
@@ -233,17 +233,42 @@ def json_type(value: Any) -> str:
     return "an object" if isinstance(value, dict) else type(value).__name__
 
 
+# A recipe is a page of YAML; even a large slices recipe is a few tens of kB.
+MAX_RECIPE_BYTES = 1024 * 1024
+# Models, slices, gradient points: a thousand is far past any real recipe.
+MAX_RECIPE_LIST = 1000
+
+
+def read_recipe_text(path: Path) -> str:
+    """A recipe file as text, with the recipe's own error (one line per problem)."""
+    from weightops.errors import RecipeError
+
+    source = str(path)
+
+    def error(message: str, *, hint: str | None = None) -> RecipeError:
+        text = message.removeprefix(f"{source}: ")
+        return RecipeError(source, [("", f"{text} ({hint})" if hint else text)])
+
+    data = read_regular(path, "recipe", limit=MAX_RECIPE_BYTES, error=error)
+    return decode_utf8(data, source, "the recipe", error=error)
+
+
 def load_yaml(text: str, where: str, error: ErrorFactory) -> Any:
-    """YAML text (safe subset), with the same depth, size and number bounds as JSON."""
+    """YAML text (safe subset), with the same depth, size and number bounds as JSON;
+    `error(message)` makes the exception (messages do not repeat `where`)."""
     import yaml
 
     try:
         value = yaml.safe_load(text)
     except RecursionError:
-        raise error(f"{where}: nested too deeply") from None
-    except (ValueError, OverflowError) as e:
-        raise error(f"{where}: a value cannot be read: {str(e)[:200]}") from None
-    check_tree(value, where, "the document", error=error)
+        raise error("nested too deeply") from None
+    except (ValueError, OverflowError, TypeError) as e:
+        raise error(f"a value cannot be read: {str(e)[:200]}") from None
+
+    def bare(message: str, *, hint: str | None = None) -> WeightopsError:
+        return error(message.removeprefix(f"{where}: "), hint=hint)
+
+    check_tree(value, where, "the recipe", error=bare)
     stack = [value]
     while stack:
         node = stack.pop()
@@ -251,13 +276,17 @@ def load_yaml(text: str, where: str, error: ErrorFactory) -> Any:
             stack.extend(node.values())
             stack.extend(node.keys())
         elif isinstance(node, list):
+            if len(node) > MAX_RECIPE_LIST:
+                raise error(
+                    f"a list has {len(node):,} entries, more than the {MAX_RECIPE_LIST:,} allowed"
+                )
             stack.extend(node)
         elif isinstance(node, bool):
             continue
         elif isinstance(node, int) and abs(node) >= 2**63:
-            raise error(f"{where}: the number {str(node)[:30]}… is too large")
+            raise error(f"the number {str(node)[:30]}… is too large")
         elif isinstance(node, float) and not math.isfinite(node):
-            raise error(f"{where}: the number {node} is not finite")
+            raise error(f"the number {node} is not finite")
     return value
 
 

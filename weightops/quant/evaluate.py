@@ -53,7 +53,7 @@ def evaluate(
         raise QuantError(
             f"{text}: only {ids.numel()} tokens; perplexity needs at least {MIN_TOKENS}"
         )
-    original = AutoModelForCausalLM.from_pretrained(model).eval()
+    original = AutoModelForCausalLM.from_pretrained(model, use_safetensors=True).eval()
     window = min(1024, int(getattr(original.config, "max_position_embeddings", 1024) or 1024))
     report = {
         "tokens": int(ids.numel()),
