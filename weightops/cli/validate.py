@@ -14,10 +14,10 @@ def validate(
         ..., metavar="RECIPE", help="Recipe YAML (mergekit format).", show_default=False
     ),
 ) -> None:
-    """Check a recipe: keys, method, parameters and their ranges, that every model
-    folder exists, and everything `merge` checks before it starts: the inputs'
-    headers, tensor names and shapes, layer ranges and each parameter's value at
-    every tensor. Every problem is listed with its YAML path. Reads no tensor data."""
+    """Check that every model folder exists, then the recipe's keys, method,
+    parameters and their ranges, and everything `merge` checks before it starts: the
+    inputs' headers, tensor names and shapes, layer ranges and each parameter's value
+    at every tensor. Every problem is listed with its YAML path. Reads no tensor data."""
     from weightops.engine.plan import build_plan
     from weightops.recipe import load_recipe
 
