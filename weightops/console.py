@@ -4,11 +4,6 @@ Signal handling goes in before anything heavy is imported, so Ctrl-C even during
 start-up is one line and exit 130, never a traceback.
 """
 
-from __future__ import annotations
-
-import os
-import sys
-
 from weightops import signals
 
 
@@ -21,6 +16,4 @@ def main() -> None:
     except KeyboardInterrupt:
         pass
     # Only reached when stopped before a command took charge of the interrupt.
-    sys.stderr.write("interrupted\n")
-    sys.stderr.flush()
-    os._exit(signals.stop_code() or 130)
+    signals.exit_stopped()

@@ -52,11 +52,13 @@ def main() -> None:
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except KeyboardInterrupt:
-        # A stop that came before or after a command's own handling of it.
+        # A stop that came outside a command's own handling of it.
         code = 130
     stopped = signals.stop_code()
-    if stopped is not None and code != stopped:
-        if code not in (130, 143):
+    if stopped is not None:
+        # typer turns an interrupt into a silent exit 130; a stop also wins over
+        # whatever status the command ended with, so it never reads as success.
+        if signals.untold():
             typer.echo("interrupted", err=True)
         code = stopped
     # Everything is written and closed by now; skipping the interpreter's teardown

@@ -49,7 +49,9 @@ def user_errors() -> Iterator[None]:
     """Turn WeightopsError into one line on stderr and exit 1, Ctrl-C into exit 130;
     with --debug the traceback is shown instead."""
     try:
+        signals.raise_if_stopped()
         yield
+        signals.raise_if_stopped()
     except RecipeError as e:
         if DEBUG:
             raise
@@ -65,6 +67,7 @@ def user_errors() -> Iterator[None]:
         if DEBUG:
             raise
         typer.echo("interrupted: nothing was written", err=True)
+        signals.told()
         raise typer.Exit(signals.stop_code() or 130) from None
     except MemoryError:
         if DEBUG:

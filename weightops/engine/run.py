@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from weightops import __version__
+from weightops import __version__, signals
 from weightops.engine.plan import InputRef, Plan, TensorTask
 from weightops.engine.progress import Progress
 from weightops.errors import MergeError, WeightopsError
@@ -360,6 +360,7 @@ def _apply(
     since_trim = 0
     try:
         for piece, box in stream:
+            signals.raise_if_stopped()
             result = _compute(plan, piece, box.pop(), device, stats)
             size = result.numel() * result.element_size()
             pending.append(

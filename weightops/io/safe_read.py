@@ -54,7 +54,7 @@ def open_regular(path: Path, what: str, error: ErrorFactory = CheckpointError) -
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
-        raise error(f"{path}: cannot open {what}: {e.strerror or e}") from e
+        raise error(f"{path}: cannot read {what}: {e.strerror or e}") from e
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
