@@ -140,12 +140,11 @@ def safetensors_case(path: Path, timeout: float) -> tuple[str, str]:
 
 
 def checkpoint_case(folder: Path, timeout: float) -> tuple[str, str]:
-    from weightops.io.checkpoint import Checkpoint
+    from weightops.cli.inspect import describe_checkpoint
     from weightops.io.sidefiles import TOKENIZER_FILES, read_side_file
 
     def run() -> None:
-        ckpt = Checkpoint(folder)
-        _ = ckpt.config
+        describe_checkpoint(folder)
         for name in (*TOKENIZER_FILES, "generation_config.json"):
             read_side_file(folder, name)
 

@@ -5,14 +5,16 @@ Opening a checkpoint reads headers only. Tensors are read one at a time on deman
 
 from __future__ import annotations
 
+import os
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from weightops.arch import embedding_name, tied_lm_head_name
 from weightops.errors import CheckpointError
-from weightops.io.safe_read import Stamp, file_stamp, load_json
+from weightops.io.safe_read import Stamp, file_stamp, is_regular, load_json
 from weightops.io.safetensors_file import TensorInfo, read_header
+from weightops.io.sidefiles import TOKENIZER_FILES
 
 INDEX_NAME = "model.safetensors.index.json"
 _PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
@@ -53,6 +55,7 @@ class Checkpoint:
                 f"{self.path}: the checkpoint holds no tensors",
                 hint="the weights are missing or the file is truncated; download it again",
             )
+        _check_side_files(self.folder)
         self.aliases: dict[str, str] = {}
         tied = tied_lm_head_name(self.tensors.keys(), self.config)
         if tied is not None:
@@ -68,7 +71,9 @@ class Checkpoint:
         cfg = self.folder / "config.json"
         if not cfg.exists() and not cfg.is_symlink():
             return {}
-        return load_json(cfg, "config.json")
+        config = load_json(cfg, "config.json")
+        _check_config(cfg, config)
+        return config
 
     def changed_files(self) -> list[Path]:
         """Input files that are not what they were when the checkpoint was opened."""
@@ -87,6 +92,69 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, {len(self.tensors)} tensors)"
+
+
+# The config keys weightops reads, and their JSON types; anything else passes through.
+_INT_KEYS = (
+    "num_hidden_layers",
+    "n_layer",
+    "num_layers",
+    "hidden_size",
+    "n_embd",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "head_dim",
+    "max_position_embeddings",
+)
+
+
+def _check_config(path: Path, config: dict[str, Any], where: str = "") -> None:
+    def bad(key: str, want: str) -> CheckpointError:
+        return CheckpointError(
+            f"{path}: {where}{key!r} must be {want}, not {config[key]!r:.60}",
+            hint="the config is corrupted; restore it from the model's original files",
+        )
+
+    for key in _INT_KEYS:
+        value = config.get(key)
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**31
+        ):
+            raise bad(key, "a whole number")
+    for key in ("model_type", "_name_or_path"):
+        if config.get(key) is not None and not isinstance(config[key], str):
+            raise bad(key, "a string")
+    if "architectures" in config and not (
+        config["architectures"] is None
+        or (
+            isinstance(config["architectures"], list)
+            and all(isinstance(a, str) for a in config["architectures"])
+        )
+    ):
+        raise bad("architectures", "a list of class names")
+    if "tie_word_embeddings" in config and not isinstance(config["tie_word_embeddings"], bool):
+        raise bad("tie_word_embeddings", "true or false")
+    if "layer_types" in config and not isinstance(config["layer_types"], (list, type(None))):
+        raise bad("layer_types", "a list")
+    if "text_config" in config and not where:
+        inner = config["text_config"]
+        if inner is not None and not isinstance(inner, dict):
+            raise bad("text_config", "an object")
+        if inner:
+            _check_config(path, inner, "text_config.")
+
+
+def _check_side_files(folder: Path) -> None:
+    """Refuse a side file that is a pipe, device or folder: transformers would open it
+    when the model is loaded, and block or fail there."""
+    for name in ("config.json", "generation_config.json", *TOKENIZER_FILES):
+        path = folder / name
+        if os.path.lexists(path) and not is_regular(path):
+            raise CheckpointError(
+                f"{path}: is not a regular file", hint="replace it with the file itself"
+            )
 
 
 def _locate(path: Path) -> tuple[list[Path], Path | None]:
