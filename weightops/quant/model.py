@@ -260,7 +260,9 @@ def load(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         raise QuantError(f"{folder}: no {MANIFEST}; not a weightops-quantized model")
-    manifest = json.loads(manifest_path.read_text())
+    from weightops.io.safe_read import load_json
+
+    manifest = load_json(manifest_path, MANIFEST, error=QuantError)
     if manifest.get("version") not in READABLE_VERSIONS:
         raise QuantError(
             f"{folder}: quantized format version {manifest.get('version')} "
