@@ -419,7 +419,8 @@ def prune(
     ft_path = Path(finetuned)
     al_path = Path(aligned) if aligned is not None else None
     if out is not None:
-        StagingFolder(Path(out), force=force)  # refuses a non-empty folder before the work
+        # Refuses a non-empty folder, or one over an input, before the work.
+        StagingFolder(Path(out), force=force, inputs=[p for p in (ft_path, al_path) if p])
     ckpt = Checkpoint(ft_path)
     folder = ckpt.folder
     examples = _as_examples(harmful)
