@@ -179,7 +179,8 @@ def jsonl_case(path: Path, timeout: float) -> tuple[str, str]:
     for verdict, detail in outcomes:
         if verdict in ("crash", "hang"):
             return verdict, str(detail)
-    return "handled", ""
+    accepted = sum(verdict == "ok" for verdict, _ in outcomes)
+    return f"accepted by {accepted} of 3 readers, refused by the rest", ""
 
 
 RECIPE_SNIPPETS = [
@@ -250,11 +251,12 @@ def base_recipes(fam: Path) -> list[bytes]:
     ]
 
 
-BASE_JSONL = (
-    b'{"positive": "I love it", "negative": "I hate it"}\n'
-    b'{"prompt": "Hello", "response": "Hi", "text": "some text"}\n'
-    b'{"positive": "yes", "negative": "no", "prompt": "p", "text": "t"}\n'
-)
+# One valid file per reader: steering pairs, repair examples, calibration texts.
+BASE_JSONL = [
+    b'{"positive": "I love it", "negative": "I hate it"}\n{"positive": "yes", "negative": "no"}\n',
+    b'{"prompt": "Hello", "response": "Hi"}\n{"prompt": "How?"}\n',
+    b'{"text": "some text"}\n{"prompt": "other text"}\n',
+]
 
 
 # ------------------------------------------------------------------------ CLI
@@ -404,7 +406,7 @@ def main() -> None:
 
         # 5. JSONL data: steering pairs, repair examples, calibration texts.
         for i in range(args.cases // 4):
-            kind, text = mutate_text(BASE_JSONL, rng, JSONL_SNIPPETS)
+            kind, text = mutate_text(rng.choice(BASE_JSONL), rng, JSONL_SNIPPETS)
             path = cases / f"d{i}.jsonl"
             path.write_bytes(text)
             outcome, detail = jsonl_case(path, args.case_timeout)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import struct
 
 # Values that break type assumptions, for any field.
@@ -185,7 +186,15 @@ def mutate_json(text: bytes, rng: random.Random) -> tuple[str, bytes]:
 
 def mutate_text(text: bytes, rng: random.Random, snippets: list[bytes]) -> tuple[str, bytes]:
     """A corrupted recipe or JSONL file: byte edits and inserted hostile snippets."""
-    kind = rng.choice(["flip", "insert", "delete", "snippet", "snippet", "snippet", "replace"])
+    kind = rng.choice(
+        ["flip", "insert", "delete", "snippet", "snippet", "snippet", "replace", "number", "number"]
+    )
+    numbers = list(re.finditer(rb"(?<![\w.])-?\d+(\.\d+)?(?![\w.])", text))
+    if kind == "number" and numbers:
+        # A plausible edit: another value, in or out of the parameter's range.
+        m = rng.choice(numbers)
+        value = rng.choice([b"0", b"1", b"-1", b"0.5", b"2", b"1e-9", b"100", b"0.0", b"3"])
+        return kind, text[: m.start()] + value + text[m.end() :]
     if kind == "flip" and text:
         b = bytearray(text)
         b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
