@@ -36,7 +36,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mutate import deep, mutate_json, mutate_safetensors, mutate_text
+from mutate import (
+    BASE_JSONL,
+    JSONL_SNIPPETS,
+    RECIPE_SNIPPETS,
+    base_recipes,
+    mutate_json,
+    mutate_safetensors,
+    mutate_text,
+)
 
 from weightops.errors import WeightopsError
 
@@ -181,82 +189,6 @@ def jsonl_case(path: Path, timeout: float) -> tuple[str, str]:
             return verdict, str(detail)
     accepted = sum(verdict == "ok" for verdict, _ in outcomes)
     return f"accepted by {accepted} of 3 readers, refused by the rest", ""
-
-
-RECIPE_SNIPPETS = [
-    b"slices: []",
-    b"models: []",
-    b"parameters: {lambda: []}",
-    b"parameters: {density: []}",
-    b"    parameters: {weight: [], density: []}",
-    b"parameters: {weight: 1" + b"0" * 400 + b"}",
-    b"parameters: {weight: 1e400}",
-    b"parameters: {weight: .nan}",
-    b"# a comment \xff\xfe",
-    b"base_model: " + b"x" * 300,
-    b"  - model: " + b"y" * 5000,
-    b"  - model: /dev/null",
-    b"tokenizer_source: /proc/self",
-    b"x: " + deep(3000).encode(),
-    b"parameters: {weight: " + deep(200).encode() + b"}",
-    b"dtype: [1]",
-    b"merge_method: [ties]",
-    b"output: " + b"z" * 300,
-    b"a: &a [1,1,1,1,1,1,1,1,1,1]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b]",
-    b"parameters: {weight: [" + b",".join([b"0.5"] * 5000) + b"]}",
-    b"\t\x00",
-    b"chat_template: !!python/object/apply:os.system ['true']",
-]
-
-JSONL_SNIPPETS = [
-    b'{"positive": "' + b"word " * 200_000 + b'", "negative": "no"}',
-    b'{"prompt": ' + deep(100_000).encode() + b"}",
-    b'{"positive": "a\xff", "negative": "b"}',
-    b'{"text": 1' + b"0" * 5000 + b"}",
-    b"[1, 2]",
-    b"null",
-    b'{"prompt": "\\ud800"}',
-    b'{"prompt": "a", "prompt": "b"}',
-    b'{"positive": NaN, "negative": "x"}',
-    b'{"text": {"a": [1, {"b": null}]}}',
-    b"\xef\xbb\xbf{}",
-]
-
-
-def base_recipes(fam: Path) -> list[bytes]:
-    m = {k: fam / k for k in ("base", "ft_a", "ft_b")}
-    return [
-        (
-            f"merge_method: ties\nbase_model: {m['base']}\nmodels:\n"
-            f"  - model: {m['ft_a']}\n    parameters: {{weight: 0.5, density: 0.5}}\n"
-            f"  - model: {m['ft_b']}\n    parameters: {{weight: 0.5, density: 0.5}}\n"
-            "dtype: float32\n"
-        ).encode(),
-        (
-            f"merge_method: task_arithmetic\nbase_model: {m['base']}\nmodels:\n"
-            f"  - model: {m['ft_a']}\n    parameters: {{weight: 1.0}}\n"
-            "parameters: {lambda: 0.8}\n"
-        ).encode(),
-        (
-            f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {m['base']}\n"
-            f"        layer_range: [0, 2]\n  - sources:\n      - model: {m['ft_a']}\n"
-            "        layer_range: [2, 4]\n"
-        ).encode(),
-        (
-            f"merge_method: linear\nmodels:\n  - model: {m['ft_a']}\n    parameters:\n"
-            "      weight: [0.2, 0.8]\n"
-            f"  - model: {m['ft_b']}\n    parameters:\n      weight:\n"
-            "        - filter: mlp\n          value: 0.3\n        - value: 0.7\n"
-        ).encode(),
-    ]
-
-
-# One valid file per reader: steering pairs, repair examples, calibration texts.
-BASE_JSONL = [
-    b'{"positive": "I love it", "negative": "I hate it"}\n{"positive": "yes", "negative": "no"}\n',
-    b'{"prompt": "Hello", "response": "Hi"}\n{"prompt": "How?"}\n',
-    b'{"text": "some text"}\n{"prompt": "other text"}\n',
-]
 
 
 # ------------------------------------------------------------------------ CLI

@@ -14,6 +14,7 @@ import json
 import random
 import re
 import struct
+from pathlib import Path
 
 # Values that break type assumptions, for any field.
 ODD_VALUES = [
@@ -214,3 +215,79 @@ def mutate_text(text: bytes, rng: random.Random, snippets: list[bytes]) -> tuple
         return kind, b"\n".join(lines)
     i = text.rfind(b"\n", 0, rng.randrange(len(text) + 1)) + 1
     return "snippet", text[:i] + rng.choice(snippets) + b"\n" + text[i:]
+
+
+RECIPE_SNIPPETS = [
+    b"slices: []",
+    b"models: []",
+    b"parameters: {lambda: []}",
+    b"parameters: {density: []}",
+    b"    parameters: {weight: [], density: []}",
+    b"parameters: {weight: 1" + b"0" * 400 + b"}",
+    b"parameters: {weight: 1e400}",
+    b"parameters: {weight: .nan}",
+    b"# a comment \xff\xfe",
+    b"base_model: " + b"x" * 300,
+    b"  - model: " + b"y" * 5000,
+    b"  - model: /dev/null",
+    b"tokenizer_source: /proc/self",
+    b"x: " + deep(3000).encode(),
+    b"parameters: {weight: " + deep(200).encode() + b"}",
+    b"dtype: [1]",
+    b"merge_method: [ties]",
+    b"output: " + b"z" * 300,
+    b"a: &a [1,1,1,1,1,1,1,1,1,1]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b]",
+    b"parameters: {weight: [" + b",".join([b"0.5"] * 5000) + b"]}",
+    b"\t\x00",
+    b"chat_template: !!python/object/apply:os.system ['true']",
+]
+
+JSONL_SNIPPETS = [
+    b'{"positive": "' + b"word " * 200_000 + b'", "negative": "no"}',
+    b'{"prompt": ' + deep(100_000).encode() + b"}",
+    b'{"positive": "a\xff", "negative": "b"}',
+    b'{"text": 1' + b"0" * 5000 + b"}",
+    b"[1, 2]",
+    b"null",
+    b'{"prompt": "\\ud800"}',
+    b'{"prompt": "a", "prompt": "b"}',
+    b'{"positive": NaN, "negative": "x"}',
+    b'{"text": {"a": [1, {"b": null}]}}',
+    b"\xef\xbb\xbf{}",
+]
+
+
+def base_recipes(fam: Path) -> list[bytes]:
+    m = {k: fam / k for k in ("base", "ft_a", "ft_b")}
+    return [
+        (
+            f"merge_method: ties\nbase_model: {m['base']}\nmodels:\n"
+            f"  - model: {m['ft_a']}\n    parameters: {{weight: 0.5, density: 0.5}}\n"
+            f"  - model: {m['ft_b']}\n    parameters: {{weight: 0.5, density: 0.5}}\n"
+            "dtype: float32\n"
+        ).encode(),
+        (
+            f"merge_method: task_arithmetic\nbase_model: {m['base']}\nmodels:\n"
+            f"  - model: {m['ft_a']}\n    parameters: {{weight: 1.0}}\n"
+            "parameters: {lambda: 0.8}\n"
+        ).encode(),
+        (
+            f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {m['base']}\n"
+            f"        layer_range: [0, 2]\n  - sources:\n      - model: {m['ft_a']}\n"
+            "        layer_range: [2, 4]\n"
+        ).encode(),
+        (
+            f"merge_method: linear\nmodels:\n  - model: {m['ft_a']}\n    parameters:\n"
+            "      weight: [0.2, 0.8]\n"
+            f"  - model: {m['ft_b']}\n    parameters:\n      weight:\n"
+            "        - filter: mlp\n          value: 0.3\n        - value: 0.7\n"
+        ).encode(),
+    ]
+
+
+# One valid file per reader: steering pairs, repair examples, calibration texts.
+BASE_JSONL = [
+    b'{"positive": "I love it", "negative": "I hate it"}\n{"positive": "yes", "negative": "no"}\n',
+    b'{"prompt": "Hello", "response": "Hi"}\n{"prompt": "How?"}\n',
+    b'{"text": "some text"}\n{"prompt": "other text"}\n',
+]

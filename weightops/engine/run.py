@@ -28,13 +28,7 @@ from weightops.engine.progress import Progress
 from weightops.errors import MergeError, WeightopsError
 from weightops.io import sidefiles
 from weightops.io.safetensors_file import FileReader
-from weightops.io.writer import (
-    ShardWriter,
-    StagingFolder,
-    check_unchanged,
-    disk_error,
-    plan_layout,
-)
+from weightops.io.writer import ShardWriter, StagingFolder, check_unchanged, disk_error, plan_layout
 
 # Elementwise methods work on row blocks of about this many entries (4 MB in fp32):
 # small enough that a method's chain of passes stays in cache and its buffers are

@@ -19,13 +19,7 @@ from weightops import __version__
 from weightops.io import sidefiles
 from weightops.io.checkpoint import Checkpoint
 from weightops.io.safetensors_file import FileReader
-from weightops.io.writer import (
-    ShardWriter,
-    StagingFolder,
-    check_unchanged,
-    disk_error,
-    plan_layout,
-)
+from weightops.io.writer import ShardWriter, StagingFolder, check_unchanged, disk_error, plan_layout
 
 Transform = Callable[[str, torch.Tensor | None], torch.Tensor]
 Entry = tuple[str, tuple[int, ...], torch.dtype]
