@@ -50,7 +50,8 @@ def read_jsonl(path: str | Path, *, what: str = "data") -> list[tuple[int, dict[
         offset, start = start, start + len(raw) + 1
 
         def at_line(message: str, *, hint: str | None = None, n: int = n) -> JsonlError:
-            return JsonlError(path, n, message.removeprefix(f"{path}:{n}: "), hint=hint)
+            reason = message.removeprefix(f"{path}:{n}: ").removeprefix("the line is ")
+            return JsonlError(path, n, reason, hint=hint)
 
         where = f"{path}:{n}"
         line = decode_utf8(raw, where, "the line", error=at_line, base=offset)
