@@ -109,6 +109,16 @@ def test_a_fifo_shard_is_refused_without_blocking(tmp_path):
         Checkpoint(folder)
 
 
+def test_fifo_recipe_and_data_are_refused_without_blocking(tmp_path):
+    recipe, data = tmp_path / "r.yaml", tmp_path / "d.jsonl"
+    os.mkfifo(recipe)
+    os.mkfifo(data)
+    result = invoke(["validate", recipe])
+    assert result.exit_code == 1 and "named pipe" in result.stderr
+    with pytest.raises(JsonlError, match="named pipe"):
+        read_jsonl(data)
+
+
 def test_an_empty_model_is_refused(tmp_path):
     folder = tmp_path / "m"
     folder.mkdir()

@@ -43,7 +43,6 @@ DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 # The `safetensors` library's own bound on the header; anything larger is corrupt.
 _MAX_HEADER = 100_000_000
 _U64 = 2**64
-_WHITESPACE = b" \t\n\r"
 
 
 @dataclass(frozen=True)
@@ -102,7 +101,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from e
     finally:
         os.close(fd)
-    if not raw.lstrip(_WHITESPACE).startswith(b"{"):
+    # Writers put the object first; some library versions refuse anything before it.
+    if not raw.startswith(b"{"):
         raise _corrupt(path, "header is not a JSON object")
     text = decode_utf8(raw, str(path), "the header", base=8)
     header = parse_json(text, str(path), "the header", base=8)
