@@ -20,7 +20,9 @@ def causal_lm(folder: Any, dtype: Any) -> Any:
     """AutoModelForCausalLM.from_pretrained(folder) in `dtype`, on any supported version."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(folder, **{dtype_keyword(): dtype})
+    return AutoModelForCausalLM.from_pretrained(
+        folder, use_safetensors=True, **{dtype_keyword(): dtype}
+    )
 
 
 def causal_lm_from_config(config: Any, dtype: Any) -> Any:

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, PositiveInt, PrivateAttr, Validation
 
 from weightops.errors import RecipeError
 from weightops.io.lora import read_config, split_reference
+from weightops.io.safe_read import load_yaml, read_recipe_text
 from weightops.merge.registry import MethodSpec, all_methods, unknown_method_message
 from weightops.vocab.config import TokenizerSettings, check_tokenizer
 
@@ -252,7 +253,13 @@ def parse_recipe(
 def load_documents(text: str, source: str) -> list[Any]:
     """The YAML documents of a recipe file (mergekit-multi puts several in one)."""
     try:
-        return [d for d in yaml.safe_load_all(text) if d is not None] or [None]
+        found = load_yaml(
+            text,
+            source,
+            error=lambda msg, hint=None: RecipeError(source, [("", msg)]),
+            documents=True,
+        )
+        return [d for d in found if d is not None] or [None]
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else ""
@@ -321,20 +328,16 @@ def load_recipe(path: str | Path, *, check_paths: bool = True, strict: bool = Fa
     )
 
 
-def read_recipe_text(path: Path) -> str:
-    try:
-        return path.read_text()
-    except OSError as e:
-        raise RecipeError(str(path), [("", f"cannot read recipe: {e.strerror or e}")]) from e
-
-
 def resolve_model(ref: str, recipe_dir: Path | None = None) -> Path | None:
     """A model reference as a local path: relative to the working directory first (as
     mergekit does), then to the recipe's folder."""
-    candidates = [Path(ref).expanduser()]
-    if recipe_dir is not None and not Path(ref).is_absolute():
-        candidates.append(recipe_dir / ref)
-    return next((c for c in candidates if c.exists()), None)
+    try:
+        candidates = [Path(ref).expanduser()]
+        if recipe_dir is not None and not Path(ref).is_absolute():
+            candidates.append(recipe_dir / ref)
+        return next((c for c in candidates if c.exists()), None)
+    except (OSError, ValueError, RuntimeError):  # a name too long, a NUL, ~nobody
+        return None
 
 
 def _reference_problems(ref: str, recipe_dir: Path) -> list[str]:

@@ -122,7 +122,8 @@ def align_model(
             raise AlignError(
                 f"-o {out} is the {what}'s own folder", hint="write the aligned model elsewhere"
             )
-    StagingFolder(out, force=force)  # refuse a non-empty output before the long work
+    # Refuse a non-empty output, or one over an input, before the long work.
+    StagingFolder(out, force=force, inputs=[ckpt.path, ref_ckpt.path])
     alignment, result = match_checkpoints(
         ref_ckpt, ckpt, groups=kinds, seed=seed, max_rounds=max_rounds, progress=progress
     )

@@ -7,6 +7,7 @@ import sys
 
 import typer
 
+from weightops import signals
 from weightops.cli import (
     _common,
     align,
@@ -50,6 +51,26 @@ def main() -> None:
         code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except KeyboardInterrupt:
+        # A stop that came outside a command's own handling of it.
+        code = 130
+    except Exception as e:
+        # A failure no check foresaw: still one line, and the way to the details.
+        if _common.DEBUG:
+            raise
+        typer.echo(
+            f"error: internal error: {type(e).__name__}: {e} "
+            "(run with --debug for the traceback, and please report it)",
+            err=True,
+        )
+        code = 1
+    stopped = signals.stop_code()
+    if stopped is not None:
+        # typer turns an interrupt into a silent exit 130; a stop also wins over
+        # whatever status the command ended with, so it never reads as success.
+        if signals.untold():
+            typer.echo("interrupted", err=True)
+        code = stopped
     # Everything is written and closed by now; skipping the interpreter's teardown
     # (unloading torch alone takes ~0.4 s) makes every command return that much sooner.
     sys.stdout.flush()

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import typer
 
+from weightops import signals
 from weightops.errors import RecipeError, WeightopsError
 
 DEBUG = False
@@ -59,7 +60,9 @@ def user_errors() -> Iterator[None]:
     """Turn WeightopsError into one line on stderr and exit 1, Ctrl-C into exit 130;
     with --debug the traceback is shown instead."""
     try:
+        signals.raise_if_stopped()
         yield
+        signals.raise_if_stopped()
     except RecipeError as e:
         if DEBUG:
             raise
@@ -75,8 +78,9 @@ def user_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         if DEBUG:
             raise
-        typer.echo("\ninterrupted: nothing was written", err=True)
-        raise typer.Exit(130) from None
+        typer.echo("interrupted: nothing was written", err=True)
+        signals.told()
+        raise typer.Exit(signals.stop_code() or 130) from None
     except MemoryError:
         if DEBUG:
             raise

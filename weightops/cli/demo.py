@@ -85,7 +85,7 @@ def _run(recipe_path: Path, workdir: Path) -> None:
     plan = build_plan(recipe, workdir)
     execute(plan, out, RunOptions(force=True))
     echo(f"3. wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
-    model = AutoModelForCausalLM.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
     tok = AutoTokenizer.from_pretrained(out)
     ids = tok("weightops", return_tensors="pt").input_ids
     with torch.no_grad():

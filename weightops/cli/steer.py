@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -19,26 +18,24 @@ steer_app = typer.Typer(
 
 def read_pairs(path: Path) -> list[tuple[str, str]]:
     """JSONL of {"positive": …, "negative": …}; errors name the line."""
+    from weightops.io.jsonl import JsonlError, read_jsonl
     from weightops.steering import SteeringError
 
     try:
-        lines = path.read_text().splitlines()
-    except OSError as e:
-        raise SteeringError(f"{path}: cannot read pairs: {e.strerror or e}") from e
+        rows = read_jsonl(path, what="pairs")
+    except JsonlError as e:
+        raise SteeringError(str(e)) from e
     pairs = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            pairs.append((row["positive"], row["negative"]))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+    for n, row in rows:
+        pair = (row.get("positive"), row.get("negative"))
+        if not all(isinstance(t, str) for t in pair):
             raise SteeringError(
-                f"{path}:{n}: expected a JSON object with 'positive' and 'negative' texts ({e})"
-            ) from e
+                f"{path}:{n}: expected a JSON object with 'positive' and 'negative' texts"
+            )
+        pairs.append(pair)
     if not pairs:
         raise SteeringError(f"{path}: no pairs (the file is empty)")
-    return pairs
+    return pairs  # type: ignore[return-value]
 
 
 def _chosen_layers(layers: str, gguf: bool) -> list[int] | None:
@@ -124,9 +121,11 @@ def train(
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from weightops.demo import quiet_transformers
+        from weightops.io.checkpoint import Checkpoint
 
         quiet_transformers()
-        m = AutoModelForCausalLM.from_pretrained(model)
+        Checkpoint(model)  # refuses pickled weights before transformers could unpickle them
+        m = AutoModelForCausalLM.from_pretrained(model, use_safetensors=True)
         tok = AutoTokenizer.from_pretrained(model)
         if chat_template:
             flat = _as_chat(tok, [t for p in data for t in p])

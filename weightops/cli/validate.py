@@ -16,11 +16,14 @@ def validate(
     ),
     strict: bool = _common.STRICT,
 ) -> None:
-    """Check a recipe: keys, method, parameters and their ranges, and that every model
-    folder exists. Every problem is listed with its YAML path, and every key that has
-    no effect (mergekit would ignore it) as a warning; warnings fail only with
-    --strict. Multi-document recipes are checked document by document. Reads no tensor
-    data; with tokenizer settings, also reports the merged vocabulary and its embeddings."""
+    """Check a recipe: that every model folder exists, its keys, method, parameters and
+    their ranges, and everything `merge` checks before it starts (the inputs' headers,
+    tensor names and shapes, layer ranges and each parameter's value at every tensor).
+    Every problem is listed with its YAML path, and every key that has no effect
+    (mergekit would ignore it) as a warning; warnings fail only with --strict.
+    Multi-document recipes are checked document by document. Reads no tensor data; with
+    tokenizer settings, also reports the merged vocabulary and its embeddings."""
+    from weightops.engine.plan import build_plan
     from weightops.recipe_multi import load_recipe_file
 
     with user_errors():
@@ -31,18 +34,14 @@ def validate(
             typer.echo(f"{recipe}: ok ({len(found.steps)} merges, in order: {steps})")
             return
         r = found.steps[0].recipe
+        plan = build_plan(r, recipe.parent)
         n = len(r.model_paths())
         how = r.merge_method
         if r.modules is not None:
             how = ", ".join(f"{key} {r.module_view(key).merge_method}" for key in r.modules)
         typer.echo(f"{recipe}: ok ({how}, {n} model{'s' if n != 1 else ''})")
-        if r.tokenizer is not None or r.tokenizer_source is not None:
-            # The merged vocabulary needs the tokenizers and the tensor headers (no data).
-            from weightops.engine.plan import build_plan
-
-            vocab = build_plan(r, recipe.parent).vocab
-            for line in vocab.summary if vocab else []:
-                typer.echo(line)
+        for line in plan.vocab.summary if plan.vocab else []:
+            typer.echo(line)
 
 
 def register(app: typer.Typer) -> None:

@@ -29,6 +29,7 @@ from weightops.engine.planner import Group, Planner, plan_models, plan_slices
 from weightops.engine.tasks import DTYPES, InputRef, TensorTask
 from weightops.errors import MergeError
 from weightops.io.lora import LoraAdapter
+from weightops.io.safe_read import Stamp
 from weightops.io.safetensors_file import TensorInfo
 from weightops.merge.registry import DEFAULT_NUMERICS, NUMERICS, MethodSpec
 from weightops.recipe import Recipe
@@ -65,6 +66,8 @@ class Plan:
     # `MODEL+LORA` inputs: the adapter merged into that model's tensors as they are read.
     adapters: dict[int, LoraAdapter] = field(default_factory=dict)
 
+    # Every input file as it was when planned; checked again before the output is kept.
+    stamps: dict[Path, Stamp | None] = field(default_factory=dict)
     # "default" (fp32 compute) or "mergekit" (the recipe's dtype, mergekit's order of
     # operations; see weightops.merge.registry).
     numerics: str = "default"
@@ -170,6 +173,8 @@ def build_plan(
         recipe, recipe_dir, p.paths, p.ckpts, p.tasks, p.sources, p.idx
     )
     p.problems += problems
+    if not p.tasks and not p.problems:
+        p.problem("the recipe selects no tensor to write (no slices, or no layers in them)")
     if p.problems:
         shown = "; ".join(p.problems[:_MAX_LISTED])
         more = len(p.problems) - _MAX_LISTED
@@ -206,4 +211,5 @@ def build_plan(
         chat_template=resolve_chat_template(recipe.chat_template, p.paths),
         numerics=numerics,
         vocab=vocab,
+        stamps={f: stamp for c in p.ckpts for f, stamp in c.stamps.items()},
     )

@@ -120,6 +120,15 @@ class Planner:
     def problem(self, msg: str) -> None:
         self.problems.append(msg)
 
+    def value(self, key: str, default: Any, setting: Setting | None, name: str, t: float) -> Any:
+        """A parameter's value at one tensor: its setting's, or the default where no
+        condition matches; an empty list is a problem (it gives no value anywhere)."""
+        if isinstance(setting, list) and not setting:
+            self.problem(f"{name}: {key!r} is an empty list")
+            return default
+        value = None if setting is None else evaluate(setting, name, t)
+        return default if value is None else value
+
     def resolve(
         self,
         method: MethodSpec,
@@ -134,13 +143,12 @@ class Planner:
                 values = []
                 for src in sources:
                     setting = src.params.get(spec.name, shared.get(spec.name))
-                    values.append(spec.default if setting is None else evaluate(setting, name, t))
+                    values.append(self.value(spec.name, spec.default, setting, name, t))
                 if spec.required and any(v is None for v in values):
                     self.problem(f"{name}: no value of {spec.name!r} applies (check the filters)")
                 params[spec.name] = [spec.validate(v)[0] if v is not None else None for v in values]
             else:
-                setting = shared.get(spec.name)
-                value = spec.default if setting is None else evaluate(setting, name, t)
+                value = self.value(spec.name, spec.default, shared.get(spec.name), name, t)
                 if value is None and spec.required:
                     self.problem(f"{name}: no value of {spec.name!r} applies (check the filters)")
                 params[spec.name] = spec.validate(value)[0] if value is not None else None
@@ -288,6 +296,7 @@ def plan_slices(p: Planner, g: Group) -> Planned:
         base_ref = s.base_model or r.base_model
         shared = {**(r.parameters or {}), **(s.parameters or {})}
         base, sources = None, []
+        outside = False
         for src in s.sources:
             entry = Source(p.idx(src.model), dict(src.parameters or {}), src.layer_range[0])
             if uses_base and src.model == base_ref:
@@ -300,8 +309,14 @@ def plan_slices(p: Planner, g: Group) -> Planned:
                 p.problem(
                     f"{at}: layer_range {list(src.layer_range)} is outside the {depth} layers of {src.model}"
                 )
+                outside = True
+        if outside:
+            continue  # never walk a range the model does not have (it may be huge)
         if uses_base and base is None and base_ref:
             base = Source(p.idx(base_ref), {}, s.sources[0].layer_range[0])
+        if base is None and not sources:
+            p.problem(f"{at}: no sources")
+            continue
         lead = base or sources[0]
         groups.append((lead, base, sources, shared))
         ref = p.ckpts[lead.model]

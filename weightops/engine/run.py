@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 
-from weightops import __version__
+from weightops import __version__, signals
 from weightops.engine.card import write_side_files
 from weightops.engine.plan import InputRef, Plan, TensorTask
 from weightops.engine.progress import Progress
 from weightops.errors import MergeError, WeightopsError
 from weightops.io.safetensors_file import FileReader
-from weightops.io.writer import ShardWriter, StagingFolder, plan_layout
+from weightops.io.writer import ShardWriter, StagingFolder, check_unchanged, disk_error, plan_layout
 
 # Elementwise methods work on row blocks of about this many entries (4 MB in fp32):
 # small enough that a method's chain of passes stays in cache and its buffers are
@@ -318,7 +318,10 @@ def execute(plan: Plan, out: Path, options: RunOptions | None = None) -> Path:
 
 
 def _execute(plan: Plan, out: Path, options: RunOptions, device: torch.device) -> Path:
-    staging = StagingFolder(out, force=options.force)
+    inputs = [*plan.models, plan.config_source]
+    if plan.tokenizer_source is not None:
+        inputs.append(plan.tokenizer_source)
+    staging = StagingFolder(out, force=options.force, inputs=inputs)
     try:
         staging.create()
         metadata = {
@@ -330,6 +333,8 @@ def _execute(plan: Plan, out: Path, options: RunOptions, device: torch.device) -
             [(t.name, t.shape, t.out_dtype) for t in plan.tasks], options.shard_size, metadata
         )
         staging.check_space(layout.total_bytes)
+        # Side files first: a bad one fails the run before the long work, not after.
+        write_side_files(plan, staging.path)
         if plan.align is not None:
             from weightops.align.model import match_inputs
 
@@ -352,8 +357,11 @@ def _execute(plan: Plan, out: Path, options: RunOptions, device: torch.device) -
         finally:
             writer.close()
         writer.write_index(plan.output_bytes)
-        write_side_files(plan, staging.path)
+        check_unchanged(plan.stamps)
         staging.commit()
+    except OSError as e:
+        staging.discard()
+        raise disk_error(out, e) from e
     except BaseException:
         staging.discard()
         raise
@@ -395,6 +403,7 @@ def _apply(
     since_trim = 0
     try:
         for piece, box in stream:
+            signals.raise_if_stopped()
             result = _compute(plan, piece, box.pop(), device, stats)
             size = result.numel() * result.element_size()
             pending.append(

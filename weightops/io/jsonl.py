@@ -6,11 +6,12 @@ file and line number, so a user can open the file at the right place.
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 from typing import Any
 
 from weightops.errors import WeightopsError
+from weightops.io.safe_read import decode_utf8, json_type, parse_json, read_regular
 
 
 class JsonlError(WeightopsError):
@@ -26,30 +27,47 @@ class JsonlError(WeightopsError):
         super().__init__(f"{where}: {reason}", hint=hint)
 
 
+# Data files are prompts and texts, not corpora: bounded so a wrong file is an error,
+# not minutes of parsing or gigabytes of memory.
+MAX_DATA_BYTES = 1024 * 2**20
+# One string in one row; a prompt, response or calibration text is far shorter.
+MAX_TEXT_CHARS = 100_000
+
+
 def read_jsonl(path: str | Path, *, what: str = "data") -> list[tuple[int, dict[str, Any]]]:
     """[(line number, object)] for every non-blank line of `path`."""
     path = Path(path)
-    if not path.is_file():
-        raise JsonlError(
-            path,
-            None,
-            f"no such {what} file" if not path.exists() else f"{what} path is not a file",
-            hint="check the path",
-        )
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise JsonlError(path, None, f"cannot read {what}: {reason}") from e
+    if not os.path.lexists(path):
+        raise JsonlError(path, None, f"no such {what} file", hint="check the path")
+
+    def whole(message: str, *, hint: str | None = None) -> JsonlError:
+        return JsonlError(path, None, message.removeprefix(f"{path}: "), hint=hint)
+
+    data = read_regular(path, what, limit=MAX_DATA_BYTES, error=whole)
     rows = []
-    for n, line in enumerate(text.splitlines(), 1):
+    start = 0
+    for n, raw in enumerate(data.split(b"\n"), 1):
+        offset, start = start, start + len(raw) + 1
+
+        def at_line(message: str, *, hint: str | None = None, n: int = n) -> JsonlError:
+            reason = message.removeprefix(f"{path}:{n}: ").removeprefix("the line is ")
+            return JsonlError(path, n, reason, hint=hint)
+
+        where = f"{path}:{n}"
+        line = decode_utf8(raw, where, "the line", error=at_line, base=offset)
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise JsonlError(path, n, f"not valid JSON ({e.msg} at column {e.colno})") from e
+        row = parse_json(line, where, "the line", error=at_line, base=offset)
         if not isinstance(row, dict):
-            raise JsonlError(path, n, f"expected a JSON object, got {type(row).__name__}")
+            raise JsonlError(path, n, f"expected a JSON object, got {json_type(row)}")
+        for key, value in row.items():
+            if isinstance(value, str) and len(value) > MAX_TEXT_CHARS:
+                raise JsonlError(
+                    path,
+                    n,
+                    f"{key!r} is {len(value):,} characters, more than the {MAX_TEXT_CHARS:,} "
+                    "allowed",
+                    hint="split long texts into several lines",
+                )
         rows.append((n, row))
     return rows

@@ -19,7 +19,7 @@ from weightops import __version__
 from weightops.io import sidefiles
 from weightops.io.checkpoint import Checkpoint
 from weightops.io.safetensors_file import FileReader
-from weightops.io.writer import ShardWriter, StagingFolder, plan_layout
+from weightops.io.writer import ShardWriter, StagingFolder, check_unchanged, disk_error, plan_layout
 
 Transform = Callable[[str, torch.Tensor | None], torch.Tensor]
 Entry = tuple[str, tuple[int, ...], torch.dtype]
@@ -103,11 +103,16 @@ def write_model(
         "weightops_version": __version__,
         "weightops_settings": json.dumps(settings),
     }
-    staging = StagingFolder(out, force=force)
+    staging = StagingFolder(out, force=force, inputs=[source.path])
     try:
         staging.create()
         layout = plan_layout(entries, shard_size, metadata, single_file)
         staging.check_space(layout.total_bytes)
+        # Side files first: a bad one fails the run before the long work, not after.
+        config = {**source.config, **(config_updates or {})}
+        sidefiles.write_config(staging.path, config)
+        sidefiles.copy_generation_config(source.folder, staging.path)
+        sidefiles.copy_tokenizer(source.folder, staging.path)
         writer = ShardWriter(staging.path, layout, display=out)
         try:
             with FileReader() as reader:
@@ -122,10 +127,6 @@ def write_model(
         finally:
             writer.close()
         writer.write_index(sum(layout.shard_sizes) - sum(8 + len(h) for h in layout.headers))
-        config = {**source.config, **(config_updates or {})}
-        sidefiles.write_config(staging.path, config)
-        sidefiles.copy_generation_config(source.folder, staging.path)
-        sidefiles.copy_tokenizer(source.folder, staging.path)
         # Called after every tensor is written, so they can report on the work.
         for fname, text in (extra_files or {}).items():
             (staging.path / fname).write_text(text())
@@ -139,7 +140,11 @@ def write_model(
             heading="Settings",
             tag=tag,
         )
+        check_unchanged(source.stamps)
         staging.commit()
+    except OSError as e:
+        staging.discard()
+        raise disk_error(out, e) from e
     except BaseException:
         staging.discard()
         raise

@@ -11,7 +11,6 @@ until it is unmapped, which makes peak RSS grow with the model.)
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from weightops.errors import CheckpointError
+from weightops.io.safe_read import decode_utf8, open_regular, parse_json
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -40,8 +40,9 @@ if hasattr(torch, "float8_e4m3fn"):
     DTYPES["F8_E5M2"] = torch.float8_e5m2
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
-# A header is JSON of a few hundred bytes per tensor; anything this large is corrupt.
-_MAX_HEADER = 100 * 1024 * 1024
+# The `safetensors` library's own bound on the header; anything larger is corrupt.
+_MAX_HEADER = 100_000_000
+_U64 = 2**64
 
 
 @dataclass(frozen=True)
@@ -64,78 +65,118 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
+def _corrupt(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: {why}", hint="the file is corrupted; download or save it again"
+    )
+
+
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and validate a safetensors header; return tensor infos and metadata."""
+    """Parse and validate a safetensors header; return tensor infos and metadata.
+
+    The checks are those of the `safetensors` library (header size and JSON, types of
+    every field, offsets that tile the data buffer exactly from 0 to its end with no
+    gap or overlap, sizes that match shape and dtype) plus what it lets through:
+    duplicate names, names that are not valid Unicode, dimensions of 2^62 or more.
+    """
+    fd = open_regular(path, "safetensors file")
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(
-                    f"{path}: file is {size} bytes, too short to be safetensors",
-                    hint="the file is truncated or empty; download or save it again",
-                )
-            (hlen,) = struct.unpack("<Q", head)
-            if hlen > _MAX_HEADER or 8 + hlen > size:
-                raise CheckpointError(
-                    f"{path}: header claims {hlen} bytes but the file has {size}",
-                    hint="the file is truncated or not safetensors; download or save it again",
-                )
-            raw = f.read(hlen)
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, 8, 0)
+        if len(head) < 8:
+            raise CheckpointError(
+                f"{path}: file is {size} bytes, too short to be safetensors",
+                hint="the file is truncated or empty; download or save it again",
+            )
+        (hlen,) = struct.unpack("<Q", head)
+        if hlen > _MAX_HEADER or 8 + hlen > size:
+            raise CheckpointError(
+                f"{path}: header claims {hlen} bytes but the file has {size}",
+                hint="the file is truncated or not safetensors; download or save it again",
+            )
+        raw = os.pread(fd, hlen, 8)
+        if len(raw) < hlen:
+            raise CheckpointError(f"{path}: file ended inside the header", hint="it is truncated")
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from e
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(
-            f"{path}: header is not valid JSON ({e})",
-            hint="the file is corrupted; download or save it again",
-        ) from e
+    finally:
+        os.close(fd)
+    # Writers put the object first; some library versions refuse anything before it.
+    if not raw.startswith(b"{"):
+        raise _corrupt(path, "header is not a JSON object")
+    text = decode_utf8(raw, str(path), "the header", base=8)
+    header = parse_json(text, str(path), "the header", base=8)
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: header is not a JSON object", hint="the file is corrupted")
-    metadata = header.pop("__metadata__", None) or {}
+        raise _corrupt(path, "header is not a JSON object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _corrupt(path, "__metadata__ must be an object of strings")
     data_start = 8 + hlen
-    infos: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        infos[name] = _tensor_info(path, name, entry, data_start, size)
-    return infos, {str(k): str(v) for k, v in metadata.items()}
+    infos = {name: _tensor_info(path, name, entry, data_start) for name, entry in header.items()}
+    _check_coverage(path, infos, size - data_start, data_start)
+    return infos, metadata
 
 
-def _tensor_info(path: Path, name: str, entry: object, data_start: int, size: int) -> TensorInfo:
-    bad = CheckpointError(
-        f"{path}: tensor {name!r} has a malformed header entry",
-        hint="the file is corrupted; download or save it again",
-    )
+def _is_u64(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < _U64
+
+
+def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
     if not isinstance(entry, dict):
-        raise bad
-    dtype = DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
-    shape = entry.get("shape")
-    offsets = entry.get("data_offsets")
+        raise _corrupt(path, f"tensor {name!r} has a header entry that is not an object")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in entry:
+            raise _corrupt(path, f"tensor {name!r} has no {key!r}")
+    code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(code, str):
+        raise _corrupt(path, f"tensor {name!r} has a dtype that is not a string")
+    dtype = DTYPES.get(code)
     if dtype is None:
         raise CheckpointError(
-            f"{path}: tensor {name!r} has unsupported dtype {entry.get('dtype')!r}"
+            f"{path}: tensor {name!r} has unsupported dtype {code[:40]!r}",
+            hint=f"weightops reads {', '.join(DTYPES)}",
         )
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-        raise bad
-    if not (
-        isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
-    ):
-        raise bad
+    if not (isinstance(shape, list) and all(_is_u64(d) for d in shape)):
+        raise _corrupt(path, f"tensor {name!r} has a shape that is not a list of sizes")
+    # torch sizes are signed 64-bit; a real tensor is nowhere near this.
+    if any(d >= 2**62 for d in shape) or len(shape) > 16:
+        raise _corrupt(path, f"tensor {name!r} has an impossible shape {shape}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_u64(o) for o in offsets)):
+        raise _corrupt(path, f"tensor {name!r} has data_offsets that are not two byte offsets")
     begin, end = offsets
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    expected = math.prod(shape) * itemsize
-    if begin < 0 or end < begin or end - begin != expected:
-        raise CheckpointError(
-            f"{path}: tensor {name!r} claims {end - begin} bytes but its shape {shape} "
+    expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if end < begin or end - begin != expected:
+        raise _corrupt(
+            path,
+            f"tensor {name!r} claims {end - begin} bytes but its shape {shape} "
             f"and dtype need {expected}",
-            hint="the file is corrupted; download or save it again",
-        )
-    if data_start + end > size:
-        raise CheckpointError(
-            f"{path}: tensor {name!r} ends at byte {data_start + end} but the file has {size} bytes",
-            hint="the file is truncated (interrupted download?); download or save it again",
         )
     return TensorInfo(path, name, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def _check_coverage(path: Path, infos: dict[str, TensorInfo], data_size: int, base: int) -> None:
+    """The tensors must tile the data buffer: sorted by offset, each starts where the
+    last ended, and the last ends at the end of the file."""
+    size = base + data_size
+    for info in infos.values():
+        if info.end > size:
+            raise CheckpointError(
+                f"{path}: tensor {info.name!r} ends at byte {info.end} but the file has "
+                f"{size} bytes",
+                hint="the file is truncated (interrupted download?); download it again",
+            )
+    pos = 0
+    for info in sorted(infos.values(), key=lambda i: (i.start, i.end)):
+        if info.start - base != pos:
+            what = "overlaps the previous tensor" if info.start - base < pos else "leaves a gap"
+            raise _corrupt(path, f"tensor {info.name!r} at data offset {info.start - base} {what}")
+        pos = info.end - base
+    if pos != data_size:
+        raise _corrupt(
+            path, f"the tensors cover {pos} bytes of data but the file holds {data_size}"
+        )
 
 
 class FileReader:
@@ -161,7 +202,7 @@ class FileReader:
         with self._lock:
             fd = self._fds.get(info.path)
             if fd is None:
-                fd = self._fds[info.path] = os.open(info.path, os.O_RDONLY)
+                fd = self._fds[info.path] = open_regular(info.path, "safetensors file")
         buf = memoryview(out.view(-1).view(torch.uint8).numpy())
         done = 0
         while done < nbytes:

@@ -1,11 +1,24 @@
-"""The files beside the weights: config, generation config, tokenizer, model card."""
+"""The files beside the weights: config, generation config, tokenizer, model card.
+
+Side files are read through the strict reader (regular files only, bounded, JSON ones
+parsed and checked) and their bytes written fresh into the output: a link is never
+copied as a link. A side file that is a symbolic link leading out of the model folder
+is refused, so a crafted folder cannot make a merge copy some other file of the
+machine into its output; the one exception is the Hugging Face cache layout, whose
+snapshot folders link into the repository's own `blobs/` folder. `auto_map` (code
+that transformers would download and run with trust_remote_code) is dropped from the
+configs written: that code is never copied, so the entries would point at nothing.
+"""
 
 from __future__ import annotations
 
 import json
-import shutil
+import os
 from pathlib import Path
 from typing import Any
+
+from weightops.errors import CheckpointError
+from weightops.io.safe_read import decode_utf8, parse_json, read_regular
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -22,15 +35,56 @@ TOKENIZER_FILES = (
 )
 
 
+# tokenizer.json of a 256k vocabulary is ~35 MB; nothing legitimate comes near this.
+_MAX_SIDE_FILE = 512 * 2**20
+REMOTE_CODE_KEYS = ("auto_map",)
+
+
 def write_config(folder: Path, config: dict[str, Any]) -> None:
     if config:
+        config = without_remote_code(config)
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def without_remote_code(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in REMOTE_CODE_KEYS}
+
+
+def read_side_file(source: Path, name: str) -> bytes | None:
+    """The bytes of side file `name` in model folder `source` (None if absent), after
+    checking where it leads and, for JSON files, that it parses."""
+    path = source / name
+    if not os.path.lexists(path):
+        return None
+    _refuse_escaping_link(source, path)
+    data = read_regular(path, name, limit=_MAX_SIDE_FILE)
+    if name.endswith(".json"):
+        value = parse_json(decode_utf8(data, str(path), name), str(path), name)
+        if not isinstance(value, dict):
+            raise CheckpointError(f"{path}: {name} must be a JSON object", hint="fix or remove it")
+        if any(k in value for k in REMOTE_CODE_KEYS):
+            value = without_remote_code(value)
+            data = (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode()
+    return data
+
+
+def _refuse_escaping_link(source: Path, path: Path) -> None:
+    real = path.resolve()
+    home = source.resolve()
+    allowed = [home]
+    if home.parent.name == "snapshots":  # Hugging Face cache: snapshots/<rev>/ -> blobs/
+        allowed.append(home.parent.parent / "blobs")
+    if not any(real == a or a in real.parents for a in allowed):
+        raise CheckpointError(
+            f"{path}: is a link to {real}, outside the model folder",
+            hint="copy the file itself into the model folder if it belongs there",
+        )
+
+
 def copy_generation_config(source: Path, folder: Path) -> None:
-    gen = source / "generation_config.json"
-    if gen.is_file():
-        shutil.copy2(gen, folder / gen.name)
+    data = read_side_file(source, "generation_config.json")
+    if data is not None:
+        (folder / "generation_config.json").write_bytes(data)
 
 
 def copy_tokenizer(
@@ -40,8 +94,9 @@ def copy_tokenizer(
     copied = []
     if source is not None:
         for name in TOKENIZER_FILES:
-            if (source / name).is_file():
-                shutil.copy2(source / name, folder / name)
+            data = read_side_file(source, name)
+            if data is not None:
+                (folder / name).write_bytes(data)
                 copied.append(name)
     if chat_template is not None:
         (folder / "chat_template.jinja").write_text(chat_template)

@@ -10,24 +10,32 @@ error. (Reserving the space with fallocate was measured to slow the writes down
 several-fold on ext4, so it is not done.)
 
 Everything goes into a hidden temporary folder beside the target, renamed into place
-only when complete; any failure or interrupt removes it.
+only when complete; any failure or interrupt removes it, and one left by a killed run
+is removed by the next run into the same destination.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import glob
 import json
 import math
 import os
+import re
 import shutil
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from weightops.errors import OutputError
+from weightops import signals
+from weightops.errors import CheckpointError, OutputError
 from weightops.io.checkpoint import INDEX_NAME
+from weightops.io.safe_read import Stamp, file_stamp
 from weightops.io.safetensors_file import DTYPE_NAMES
 
 
@@ -176,31 +184,90 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
 
 class StagingFolder:
     """A temporary folder beside `target` that becomes `target` on commit, or vanishes
-    (with any parent folders it had to create) on discard."""
+    (with any parent folders it had to create) on discard.
 
-    def __init__(self, target: Path, *, force: bool) -> None:
-        self.target = target
-        if target.exists() and not target.is_dir():
+    For the whole run the destination is locked (an flock on a hidden lock file beside
+    it), so a second run into the same folder fails at once instead of racing this one;
+    staging folders left beside it by a killed run are removed once the lock is held.
+    The target may not be, contain or lie inside any of `inputs`: a run never writes
+    into or replaces a model it reads."""
+
+    def __init__(self, target: Path, *, force: bool, inputs: Sequence[Path] = ()) -> None:
+        self.target = _absolute(target)
+        self.force = force
+        _refuse_overlap(self.target, inputs)
+        self._check_target()
+        prefix = f".{self.target.name}.weightops-"
+        self.path = self.target.parent / f"{prefix}tmp-{os.getpid()}"
+        self._lock_path = self.target.parent / f"{prefix}lock"
+        self._lock_fd: int | None = None
+        self._made: list[Path] = []
+
+    def _check_target(self) -> None:
+        target = self.target
+        if target.is_symlink() or (target.exists() and not target.is_dir()):
             raise OutputError(f"{target}: exists and is not a folder", hint="choose another -o")
-        if target.is_dir() and any(target.iterdir()) and not force:
+        try:
+            nonempty = target.is_dir() and any(target.iterdir())
+        except OSError as e:
+            raise OutputError(f"{target}: cannot read the output folder: {e.strerror}") from e
+        if nonempty and not self.force:
             raise OutputError(
                 f"{target}: output folder exists and is not empty",
                 hint="pass --force to replace it, or choose another -o",
             )
-        self.path = target.parent / f".{target.name}.weightops-tmp-{os.getpid()}"
-        self._made: list[Path] = []
 
     def create(self) -> None:
-        missing = []
-        parent = self.target.parent
-        while not parent.exists():
-            missing.append(parent)
-            parent = parent.parent
-        for folder in reversed(missing):
-            folder.mkdir()
-            self._made.append(folder)
-        shutil.rmtree(self.path, ignore_errors=True)
-        self.path.mkdir()
+        try:
+            missing = []
+            parent = self.target.parent
+            while not parent.exists():
+                missing.append(parent)
+                parent = parent.parent
+            for folder in reversed(missing):
+                folder.mkdir()
+                self._made.append(folder)
+            self._lock()
+            self._check_target()
+            self._remove_stale()
+            self.path.mkdir()
+        except OSError as e:
+            self.discard()
+            raise OutputError(f"{self.target}: cannot create the output: {e.strerror or e}") from e
+        except BaseException:
+            self.discard()
+            raise
+
+    def _lock(self) -> None:
+        while True:
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise OutputError(
+                    f"{self.target}: another weightops run is writing this output folder",
+                    hint="wait for it to finish, or choose another -o",
+                ) from None
+            # The holder before us may have removed the lock file after we opened it:
+            # then our lock is on a file nobody else sees, so take the new one.
+            try:
+                same = os.stat(self._lock_path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._lock_fd = fd
+                return
+            os.close(fd)
+
+    def _remove_stale(self) -> None:
+        """Staging and replaced folders of this destination left by a killed run."""
+        stale = re.compile(re.escape(f".{self.target.name}.weightops-") + r"(tmp|old)-\d+")
+        for leftover in self.target.parent.glob(f".{glob.escape(self.target.name)}.weightops-*"):
+            if stale.fullmatch(leftover.name) and leftover.is_dir() and leftover != self.path:
+                shutil.rmtree(leftover, ignore_errors=True)
+                if not leftover.exists():
+                    print(f"note: removed {leftover}, left by an interrupted run", file=sys.stderr)
 
     def check_space(self, needed: int) -> None:
         free = shutil.disk_usage(self.path).free
@@ -212,17 +279,73 @@ class StagingFolder:
             )
 
     def commit(self) -> None:
+        signals.raise_if_stopped()
         old = None
-        if self.target.exists():
-            old = self.target.parent / f".{self.target.name}.weightops-old-{os.getpid()}"
-            os.rename(self.target, old)
-        os.rename(self.path, self.target)
+        try:
+            if self.target.exists():
+                old = self.target.parent / f".{self.target.name}.weightops-old-{os.getpid()}"
+                os.rename(self.target, old)
+            os.rename(self.path, self.target)
+        except OSError as e:
+            raise OutputError(f"{self.target}: cannot put the output in place: {e.strerror}") from e
         self._made = []
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        self._unlock()
 
     def discard(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+        self._unlock()
         for folder in reversed(self._made):
             with contextlib.suppress(OSError):
                 folder.rmdir()
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._lock_path)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def _absolute(target: Path) -> Path:
+    path = Path(os.path.normpath(Path(target).absolute()))
+    if path == path.parent:
+        raise OutputError(f"{target}: cannot write the output over the root folder")
+    here = Path.cwd().resolve()
+    real = path.resolve()
+    if real == here or real in here.parents:
+        raise OutputError(
+            f"{target}: the output would replace the folder you are in",
+            hint="choose a new folder for -o",
+        )
+    return path
+
+
+def _refuse_overlap(target: Path, inputs: Sequence[Path]) -> None:
+    real = target.resolve()
+    for given in inputs:
+        src = Path(given).resolve()
+        inside = src.is_dir() and src in real.parents
+        if real == src or inside or real in src.parents:
+            raise OutputError(
+                f"{target}: the output folder is, contains or lies inside the input {given}",
+                hint="write the output to a folder of its own with -o",
+            )
+
+
+def check_unchanged(stamps: dict[Path, Stamp | None]) -> None:
+    """Fail if any input file was replaced, rewritten, resized or deleted since it was
+    opened: the output would mix old and new data."""
+    changed = [path for path, stamp in stamps.items() if file_stamp(path) != stamp]
+    if changed:
+        raise CheckpointError(
+            f"{changed[0]}: the input changed while it was read"
+            + (f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""),
+            hint="the output was discarded; run again once the inputs are stable",
+        )
+
+
+def disk_error(path: Path, e: OSError) -> OutputError:
+    """An OSError met while writing the output, as the one-line error users see."""
+    return _disk_error(path, e)

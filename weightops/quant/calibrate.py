@@ -36,10 +36,11 @@ def read_texts(path: str | Path) -> list[str]:
     """Plain text (one document) or JSONL with a "text" or "prompt" field per line."""
     path = Path(path)
     if path.suffix != ".jsonl":
-        try:
-            return [path.read_text()]
-        except OSError as e:
-            raise QuantError(f"{path}: cannot read calibration data: {e.strerror or e}") from e
+        from weightops.io.jsonl import MAX_DATA_BYTES
+        from weightops.io.safe_read import decode_utf8, read_regular
+
+        data = read_regular(path, "calibration data", limit=MAX_DATA_BYTES, error=QuantError)
+        return [decode_utf8(data, str(path), "calibration data", error=QuantError)]
     try:
         rows = read_jsonl(path, what="calibration data")
     except JsonlError as e:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from weightops.io.safe_read import load_json
 from weightops.quant.mixed import QuantError
 from weightops.quant.model import MANIFEST, load
 
@@ -37,23 +37,24 @@ def evaluate(
 
     quiet_transformers()
     manifest = (
-        json.loads((Path(quantized) / MANIFEST).read_text())
+        load_json(Path(quantized) / MANIFEST, MANIFEST, error=QuantError)
         if (Path(quantized) / MANIFEST).is_file()
         else None
     )
     if manifest is None:
         raise QuantError(f"{quantized}: no {MANIFEST}; not a weightops-quantized model")
     tok = AutoTokenizer.from_pretrained(model)
-    try:
-        body = Path(text).read_text()
-    except OSError as e:
-        raise QuantError(f"{text}: cannot read: {e.strerror or e}") from e
+    from weightops.io.jsonl import MAX_DATA_BYTES
+    from weightops.io.safe_read import decode_utf8, read_regular
+
+    raw = read_regular(Path(text), "evaluation text", limit=MAX_DATA_BYTES, error=QuantError)
+    body = decode_utf8(raw, str(text), "evaluation text", error=QuantError)
     ids = tok(body, return_tensors="pt").input_ids[0][:max_tokens]
     if ids.numel() < MIN_TOKENS:
         raise QuantError(
             f"{text}: only {ids.numel()} tokens; perplexity needs at least {MIN_TOKENS}"
         )
-    original = AutoModelForCausalLM.from_pretrained(model).eval()
+    original = AutoModelForCausalLM.from_pretrained(model, use_safetensors=True).eval()
     window = min(1024, int(getattr(original.config, "max_position_embeddings", 1024) or 1024))
     report = {
         "tokens": int(ids.numel()),

@@ -290,10 +290,9 @@ def load(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         raise QuantError(f"{folder}: no {MANIFEST}; not a weightops-quantized model")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise QuantError(f"{manifest_path}: not a readable JSON manifest ({e})") from e
+    from weightops.io.safe_read import load_json
+
+    manifest = load_json(manifest_path, MANIFEST, error=QuantError)
     if not isinstance(manifest, dict) or not isinstance(manifest.get("tensors"), dict):
         raise QuantError(f"{manifest_path}: not a weightops quantization manifest")
     if manifest.get("version") not in READABLE_VERSIONS:

@@ -53,6 +53,7 @@ from weightops.compat import causal_lm
 from weightops.engine.progress import Progress
 from weightops.io.checkpoint import Checkpoint
 from weightops.io.rewrite import ordered_names, write_model
+from weightops.io.safe_read import load_json
 from weightops.io.safetensors_file import FileReader
 from weightops.io.writer import StagingFolder
 from weightops.repair.data import (
@@ -277,12 +278,7 @@ class _Lora:
 
 def _read_lora(folder: Path, ckpt: Checkpoint) -> _Lora:
     path = folder / ADAPTER_CONFIG
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise RepairError(f"{path}: not a readable JSON adapter config ({e})") from e
-    if not isinstance(config, dict):
-        raise RepairError(f"{path}: expected a JSON object")
+    config = load_json(path, "adapter config", error=RepairError)
     kind = str(config.get("peft_type", "LORA")).upper()
     if kind != "LORA":
         raise RepairError(f"{path}: peft_type {kind} is not supported (only LORA adapters)")
@@ -423,7 +419,8 @@ def prune(
     ft_path = Path(finetuned)
     al_path = Path(aligned) if aligned is not None else None
     if out is not None:
-        StagingFolder(Path(out), force=force)  # refuses a non-empty folder before the work
+        # Refuses a non-empty folder, or one over an input, before the work.
+        StagingFolder(Path(out), force=force, inputs=[p for p in (ft_path, al_path) if p])
     ckpt = Checkpoint(ft_path)
     folder = ckpt.folder
     examples = _as_examples(harmful)
@@ -540,7 +537,7 @@ def prune(
             ]
             extra = None
             if is_lora:
-                text = (folder / ADAPTER_CONFIG).read_text()
+                text = json.dumps(load_json(folder / ADAPTER_CONFIG, "adapter config"), indent=2)
                 extra = {ADAPTER_CONFIG: lambda: text}
             result.out = write_model(
                 ckpt,

@@ -33,6 +33,9 @@ from weightops.steering.layers import SteeringError, find_layers
 from weightops.steering.vector import Pair, SteeringVector, _check_strength
 
 METHODS = ("mean_diff", "pca_diff", "pca_center", "probe")
+# Attention memory grows with the square of the length: a pasted book must be an
+# error, not an attempt to allocate terabytes.
+MAX_TOKENS = 4096
 
 
 def _check_pairs(pairs: Sequence[Pair]) -> None:
@@ -70,6 +73,13 @@ def hidden_states(
         batch = list(texts[b : b + batch_size])
         enc = tokenizer(batch, padding=True, return_tensors="pt").to(device)
         mask = enc["attention_mask"]
+        if mask.shape[1] > MAX_TOKENS:
+            longest = b + int(mask.sum(-1).argmax())
+            raise SteeringError(
+                f"text {longest} is {int(mask.sum(-1).max())} tokens long, more than the "
+                f"{MAX_TOKENS} a steering text may have",
+                hint="contrastive texts are sentences or short passages; shorten it",
+            )
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         if read == "hidden_states":
             hs = model(**enc, position_ids=position_ids, output_hidden_states=True).hidden_states
