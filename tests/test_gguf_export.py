@@ -275,6 +275,30 @@ def test_untied_model_k_quants_and_q4(wide, tmp_path):
     assert field(gguf.GGUFReader(out4), "general.file_type") == 14
 
 
+def test_qwen2_keeps_rows_and_writes_biases(tmp_path):
+    """Qwen2 runs with NeoX-style RoPE in llama.cpp: q/k rows stay, biases are written."""
+    folder = tiny_model(tmp_path / "q", "qwen2", layers=1)
+    bpe_tokenizer(folder)
+    out = tmp_path / "q.gguf"
+    report = export_gguf(folder, out, pre_tokenizer="qwen2")
+    reader = gguf.GGUFReader(out)
+    assert field(reader, "general.architecture") == "qwen2"
+    tensors = {t.name: t for t in reader.tensors}
+    source = originals(folder)
+    for part, hf in (("attn_q", "q_proj"), ("attn_k", "k_proj")):
+        bias = tensors[f"blk.0.{part}.bias"]
+        assert bias.tensor_type == QT.F32
+        want = source[f"model.layers.0.self_attn.{hf}.bias"]
+        np.testing.assert_array_equal(np.asarray(bias.data).ravel(), want)
+        # Hidden 64: Q2_K falls back to Q4_0; rows compared in their original order.
+        t = tensors[f"blk.0.{part}.weight"]
+        assert report["types"][t.name] == "Q4_0"
+        w = source[f"model.layers.0.self_attn.{hf}.weight"]
+        got = gguf_dequantize(t.data, t.tensor_type).reshape(w.shape)
+        assert rel_err(got, w) < MAX_REL_ERR["Q4_0"]
+    assert "output.weight" not in tensors
+
+
 def test_pre_tokenizer_identified_by_probe_hash(tied, tmp_path):
     """Without a name, an unknown vocabulary is refused; the SmolLM2 vocabulary (when
     it is on this machine) is llama.cpp's "smollm", as in its converter's table."""

@@ -197,6 +197,16 @@ def pre_tokenizer_name(tokenizer: Any, folder: Path) -> str:
     return PRE_TOKENIZERS[digest]
 
 
+def _looks_special(text: str) -> bool:
+    """Added tokens the converter types as control although not marked special."""
+    return (
+        text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+        or (text.startswith("<|") and text.endswith("|>"))
+        or (text.startswith("<｜") and text.endswith("｜>"))
+        or (text.startswith("<unused") and text.endswith(">"))
+    )
+
+
 def add_tokenizer(writer: Any, folder: Path, vocab_size: int, pre: str | None) -> str:
     """Write the GPT-2 style vocabulary; returns the pre-tokenizer name written."""
     import gguf
@@ -219,9 +229,7 @@ def add_tokenizer(writer: Any, folder: Path, vocab_size: int, pre: str | None) -
             types.append(gguf.TokenType.UNUSED)
             continue
         if text in added:
-            special = tok.added_tokens_decoder[i].special or (
-                text.startswith("<|") and text.endswith("|>")
-            )
+            special = tok.added_tokens_decoder[i].special or _looks_special(text)
             types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
         else:
             types.append(gguf.TokenType.NORMAL)
