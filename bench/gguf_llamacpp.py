@@ -1,15 +1,16 @@
 """GGUF export run by llama.cpp: SmolLM2-135M-Instruct through `weightops quantize gguf`,
 loaded by llama-cpp-python, a chat answer, and perplexity against weightops' own.
 
-Steps: export the checkpoint (bench/real_model.py builds it) with the default Q2_K
-(rows of 576 fall back to Q4_0, as llama.cpp's quantizer does); in a virtualenv with
-llama-cpp-python (bench/.work/venv-llamacpp, built from source on first use, ~10+
-minutes) load the file, answer one chat question with the file's own chat template,
+Steps: export the checkpoint (bench/real_model.py builds it) with Q2_K (rows of 576
+fall back to Q4_0, as llama.cpp's quantizer does) and with Q4_K (fallback Q5_0); in a
+virtualenv with llama-cpp-python (bench/.work/venv-llamacpp, built from source on first
+use, ~10+ minutes) load the file, answer one chat question with the file's own chat template,
 and compute perplexity on the same token ids in the same windows as weightops does; in
 this process read the file back, dequantize every tensor with the `gguf` package, put
 the q/k rows back in Hugging Face order and compute the perplexity of those weights
-through transformers (float32). Both use the token ids of transformers' tokenizer;
-llama.cpp's own tokenization of the text is compared with them.
+through transformers (float32), once as they are and once with each block linear's
+input rounded to 8 bits as llama.cpp's CPU kernels round it. All use the token ids of
+transformers' tokenizer; llama.cpp's own tokenization of the text is compared with them.
 
 Text: the Python reference manual's help() pages shipped in the standard library
 (pydoc_data.topics), topics in sorted order, the first 2048 tokens, windows of 512.
@@ -124,6 +125,27 @@ def dequantized_state(path: Path, folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def round_activations(model: torch.nn.Module) -> list:
+    """Round each block linear's input as llama.cpp's CPU kernels do before the dot
+    product: int8 blocks of 32 with an fp16 scale (Q8_0) against Q4_0 / Q5_0 weights,
+    blocks of 256 with a float32 scale (Q8_K) against k-quants. Returns the hook handles."""
+
+    def q8(x: torch.Tensor, block: int) -> torch.Tensor:
+        xb = x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
+        d = xb.abs().amax(-1, keepdim=True) / 127
+        q = torch.where(d > 0, torch.round(xb / torch.where(d > 0, d, 1)), 0)
+        d = d.half().float() if block == 32 else d
+        return (q * d).reshape(x.shape)
+
+    handles = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+            block = 256 if mod.in_features % 256 == 0 else 32
+            hook = lambda _m, args, block=block: (q8(args[0], block),)  # noqa: E731
+            handles.append(mod.register_forward_pre_hook(hook))
+    return handles
+
+
 def run_llama_cpp(python: Path, path: Path, ids_file: Path) -> dict:
     run = subprocess.run(
         [str(python), "-c", _LLAMA_CPP, str(path), str(ids_file), str(WINDOW), QUESTION],
@@ -163,20 +185,28 @@ def main() -> None:
         )
         model.load_state_dict(dequantized_state(out, folder), strict=False)
         ppl_ours = perplexity(model, torch.tensor(ids), WINDOW)
+        handles = round_activations(model)
+        ppl_rounded = perplexity(model, torch.tensor(ids), WINDOW)
+        for h in handles:
+            h.remove()
         got = run_llama_cpp(python, out, ids_file)
         gap = got["perplexity"] / ppl_ours - 1
-        print(f"{qtype}: {counts}; transformers {ppl_ours:.3f}, llama.cpp {got['perplexity']:.3f}")
+        gap_rounded = got["perplexity"] / ppl_rounded - 1
+        print(
+            f"{qtype}: {counts}; transformers {ppl_ours:.3f} ({ppl_rounded:.3f} with rounded "
+            f"activations), llama.cpp {got['perplexity']:.3f}"
+        )
         print(f"  answer: {got['answer']!r}")
         rows.append(
             f"| --type {qtype} | {report['bits_per_weight']:.3f} | {ppl_ours:.3f} | "
-            f"{got['perplexity']:.3f} | {gap:+.2%} |"
+            f"{ppl_rounded:.3f} | {got['perplexity']:.3f} | {gap:+.2%} | {gap_rounded:+.2%} |"
         )
         files.append(
             f"- --type {qtype}: {report['bytes'] / 2**20:.1f} MiB, tensors {counts}, "
             f"export {export_s:.1f} s; llama.cpp's tokenization of the text "
             f"{'equals' if got['same_tokenization'] else 'differs from'} transformers'"
         )
-        answers.append(f'- --type {qtype}: "{got["answer"].strip()}"')
+        answers.append(f'- --type {qtype}: "{" ".join(got["answer"].split())}"')
 
     body = (
         "SmolLM2-135M-Instruct (bench/real_model.py; its weights already went through Q4_1 "
@@ -187,14 +217,17 @@ def main() -> None:
         f"pydoc_data.topics (topics in sorted order), windows of {WINDOW}, the same token ids "
         "everywhere. transformers column: the file's tensors dequantized by the `gguf` "
         "package, q/k rows put back in Hugging Face order, run in float32; llama.cpp runs "
-        "its own kernels on the packed blocks.\n\n"
+        "its own kernels on the packed blocks, which round each matrix product's input "
+        "activations to 8 bits (Q8_0 blocks of 32 against Q4_0 / Q5_0, Q8_K blocks of 256 "
+        "against k-quants); the third column rounds them the same way in transformers.\n\n"
         "- Command: `python bench/gguf_llamacpp.py`\n"
         f"- Machine: {machine()}\n"
         f"- Peer: llama-cpp-python {got['version']} (own virtualenv, bench/.work/venv-llamacpp)\n"
         f"- Total wall time: {(time.time() - started) / 60:.1f} min\n\n"
         "| export | bits per quantized weight | perplexity, transformers | "
-        "perplexity, llama.cpp | llama.cpp vs transformers |\n|---|---|---|---|---|\n"
-        f"| bf16 checkpoint | 16 | {ppl_original:.3f} | | |\n"
+        "transformers, activations rounded | perplexity, llama.cpp | llama.cpp vs "
+        "transformers | llama.cpp vs rounded |\n|---|---|---|---|---|---|---|\n"
+        f"| bf16 checkpoint | 16 | {ppl_original:.3f} | | | | |\n"
         + "\n".join(rows)
         + "\n\n"
         + "\n".join(files)
