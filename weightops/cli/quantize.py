@@ -144,18 +144,39 @@ def evaluate(
 def gguf_export(
     model: Path = typer.Argument(..., metavar="MODEL", help="Model folder.", show_default=False),
     output: Path = typer.Option(..., "-o", "--output", help="Output .gguf file."),
-    qtype: str = typer.Option("Q2_K", "--type", help="Q2_K or Q4_K for the block linears."),
-    q4: list[str] = typer.Option([], "--q4", help="A tensor to write as Q4_K (repeatable)."),
+    qtype: str = typer.Option(
+        "Q2_K",
+        "--type",
+        help="Q2_K or Q4_K for the block linears (rows not a multiple of 256 take "
+        "llama.cpp's fallback: Q4_0 or Q5_0).",
+    ),
+    q4: list[str] = typer.Option(
+        [], "--q4", help="A tensor (checkpoint name) to write as Q4_K (repeatable)."
+    ),
+    pre_tokenizer: str | None = typer.Option(
+        None,
+        "--pre-tokenizer",
+        help="llama.cpp's pre-tokenizer name (e.g. llama-bpe, qwen2, smollm), for a "
+        "vocabulary it does not recognise.",
+    ),
 ) -> None:
-    """Export to GGUF with GGML k-quants (Q2_K / Q4_K per tensor; other tensors F16),
-    readable by the gguf package and llama.cpp's tooling. Tensor names stay Hugging
-    Face's, and the weights are re-quantized from the float checkpoint."""
+    """Export a Llama, Mistral or Qwen2 model to a GGUF file that llama.cpp runs as it
+    is: llama.cpp's tensor names and metadata, the tokenizer and chat template, every
+    block linear in a GGML k-quant (or llama.cpp's fallback type), norms F32, embeddings
+    F16. Weights are re-quantized from the float checkpoint."""
     with user_errors():
         from weightops.quant.gguf_export import export_gguf
 
-        report = export_gguf(model, output, q4_tensors=q4, default=qtype)
+        report = export_gguf(
+            model, output, q4_tensors=q4, default=qtype, pre_tokenizer=pre_tokenizer
+        )
+        counts = ", ".join(
+            f"{t} {n}" for t, n in sorted(report["counts"].items(), key=lambda kv: -kv[1])
+        )
         typer.echo(
-            f"wrote {output}: {report['bits_per_weight']:.3f} bits per quantized weight", err=True
+            f"wrote {output}: {report['bits_per_weight']:.3f} bits per quantized weight; "
+            f"tensors {counts}",
+            err=True,
         )
 
 

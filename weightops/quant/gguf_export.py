@@ -1,363 +1,87 @@
-"""Export a checkpoint to GGUF with k-quant (Q2_K / Q4_K) linear weights.
+"""Export a Llama-family checkpoint to a GGUF file that llama.cpp runs as it is.
 
-Format choice. GGUF stores one type per tensor. The linear weights of the decoder blocks
-are written as GGML k-quants: Q2_K (2.625 bits per weight) by default, Q4_K (4.5 bits
-per weight) for the tensors named in `q4_tensors` or given a budget of at least 4.5 bits
-in `mixed`. Everything else — embeddings, lm_head, norms, biases, any tensor whose rows
-are not a multiple of 256 — is kept in F16 (2-D and higher) or F32 (1-D). Tensors keep
-their Hugging Face names: nothing is renamed to llama.cpp's names and no tokenizer is
-written, so the file is a faithful container of the checkpoint's weights, not a model
-that llama.cpp can run as it is. A tied lm_head that the checkpoint does not store is not
-written either.
+The file is laid out as llama.cpp's own converter lays it out (see
+weightops.quant.gguf_llama): llama.cpp's architecture name, hyper-parameters and tensor
+names, q/k rows in llama.cpp's RoPE order, the tokenizer, the chat template; a tied
+lm_head is left out. llama.cpp's `llama-cli -m OUT.gguf` or llama-cpp-python load it.
+
+Types. GGUF stores one type per tensor. The linear weights of the decoder blocks are
+GGML k-quants: Q2_K (2.625 bits per weight) by default, Q4_K (4.5 bits) for the
+tensors named in `q4_tensors` or given a budget of at least 4.5 bits in `mixed`
+(weightops.quant.gguf_kquants). A k-quant needs rows that are a multiple of 256; for a
+matrix whose rows are not, the export falls back exactly as llama.cpp's quantizer does:
+Q2_K -> Q4_0 (4.5 bits), Q4_K -> Q5_0 (5.5 bits) (weightops.quant.gguf_legacy), and F16
+if the rows are not a multiple of 32 either. Norms and other 1-D tensors are F32,
+token_embd and an untied output F16, as the converter writes them.
 
 weightops' own mixed 2/4-bit scheme (weightops.quant.mixed) picks 2 or 4 bits per group
 of 64 inputs inside one matrix; GGUF's types are per tensor, so those groups cannot be
 expressed in it. The export therefore re-quantizes every tensor from the float weights.
-
-Both k-quants cut a row into super-blocks of 256 weights; each super-block is split into
-sub-blocks with an unsigned scale and an unsigned min, both small integers against two
-fp16 super-scales d and dmin, and a weight is  d·scale·q − dmin·min.
-
-Q2_K super-block, 84 bytes, sixteen sub-blocks of 16 weights:
-  bytes  0–15  one byte per sub-block j: scale in the low nibble, min in the high nibble
-  bytes 16–79  2-bit codes: weight 128·h + 32·k + i (h < 2, k < 4, i < 32) sits at
-               bits 2k, 2k+1 of byte 16 + 32·h + i
-  bytes 80–81  d (fp16, little-endian); bytes 82–83  dmin (fp16)
-
-Q4_K super-block, 144 bytes, eight sub-blocks of 32 weights:
-  bytes  0–1   d (fp16); bytes 2–3  dmin (fp16)
-  bytes  4–15  eight 6-bit scales s[j] and eight 6-bit mins m[j], with b = bytes 4–15:
-               b[j]   = s[j]   | (s[j+4] >> 4) << 6        for j < 4
-               b[j+4] = m[j]   | (m[j+4] >> 4) << 6        for j < 4
-               b[j+8] = (s[j+4] & 15) | (m[j+4] & 15) << 4  for j < 4
-  bytes 16–143 4-bit codes: weight 64·c + 32·h + i (c < 4, h < 2, i < 32) sits in the
-               low (h = 0) or high (h = 1) nibble of byte 16 + 32·c + i
-
-Choosing the numbers: each sub-block tries a few clipped ranges [lo, hi] (lo ≤ 0, so the
-min is stored as a non-negative number), refits scale and min to the resulting codes by
-least squares, and keeps the candidate with the least squared error. The scales and mins
-are then rounded to integers against d = max scale / top and dmin = max min / top (top
-15 for Q2_K, 63 for Q4_K), d and dmin are refit by least squares per super-block, and
-the codes are chosen for the stored values, so the bytes dequantize exactly to what the
-error was measured on.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from weightops.arch import family, is_block_linear, text_config
+from weightops.arch import is_block_linear, text_config
 from weightops.io.checkpoint import Checkpoint
 from weightops.io.safetensors_file import FileReader
+from weightops.quant import gguf_kquants, gguf_legacy, gguf_llama
 from weightops.quant.mixed import QuantError
 
-QK_K = 256
-BLOCK_BYTES = {"Q2_K": 84, "Q4_K": 144}
-BITS_PER_WEIGHT = {t: 8 * b / QK_K for t, b in BLOCK_BYTES.items()}
-# (weights per sub-block, largest code, largest integer scale / min)
-_LAYOUT = {"Q2_K": (16, 3, 15), "Q4_K": (32, 15, 63)}
-# Shrink factors of a sub-block's range tried by the scale search.
-CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
+# The type llama.cpp falls back to when rows are not a multiple of 256 (llama-quant.cpp).
+FALLBACK = {"Q2_K": "Q4_0", "Q4_K": "Q5_0"}
+BLOCK_WEIGHTS = {"Q2_K": 256, "Q4_K": 256, "Q4_0": 32, "Q5_0": 32}
+BLOCK_BYTES = {**gguf_kquants.BLOCK_BYTES, **gguf_legacy.BLOCK_BYTES}
+BITS_PER_WEIGHT = {t: 8 * BLOCK_BYTES[t] / BLOCK_WEIGHTS[t] for t in BLOCK_BYTES}
+_FILE_TYPE = {"Q2_K": 10, "Q4_K": 14}  # llama.cpp's LLAMA_FTYPE_MOSTLY_Q2_K / Q4_K_S
 _FP16_MAX = float(np.finfo(np.float16).max)
-# Weights quantized per step of the export (bounds the temporaries to a few hundred MB).
-_CHUNK_WEIGHTS = 1 << 21
-# Config keys (Hugging Face names, then GPT-2 style names) for the GGUF metadata.
-_META_KEYS: dict[str, tuple[str, ...]] = {
-    "block_count": ("num_hidden_layers", "n_layer", "num_layers", "n_layers"),
-    "context_length": ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len"),
-    "embedding_length": ("hidden_size", "n_embd", "d_model"),
-    "feed_forward_length": ("intermediate_size", "n_inner", "ffn_dim"),
-    "attention.head_count": ("num_attention_heads", "n_head", "num_heads"),
-    "attention.head_count_kv": ("num_key_value_heads", "n_head_kv", "num_kv_heads"),
-}
 
 
-@dataclass
-class KQuant:
-    """A k-quantized [rows, n] matrix before packing, nb = n / 256 super-blocks per row.
-
-    codes  uint8 [rows, nb, 256]   q of every weight, in weight order
-    scales uint8 [rows, nb, S]     integer scale of each sub-block (S = 16 or 8)
-    mins   uint8 [rows, nb, S]     integer min of each sub-block
-    d, dmin float16 [rows, nb]     super-scales of the scales and of the mins
-    """
-
-    qtype: str
-    codes: np.ndarray
-    scales: np.ndarray
-    mins: np.ndarray
-    d: np.ndarray
-    dmin: np.ndarray
-
-    def dequantize(self) -> np.ndarray:
-        """float32 [rows, n]: d·scale·q − dmin·min, computed in float32."""
-        rows, nb, _ = self.codes.shape
-        sub = _LAYOUT[self.qtype][0]
-        d = self.d.astype(np.float32)[..., None]
-        dmin = self.dmin.astype(np.float32)[..., None]
-        scale = np.repeat(d * self.scales.astype(np.float32), sub, axis=-1)
-        low = np.repeat(dmin * self.mins.astype(np.float32), sub, axis=-1)
-        return (scale * self.codes.astype(np.float32) - low).reshape(rows, nb * QK_K)
-
-    def pack(self) -> np.ndarray:
-        """uint8 [rows, nb · block bytes]: the GGUF bytes (see the module docstring)."""
-        return pack_q2_k(self) if self.qtype == "Q2_K" else pack_q4_k(self)
+def block_type(wanted: str, row_length: int) -> str:
+    """`wanted` (Q2_K / Q4_K) if a row fits its blocks, else llama.cpp's fallback."""
+    if row_length % BLOCK_WEIGHTS[wanted] == 0:
+        return wanted
+    fallback = FALLBACK[wanted]
+    return fallback if row_length % BLOCK_WEIGHTS[fallback] == 0 else "F16"
 
 
-# --- fitting ----------------------------------------------------------------------------
-
-
-def _check_matrix(w: np.ndarray) -> np.ndarray:
-    w = np.asarray(w, dtype=np.float32)
-    if w.ndim != 2 or w.shape[1] % QK_K != 0:
-        raise QuantError(
-            f"k-quants need a 2-D matrix with rows a multiple of {QK_K}, got shape {list(w.shape)}"
-        )
-    if not np.isfinite(w).all():
-        raise QuantError("the weight has NaN or Inf entries")
-    return w
-
-
-def _codes(x: np.ndarray, scale: np.ndarray, low: np.ndarray, top: int) -> np.ndarray:
-    """Nearest codes in [0, top] for x ≈ scale·q + low (0 where the scale is 0)."""
-    safe = np.where(scale > 0, scale, 1.0)
-    q = np.rint((x - low[..., None]) / safe[..., None])
-    q = np.clip(q, 0, top)
-    return np.where(scale[..., None] > 0, q, 0.0)
-
-
-def _sq_err(x: np.ndarray, q: np.ndarray, scale: np.ndarray, low: np.ndarray) -> np.ndarray:
-    return np.square(q * scale[..., None] + low[..., None] - x).sum(-1)
-
-
-def _fit_sub_blocks(x: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per sub-block (last axis) scale ≥ 0 and low ≤ 0 with x ≈ scale·q + low."""
-    lo0 = np.minimum(x.min(-1), 0.0)
-    hi0 = np.maximum(x.max(-1), lo0)
-    mid = (lo0 + hi0) / 2
-    n = x.shape[-1]
-    sum_x = x.sum(-1)
-    best_err = best_s = best_lo = None
-    for c in CLIPS:
-        lo = np.minimum(mid - (mid - lo0) * c, 0.0)
-        hi = mid + (hi0 - mid) * c
-        s = (hi - lo) / top
-        q = _codes(x, s, lo, top)
-        # Least-squares refit of (scale, low) to these codes.
-        sq, sqq, sqx = q.sum(-1), np.square(q).sum(-1), (q * x).sum(-1)
-        det = n * sqq - sq * sq
-        ok = det > 0
-        det = np.where(ok, det, 1.0)
-        s_fit = np.where(ok, (n * sqx - sq * sum_x) / det, s)
-        lo_fit = np.where(ok, (sqq * sum_x - sq * sqx) / det, lo)
-        # Keep the constraints: a positive low becomes 0 with the scale refit alone.
-        pos = lo_fit > 0
-        s_fit = np.where(pos, sqx / np.where(sqq > 0, sqq, 1.0), s_fit)
-        lo_fit = np.where(pos, 0.0, lo_fit)
-        s_fit = np.maximum(s_fit, 0.0)
-        for cand_s, cand_lo in ((s, lo), (s_fit, lo_fit)):
-            err = _sq_err(x, _codes(x, cand_s, cand_lo, top), cand_s, cand_lo)
-            if best_err is None:
-                best_err, best_s, best_lo = err, cand_s, cand_lo
-            else:
-                better = err < best_err
-                best_err = np.where(better, err, best_err)
-                best_s = np.where(better, cand_s, best_s)
-                best_lo = np.where(better, cand_lo, best_lo)
-    return best_s, best_lo
-
-
-def _to_fp16(values: np.ndarray) -> np.ndarray:
-    if np.abs(values).max(initial=0.0) > _FP16_MAX:
-        raise QuantError("the weights are too large for the fp16 super-scales of a k-quant")
-    return values.astype(np.float16)
-
-
-def _integers(values: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
-    """values [..., S] ≥ 0 -> (fp16 super-scale [...], integers in [0, top] [..., S])."""
-    sup = _to_fp16(values.max(-1) / top)
-    s = sup.astype(np.float32)
-    safe = np.where(s > 0, s, 1.0)
-    ints = np.where(s[..., None] > 0, np.clip(np.rint(values / safe[..., None]), 0, top), 0)
-    return sup, ints.astype(np.uint8)
-
-
-def _fit(w: np.ndarray, qtype: str) -> KQuant:
-    w = _check_matrix(w)
-    rows, n = w.shape
-    nb = n // QK_K
-    sub, top, int_top = _LAYOUT[qtype]
-    x = w.reshape(rows, nb, QK_K // sub, sub)
-    scale, low = _fit_sub_blocks(x, top)
-    d, sc = _integers(scale, int_top)
-    dmin, mn = _integers(-low, int_top)
-
-    def codes_for(d: np.ndarray, dmin: np.ndarray) -> np.ndarray:
-        s = d.astype(np.float32)[..., None] * sc
-        lo = -(dmin.astype(np.float32)[..., None] * mn)
-        return _codes(x, s, lo, top)
-
-    def block_err(q: np.ndarray, d: np.ndarray, dmin: np.ndarray) -> np.ndarray:
-        s = d.astype(np.float32)[..., None] * sc
-        lo = -(dmin.astype(np.float32)[..., None] * mn)
-        return _sq_err(x, q, s, lo).sum(-1)
-
-    q = codes_for(d, dmin)
-    # Least-squares refit of d and dmin per super-block to the integer scales and codes:
-    # x ≈ d·a − dmin·m with a = scale·q and m = min, elementwise.
-    a = (sc[..., None] * q).reshape(rows, nb, QK_K)
-    m = np.repeat(mn.astype(np.float32), sub, axis=-1)
-    xf = x.reshape(rows, nb, QK_K)
-    saa, smm, sam = np.square(a).sum(-1), np.square(m).sum(-1), (a * m).sum(-1)
-    sax, smx = (a * xf).sum(-1), (m * xf).sum(-1)
-    det = saa * smm - sam * sam
-    ok = det > 1e-12 * np.maximum(saa * smm, 1e-30)
-    det = np.where(ok, det, 1.0)
-    d_fit = np.where(ok, (sax * smm - smx * sam) / det, d.astype(np.float32))
-    dmin_fit = np.where(ok, (sax * sam - smx * saa) / det, dmin.astype(np.float32))
-    d_fit = _to_fp16(np.maximum(d_fit, 0.0))
-    dmin_fit = _to_fp16(np.maximum(dmin_fit, 0.0))
-    q_fit = codes_for(d_fit, dmin_fit)
-    better = block_err(q_fit, d_fit, dmin_fit) < block_err(q, d, dmin)
-    d = np.where(better, d_fit, d)
-    dmin = np.where(better, dmin_fit, dmin)
-    q = np.where(better[..., None, None], q_fit, q)
-    return KQuant(
-        qtype=qtype,
-        codes=q.reshape(rows, nb, QK_K).astype(np.uint8),
-        scales=sc,
-        mins=mn,
-        d=d,
-        dmin=dmin,
-    )
-
-
-def fit_q2_k(w: np.ndarray) -> KQuant:
-    """Q2_K codes, scales and super-scales of a float32 [rows, n] matrix (n % 256 == 0)."""
-    return _fit(w, "Q2_K")
-
-
-def fit_q4_k(w: np.ndarray) -> KQuant:
-    """Q4_K codes, scales and super-scales of a float32 [rows, n] matrix (n % 256 == 0)."""
-    return _fit(w, "Q4_K")
-
-
-# --- packing ----------------------------------------------------------------------------
-
-
-def _fp16_bytes(values: np.ndarray) -> np.ndarray:
-    return values.astype("<f2")[..., None].view(np.uint8)
-
-
-def pack_q2_k(k: KQuant) -> np.ndarray:
-    rows, nb, _ = k.codes.shape
-    head = (k.scales & 0xF) | (k.mins << 4)
-    # codes [rows, nb, h, k, i] -> byte 32·h + i gets code (h, k, i) at bits 2k.
-    c = k.codes.reshape(rows, nb, 2, 4, 32).astype(np.uint8)
-    qs = c[:, :, :, 0] | (c[:, :, :, 1] << 2) | (c[:, :, :, 2] << 4) | (c[:, :, :, 3] << 6)
-    block = np.concatenate(
-        [head, qs.reshape(rows, nb, 64), _fp16_bytes(k.d), _fp16_bytes(k.dmin)], axis=-1
-    )
-    return block.reshape(rows, nb * BLOCK_BYTES["Q2_K"])
-
-
-def pack_q4_k(k: KQuant) -> np.ndarray:
-    rows, nb, _ = k.codes.shape
-    s, m = k.scales, k.mins
-    packed = np.concatenate(
-        [
-            (s[..., :4] & 63) | ((s[..., 4:] >> 4) << 6),
-            (m[..., :4] & 63) | ((m[..., 4:] >> 4) << 6),
-            (s[..., 4:] & 15) | ((m[..., 4:] & 15) << 4),
-        ],
-        axis=-1,
-    )
-    # codes [rows, nb, c, h, i] -> byte 32·c + i, low nibble h = 0, high nibble h = 1.
-    c = k.codes.reshape(rows, nb, 4, 2, 32).astype(np.uint8)
-    qs = c[:, :, :, 0] | (c[:, :, :, 1] << 4)
-    block = np.concatenate(
-        [_fp16_bytes(k.d), _fp16_bytes(k.dmin), packed, qs.reshape(rows, nb, 128)], axis=-1
-    )
-    return block.reshape(rows, nb * BLOCK_BYTES["Q4_K"])
-
-
-def quantize_q2_k(w: np.ndarray) -> np.ndarray:
-    """float32 [rows, n] -> Q2_K bytes uint8 [rows, n / 256 · 84]."""
-    return pack_q2_k(fit_q2_k(w))
-
-
-def quantize_q4_k(w: np.ndarray) -> np.ndarray:
-    """float32 [rows, n] -> Q4_K bytes uint8 [rows, n / 256 · 144]."""
-    return pack_q4_k(fit_q4_k(w))
-
-
-def quantize_rows(w: np.ndarray, qtype: str) -> np.ndarray:
-    """`quantize_q2_k` / `quantize_q4_k` a few rows at a time, to bound the temporaries."""
-    w = _check_matrix(w)
-    step = max(1, _CHUNK_WEIGHTS // max(1, w.shape[1]))
-    fit = fit_q2_k if qtype == "Q2_K" else fit_q4_k
-    parts = [fit(w[r : r + step]).pack() for r in range(0, w.shape[0], step)]
-    if not parts:
-        return np.zeros((0, w.shape[1] // QK_K * BLOCK_BYTES[qtype]), dtype=np.uint8)
-    return np.concatenate(parts, axis=0)
-
-
-# --- export -----------------------------------------------------------------------------
-
-
-def _tensor_type(
-    name: str, shape: tuple[int, ...], dtype: torch.dtype, q4: set[str], default: str
-) -> str:
-    if not dtype.is_floating_point:
-        return _INT_TYPES.get(dtype, "I32")
-    if is_block_linear(name, shape) and shape[1] % QK_K == 0 and shape[1] > 0:
-        return "Q4_K" if name in q4 else default
+def _tensor_type(name: str, shape: tuple[int, ...], q4: set[str], default: str) -> str:
+    if is_block_linear(name, shape) and shape[1] > 0:
+        return block_type("Q4_K" if name in q4 else default, shape[1])
     return "F32" if len(shape) <= 1 else "F16"
-
-
-_INT_TYPES = {torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64"}
-_NP = {
-    "F16": np.float16,
-    "F32": np.float32,
-    "I8": np.int8,
-    "I16": np.int16,
-    "I32": np.int32,
-    "I64": np.int64,
-}
 
 
 def _nbytes(qtype: str, shape: tuple[int, ...]) -> int:
     numel = math.prod(shape)
     if qtype in BLOCK_BYTES:
-        return numel // QK_K * BLOCK_BYTES[qtype]
-    return numel * np.dtype(_NP[qtype]).itemsize
+        return numel // BLOCK_WEIGHTS[qtype] * BLOCK_BYTES[qtype]
+    return numel * (2 if qtype == "F16" else 4)
 
 
-def _encode(t: torch.Tensor, qtype: str, name: str) -> np.ndarray:
-    if qtype in BLOCK_BYTES:
-        try:
-            return quantize_rows(t.float().numpy(), qtype)
-        except QuantError as e:
-            raise QuantError(f"{name}: {e}") from e
+def _encode(a: np.ndarray, qtype: str, name: str) -> np.ndarray:
+    try:
+        if qtype in gguf_kquants.BLOCK_BYTES:
+            return gguf_kquants.quantize_rows(a, qtype)
+        if qtype in gguf_legacy.BLOCK_BYTES:
+            return gguf_legacy.quantize_legacy(a, qtype)
+    except QuantError as e:
+        raise QuantError(f"{name}: {e}") from e
     if qtype == "F16":
-        a = t.float().numpy()
         if np.abs(a).max(initial=0.0) > _FP16_MAX:
             raise QuantError(
                 f"{name}: values beyond the fp16 range cannot be written as F16",
                 hint="the checkpoint has weights larger than 65504",
             )
         return a.astype(np.float16)
-    if qtype == "F32":
-        return t.float().numpy()
-    return t.to(torch.int64).numpy().astype(_NP[qtype])
+    return a.astype(np.float32)
 
 
 def _q4_names(
@@ -377,18 +101,6 @@ def _q4_names(
     return names
 
 
-def _add_metadata(writer: Any, ckpt: Checkpoint, arch: str) -> None:
-    cfg = text_config(ckpt.config)
-    name = ckpt.config.get("_name_or_path") or ckpt.folder.name
-    writer.add_name(str(name) or arch)
-    writer.add_quantization_version(2)
-    for key, candidates in _META_KEYS.items():
-        value = next((cfg[k] for k in candidates if isinstance(cfg.get(k), int)), None)
-        if value is not None and not isinstance(value, bool):
-            writer.add_uint32(f"{arch}.{key}", int(value))
-    writer.add_string("weightops.tensor_names", "huggingface")
-
-
 def export_gguf(
     model_folder: str | Path,
     out_path: str | Path,
@@ -396,45 +108,56 @@ def export_gguf(
     q4_tensors: Iterable[str] | None = None,
     mixed: dict[str, float] | None = None,
     default: str = "Q2_K",
+    pre_tokenizer: str | None = None,
 ) -> dict[str, Any]:
-    """Write the checkpoint at `model_folder` to the GGUF file `out_path`.
+    """Write the checkpoint at `model_folder` to the GGUF file `out_path`, ready for
+    llama.cpp.
 
-    Linear weights of the decoder blocks whose rows are a multiple of 256 become
-    `default` (Q2_K or Q4_K), or Q4_K when their name is in `q4_tensors` or `mixed`
-    gives them a budget of at least 4.5 bits per weight (a per-tensor average-bit
-    budget, as weightops' mixed quantizer takes; below 4.5 the tensor gets Q2_K).
-    Every other float tensor is written as F16 (F32 when 1-D); integer tensors keep
-    their integer type. Tensor names are the checkpoint's Hugging Face names, unchanged.
-    Tensors are read, converted and written one at a time; the file appears at
-    `out_path` only once it is complete.
+    Every linear weight of the decoder blocks becomes `default` (Q2_K or Q4_K), or Q4_K
+    when its name is in `q4_tensors` or `mixed` gives it a budget of at least 4.5 bits
+    per weight (a per-tensor budget, as weightops' mixed quantizer takes; below 4.5 it
+    gets Q2_K); rows that do not fit 256-weight blocks take llama.cpp's fallback type.
+    `q4_tensors` and `mixed` take the checkpoint's (Hugging Face) names.
+    `pre_tokenizer` names llama.cpp's pre-tokenizer when the vocabulary is not one it
+    recognises. Tensors are read, converted and written one at a time; the file appears
+    at `out_path` only once it is complete.
 
-    Returns {"types": {name: GGUF type}, "bytes": file size,
-    "quantized_weights": count, "bits_per_weight": bits per weight over the
-    quantized tensors (0.0 when there are none)}."""
+    Returns {"types": {GGUF name: type}, "counts": {type: tensors}, "bytes": file size,
+    "quantized_weights": count, "bits_per_weight": over the quantized tensors (0.0
+    when there are none), "pre_tokenizer": the name written}."""
     import gguf
 
-    if default not in BLOCK_BYTES:
-        raise QuantError(f"default type {default!r} is not one of {sorted(BLOCK_BYTES)}")
+    if default not in FALLBACK:
+        raise QuantError(f"default type {default!r} is not one of {sorted(FALLBACK)}")
     ckpt = Checkpoint(model_folder)
+    arch = gguf_llama.llama_cpp_arch(ckpt.config, ckpt.folder)
     q4 = _q4_names(ckpt, q4_tensors, mixed)
-    arch = family(ckpt.config)
+    names = gguf_llama.gguf_names(list(ckpt.tensors), arch, ckpt.config, ckpt.folder)
     out_path = Path(out_path)
     tmp = out_path.with_name(out_path.name + ".partial")
 
-    plan = [
-        (name, info, _tensor_type(name, info.shape, info.dtype, q4, default))
-        for name, info in ckpt.tensors.items()
-    ]
+    plan = []
+    for name, info in ckpt.tensors.items():
+        if names[name] is None:
+            continue
+        if not info.dtype.is_floating_point:
+            raise QuantError(f"{ckpt.path}: tensor {name!r} is not a float tensor")
+        qtype = _tensor_type(name, info.shape, q4, default)
+        plan.append((name, names[name], info, qtype))
+
     writer = gguf.GGUFWriter(tmp, arch)
     try:
-        _add_metadata(writer, ckpt, arch)
-        for name, info, qtype in plan:
+        label = ckpt.config.get("_name_or_path") or ckpt.folder.name
+        gguf_llama.add_hparams(writer, ckpt.config, str(label), _FILE_TYPE[default])
+        vocab_size = int(text_config(ckpt.config)["vocab_size"])
+        pre = gguf_llama.add_tokenizer(writer, ckpt.folder, vocab_size, pre_tokenizer)
+        for _, new, info, qtype in plan:
             # The shape is the weight shape (not bytes), so the numpy dtype given must not
             # be uint8, which the writer would take for a byte shape.
             writer.add_tensor_info(
-                name,
+                new,
                 info.shape,
-                np.dtype(_NP.get(qtype, np.float32)),
+                np.dtype(np.float16 if qtype == "F16" else np.float32),
                 _nbytes(qtype, info.shape),
                 raw_dtype=gguf.GGMLQuantizationType[qtype],
             )
@@ -442,9 +165,11 @@ def export_gguf(
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         with FileReader() as reader:
-            for name, info, qtype in plan:
-                data = _encode(reader.read(info), qtype, name)
-                writer.write_tensor_data(data)
+            for name, _, info, qtype in plan:
+                a = reader.read(info).float().numpy()
+                if (n_head := gguf_llama.qk_heads(name, arch, ckpt.config)) is not None:
+                    a = gguf_llama.permute(a, n_head)
+                writer.write_tensor_data(_encode(a, qtype, name))
         writer.close()
         os.replace(tmp, out_path)
     except BaseException:
@@ -452,12 +177,14 @@ def export_gguf(
         tmp.unlink(missing_ok=True)
         raise
 
-    quantized = [(info.numel, qtype) for _, info, qtype in plan if qtype in BLOCK_BYTES]
+    quantized = [(info.numel, t) for _, _, info, t in plan if t in BLOCK_BYTES]
     q_weights = sum(n for n, _ in quantized)
     q_bits = sum(n * BITS_PER_WEIGHT[t] for n, t in quantized)
     return {
-        "types": {name: qtype for name, _, qtype in plan},
+        "types": {new: qtype for _, new, _, qtype in plan},
+        "counts": dict(Counter(qtype for *_, qtype in plan)),
         "bytes": out_path.stat().st_size,
         "quantized_weights": q_weights,
         "bits_per_weight": q_bits / q_weights if q_weights else 0.0,
+        "pre_tokenizer": pre,
     }
