@@ -36,7 +36,9 @@ def _mergekit(method: str, base, fts, params: dict, rng=None) -> torch.Tensor:
 def _bf16(x) -> np.ndarray:
     """Round fp32 values to the nearest bf16 (ties to even), kept as fp32."""
     bits = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    # numpy scalars of the same type: numpy 1.x promotes uint64 with a Python int to float.
+    u = np.uint64
+    bits = (bits + u(0x7FFF) + ((bits >> u(16)) & u(1))) & u(0xFFFF0000)
     return bits.astype(np.uint32).view(np.float32)
 
 
