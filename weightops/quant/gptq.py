@@ -15,9 +15,22 @@ from __future__ import annotations
 
 import torch
 
+# Projections that read the same input (q/k/v, gate/up) are handed the same Hessian
+# tensor by calibration, one after the other: the last factor is kept for the next.
+_last: tuple[torch.Tensor, int, float, torch.Tensor] | None = None
+
 
 def inverse_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of the damped inverse Hessian, float32."""
+    global _last
+    if _last is not None and _last[0] is hessian and _last[1:3] == (hessian._version, damp):
+        return _last[3]
+    u = _inverse_factor(hessian, damp)
+    _last = (hessian, hessian._version, damp, u)
+    return u
+
+
+def _inverse_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     hess = hessian.detach().to(torch.float64).clone()
     diag = hess.diagonal()
     # An input that never fires carries no error: a unit diagonal keeps H invertible.

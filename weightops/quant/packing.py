@@ -15,12 +15,10 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     per = 32 // bits
     rows = codes.shape[0]
     c = codes.to(torch.int32).reshape(rows, -1, per)
-    words = c[..., 0].clone()
-    # The top code of the last slot lands in bit 31: int32 shifts wrap, which is the
-    # two's complement the stored word needs.
-    for i in range(1, per):
-        words |= c[..., i] << (bits * i)
-    return words
+    shifts = torch.arange(per, dtype=torch.int32) * bits
+    # The fields do not overlap, so their sum is their bitwise or; int32 wraps the top
+    # code of the last field into bit 31, the two's complement the stored word needs.
+    return (c << shifts).sum(-1, dtype=torch.int32)
 
 
 def unpack_codes(words: torch.Tensor, bits: int) -> torch.Tensor:
