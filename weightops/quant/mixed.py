@@ -207,7 +207,7 @@ def _second_order(values: torch.Tensor, signed: bool) -> tuple[torch.Tensor, tor
 
 
 def _codes(groups: torch.Tensor, s: torch.Tensor, lo: torch.Tensor, bits: int) -> torch.Tensor:
-    return ((groups - lo[..., None]) / s[..., None]).round_().clamp_(0, 2**bits - 1)
+    return (groups - lo[..., None]).div_(s[..., None]).round_().clamp_(0, 2**bits - 1)
 
 
 def _refine(
@@ -368,8 +368,8 @@ def quantize_with_reference(
     else:
         # Clamping to [0, 3] or [0, 15] per group in one pass, as rounding to each width.
         top = torch.where(is4, 15.0, 3.0)[..., None]
-        codes = ((w - lo_deq[..., None]) / s_deq[..., None]).round_().clamp_(min=0)
-        codes = torch.minimum(codes, top)
+        codes = (w - lo_deq[..., None]).div_(s_deq[..., None]).round_().clamp_(min=0)
+        codes = torch.minimum(codes, top.expand_as(codes))
         seen = weight.detach().float()
     reference = (codes * s_deq[..., None] + lo_deq[..., None]).reshape(out_f, in_f)
     oidx = oval = None
@@ -382,8 +382,8 @@ def quantize_with_reference(
         shape=(out_f, in_f),
         group_size=group_size,
         k4=k4,
-        q2=_pack(codes[~is4].reshape(out_f, -1), 2),
-        q4=_pack(codes[is4].reshape(out_f, -1), 4),
+        q2=_pack(_groups_of(codes, ~is4), 2),
+        q4=_pack(_groups_of(codes, is4), 4),
         gmap=_pack_bits(is4),
         scale=s_q.to(torch.uint8),
         zero=lo_q.to(torch.int8),
@@ -392,6 +392,14 @@ def quantize_with_reference(
         oval=oval,
     )
     return packed, reference
+
+
+def _groups_of(codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[out, n·group_size]: each row's groups where `mask` is set (the same count in every
+    row), in group order."""
+    out_f, _, group_size = codes.shape
+    idx = mask.nonzero()[:, 1].reshape(out_f, -1)
+    return codes.gather(1, idx[..., None].expand(-1, -1, group_size)).reshape(out_f, -1)
 
 
 def dequantize(p: Packed) -> torch.Tensor:
