@@ -49,9 +49,9 @@ RUN = r"""
 import json, sys, time, torch
 torch.set_num_threads(int(sys.argv[4]))
 from weightops.quant.model import quantize_model
-t = time.perf_counter()
+t, cpu = time.perf_counter(), time.process_time()
 m = quantize_model(sys.argv[1], sys.argv[2], calib=sys.argv[3] or None, force=True)
-print(json.dumps({"seconds": time.perf_counter() - t,
+print(json.dumps({"seconds": time.perf_counter() - t, "cpu": time.process_time() - cpu,
                   "bpw": m["quantized_bits_per_weight"],
                   "errors": {k: v["rel_error"] for k, v in m["tensors"].items()}}))
 """
@@ -61,11 +61,11 @@ import sys, time, torch
 from hqq.core.quantize import Quantizer
 torch.set_num_threads(int(sys.argv[2]))
 weights = torch.load(sys.argv[1])
-t = time.perf_counter()
+t, cpu = time.perf_counter(), time.process_time()
 for w in weights.values():
     Quantizer.quantize(w.float(), nbits=2, channel_wise=True, group_size=64,
                        optimize=True, axis=1, bitpack=False, device="cpu")
-print(time.perf_counter() - t)
+print(time.perf_counter() - t, time.process_time() - cpu)
 """
 
 
@@ -137,7 +137,7 @@ def ensure_family_base() -> Path:
     return FAMILY_BASE
 
 
-def hqq_seconds(model: Path, threads: int) -> float:
+def hqq_seconds(model: Path, threads: int) -> dict:
     src, script = OUT / "smollm2-linears.pt", OUT / "hqq_time.py"
     weights = {}
     for shard in sorted(model.glob("*.safetensors")):
@@ -152,7 +152,8 @@ def hqq_seconds(model: Path, threads: int) -> float:
         capture_output=True,
         text=True,
     )
-    return float(proc.stdout.strip().splitlines()[-1])
+    wall, cpu = map(float, proc.stdout.strip().splitlines()[-1].split())
+    return {"seconds": wall, "cpu": cpu}
 
 
 def calibration_text() -> Path:
@@ -169,6 +170,13 @@ def error_line(label: str, old: dict, new: dict, same: tuple[int, int]) -> str:
         f"- {label}: {same[0]}/{same[1]} written tensors identical to the baseline's; "
         f"mean relative error {mean_old:.6f} → {mean_new:.6f}, largest per-tensor change "
         f"{worst:+.2e} over {len(diffs)} quantized matrices"
+    )
+
+
+def _cell(mb: float, r: dict) -> str:
+    return (
+        f"{r['seconds']:.1f} s, {mb / r['seconds']:.1f} MB/s "
+        f"(CPU {r['cpu']:.1f} s, {mb / r['cpu']:.1f} MB/s)"
     )
 
 
@@ -195,14 +203,12 @@ def main() -> None:
         for side, root in sides.items():
             dests[side] = OUT / f"{label.replace('/', '-').replace(' ', '')}-{len(dests)}"
             results[side] = r = quantize(root, model, dests[side], text, args.threads)
-            print(
-                f"{label} [{side}]: {r['seconds']:.1f} s, {mb / r['seconds']:.1f} MB/s", flush=True
-            )
+            print(f"{label} [{side}]: {r['seconds']:.1f} s, CPU {r['cpu']:.1f} s", flush=True)
         old, new = results.values()
         rows.append(
-            f"| {label} | {mb:.0f} | {old['seconds']:.1f} s ({mb / old['seconds']:.1f} MB/s) | "
-            f"{new['seconds']:.1f} s ({mb / new['seconds']:.1f} MB/s) | "
-            f"{old['seconds'] / new['seconds']:.2f}× | {old['bpw']:.3f} / {new['bpw']:.3f} |"
+            f"| {label} | {mb:.0f} | {_cell(mb, old)} | {_cell(mb, new)} | "
+            f"{old['seconds'] / new['seconds']:.2f}× ({old['cpu'] / new['cpu']:.2f}×) | "
+            f"{old['bpw']:.3f} / {new['bpw']:.3f} |"
         )
         checks.append(error_line(label, old, new, identical_tensors(*dests.values())))
         for dest in dests.values():
@@ -211,7 +217,7 @@ def main() -> None:
     hqq_version = ensure_hqq()
     hqq = hqq_seconds(smol, args.threads)
     mb = linear_mb(smol)
-    print(f"HQQ {hqq_version}: {hqq:.1f} s", flush=True)
+    print(f"HQQ {hqq_version}: {hqq['seconds']:.1f} s, CPU {hqq['cpu']:.1f} s", flush=True)
     wall = time.perf_counter() - t_all
     cmd = "python " + " ".join(
         shlex.quote(a) for a in ["bench/bench_quant_speed.py", *sys.argv[1:]]
@@ -221,16 +227,18 @@ def main() -> None:
         "block-linear weights in) and calibrated (`--calib`: the "
         f"{CALIB_PACKAGE} package's METADATA, its first 8192 tokens), at revision "
         f"{args.baseline} and at this tree, measured in the same run, each in a fresh "
-        f"process with {args.threads} torch thread(s). Times include reading, "
+        f"process with {args.threads} torch thread(s). CPU is the process's user + system "
+        "time, which other jobs on the machine disturb less than wall time. Times include reading, "
         "calibration forward passes and writing. family-16L/base is bench/make_family.py's "
         "random 16-layer Llama (hidden 768, intermediate 2048).\n\n"
         f"- Command: `{cmd}`\n- Machine: {machine()} (shared with other jobs: times are "
         "noisy, the two sides run back to back)\n"
         f"- Total wall time: {wall / 60:.1f} min\n\n"
-        "| model | MB | baseline | this tree | speed-up | bits/weight (baseline / this) |\n"
+        "| model | MB | baseline: wall (CPU) | this tree: wall (CPU) | speed-up: wall (CPU) "
+        "| bits/weight (baseline / this) |\n"
         "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
         f"| SmolLM2-135M, HQQ {hqq_version} 2-bit (optimize=True, group 64) | {mb:.0f} | | "
-        f"{hqq:.1f} s ({mb / hqq:.1f} MB/s) | | |\n\n" + "\n".join(checks) + "\n"
+        f"{_cell(mb, hqq)} | | |\n\n" + "\n".join(checks) + "\n"
     )
     print(body)
     if not args.no_write:
