@@ -96,7 +96,10 @@ def env_for(root: Path, threads: int) -> dict[str, str]:
 def quantize(root: Path, model: Path, dest: Path, calib: Path | None, threads: int) -> dict:
     shutil.rmtree(dest, ignore_errors=True)
     args = [sys.executable, "-c", RUN, str(model), str(dest), str(calib or ""), str(threads)]
-    proc = subprocess.run(args, env=env_for(root, threads), check=True, capture_output=True)
+    # In the tree's own folder: `python -c` puts the working directory first on sys.path.
+    proc = subprocess.run(
+        args, cwd=root, env=env_for(root, threads), check=True, capture_output=True
+    )
     return json.loads(proc.stdout.decode().strip().splitlines()[-1])
 
 
