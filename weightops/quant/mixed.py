@@ -20,7 +20,12 @@ quantized in order and each one's rounding error, scaled by the inverse Hessian'
 Cholesky factor, is pushed onto the inputs not yet quantized, which minimises the
 layer's output error ‖(W − Ŵ) X‖ rather than ‖W − Ŵ‖. The group grids (width, s, lo)
 are fixed from the original weights first ("static groups"), so the layout and the
-stored scales do not depend on the order.
+stored scales do not depend on the order (the loop itself is weightops.quant.gptq).
+
+Everything before the codes (outliers, clip search, refinement, 4-bit choice, scales) is
+independent per row, so rows go through it in blocks of about BLOCK_VALUES values per
+thread, all clip factors at once: the working tensors stay in cache instead of streaming
+the whole matrix through memory once per operation. Results do not depend on the block.
 
 Optional sparse outliers: `outliers` weights per row, taken from the 2-bit groups where
 they are largest relative to their group, are stored exactly in fp16 with their column
