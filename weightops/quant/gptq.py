@@ -85,4 +85,5 @@ def gptq_codes(
                 work[i + 1 : b1] -= u[i, i + 1 : b1, None] * err
         if b1 < in_f:
             work[b1:] -= u[b0:b1, b1:].t() @ errs[b0:b1]
-    return codes.t(), work.t()
+    # Contiguous codes keep every later tensor (the reference among them) in row order.
+    return codes.t().contiguous(), work.t()
