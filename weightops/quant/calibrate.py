@@ -194,7 +194,13 @@ class LayerwiseCalibration:
         }
         hessians = _Accumulator(list(linears.values()))
         hooks = {module: hessians.hook(name) for module, name in linears.items()}
-        self.acts = [self._run(index, h, hooks=hooks) for h in self.acts]
+        acts = []
+        for h in self.acts:
+            # Inputs of one window are told apart by identity; a new window starts afresh.
+            hessians.start_window()
+            acts.append(self._run(index, h, hooks=hooks))
+        hessians.start_window()
+        self.acts = acts
         self.next_layer += 1
         return hessians.result()
 

@@ -20,7 +20,12 @@ quantized in order and each one's rounding error, scaled by the inverse Hessian'
 Cholesky factor, is pushed onto the inputs not yet quantized, which minimises the
 layer's output error ‖(W − Ŵ) X‖ rather than ‖W − Ŵ‖. The group grids (width, s, lo)
 are fixed from the original weights first ("static groups"), so the layout and the
-stored scales do not depend on the order.
+stored scales do not depend on the order (the loop itself is weightops.quant.gptq).
+
+Everything before the codes (outliers, clip search, refinement, 4-bit choice, scales) is
+independent per row, so rows go through it in blocks of about BLOCK_VALUES values per
+thread, all clip factors at once: the working tensors stay in cache instead of streaming
+the whole matrix through memory once per operation. Results do not depend on the block.
 
 Optional sparse outliers: `outliers` weights per row, taken from the 2-bit groups where
 they are largest relative to their group, are stored exactly in fp16 with their column
@@ -58,9 +63,17 @@ from typing import Any
 import torch
 
 from weightops.errors import WeightopsError
+from weightops.quant.gptq import gptq_codes
+from weightops.quant.packing import pack_bits as _pack_bits
+from weightops.quant.packing import pack_codes as _pack
+from weightops.quant.packing import unpack_bits as _unpack_bits
+from weightops.quant.packing import unpack_codes as _unpack
 
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 REFINE_STEPS = 4
+# Values of one row block per thread in the clip search (× the clip factors): about a
+# megabyte of float32 working set, which stays in a core's cache.
+BLOCK_VALUES = 1 << 19
 PARTS = ("q2", "q4", "gmap", "scale", "zero", "super")
 OUTLIER_PARTS = ("oidx", "oval")
 
@@ -148,31 +161,44 @@ def _check(weight: torch.Tensor, group_size: int) -> None:
         raise QuantError(
             f"group size {group_size} does not divide the {weight.shape[1]} inputs of a {list(weight.shape)} weight"
         )
-    if not torch.isfinite(weight).all():
+    # One pass: NaN carries into both extremes, an infinity into one of them.
+    if not torch.isfinite(torch.stack(weight.aminmax())).all():
         raise QuantError("the weight has NaN or Inf entries")
 
 
+def _sq_error(
+    groups: torch.Tensor, h: torch.Tensor | None, s: torch.Tensor, lo: torch.Tensor, levels: int
+) -> torch.Tensor:
+    """Weighted squared error per group of rounding to the grid (s, lo); s and lo may carry
+    leading dimensions (one grid per clip factor) that broadcast against the groups."""
+    x = groups - lo[..., None]
+    x.div_(s[..., None]).round_().clamp_(0, levels)
+    x.mul_(s[..., None]).add_(lo[..., None]).sub_(groups).square_()
+    if h is not None:
+        x.mul_(h)
+    return x.sum(-1)
+
+
 def _grid(
-    groups: torch.Tensor, h: torch.Tensor, bits: int, clips: tuple[float, ...]
+    groups: torch.Tensor, h: torch.Tensor | None, bits: int, clips: tuple[float, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group (scale, low) from the clip factor with the least weighted error."""
+    """Per-group (scale, low) from the clip factor with the least weighted error (h None:
+    every input counts the same); ties go to the earlier factor."""
     levels = 2**bits - 1
     lo0, hi0 = groups.amin(-1), groups.amax(-1)
     mid = (lo0 + hi0) / 2
-    best_err = best_s = best_lo = None
-    for c in clips:
-        lo = mid - (mid - lo0) * c
-        hi = mid + (hi0 - mid) * c
-        s = ((hi - lo) / levels).clamp_min(1e-12)
-        q = ((groups - lo[..., None]) / s[..., None]).round_().clamp_(0, levels)
-        err = ((q * s[..., None] + lo[..., None] - groups).square() * h).sum(-1)
-        if best_err is None:
-            best_err, best_s, best_lo = err, s, lo
-        else:
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_s = torch.where(better, s, best_s)
-            best_lo = torch.where(better, lo, best_lo)
+    # All factors at once: one grid per factor along a leading dimension.
+    c = torch.tensor(clips, dtype=groups.dtype).reshape(-1, *[1] * lo0.dim())
+    lo = mid - (mid - lo0) * c
+    hi = mid + (hi0 - mid) * c
+    s = ((hi - lo) / levels).clamp_min(1e-12)
+    err = _sq_error(groups, h, s, lo, levels)
+    best_err, best_s, best_lo = err[0], s[0], lo[0]
+    for i in range(1, len(clips)):
+        better = err[i] < best_err
+        best_err = torch.where(better, err[i], best_err)
+        best_s = torch.where(better, s[i], best_s)
+        best_lo = torch.where(better, lo[i], best_lo)
     return best_s, best_lo
 
 
@@ -186,20 +212,25 @@ def _second_order(values: torch.Tensor, signed: bool) -> tuple[torch.Tensor, tor
 
 
 def _codes(groups: torch.Tensor, s: torch.Tensor, lo: torch.Tensor, bits: int) -> torch.Tensor:
-    return ((groups - lo[..., None]) / s[..., None]).round_().clamp_(0, 2**bits - 1)
+    return (groups - lo[..., None]).div_(s[..., None]).round_().clamp_(0, 2**bits - 1)
 
 
 def _refine(
-    groups: torch.Tensor, h: torch.Tensor, s: torch.Tensor, lo: torch.Tensor, bits: int
+    groups: torch.Tensor, h: torch.Tensor | None, s: torch.Tensor, lo: torch.Tensor, bits: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Alternating least squares on (s, lo) for fixed codes, then codes for fixed (s, lo)."""
-    h = h.expand_as(groups)
-    c = h.sum(-1)
-    hw = h * groups
-    e = hw.sum(-1)
+    """Alternating least squares on (s, lo) for fixed codes, then codes for fixed (s, lo)
+    (h None: every input counts the same)."""
+    if h is None:
+        # Sums of ones and of small integer codes are exact in float32 in any order.
+        c = torch.full_like(s, groups.shape[-1])
+        e = groups.sum(-1)
+    else:
+        h = h.expand_as(groups)
+        c = h.sum(-1)
+        e = (h * groups).sum(-1)
     for _ in range(REFINE_STEPS):
         q = _codes(groups, s, lo, bits)
-        hq = h * q
+        hq = q if h is None else h * q
         a, b, d = (hq * q).sum(-1), hq.sum(-1), (hq * groups).sum(-1)
         det = a * c - b * b
         s_new = (c * d - b * e) / det.clamp_min(1e-30)
@@ -212,62 +243,42 @@ def _refine(
     return s, lo
 
 
-def _pick_outliers(w: torch.Tensor, h: torch.Tensor, n: int) -> torch.Tensor:
+def _pick_outliers(w: torch.Tensor, h: torch.Tensor | None, n: int) -> torch.Tensor:
     """[out, in] mask of the n entries per row farthest from their group's mean, weighted
     by importance (ties in index order)."""
     out_f = w.shape[0]
-    score = (w - w.mean(-1, keepdim=True)).square() * h
+    score = (w - w.mean(-1, keepdim=True)).square()
+    if h is not None:
+        score = score * h
     # A stable descending sort keeps the choice independent of the backend's topk order.
     idx = score.reshape(out_f, -1).argsort(dim=1, descending=True, stable=True)[:, :n]
     mask = torch.zeros(out_f, score[0].numel(), dtype=torch.bool)
     return mask.scatter_(1, idx, True)
 
 
-def _gptq_codes(
-    w: torch.Tensor,
-    hessian: torch.Tensor,
-    s: torch.Tensor,
-    lo: torch.Tensor,
-    is4: torch.Tensor,
-    group_size: int,
-    outlier: torch.Tensor | None,
-    damp: float,
-    block: int = 128,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes [out, in] chosen with error feedback through the inverse Hessian, and the
-    weights as updated when each column was reached (the outliers' stored values)."""
-    out_f, in_f = w.shape
-    work = w.clone()
-    hess = hessian.detach().to(torch.float64).clone()
-    diag = hess.diagonal()
-    dead = diag <= 0
-    # An input that never fires carries no error: a unit diagonal keeps H invertible.
-    diag[dead] = 1.0
-    diag += damp * diag.mean()
-    try:
-        chol = torch.linalg.cholesky(hess)
-    except torch.linalg.LinAlgError as e:
-        raise QuantError(f"the calibration Hessian is not positive definite ({e})") from e
-    u = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True).float()
-    levels = torch.where(is4, 15.0, 3.0)
-    codes = torch.empty(out_f, in_f)
-    for b0 in range(0, in_f, block):
-        b1 = min(b0 + block, in_f)
-        errs = torch.empty(out_f, b1 - b0)
-        for j in range(b1 - b0):
-            i = b0 + j
-            g = i // group_size
-            col = work[:, i]
-            q = torch.minimum(((col - lo[:, g]) / s[:, g]).round_().clamp_(min=0), levels[:, g])
-            codes[:, i] = q
-            deq = q * s[:, g] + lo[:, g]
-            if outlier is not None:
-                deq = torch.where(outlier[:, i], col.half().float(), deq)
-            err = (col - deq) / u[i, i]
-            work[:, i + 1 : b1] -= err[:, None] * u[i, i + 1 : b1]
-            errs[:, j] = err
-        work[:, b1:] -= errs @ u[b0:b1, b1:]
-    return codes, work
+def _block_rows(row_values: int, clips: int) -> int:
+    """Rows per block such that the clip search's working tensors stay in cache, larger
+    with more threads so each thread's share of an operation stays that size."""
+    return max(1, BLOCK_VALUES * torch.get_num_threads() // (row_values * clips))
+
+
+def _choose_grids(
+    fit: torch.Tensor, h: torch.Tensor | None, k4: int, clips: tuple[float, ...], refine: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For rows of groups [rows, G, group_size]: which groups are 4-bit (the k4 per row
+    where 4 bits remove the most error) and every group's (s, lo) at its width."""
+    grids, errs = {}, {}
+    for b in (2, 4):
+        s, lo = _grid(fit, h, b, clips)
+        grids[b] = s, lo = _refine(fit, h, s, lo, b) if refine else (s, lo)
+        errs[b] = _sq_error(fit, h, s, lo, 2**b - 1)
+    gain = errs[2] - errs[4]
+    is4 = torch.zeros(gain.shape, dtype=torch.bool)
+    if k4:
+        is4.scatter_(1, gain.topk(k4, dim=1).indices, True)
+    s = torch.where(is4, grids[4][0], grids[2][0])
+    lo = torch.where(is4, grids[4][1], grids[2][1])
+    return is4, s, lo
 
 
 def quantize(weight: torch.Tensor, **options: Any) -> Packed:
@@ -316,10 +327,12 @@ def quantize_with_reference(
     if importance is None and hessian is not None:
         importance = hessian.diagonal()
     w = weight.detach().float().reshape(out_f, n_groups, group_size)
-    h = torch.ones(in_f) if importance is None else importance.detach().float().clamp_min(0)
-    if h.shape != (in_f,):
-        raise QuantError(f"importance has shape {list(h.shape)}, expected [{in_f}]")
-    h = h.reshape(n_groups, group_size)
+    h = None
+    if importance is not None:
+        h = importance.detach().float().clamp_min(0)
+        if h.shape != (in_f,):
+            raise QuantError(f"importance has shape {list(h.shape)}, expected [{in_f}]")
+        h = h.reshape(n_groups, group_size)
 
     outlier = None
     fit = w
@@ -328,41 +341,40 @@ def quantize_with_reference(
         keep = ~outlier.reshape(out_f, n_groups, group_size)
         # Outliers get no say in their group's grid: zero weight in the error, and a
         # stand-in value (the mean of the rest) that cannot widen the range.
-        h = h * keep
+        h = keep.float() if h is None else h * keep
         rest = (w * keep).sum(-1, keepdim=True) / keep.sum(-1, keepdim=True).clamp_min(1)
         fit = torch.where(keep, w, rest)
 
-    def grid(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-        s, lo = _grid(fit, h, bits, clips)
-        return _refine(fit, h, s, lo, bits) if refine else (s, lo)
-
-    # Error of each group at 2 and 4 bits decides which groups get 4.
-    grids, errs = {}, {}
-    for b in (2, 4):
-        s, lo = grids[b] = grid(b)
-        deq = _codes(fit, s, lo, b) * s[..., None] + lo[..., None]
-        errs[b] = ((deq - fit).square() * h).sum(-1)
-    gain = errs[2] - errs[4]
-    is4 = torch.zeros(out_f, n_groups, dtype=torch.bool)
-    if k4:
-        is4.scatter_(1, gain.topk(k4, dim=1).indices, True)
+    # Everything up to the codes is independent per row: rows go in blocks whose working
+    # tensors stay in cache (the results do not depend on the block size).
+    rows = _block_rows(in_f, len(clips))
+    blocks = [
+        _choose_grids(
+            fit[r : r + rows],
+            h[r : r + rows] if h is not None and h.dim() == 3 else h,
+            k4,
+            clips,
+            refine,
+        )
+        for r in range(0, out_f, rows)
+    ]
+    is4, s, lo = (torch.cat(parts) for parts in zip(*blocks, strict=True))
 
     # Final scales for each group's chosen width, stored two-level, then the codes.
-    s = torch.where(is4, grids[4][0], grids[2][0])
-    lo = torch.where(is4, grids[4][1], grids[2][1])
     s_q, s_sup = _second_order(s, signed=False)
     lo_q, lo_sup = _second_order(lo, signed=True)
     s_deq = (s_q * s_sup[:, None]).clamp_min(1e-12)
     lo_deq = lo_q * lo_sup[:, None]
     if hessian is not None:
-        codes, seen = _gptq_codes(
+        codes, seen = gptq_codes(
             weight.detach().float(), hessian, s_deq, lo_deq, is4, group_size, outlier, damp
         )
         codes = codes.reshape(out_f, n_groups, group_size)
     else:
-        codes = torch.where(
-            is4[..., None], _codes(w, s_deq, lo_deq, 4), _codes(w, s_deq, lo_deq, 2)
-        )
+        # Clamping to [0, 3] or [0, 15] per group in one pass, as rounding to each width.
+        top = torch.where(is4, 15.0, 3.0)[..., None]
+        codes = (w - lo_deq[..., None]).div_(s_deq[..., None]).round_().clamp_(min=0)
+        codes = torch.minimum(codes, top.expand_as(codes))
         seen = weight.detach().float()
     reference = (codes * s_deq[..., None] + lo_deq[..., None]).reshape(out_f, in_f)
     oidx = oval = None
@@ -375,8 +387,8 @@ def quantize_with_reference(
         shape=(out_f, in_f),
         group_size=group_size,
         k4=k4,
-        q2=_pack(codes[~is4].reshape(out_f, -1), 2),
-        q4=_pack(codes[is4].reshape(out_f, -1), 4),
+        q2=_pack(_groups_of(codes, ~is4), 2),
+        q4=_pack(_groups_of(codes, is4), 4),
         gmap=_pack_bits(is4),
         scale=s_q.to(torch.uint8),
         zero=lo_q.to(torch.int8),
@@ -385,6 +397,14 @@ def quantize_with_reference(
         oval=oval,
     )
     return packed, reference
+
+
+def _groups_of(codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[out, n·group_size]: each row's groups where `mask` is set (the same count in every
+    row), in group order."""
+    out_f, _, group_size = codes.shape
+    idx = mask.nonzero()[:, 1].reshape(out_f, -1)
+    return codes.gather(1, idx[..., None].expand(-1, -1, group_size)).reshape(out_f, -1)
 
 
 def dequantize(p: Packed) -> torch.Tensor:
@@ -402,33 +422,3 @@ def dequantize(p: Packed) -> torch.Tensor:
     if p.outliers:
         w.scatter_(1, p.oidx.long(), p.oval.float())
     return w
-
-
-def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """[rows, n] codes < 2^bits -> int32 [rows, n·bits/32]."""
-    per = 32 // bits
-    rows = codes.shape[0]
-    c = codes.to(torch.int64).reshape(rows, -1, per)
-    shifts = torch.arange(per, dtype=torch.int64) * bits
-    words = (c << shifts).sum(-1)
-    # Two's complement into int32: the top code sets bit 31.
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-
-
-def _unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
-    per = 32 // bits
-    w = words.to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.arange(per, dtype=torch.int64) * bits
-    return ((w[..., None] >> shifts) & (2**bits - 1)).reshape(words.shape[0], -1)
-
-
-def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    rows, n = mask.shape
-    padded = torch.zeros(rows, math.ceil(n / 8) * 8, dtype=torch.int64)
-    padded[:, :n] = mask.to(torch.int64)
-    return (padded.reshape(rows, -1, 8) << torch.arange(8)).sum(-1).to(torch.uint8)
-
-
-def _unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
-    bits = (packed.to(torch.int64)[..., None] >> torch.arange(8)) & 1
-    return bits.reshape(packed.shape[0], -1)[:, :n].bool()
