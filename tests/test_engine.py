@@ -150,7 +150,7 @@ def test_every_method_merging_identical_models_returns_the_model(name, llama, cl
 
 
 # Methods that overwrite their inputs get the same tensor object twice when a recipe
-# lists one folder twice (run._Stream._load caches by InputRef and _to_compute's
+# lists one folder twice (run.InputStream._load caches by InputRef and _to_compute's
 # .to() is a no-op for fp32 on the CPU).
 
 
