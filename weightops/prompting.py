@@ -21,20 +21,24 @@ SmolLM2's or Llama's that writes the BOS itself does not get a second one).
 `uses_bos` is true when the tokenizer defines a BOS token and
 
 1. the tokenizer adds it itself (Llama, Mistral, Gemma: their post-processor puts it
-   first): the model was trained with it; or
-2. the tokenizer does not add it, its config does not say `add_bos_token: false`, and
-   the BOS is not also the EOS. A tokenizer that defines a BOS it forgets to add (a
-   fast tokenizer saved without its post-processor) would otherwise silently feed the
-   model text it never saw. A BOS that is also the EOS (GPT-2's and SmolLM2's
-   `<|endoftext|>`) separates documents in training; those models are run on text
-   without it, as transformers' own pipelines do.
+   first): the model was trained with it; or else
+2. its tokenizer_config.json says `add_bos_token` explicitly: that is the answer; or else
+3. the BOS is neither the EOS nor a token the chat template opens every turn with.
+   A tokenizer that defines a BOS it forgets to add (a fast tokenizer saved without
+   its post-processor) would otherwise silently feed the model text it never saw. A
+   BOS that is also the EOS (GPT-2's and SmolLM2's `<|endoftext|>`) separates
+   documents in training, and a BOS that opens every turn (SmolLM2-Instruct's
+   `<|im_start|>`) is the template's; those models are run on text without it, as
+   transformers' own pipelines do.
 
 Qwen2 defines no BOS at all and gets none. Response ids never get special tokens.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -62,17 +66,44 @@ def bos_id(tokenizer: Any) -> int | None:
     return value if isinstance(value, int) else None
 
 
+def _configured_add_bos(tokenizer: Any) -> bool | None:
+    value = (getattr(tokenizer, "init_kwargs", None) or {}).get("add_bos_token")
+    if value is None:
+        # Recent transformers drop the key when loading; the file still says it.
+        config = Path(str(getattr(tokenizer, "name_or_path", "") or "")) / "tokenizer_config.json"
+        if config.is_file():
+            try:
+                value = json.loads(config.read_text(encoding="utf-8")).get("add_bos_token")
+            except (OSError, ValueError):
+                value = None
+    return value if isinstance(value, bool) else None
+
+
+def _opens_turns(tokenizer: Any, token: str) -> bool:
+    if not has_chat_template(tokenizer):
+        return False
+    turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    try:
+        text = tokenizer.apply_chat_template(turns, tokenize=False)
+    except Exception:  # a template that refuses this conversation says nothing about the BOS
+        return False
+    return text.count(token) > 1
+
+
 def uses_bos(tokenizer: Any) -> bool:
-    """Whether prompts for this tokenizer's model start with its BOS token (the rule
-    in the module docstring)."""
+    """Whether text for this tokenizer's model starts with its BOS token (the rule in
+    the module docstring)."""
     bos = bos_id(tokenizer)
     if bos is None:
         return False
     if _ids(tokenizer, "a", special=True)[:1] == [bos]:
         return True
-    if (getattr(tokenizer, "init_kwargs", None) or {}).get("add_bos_token") is False:
+    configured = _configured_add_bos(tokenizer)
+    if configured is not None:
+        return configured
+    if bos == getattr(tokenizer, "eos_token_id", None):
         return False
-    return bos != getattr(tokenizer, "eos_token_id", None)
+    return not _opens_turns(tokenizer, str(tokenizer.bos_token))
 
 
 def _with_bos(tokenizer: Any, ids: list[int]) -> list[int]:
