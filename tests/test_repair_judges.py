@@ -112,3 +112,10 @@ def test_restore_refuses_a_bad_metric_before_loading_models(data, tmp_path):
     result = invoke([*args, "--metric", "nope.py:m"])
     assert result.exit_code == 1
     assert result.stderr.strip() == "error: --metric 'nope.py:m': no file nope.py"
+
+
+def test_a_missing_model_is_one_line_without_the_judge_line(data, tmp_path):
+    result = invoke(["repair", "eval", tmp_path / "nowhere", "--task", data["task"]])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines

@@ -293,7 +293,8 @@ def evaluate(
     metric(prompt, completion, reference) -> float). The judge and metric used are
     printed on stderr."""
     with user_errors():
-        from weightops.repair.data import RepairError
+        from weightops.io.checkpoint import Checkpoint
+        from weightops.repair.data import RepairError, load_examples
         from weightops.repair.evaluate import evaluate as run_eval
         from weightops.repair.judges import load_callable, refusal_judge
 
@@ -307,6 +308,12 @@ def evaluate(
             else refusal_judge(refusal_pattern)
         )
         task_metric = _metric(metric)
+        # Missing models and bad data are reported before the judge line, so that an
+        # error stays one line.
+        for folder in [*baseline, model]:
+            Checkpoint(folder)
+        harmful_ex = None if harmful is None else load_examples(harmful)
+        task_ex = None if task is None else load_examples(task)
         if harmful is not None:
             typer.echo(f"judge: {harm_judge.name}", err=True)
         if task is not None:
@@ -315,8 +322,8 @@ def evaluate(
         rows = run_eval(
             *baseline,
             model,
-            harmful=harmful,
-            task=task,
+            harmful=harmful_ex,
+            task=task_ex,
             judge=harm_judge,
             metric=task_metric,
             max_new_tokens=max_new_tokens,
