@@ -167,6 +167,16 @@ def test_repair_task_score_and_batches_see_the_bos(bos_trained):
     assert batch["input_ids"][0].tolist() == [ID["<s>"], X, EQ, ord("1")]
 
 
+def test_restoration_scores_the_fine_tune_with_the_bos(bos_trained):
+    from weightops.repair.restore import restore
+
+    model, tok = _load(bos_trained)
+    aligned, _ = _load(bos_trained)
+    task = [Example("x=", "1")]
+    result = restore(model, aligned, tok, task, task, steps=1, progress=False)
+    assert result.task_before == 1.0
+
+
 def test_repair_eval_cli_sees_the_bos(bos_trained, tmp_path):
     task = tmp_path / "task.jsonl"
     task.write_text(json.dumps({"prompt": "x=", "response": "1"}) + "\n")
