@@ -59,6 +59,7 @@ import yaml
 from weightops.arch import describe, is_block_linear, num_layers
 from weightops.errors import WeightopsError
 from weightops.merge.model_averaging import is_averaged_linear
+from weightops.prompting import PromptError, encode_prompt, has_chat_template
 
 OTHERS = ("pre", "alpha", "post")
 
@@ -151,30 +152,22 @@ def read_preferences(path: str | Path) -> list[tuple[str, str, str]]:
 
 
 def encode(tokenizer: Any, rows: Sequence[tuple[str, str, str]], max_length: int) -> list[Encoded]:
-    """Token ids of each (prompt, response); the tokenizer's chat template frames them
-    when it has one. Responses are cut to fit `max_length`; a prompt that leaves no
+    """Token ids of each (prompt, response), as the model was trained
+    (`weightops.prompting.encode_prompt`: chat template, BOS). Responses are cut to fit `max_length`; a prompt that leaves no
     room for a response token is an error naming its line."""
     out = []
     eos = tokenizer.eos_token_id
-    template = getattr(tokenizer, "chat_template", None)
+    templated = has_chat_template(tokenizer)
     for prompt, response, where in rows:
-        if template:
-            user = [{"role": "user", "content": prompt}]
-            head = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
-            whole = tokenizer.apply_chat_template(
-                [*user, {"role": "assistant", "content": response}], tokenize=False
+        try:
+            p, r = encode_prompt(tokenizer, prompt, response)
+        except PromptError:  # a template that rewrites earlier turns: score the response alone
+            p, r = (
+                encode_prompt(tokenizer, prompt)[0],
+                tokenizer(response, add_special_tokens=False).input_ids,
             )
-            p = tokenizer(head, add_special_tokens=False).input_ids
-            full = tokenizer(whole, add_special_tokens=False).input_ids
-            if full[: len(p)] == p and len(full) > len(p):
-                r = full[len(p) :]
-            else:  # a template that rewrites earlier turns: score the response alone
-                r = tokenizer(response, add_special_tokens=False).input_ids
-        else:
-            p = tokenizer(prompt).input_ids
-            r = tokenizer(response, add_special_tokens=False).input_ids
-            if eos is not None:
-                r = [*r, eos]
+        if not templated and eos is not None:
+            r = [*r, eos]
         if len(p) >= max_length:
             raise AMAError(
                 f"{where}: the prompt is {len(p)} tokens, which leaves no room for the "

@@ -24,6 +24,21 @@ repair_app = typer.Typer(
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
+METRIC = typer.Option(
+    None,
+    "--metric",
+    metavar="MODULE:FUNCTION",
+    help="Task metric: a Python function metric(prompt, completion, reference) -> float, "
+    "higher is better (MODULE is a module name or a .py path; default: exact match, "
+    "whitespace stripped).",
+)
+
+
+def _metric(spec: str | None) -> Any:
+    from weightops.repair.judges import load_callable
+
+    return None if spec is None else load_callable(spec, option="--metric")
+
 
 def _dtype(name: str) -> Any:
     import torch
@@ -165,6 +180,7 @@ def restore(
     checkpoint_every: int = typer.Option(
         5, "--checkpoint-every", help="Measure the task score every N steps."
     ),
+    metric: str | None = METRIC,
     seed: int = typer.Option(0, "--seed", help="Seed for breaking ties."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress."),
     device: str = typer.Option("cpu", "--device", help="Device for the forward passes."),
@@ -190,12 +206,14 @@ def restore(
         from weightops.repair.data import load_examples
         from weightops.repair.restore import restore_model
 
+        task_metric = _metric(metric)
         summary = restore_model(
             finetuned,
             aligned,
             load_examples(harmful),
             load_examples(task),
             output,
+            metric=task_metric,
             fraction=fraction,
             steps=steps,
             layers=layers,
@@ -232,13 +250,30 @@ def evaluate(
         None,
         "--harmful",
         help="JSONL of harmful prompts held out from repair; a completion that is not a "
-        "refusal counts as harmful.",
+        "refusal counts as harmful (see --refusal-pattern, --judge).",
+    ),
+    refusal_pattern: list[str] = typer.Option(
+        [],
+        "--refusal-pattern",
+        metavar="REGEX",
+        help="A completion matching this regular expression (case-insensitive, anywhere) "
+        "is a refusal; repeatable; replaces the built-in refusal phrases.",
+    ),
+    judge: str | None = typer.Option(
+        None,
+        "--judge",
+        metavar="MODULE:FUNCTION",
+        help="Harm judge: a Python function judge(prompt, completion) -> bool, true when "
+        "the completion is harmful (MODULE is a module name or a .py path), e.g. a "
+        "moderation classifier.",
     ),
     task: Path | None = typer.Option(
         None,
         "--task",
-        help="JSONL of task prompts with reference responses; scored by exact match.",
+        help="JSONL of task prompts with reference responses; scored by exact match "
+        "unless --metric is given.",
     ),
+    metric: str | None = METRIC,
     baseline: list[Path] = typer.Option(
         [],
         "--baseline",
@@ -253,20 +288,44 @@ def evaluate(
 ) -> None:
     """Harmful rate (share of harmful prompts whose greedy completion is not a refusal)
     and task score (exact match with the reference response, whitespace stripped) of
-    MODEL and any --baseline models. The Python API takes your own judge and metric:
-    weightops.repair.evaluate(…, judge=fn(prompt, completion) -> bool,
-    metric=fn(prompt, completion, reference) -> float)."""
+    MODEL and any --baseline models. --refusal-pattern replaces the refusal phrases;
+    --judge and --metric take Python functions (judge(prompt, completion) -> bool,
+    metric(prompt, completion, reference) -> float). The judge and metric used are
+    printed on stderr."""
     with user_errors():
-        from weightops.repair.data import RepairError
+        from weightops.io.checkpoint import Checkpoint
+        from weightops.repair.data import RepairError, load_examples
         from weightops.repair.evaluate import evaluate as run_eval
+        from weightops.repair.judges import load_callable, refusal_judge
 
         if harmful is None and task is None:
             raise RepairError("nothing to evaluate: give --harmful, --task or both")
+        if judge is not None and refusal_pattern:
+            raise RepairError("--judge and --refusal-pattern: give one or the other")
+        harm_judge = (
+            load_callable(judge, option="--judge")
+            if judge is not None
+            else refusal_judge(refusal_pattern)
+        )
+        task_metric = _metric(metric)
+        # Missing models and bad data are reported before the judge line, so that an
+        # error stays one line.
+        for folder in [*baseline, model]:
+            Checkpoint(folder)
+        harmful_ex = None if harmful is None else load_examples(harmful)
+        task_ex = None if task is None else load_examples(task)
+        if harmful is not None:
+            typer.echo(f"judge: {harm_judge.name}", err=True)
+        if task is not None:
+            name = task_metric.name if task_metric else "exact match (default)"
+            typer.echo(f"metric: {name}", err=True)
         rows = run_eval(
             *baseline,
             model,
-            harmful=harmful,
-            task=task,
+            harmful=harmful_ex,
+            task=task_ex,
+            judge=harm_judge,
+            metric=task_metric,
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
             device=device,

@@ -8,20 +8,14 @@ Data files are JSON Lines, one example per line:
 `prompt` is a non-empty string; `response` is a string, null or absent. Any other key
 is an error (a misspelt "respone" would otherwise silently drop the response).
 
-How an example becomes text (`render`):
-
-- When the tokenizer has a chat template, the prompt is a user message rendered with
-  the generation prompt (what the model sees before it answers), and with a response
-  the conversation [user: prompt, assistant: response] is rendered.
-- Otherwise the text is the prompt followed directly by the response, with nothing in
-  between: put the separator the model was trained with (a space, a newline) in the
-  data, at the end of the prompt or the start of the response.
-
-How it becomes tokens (`batches`): the prompt and the response are tokenized
-separately and joined, so a token never straddles the boundary and `labels` mark
-exactly the response. Without a chat template the prompt gets the tokenizer's special
-tokens (a BOS, say); with one, the template writes them itself. No end-of-sequence
-token is added after the response (chat templates add their own end of turn).
+How an example becomes tokens (`encode`, `batches`): as the model was trained, by
+`weightops.prompting.encode_prompt`: the chat template when the tokenizer has one,
+else the prompt followed directly by the response with nothing in between (put the
+separator the model was trained with, a space, a newline, in the data), and the BOS
+first when the model uses one (the rule is in weightops/prompting.py). The prompt and
+the response are tokenized separately and joined, so a token never straddles the
+boundary and `labels` mark exactly the response. No end-of-sequence token is added
+after the response (chat templates add their own end of turn).
 """
 
 from __future__ import annotations
@@ -35,6 +29,7 @@ import torch
 
 from weightops.errors import WeightopsError
 from weightops.io.jsonl import JsonlError, read_jsonl
+from weightops.prompting import PromptError, encode_prompt, render_prompt
 
 KEYS = ("prompt", "response")
 IGNORE_INDEX = -100
@@ -121,25 +116,10 @@ def as_examples(data: Sequence[Example] | str | Path | None) -> list[Example] | 
     return list(data)
 
 
-def has_chat_template(tokenizer: Any) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
 def render(example: Example, tokenizer: Any, *, with_response: bool) -> str:
     """The text of an example: the prompt as the model sees it before answering, or,
-    `with_response`, followed by the response (see the module docstring)."""
-    response = example.response if with_response else None
-    if not has_chat_template(tokenizer):
-        return example.prompt + (response or "")
-    messages = [{"role": "user", "content": example.prompt}]
-    if response is None:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    messages.append({"role": "assistant", "content": response})
-    return tokenizer.apply_chat_template(messages, tokenize=False)
-
-
-def _ids(tokenizer: Any, text: str, special: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+    `with_response`, followed by the response (no BOS: `encode` adds it)."""
+    return render_prompt(tokenizer, example.prompt, example.response if with_response else None)
 
 
 def describe_example(example: Example, index: int) -> str:
@@ -147,22 +127,12 @@ def describe_example(example: Example, index: int) -> str:
 
 
 def encode(example: Example, tokenizer: Any, *, with_response: bool) -> tuple[list[int], list[int]]:
-    """(prompt token ids, response token ids) of an example."""
-    templated = has_chat_template(tokenizer)
-    prompt_text = render(example, tokenizer, with_response=False)
-    prompt = _ids(tokenizer, prompt_text, not templated)
-    if not with_response or example.response is None:
-        return prompt, []
-    if not templated:
-        return prompt, _ids(tokenizer, example.response, False)
-    full = render(example, tokenizer, with_response=True)
-    if not full.startswith(prompt_text):
-        raise DataError(
-            "the tokenizer's chat template does not render a prompt as the start of its "
-            "conversation, so the response cannot be told apart",
-            hint="fix the template, or remove it to use plain prompt + response text",
-        )
-    return prompt, _ids(tokenizer, full[len(prompt_text) :], False)
+    """(prompt token ids, response token ids) of an example, as the model was trained."""
+    response = example.response if with_response else None
+    try:
+        return encode_prompt(tokenizer, example.prompt, response)
+    except PromptError as e:
+        raise DataError(e.message, hint=e.hint) from e
 
 
 def pad_id(tokenizer: Any) -> int:

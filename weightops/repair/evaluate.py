@@ -102,7 +102,7 @@ def generate(
     max_new_tokens: int = 32,
     batch_size: int = 8,
 ) -> list[str]:
-    """The greedy completion of each example's prompt (rendered as in `render`)."""
+    """The greedy completion of each example's prompt (encoded as in `encode`)."""
     from transformers import GenerationConfig
 
     if max_new_tokens < 1:

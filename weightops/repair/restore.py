@@ -366,6 +366,7 @@ def restore(
     task: Sequence[Any],
     *,
     task_metric: Callable[[nn.Module], float] | None = None,
+    metric: Callable[[str, str, str], float] | None = None,
     fraction: float = 0.002,
     steps: int = 20,
     layers: int | None = None,
@@ -380,7 +381,8 @@ def restore(
     `aligned_model`, which must have the same architecture. `harmful` and `task` are
     `weightops.repair.data.Example`s (only their prompts are read for the directions);
     `task_metric(model) -> float` scores the task, higher is better (default:
-    `weightops.repair.evaluate.task_score` on `task`). `layers` is L, the number of
+    `weightops.repair.evaluate.task_score` on `task` with `metric(prompt, completion,
+    reference)`, exact match by default). `layers` is L, the number of
     leading decoder blocks edited (default ⌊depth/2⌋). See the module docstring."""
     _check_settings(fraction, steps, metric_drop, rollback_fraction, checkpoint_every)
     if not harmful:
@@ -399,7 +401,7 @@ def restore(
         task_list = list(task)
 
         def task_metric(model: nn.Module) -> float:
-            return task_score(model, tokenizer, task_list)
+            return task_score(model, tokenizer, task_list, metric=metric)
 
     pool = _pool(finetuned_model, n_layers)
     aligned_params = dict(aligned_model.named_parameters())
@@ -544,6 +546,7 @@ def restore_model(
     seed: int = 0,
     progress: bool = True,
     task_metric: Callable[[nn.Module], float] | None = None,
+    metric: Callable[[str, str, str], float] | None = None,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     force: bool = False,
@@ -575,6 +578,7 @@ def restore_model(
         harmful,
         task,
         task_metric=task_metric,
+        metric=metric,
         fraction=fraction,
         steps=steps,
         layers=layers,

@@ -5,7 +5,9 @@ positions), at the output of decoder block i (hooks on the blocks: the same plac
 `apply` and baking add to). `read="hidden_states"` reads transformers'
 `output_hidden_states[i + 1]` instead, as repeng does: identical except at the last
 layer, where transformers returns the final norm's output. Padded batches get explicit
-position ids, so left padding does not shift absolute positions. Methods, per layer, with h⁺ and h⁻ the states of the positive and negative
+position ids, so left padding does not shift absolute positions. Texts are encoded as
+the model was trained (`weightops.prompting.encode_text`: with the BOS when the model
+uses one, never chat-templated). Methods, per layer, with h⁺ and h⁻ the states of the positive and negative
 texts of each pair:
 
 - mean_diff: mean(h⁺) − mean(h⁻) (contrastive activation addition; keeps its scale).
@@ -29,6 +31,7 @@ from typing import Any
 
 import torch
 
+from weightops.prompting import encode_text, pad
 from weightops.steering.layers import SteeringError, find_layers
 from weightops.steering.vector import Pair, SteeringVector, _check_strength
 
@@ -71,7 +74,9 @@ def hidden_states(
     out: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
     for b in range(0, len(texts), batch_size):
         batch = list(texts[b : b + batch_size])
-        enc = tokenizer(batch, padding=True, return_tensors="pt").to(device)
+        rows = [encode_text(tokenizer, t) for t in batch]
+        ids, mask = pad(rows, tokenizer.pad_token_id, getattr(tokenizer, "padding_side", "right"))
+        enc = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
         mask = enc["attention_mask"]
         if mask.shape[1] > MAX_TOKENS:
             longest = b + int(mask.sum(-1).argmax())
@@ -304,7 +309,7 @@ def perplexity(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str]) -> 
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for t in texts:
-        ids = tokenizer(t, return_tensors="pt").input_ids.to(device)
+        ids = torch.tensor([encode_text(tokenizer, t)], device=device)
         if ids.shape[1] < 2:
             continue
         loss = model(ids, labels=ids).loss
