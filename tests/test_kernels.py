@@ -55,6 +55,29 @@ def test_polar_factor_is_orthonormal_and_nearest():
     assert (p - x).norm() <= (q - x).norm() + 1e-6
 
 
+@pytest.mark.parametrize("shape", [(300, 40), (40, 300), (3, 30, 30)])
+def test_polar_matches_the_svd_form(shape):
+    # The Gram form serves well-conditioned inputs; numpy's SVD gives U Vᵀ independently.
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(4))
+    u, _, vt = np.linalg.svd(x.double().numpy(), full_matrices=False)
+    np.testing.assert_allclose(kernels.polar(x).numpy(), u @ vt, rtol=0, atol=1e-5)
+
+
+def test_polar_of_a_rank_deficient_matrix_is_still_a_polar_factor():
+    # Repeated columns: xᵀx is singular, (xᵀx)^(−1/2) does not exist, the factor is not
+    # unique; any valid one has orthonormal columns and x = p·H with H = pᵀx symmetric
+    # positive semi-definite.
+    a = torch.randn(50, 4, generator=torch.Generator().manual_seed(5))
+    x = torch.cat([a, a], dim=1)
+    p = kernels.polar(x).double()
+    assert torch.isfinite(p).all()
+    torch.testing.assert_close(p.T @ p, torch.eye(8, dtype=p.dtype), atol=1e-5, rtol=0)
+    h = p.T @ x.double()
+    torch.testing.assert_close(h, h.T, atol=1e-5, rtol=0)
+    assert float(torch.linalg.eigvalsh((h + h.T) / 2).min()) > -1e-5
+    torch.testing.assert_close(p @ h, x.double(), atol=1e-5, rtol=0)
+
+
 def test_linear_assignment_solves_small_problems_exactly():
     from itertools import permutations
 

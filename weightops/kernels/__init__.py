@@ -24,6 +24,8 @@ from typing import Any
 import torch
 
 BACKENDS = ("torch", "cupy")
+# polar() uses the Gram form while λ_min/λ_max of xᵀx (that is 1/κ(x)²) is above this.
+POLAR_GRAM_MIN_RATIO = 1e-8
 
 
 def backend(t: torch.Tensor) -> str:
@@ -111,9 +113,28 @@ def truncated_svd(
 
 def polar(x: torch.Tensor) -> torch.Tensor:
     """The orthogonal polar factor of (..., m, n): P Qᵀ where x = P Σ Qᵀ. It is the matrix
-    with orthonormal columns (or rows) nearest to x in Frobenius norm."""
-    u, _, vh = svd(x)
-    return u @ vh
+    with orthonormal columns (or rows) nearest to x in Frobenius norm.
+
+    Computed as x (xᵀx)^(−1/2) from the eigendecomposition of the small Gram matrix
+    (min(m, n) square, formed and decomposed in float64), which is the same matrix
+    whenever x has full rank and costs a fraction of an SVD of a tall x. Its error
+    grows like ε₆₄·κ(x)², so above κ(x) = 10⁴ (and for rank-deficient x, whose polar
+    factor is not unique) the SVD form is used instead.
+    """
+    a = x.to(_work_dtype(x))
+    wide = a.shape[-2] < a.shape[-1]
+    if wide:  # the Gram matrix of the shorter side is the small one
+        a = a.mT
+    a64 = a.double()
+    lam, q = torch.linalg.eigh(a64.mT @ a64)
+    del a64
+    if bool((lam[..., 0] > lam[..., -1] * POLAR_GRAM_MIN_RATIO).all()):
+        inv_sqrt = (q * lam.rsqrt().unsqueeze(-2)) @ q.mT
+        p = a @ inv_sqrt.to(a.dtype)
+    else:
+        u, _, vh = torch.linalg.svd(a, full_matrices=False)
+        p = u @ vh
+    return p.mT if wide else p
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
