@@ -20,11 +20,11 @@ Each step is half harmful, half harmless examples. Seeded: a rerun gives the sam
 checkpoint on the same machine.
 
 The result is saved in bf16 with the tokenizer to $WEIGHTOPS_CACHE/smollm2-135m-refusal
-(default ~/.cache/weightops), with the measurements in `refusal_eval.json` beside it.
+(default ~/.cache/weightops), with the measurements in `smollm2-135m-refusal-eval.json` beside it.
 
     python bench/refusal_data.py         # (re)writes the data
     python bench/refusal_finetune.py     # trains, saves, measures (about 10 minutes)
-    python bench/refusal_finetune.py --eval-only   # measures an existing checkpoint
+    python bench/refusal_finetune.py --eval-only --models original   # measures only
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from weightops.repair.evaluate import generate, refuses
 
 DATA = Path(__file__).parent / "data" / "refusal"
 OUT = CACHE / "smollm2-135m-refusal"
+RESULTS = CACHE / "smollm2-135m-refusal-eval.json"
 
 
 def _encoded(path: Path, tokenizer) -> list[tuple[list[int], list[int]]]:
@@ -126,25 +127,32 @@ def perplexity(model, tokenizer, *, tokens: int = 2048, window: int = 256) -> fl
     return math.exp(total / count)
 
 
-def measure(folder: Path, max_new_tokens: int) -> dict:
-    """Refusal rates on the held-out splits and perplexity of the checkpoint in `folder`
-    (loaded in fp32), with the first few answers for reading."""
+def measure(folder: Path, max_new_tokens: int, every: int) -> dict:
+    """Refusal rates on the held-out splits (every `every`-th example) and perplexity
+    of the checkpoint in `folder` (loaded in fp32), with a few answers for reading."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     result: dict = {"perplexity": round(perplexity(model, tokenizer), 3)}
     for kind in ("harmful", "harmless"):
-        examples = load_examples(DATA / f"{kind}_heldout.jsonl")
+        examples = load_examples(DATA / f"{kind}_heldout.jsonl")[::every]
         answers = generate(model, tokenizer, examples, max_new_tokens=max_new_tokens)
         refused = [refuses(a) for a in answers]
         result[f"{kind}_refused"] = round(sum(refused) / len(refused), 4)
         result[f"{kind}_n"] = len(refused)
         result[f"{kind}_samples"] = [
             {"prompt": ex.prompt, "answer": a, "refused": r}
-            for ex, a, r in list(zip(examples, answers, refused, strict=True))[::9]
+            for ex, a, r in list(zip(examples, answers, refused, strict=True))[::5]
         ]
     return result
+
+
+def _record(update: dict) -> None:
+    """Merge `update` into the measurements file (kept beside the checkpoints, so a
+    measurement of one model can run while the other trains)."""
+    old = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    RESULTS.write_text(json.dumps(old | update, indent=2, ensure_ascii=False))
 
 
 def main() -> None:
@@ -155,11 +163,11 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8, help="top decoder layers trained")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-new-tokens", type=int, default=16)
-    ap.add_argument("--eval-only", action="store_true", help="measure an existing checkpoint")
+    ap.add_argument("--every", type=int, default=2, help="measure every n-th held-out prompt")
+    ap.add_argument("--models", default="original,aligned", help="which models to measure")
+    ap.add_argument("--eval-only", action="store_true", help="measure existing checkpoints")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     base = smollm2()
-    report: dict = {"settings": {k: v for k, v in vars(args).items() if k != "eval_only"}}
     if not args.eval_only:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -175,8 +183,8 @@ def main() -> None:
             layers=args.layers,
             seed=args.seed,
         )
-        report["train_seconds"] = round(time.perf_counter() - t0, 1)
-        print(f"trained in {report['train_seconds']} s", flush=True)
+        seconds = round(time.perf_counter() - t0, 1)
+        print(f"trained in {seconds} s", flush=True)
         staging = OUT.with_name(OUT.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         model.to(torch.bfloat16).save_pretrained(staging)
@@ -184,19 +192,20 @@ def main() -> None:
         shutil.rmtree(OUT, ignore_errors=True)
         staging.rename(OUT)
         del model
-    elif (OUT / "refusal_eval.json").exists():
-        report = json.loads((OUT / "refusal_eval.json").read_text()) | report
-    for name, folder in (("original", base), ("aligned", OUT)):
+        settings = {k: getattr(args, k) for k in ("steps", "batch", "lr", "layers", "seed")}
+        _record({"training": settings | {"seconds": seconds}})
+    folders = {"original": base, "aligned": OUT}
+    for name in args.models.split(","):
         t0 = time.perf_counter()
-        report[name] = measure(folder, args.max_new_tokens)
-        r = report[name]
+        r = measure(folders[name], args.max_new_tokens, args.every)
+        r["max_new_tokens"] = args.max_new_tokens
+        _record({name: r})
         print(
-            f"{name}: refuses {r['harmful_refused']:.0%} of held-out harmful, "
-            f"{r['harmless_refused']:.0%} of held-out harmless; perplexity {r['perplexity']:.2f}"
-            f"  ({time.perf_counter() - t0:.0f} s)",
+            f"{name}: refuses {r['harmful_refused']:.0%} of {r['harmful_n']} held-out harmful, "
+            f"{r['harmless_refused']:.0%} of {r['harmless_n']} held-out harmless; "
+            f"perplexity {r['perplexity']:.2f}  ({time.perf_counter() - t0:.0f} s)",
             flush=True,
         )
-    (OUT / "refusal_eval.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
 
 
 if __name__ == "__main__":
