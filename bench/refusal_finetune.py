@@ -23,7 +23,7 @@ The result is saved in bf16 with the tokenizer to $WEIGHTOPS_CACHE/smollm2-135m-
 (default ~/.cache/weightops), with the measurements in `smollm2-135m-refusal-eval.json` beside it.
 
     python bench/refusal_data.py         # (re)writes the data
-    python bench/refusal_finetune.py     # trains, saves, measures (about 10 minutes)
+    python bench/refusal_finetune.py     # trains, saves, measures (17 + 2x9 minutes on two busy CPU cores)
     python bench/refusal_finetune.py --eval-only --models original   # measures only
 """
 
