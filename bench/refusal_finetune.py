@@ -16,8 +16,8 @@ final norm; the embeddings (tied to the output head) and the lower layers stay
 frozen, so the backward pass stops early and a run fits in minutes on two CPU cores.
 The loss is on the response tokens only (the chat template renders the prompt, as in
 weightops.repair.data.encode), and only those positions go through the output head.
-Each step is half harmful, half harmless examples. Seeded: a rerun gives the same
-checkpoint on the same machine.
+Each step is half harmful, half harmless examples, drawn with a fixed seed (a rerun
+draws the same batches; not checked for bit-identical weights).
 
 The result is saved in bf16 with the tokenizer to $WEIGHTOPS_CACHE/smollm2-135m-refusal
 (default ~/.cache/weightops), with the measurements in `smollm2-135m-refusal-eval.json` beside it.
