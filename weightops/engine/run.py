@@ -25,6 +25,7 @@ from weightops import __version__, signals
 from weightops.engine.card import write_side_files
 from weightops.engine.plan import Plan
 from weightops.engine.progress import Progress
+from weightops.engine.select import TaskCuts, find_cuts
 from weightops.engine.stream import CHUNK_ELEMENTS, InputStream, Loaded, Piece, RunOptions, pieces
 from weightops.errors import MergeError, WeightopsError
 from weightops.io.writer import ShardWriter, StagingFolder, check_unchanged, disk_error, plan_layout
@@ -56,7 +57,12 @@ def _to_compute(plan: Plan, loaded: Loaded, device: torch.device) -> Loaded:
 
 
 def _compute(
-    plan: Plan, piece: Piece, loaded: Loaded, device: torch.device, stats: dict[str, object]
+    plan: Plan,
+    piece: Piece,
+    loaded: Loaded,
+    device: torch.device,
+    stats: dict[str, object],
+    cuts: dict[str, TaskCuts],
 ) -> torch.Tensor:
     task = piece.task
     if task.copy:
@@ -78,6 +84,7 @@ def _compute(
                 stats=stats.get(task.module),
                 name=task.name,
                 numerics=plan.numerics,
+                cuts=_block_cuts(cuts, piece),
             )
     except WeightopsError:
         raise
@@ -100,6 +107,13 @@ def _compute(
             hint="check the inputs for NaN/Inf and the parameters (e.g. weights that cancel out)",
         )
     return out
+
+
+def _block_cuts(cuts: dict[str, TaskCuts], piece: Piece) -> list | None:
+    task_cuts = cuts.get(piece.task.name)
+    if task_cuts is None or piece.rows is None:
+        return None
+    return task_cuts.for_rows(piece.rows[0])
 
 
 def _statistics(plan: Plan, options: RunOptions, device: torch.device) -> dict[str, object]:
@@ -137,7 +151,7 @@ def execute(plan: Plan, out: Path, options: RunOptions | None = None) -> Path:
     threads = torch.get_num_threads()
     if options.threads:
         torch.set_num_threads(options.threads)
-    elif all(m.elementwise for m in plan.methods.values()) and device.type == "cpu":
+    elif all(m.elementwise or m.ranks for m in plan.methods.values()) and device.type == "cpu":
         # Small row blocks gain nothing from intra-op threads, which would only contend
         # with the readers for the cores.
         torch.set_num_threads(1)
@@ -180,9 +194,10 @@ def _execute(plan: Plan, out: Path, options: RunOptions, device: torch.device) -
             finally:
                 stream.close()
         stats = _statistics(plan, options, device)
+        cuts = find_cuts(plan, options, device)
         writer = ShardWriter(staging.path, layout, display=out)
         try:
-            _apply(plan, writer, options, device, stats)
+            _apply(plan, writer, options, device, stats, cuts)
             writer.finish()
         finally:
             writer.close()
@@ -225,6 +240,7 @@ def _apply(
     options: RunOptions,
     device: torch.device,
     stats: dict[str, object],
+    cuts: dict[str, TaskCuts],
 ) -> None:
     stream = InputStream(plan, options, device, chunked=True)
     write_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightops-write")
@@ -234,7 +250,7 @@ def _apply(
     try:
         for piece, box in stream:
             signals.raise_if_stopped()
-            result = _compute(plan, piece, box.pop(), device, stats)
+            result = _compute(plan, piece, box.pop(), device, stats, cuts)
             size = result.numel() * result.element_size()
             pending.append(
                 (write_pool.submit(writer.write, piece.task.name, result, piece.out_offset), size)

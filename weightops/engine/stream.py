@@ -1,7 +1,8 @@
 """Reading a plan's inputs ahead of the computation: the pieces a plan is cut into
-(whole tensors, or row blocks of elementwise ones), and a small thread pool that reads
-each piece's inputs (adapter folded in, aligned, vocabulary re-indexed, converted to
-the compute dtype) while the previous piece is computed."""
+(whole tensors, or row blocks of elementwise ones and of those whose magnitude cuts
+are found beforehand), and a small thread pool that reads each piece's inputs
+(adapter folded in, aligned, vocabulary re-indexed, converted to the compute dtype)
+while the previous piece is computed."""
 
 from __future__ import annotations
 
@@ -66,20 +67,31 @@ def pieces(
         if item_bytes is not None and not task.copy:
             in_bytes = task.numel * item_bytes * (len(task.inputs) + (task.base is not None))
         rows = task.shape[0] if task.shape else 0
-        if (
-            chunk_elements
-            and plan.method_of(task).elementwise
-            and not task.copy
-            and not plan.permutes_rows(task)
-            and task.numel > chunk_elements
-            and rows > 1
-        ):
+        if chunk_elements and splits(plan, task, chunk_elements):
             step = max(1, chunk_elements // (task.numel // rows))
             for r0 in range(0, rows, step):
                 r1 = min(rows, r0 + step)
                 yield Piece(task, (r0, r1), math.ceil(in_bytes * (r1 - r0) / rows))
         else:
             yield Piece(task, None, in_bytes)
+
+
+def splits(plan: Plan, task: TensorTask, chunk_elements: int) -> bool:
+    """Whether the task is computed in row blocks: its method is elementwise, or cuts
+    task vectors at ranks the engine finds beforehand (weightops.engine.select)."""
+    method = plan.method_of(task)
+    blockable = method.elementwise or (
+        not task.copy
+        and method.cut_positions(dict(task.params), task.numel, plan.numerics) is not None
+    )
+    return (
+        blockable
+        and not task.copy
+        and not plan.permutes_rows(task)
+        and task.numel > chunk_elements
+        and len(task.shape) > 0
+        and task.shape[0] > 1
+    )
 
 
 Loaded = tuple[list[torch.Tensor], torch.Tensor | None]
