@@ -116,6 +116,7 @@ RECIPES = [
     ("ties", {"density": 0.5}, {}),
     ("ties", {"density": 0.3}, {"normalize": False, "lambda": 0.7}),
     ("ties", {"density": 1.0}, {}),
+    ("ties", {"density": 0.9}, {}),
     ("breadcrumbs", {"density": 0.6, "gamma": 0.05}, {}),
     ("breadcrumbs", {"density": 0.9, "gamma": 0.0}, {}),
     ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.2}, {"normalize": True}),

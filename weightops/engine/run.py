@@ -12,10 +12,7 @@ bytes, so memory is a few pieces, never the depth or width of the model.
 from __future__ import annotations
 
 import collections
-import ctypes
-import ctypes.util
 import dataclasses
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,7 +23,15 @@ from weightops.engine.card import write_side_files
 from weightops.engine.plan import Plan
 from weightops.engine.progress import Progress
 from weightops.engine.select import TaskCuts, find_cuts
-from weightops.engine.stream import CHUNK_ELEMENTS, InputStream, Loaded, Piece, RunOptions, pieces
+from weightops.engine.stream import (
+    CHUNK_ELEMENTS,
+    InputStream,
+    Loaded,
+    Piece,
+    RunOptions,
+    pieces,
+    release_free_memory,
+)
 from weightops.errors import MergeError, WeightopsError
 from weightops.io.writer import ShardWriter, StagingFolder, check_unchanged, disk_error, plan_layout
 
@@ -216,21 +221,6 @@ def _execute(plan: Plan, out: Path, options: RunOptions, device: torch.device) -
 _PENDING_WRITE_BYTES = 64 * 2**20
 
 
-def _load_trim() -> Callable[[], object]:
-    """glibc's malloc_trim, or a no-op elsewhere."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return lambda: None
-    return lambda: trim(0)
-
-
-# Buffers of a few MB freed by one thread after another thread allocated them stay
-# in glibc's heaps, fragmented, and resident memory creeps up with the number of
-# tensors. Handing the free pages back every so often keeps peak RSS flat; doing it
-# after every tensor costs the page faults of re-touching them (~15% of a merge).
-_release_free_memory = _load_trim()
 _TRIM_EVERY = 64 * 2**20
 
 
@@ -267,7 +257,7 @@ def _apply(
                 progress.update(piece.task.out_bytes, piece.task.name)
                 since_trim += piece.task.out_bytes
                 if since_trim >= _TRIM_EVERY:
-                    _release_free_memory()
+                    release_free_memory()
                     since_trim = 0
         while pending:
             pending.popleft()[0].result()

@@ -8,23 +8,25 @@ cut into row blocks, two streaming passes find each cut exactly:
 1. a histogram of the high 16 bits of |δ|'s bit pattern (for non-negative floats the
    bit pattern, read as an integer, orders like the value), which puts each rank in
    one bucket;
-2. the low bits of the entries inside that bucket, kept per row block: sorting them
-   gives the exact value at the rank, how many entries lie below and at it, and how
-   many of those tied entries lie in each block's earlier rows.
+2. a tally of the low bits of the entries inside that bucket, per row block: merged,
+   it gives the exact value at the rank and how many entries lie below and at it;
+   per block, how many of the tied entries lie in earlier rows.
 
-Memory is a 65536-entry histogram per input of the current tensor, and the bucket's
-entries (a small share of the tensor unless most of it ties at one value).
+Memory is a 65536-entry histogram per input of the current tensor, and per block the
+distinct low bits in the bucket with their counts: one pair when most of a tensor ties
+at one value (the exact zeros of a sparse task vector).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Iterator
 
 import torch
 
 from weightops.engine.plan import Plan, TensorTask
-from weightops.engine.stream import InputStream, RunOptions, splits
+from weightops.engine.stream import InputStream, RunOptions, release_free_memory, splits
 from weightops.merge.cuts import Cut
 
 _HIGH_BITS = 16
@@ -39,7 +41,8 @@ class _Rank:
     bucket: int = 0
     below: int = 0  # entries in lower buckets
     dtype: torch.dtype = torch.float32  # of |δ| as the method computes it
-    lows: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # by first row
+    # Per row block (by first row): the distinct low bits in the bucket and their counts.
+    lows: dict[int, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -60,12 +63,37 @@ class TaskCuts:
         ]
 
 
-def _split_bits(mag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """High 16 bits and the remaining low bits of non-negative floats, as integers."""
-    width = mag.element_size() * 8
-    bits = mag.reshape(-1).view(_INT_VIEW[mag.element_size()]).to(torch.int64)
-    shift = width - _HIGH_BITS
-    return (bits >> shift) & 0xFFFF, bits & ((1 << shift) - 1)
+def _high(mag: torch.Tensor) -> torch.Tensor:
+    """The high 16 bits of non-negative floats' bit patterns, as non-negative integers."""
+    if mag.dtype == torch.float32 and sys.byteorder == "little":
+        return mag.reshape(-1).view(torch.int16)[1::2]  # no shift: the upper halves
+    bits = mag.reshape(-1).view(_INT_VIEW[mag.element_size()])
+    return (
+        bits.to(torch.int32)
+        if mag.element_size() == 2
+        else bits >> (bits.dtype.itemsize * 8 - _HIGH_BITS)
+    )
+
+
+def _low_in(mag: torch.Tensor, bucket: int) -> torch.Tensor:
+    """The low bits (below the high 16) of the entries whose high bits are `bucket`."""
+    flat = mag.reshape(-1)
+    inside = flat[_high(mag) == bucket]
+    if mag.element_size() == 2:
+        return torch.zeros(inside.numel(), dtype=torch.int32, device=mag.device)
+    bits = inside.view(_INT_VIEW[mag.element_size()])
+    return bits & ((1 << (bits.dtype.itemsize * 8 - _HIGH_BITS)) - 1)
+
+
+def _tally(lows: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct values of `lows` and how often each occurs, small whatever the
+    share of the tensor that ties at one value."""
+    if width <= 32:
+        counts = torch.bincount(lows, minlength=1 << (width - _HIGH_BITS))
+        values = torch.nonzero(counts).squeeze(1)
+        return values.cpu(), counts[values].cpu()
+    values, counts = torch.unique(lows, return_counts=True)
+    return values.cpu(), counts.cpu()
 
 
 def _bits_value(high: int, low: int, dtype: torch.dtype) -> float:
@@ -118,36 +146,49 @@ def find_cuts(plan: Plan, options: RunOptions, device: torch.device) -> dict[str
     if not scanned:
         return {name: _finish(rs) for name, rs in ranks.items()}
     sub = dataclasses.replace(plan, tasks=[t for t in plan.tasks if t.name in scanned])
-    # Pass 1: which bucket of the high bits holds each rank.
+    # Pass 1: which bucket of the high bits holds each rank; exact zeros per block, so
+    # that a cut at 0 (a sparse task vector) needs no second pass.
     hists: dict[int, torch.Tensor] = {}
-    for piece, loaded in _pass(sub, options, device):
-        task = piece.task
-        for i, mag in _magnitudes(plan, task, loaded):
-            if any(r is not None for r in ranks[task.name][i]):
-                high, _ = _split_bits(mag)
-                for r in ranks[task.name][i]:
-                    if r is not None:
-                        r.dtype = mag.dtype
-                counts = torch.bincount(high, minlength=1 << _HIGH_BITS).cpu()
-                hists[i] = counts if i not in hists else hists[i].add_(counts)
-        if piece.rows is None or piece.rows[1] == task.shape[0]:
-            for i, hist in hists.items():
-                cum = torch.cumsum(hist, 0)
-                for r in ranks[task.name][i]:
-                    if r is not None:
-                        r.bucket = int(torch.searchsorted(cum, r.position, right=True))
-                        r.below = int(cum[r.bucket - 1]) if r.bucket else 0
-            hists.clear()
-    # Pass 2: the low bits of each bucket's entries, block by block.
+    zeros: dict[int, dict[int, int]] = {}
     for piece, loaded in _pass(sub, options, device):
         task = piece.task
         r0 = piece.rows[0] if piece.rows else 0
         for i, mag in _magnitudes(plan, task, loaded):
-            wanted_here = [r for r in ranks[task.name][i] if r is not None]
-            if wanted_here:
-                high, low = _split_bits(mag)
-                for r in wanted_here:
-                    r.lows[r0] = low[high == r.bucket].cpu()
+            if any(r is not None for r in ranks[task.name][i]):
+                for r in ranks[task.name][i]:
+                    if r is not None:
+                        r.dtype = mag.dtype
+                counts = torch.bincount(_high(mag), minlength=1 << _HIGH_BITS).cpu()
+                hists[i] = counts if i not in hists else hists[i].add_(counts)
+                zeros.setdefault(i, {})[r0] = mag.numel() - int(torch.count_nonzero(mag))
+        if piece.rows is None or piece.rows[1] == task.shape[0]:
+            for i, hist in hists.items():
+                cum = torch.cumsum(hist, 0)
+                for r in ranks[task.name][i]:
+                    if r is None:
+                        continue
+                    r.bucket = int(torch.searchsorted(cum, r.position, right=True))
+                    r.below = int(cum[r.bucket - 1]) if r.bucket else 0
+                    if r.bucket == 0 and int(hist[0]) == sum(zeros[i].values()):
+                        r.lows = {
+                            row: (torch.zeros(1, dtype=torch.int64), torch.tensor([z]))
+                            for row, z in zeros[i].items()
+                        }
+            hists.clear()
+            zeros.clear()
+            release_free_memory()
+    # Pass 2: a tally of the low bits of each bucket's entries, block by block.
+    unsettled = {n for n, rs in ranks.items() for ps in rs for r in ps if r and not r.lows}
+    sub = dataclasses.replace(plan, tasks=[t for t in plan.tasks if t.name in unsettled])
+    for piece, loaded in _pass(sub, options, device) if unsettled else ():
+        task = piece.task
+        r0 = piece.rows[0] if piece.rows else 0
+        for i, mag in _magnitudes(plan, task, loaded):
+            for r in ranks[task.name][i]:
+                if r is not None:
+                    r.lows[r0] = _tally(_low_in(mag, r.bucket), mag.element_size() * 8)
+        if piece.rows is None or piece.rows[1] == task.shape[0]:
+            release_free_memory()
     return {name: _finish(rs) for name, rs in ranks.items()}
 
 
@@ -162,22 +203,26 @@ def _finish(ranks: list[list[_Rank | None]]) -> TaskCuts:
                 cs.append(None)
                 bs.append(None)
                 continue
-            lows = torch.cat(list(r.lows.values()))
-            low = int(torch.kthvalue(lows, r.position - r.below + 1).values)
+            values = torch.cat([v for v, _ in r.lows.values()])
+            counts = torch.cat([c for _, c in r.lows.values()])
+            distinct, where = torch.unique(values, return_inverse=True)
+            totals = torch.zeros(len(distinct), dtype=torch.int64).index_add_(0, where, counts)
+            at = int(torch.searchsorted(torch.cumsum(totals, 0), r.position - r.below, right=True))
+            low = int(distinct[at])
             cs.append(
                 Cut(
                     position=r.position,
                     value=_bits_value(r.bucket, low, r.dtype),
-                    less=r.below + int(torch.count_nonzero(lows < low)),
-                    equal=int(torch.count_nonzero(lows == low)),
+                    less=r.below + int(totals[:at].sum()),
+                    equal=int(totals[at]),
                     before=0,
                 )
             )
-            seen, counts = 0, {}
-            for row, block in r.lows.items():
-                counts[row] = seen
-                seen += int(torch.count_nonzero(block == low))
-            bs.append(counts)
+            seen, before_block = 0, {}
+            for row, (v, c) in r.lows.items():
+                before_block[row] = seen
+                seen += int(c[v == low].sum())
+            bs.append(before_block)
         cuts.append(tuple(cs))
         before.append(tuple(bs))
     return TaskCuts(cuts, before)

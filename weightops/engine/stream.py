@@ -7,6 +7,8 @@ while the previous piece is computed."""
 from __future__ import annotations
 
 import collections
+import ctypes
+import ctypes.util
 import math
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -94,6 +96,21 @@ def splits(plan: Plan, task: TensorTask, chunk_elements: int) -> bool:
     )
 
 
+def _load_trim() -> Callable[[], object]:
+    """glibc's malloc_trim, or a no-op elsewhere."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    return lambda: trim(0)
+
+
+# Buffers of a few MB freed by one thread after another thread allocated them stay
+# in glibc's heaps, fragmented, and resident memory creeps up with the number of
+# tensors. Handing the free pages back every so often keeps peak RSS flat; doing it
+# after every tensor costs the page faults of re-touching them (~15% of a merge).
+release_free_memory = _load_trim()
 Loaded = tuple[list[torch.Tensor], torch.Tensor | None]
 
 
