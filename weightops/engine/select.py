@@ -41,6 +41,7 @@ class _Rank:
     bucket: int = 0
     below: int = 0  # entries in lower buckets
     dtype: torch.dtype = torch.float32  # of |δ| as the method computes it
+    settled: bool = False  # its tallies are complete
     # Per row block (by first row): the distinct low bits in the bucket and their counts.
     lows: dict[int, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)
 
@@ -113,82 +114,82 @@ def _magnitudes(
         yield i, delta.abs_()
 
 
-def _pass(plan: Plan, options: RunOptions, device: torch.device) -> Iterator:
-    stream = InputStream(plan, options, device, chunked=True)
+def _scan(
+    plan: Plan, names: set[str], options: RunOptions, device: torch.device
+) -> Iterator[tuple[TensorTask, int, bool, Iterator[tuple[int, torch.Tensor]]]]:
+    """Stream the named tasks' row blocks: (task, first row, last block?, |δᵢ| by input)."""
+    if not names:
+        return
+    sub = dataclasses.replace(plan, tasks=[t for t in plan.tasks if t.name in names])
+    stream = InputStream(sub, options, device, chunked=True)
     try:
         for piece, box in stream:
             tensors, base = box.pop()
-            yield (
-                piece,
-                (
-                    [t.to(device) for t in tensors],
-                    base.to(device) if base is not None else None,
-                ),
+            loaded = (
+                [t.to(device) for t in tensors],
+                base.to(device) if base is not None else None,
             )
+            last = piece.rows is None or piece.rows[1] == piece.task.shape[0]
+            r0 = piece.rows[0] if piece.rows else 0
+            yield piece.task, r0, last, _magnitudes(plan, piece.task, loaded)
+            if last:
+                release_free_memory()
     finally:
         stream.close()
 
 
 def find_cuts(plan: Plan, options: RunOptions, device: torch.device) -> dict[str, TaskCuts]:
     """The cuts of every tensor that a method with `ranks` runs on row blocks."""
-    wanted: dict[str, list[tuple[int | None, ...]]] = {}
+    ranks: dict[str, list[list[_Rank | None]]] = {}
     for task in plan.tasks:
         if task.copy or not splits(plan, task, options.chunk_elements):
             continue
         positions = plan.method_of(task).cut_positions(dict(task.params), task.numel, plan.numerics)
         if positions is not None:
-            wanted[task.name] = positions
-    ranks = {
-        name: [[None if p is None else _Rank(p) for p in ps] for ps in positions]
-        for name, positions in wanted.items()
-    }
-    scanned = {n for n, rs in ranks.items() if any(r is not None for ps in rs for r in ps)}
-    if not scanned:
-        return {name: _finish(rs) for name, rs in ranks.items()}
-    sub = dataclasses.replace(plan, tasks=[t for t in plan.tasks if t.name in scanned])
-    # Pass 1: which bucket of the high bits holds each rank; exact zeros per block, so
-    # that a cut at 0 (a sparse task vector) needs no second pass.
-    hists: dict[int, torch.Tensor] = {}
+            ranks[task.name] = [[None if p is None else _Rank(p) for p in ps] for ps in positions]
+
+    def unsettled() -> set[str]:
+        return {n for n, rs in ranks.items() for ps in rs for r in ps if r and not r.settled}
+
+    # Pass 1: exact zeros per block. Task vectors of bf16 fine-tunes are often mostly
+    # zeros, and a cut below their count is at 0: nothing more to find.
     zeros: dict[int, dict[int, int]] = {}
-    for piece, loaded in _pass(sub, options, device):
-        task = piece.task
-        r0 = piece.rows[0] if piece.rows else 0
-        for i, mag in _magnitudes(plan, task, loaded):
-            if any(r is not None for r in ranks[task.name][i]):
-                for r in ranks[task.name][i]:
-                    if r is not None:
-                        r.dtype = mag.dtype
+    for task, r0, last, mags in _scan(plan, unsettled(), options, device):
+        for i, mag in mags:
+            if any(ranks[task.name][i]):
+                zeros.setdefault(i, {})[r0] = mag.numel() - int(torch.count_nonzero(mag))
+                for r in filter(None, ranks[task.name][i]):
+                    r.dtype = mag.dtype
+        if last:
+            for i, per_block in zeros.items():
+                for r in filter(None, ranks[task.name][i]):
+                    if r.position < sum(per_block.values()):
+                        zero = torch.zeros(1, dtype=torch.int64)
+                        r.lows = {row: (zero, torch.tensor([z])) for row, z in per_block.items()}
+                        r.settled = True
+            zeros.clear()
+    # Pass 2: which bucket of the high bits holds each remaining rank.
+    hists: dict[int, torch.Tensor] = {}
+    for task, _, last, mags in _scan(plan, unsettled(), options, device):
+        for i, mag in mags:
+            if any(r and not r.settled for r in ranks[task.name][i]):
                 counts = torch.bincount(_high(mag), minlength=1 << _HIGH_BITS).cpu()
                 hists[i] = counts if i not in hists else hists[i].add_(counts)
-                zeros.setdefault(i, {})[r0] = mag.numel() - int(torch.count_nonzero(mag))
-        if piece.rows is None or piece.rows[1] == task.shape[0]:
+        if last:
             for i, hist in hists.items():
                 cum = torch.cumsum(hist, 0)
                 for r in ranks[task.name][i]:
-                    if r is None:
+                    if r is None or r.settled:
                         continue
                     r.bucket = int(torch.searchsorted(cum, r.position, right=True))
                     r.below = int(cum[r.bucket - 1]) if r.bucket else 0
-                    if r.bucket == 0 and int(hist[0]) == sum(zeros[i].values()):
-                        r.lows = {
-                            row: (torch.zeros(1, dtype=torch.int64), torch.tensor([z]))
-                            for row, z in zeros[i].items()
-                        }
             hists.clear()
-            zeros.clear()
-            release_free_memory()
-    # Pass 2: a tally of the low bits of each bucket's entries, block by block.
-    unsettled = {n for n, rs in ranks.items() for ps in rs for r in ps if r and not r.lows}
-    sub = dataclasses.replace(plan, tasks=[t for t in plan.tasks if t.name in unsettled])
-    for piece, loaded in _pass(sub, options, device) if unsettled else ():
-        task = piece.task
-        r0 = piece.rows[0] if piece.rows else 0
-        for i, mag in _magnitudes(plan, task, loaded):
+    # Pass 3: a tally of the low bits of each bucket's entries, block by block.
+    for task, r0, _, mags in _scan(plan, unsettled(), options, device):
+        for i, mag in mags:
             for r in ranks[task.name][i]:
-                if r is not None:
+                if r is not None and not r.settled:
                     r.lows[r0] = _tally(_low_in(mag, r.bucket), mag.element_size() * 8)
-        if piece.rows is None or piece.rows[1] == task.shape[0]:
-            release_free_memory()
     return {name: _finish(rs) for name, rs in ranks.items()}
 
 

@@ -42,7 +42,8 @@ class Cut:
 def top_k_cut(delta: torch.Tensor, cut: Cut | None) -> torch.Tensor:
     """`sparsify.top_k` on a row block: keep the entries of descending rank < k (ties
     in index order), where `cut` is at ascending position n − k; in place."""
-    if cut is None:
+    # A cut at 0 keeps every nonzero entry, and zeroing a zero changes nothing.
+    if cut is None or cut.value == 0:
         return delta
     flat = delta.view(-1)
     mag = flat.abs()
