@@ -114,6 +114,16 @@ def _magnitudes(
         yield i, delta.abs_()
 
 
+def _nonzero(mag: torch.Tensor) -> int:
+    """How many entries of |δ| are nonzero; overwrites it. Summing signs (0 or 1, exact
+    in fp32 below 2^24) is several times faster on CPU than count_nonzero."""
+    if mag.numel() < 1 << 24:
+        count = float(mag.sign_().sum())
+        if count == count:  # no NaN
+            return int(count)
+    return int(mag.bool().sum())
+
+
 def _scan(
     plan: Plan, names: set[str], options: RunOptions, device: torch.device
 ) -> Iterator[tuple[TensorTask, int, bool, Iterator[tuple[int, torch.Tensor]]]]:
@@ -157,7 +167,7 @@ def find_cuts(plan: Plan, options: RunOptions, device: torch.device) -> dict[str
     for task, r0, last, mags in _scan(plan, unsettled(), options, device):
         for i, mag in mags:
             if any(ranks[task.name][i]):
-                zeros.setdefault(i, {})[r0] = mag.numel() - int(torch.count_nonzero(mag))
+                zeros.setdefault(i, {})[r0] = mag.numel() - _nonzero(mag)
                 for r in filter(None, ranks[task.name][i]):
                     r.dtype = mag.dtype
         if last:
