@@ -165,3 +165,26 @@ def test_rescale_still_runs_whole(tied_family, tmp_path):
     blocked = _merge(recipe, tmp_path / "blocked", chunk_elements=100)
     for k in whole:
         assert torch.equal(whole[k], blocked[k]), k
+
+
+def test_mergekit_numerics_stay_whole(tied_family, tmp_path):
+    # mergekit's tie order comes from its unstable sort of the whole tensor: under
+    # `--numerics mergekit` trims are never split into row blocks.
+    fam = tied_family
+    recipe = {
+        "merge_method": "ties",
+        "base_model": str(fam["base"]),
+        "models": [
+            {"model": str(fam[n]), "parameters": {"weight": 1.0, "density": 0.4}}
+            for n in ("ft_a", "ft_b", "ft_c")
+        ],
+        "dtype": "bfloat16",
+    }
+    outs = []
+    for chunk in (100, 1 << 20):
+        plan = build_plan(parse_recipe(yaml.safe_dump(recipe)), numerics="mergekit")
+        out = tmp_path / f"out{chunk}"
+        execute(plan, out, RunOptions(device="cpu", progress=False, chunk_elements=chunk))
+        outs.append(load_state(out))
+    for k in outs[0]:
+        assert torch.equal(outs[0][k], outs[1][k]), k
