@@ -79,15 +79,9 @@ def pieces(
 
 
 def splits(plan: Plan, task: TensorTask, chunk_elements: int) -> bool:
-    """Whether the task is computed in row blocks: its method is elementwise, or cuts
-    task vectors at ranks the engine finds beforehand (weightops.engine.select)."""
-    method = plan.method_of(task)
-    blockable = method.elementwise or (
-        not task.copy
-        and method.cut_positions(dict(task.params), task.numel, plan.numerics) is not None
-    )
+    """Whether the task is computed in row blocks of about `chunk_elements` entries."""
     return (
-        blockable
+        plan.blockable(task)
         and not task.copy
         and not plan.permutes_rows(task)
         and task.numel > chunk_elements
