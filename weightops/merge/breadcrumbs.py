@@ -35,6 +35,8 @@ Deliberate difference from mergekit: ties in |δ| are ranked in index order (a s
 sort), so the masks depend only on the inputs; mergekit's unstable sort may keep other
 tied entries; `--numerics mergekit` keeps mergekit's order (see
 weightops.merge.as_mergekit), including its all-zero mask when ⌊gamma·n⌋ = 0.
+Large tensors run in row blocks, with both rank cuts found beforehand by an exact
+streaming selection (weightops.engine.select); with `rescale` a tensor runs whole.
 """
 
 

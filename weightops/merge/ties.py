@@ -56,6 +56,9 @@ def ties(
     rounding at those entries; with sparse task vectors (threshold 0) they agree bit
     for bit. BENCHMARKS.md shows both cases. `--numerics mergekit` keeps mergekit's
     tie order (see weightops.merge.as_mergekit).
+    Large tensors run in row blocks: the engine first finds each trim's threshold and
+    tie counts with an exact streaming selection (weightops.engine.select), and the
+    blocks give the whole-tensor result bit for bit. With `rescale` a tensor runs whole.
     """
     del int8_mask
     deltas = task_vectors(tensors, base)
