@@ -188,3 +188,44 @@ def test_mergekit_numerics_stay_whole(tied_family, tmp_path):
         outs.append(load_state(out))
     for k in outs[0]:
         assert torch.equal(outs[0][k], outs[1][k]), k
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_blocked_trims_equal_whole_on_fp32_models(method, llama, tmp_path):
+    # Continuous fp32 task vectors: every cut needs the histogram and the tally.
+    models = [
+        {"model": str(llama[n]), "parameters": {"weight": w, "density": d}}
+        for n, w, d in (("ft_a", 0.7, 0.35), ("ft_b", 0.4, 0.8))
+    ]
+    recipe = {"merge_method": method, "base_model": str(llama["base"]), "models": models}
+    whole = _merge(recipe, tmp_path / "whole")
+    blocked = _merge(recipe, tmp_path / "blocked", chunk_elements=500)
+    for k in whole:
+        assert torch.equal(whole[k], blocked[k]), k
+
+
+def test_tiny_nonzero_magnitudes_below_a_zero_cut(tmp_path):
+    # Subnormal deltas share the lowest bucket with the zeros: the cut must still be
+    # found exactly, not taken as 0.
+    rng = np.random.default_rng(3)
+    base = np.zeros((60, 20), dtype=np.float32)
+    ft = base.copy()
+    ft.reshape(-1)[rng.choice(base.size, 900, replace=False)] = np.float32(1e-40)
+    ft.reshape(-1)[rng.choice(base.size, 50, replace=False)] = 0.5
+    fam = {}
+    for name, t in (("base", base), ("ft", ft)):
+        folder = tmp_path / name
+        folder.mkdir()
+        save_file({"w.weight": torch.from_numpy(t)}, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps({"model_type": "custom"}))
+        fam[name] = folder
+    recipe = {
+        "merge_method": "ties",
+        "base_model": str(fam["base"]),
+        "models": [{"model": str(fam["ft"]), "parameters": {"weight": 1.0, "density": 0.5}}],
+    }
+    whole = _merge(recipe, tmp_path / "whole")
+    blocked = _merge(recipe, tmp_path / "blocked", chunk_elements=100)
+    assert torch.equal(whole["w.weight"], blocked["w.weight"])
+    # An independent count: 600 entries survive (50 large, 550 of the subnormal ones).
+    assert int(torch.count_nonzero(blocked["w.weight"])) == 600

@@ -3,12 +3,14 @@ blocks so that no tensor is ever held whole.
 
 A method declaring `ranks=` (see weightops.merge.registry) names, per input, ascending
 ranks of |δᵢ| = |θᵢ − θ_base| (ties in index order) at which it cuts. For every tensor
-cut into row blocks, two streaming passes find each cut exactly:
+cut into row blocks, up to three streaming passes find each cut exactly:
 
-1. a histogram of the high 16 bits of |δ|'s bit pattern (for non-negative floats the
-   bit pattern, read as an integer, orders like the value), which puts each rank in
-   one bucket;
-2. a tally of the low bits of the entries inside that bucket, per row block: merged,
+1. the count of exact zeros: task vectors of bf16 fine-tunes are often mostly zeros,
+   and a cut below that count is at 0, with the zeros per block as its ties;
+2. otherwise a histogram of the high 16 bits of |δ|'s bit pattern (for non-negative
+   floats the bit pattern, read as an integer, orders like the value), which puts
+   each rank in one bucket;
+3. a tally of the low bits of the entries inside that bucket, per row block: merged,
    it gives the exact value at the rank and how many entries lie below and at it;
    per block, how many of the tied entries lie in earlier rows.
 
