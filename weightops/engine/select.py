@@ -28,6 +28,7 @@ from collections.abc import Iterator
 import torch
 
 from weightops.engine.plan import Plan, TensorTask
+from weightops.engine.progress import Progress
 from weightops.engine.stream import InputStream, RunOptions, release_free_memory, splits
 from weightops.merge.cuts import Cut
 
@@ -134,6 +135,7 @@ def _scan(
         return
     sub = dataclasses.replace(plan, tasks=[t for t in plan.tasks if t.name in names])
     stream = InputStream(sub, options, device, chunked=True)
+    progress = Progress(len(sub.tasks), sub.output_bytes, "thresholds", enabled=options.progress)
     try:
         for piece, box in stream:
             tensors, base = box.pop()
@@ -145,9 +147,11 @@ def _scan(
             r0 = piece.rows[0] if piece.rows else 0
             yield piece.task, r0, last, _magnitudes(plan, piece.task, loaded)
             if last:
+                progress.update(piece.task.out_bytes, piece.task.name)
                 release_free_memory()
     finally:
         stream.close()
+        progress.close()
 
 
 def find_cuts(plan: Plan, options: RunOptions, device: torch.device) -> dict[str, TaskCuts]:
