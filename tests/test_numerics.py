@@ -476,7 +476,9 @@ def test_every_mergekit_variant_takes_its_methods_parameters() -> None:
     }
     for (method, numerics), fn in variants.items():
         assert numerics == "mergekit"
-        assert keywords(fn) == keywords(all_methods()[method].fn), method
+        # Row-block cuts are found and passed under the default numerics only: mergekit's
+        # tie order comes from its own sort of the whole tensor.
+        assert keywords(fn) == keywords(all_methods()[method].fn) - {"cuts"}, method
 
 
 def test_mergekit_numerics_do_not_depend_on_row_blocks(

@@ -91,17 +91,26 @@ class Plan:
         refs = [*task.inputs, *([task.base] if task.base else [])]
         return sum(self.sources[(r.model, r.name)].nbytes for r in refs)
 
+    def blockable(self, task: TensorTask) -> bool:
+        """Whether the task's method may run on row blocks: it is elementwise, or it cuts
+        task vectors at ranks the engine finds beforehand (weightops.engine.select)."""
+        method = self.method_of(task)
+        return method.elementwise or (
+            not task.copy
+            and method.cut_positions(dict(task.params), task.numel, self.numerics) is not None
+        )
+
     def peak_bytes(self, read_ahead: int, chunk_elements: int) -> int:
         """Estimated peak memory of the tensor data (the Python and torch runtime come on
         top): the largest piece's inputs in the compute dtype with room for the method's
         temporaries, its output, and up to `read_ahead` bytes of the next pieces. Pieces
-        are whole tensors, or row blocks of `chunk_elements` for elementwise methods."""
+        are whole tensors, or row blocks of `chunk_elements` (see `blockable`)."""
         if not self.tasks:
             return 0
         item = torch.empty((), dtype=self.compute_dtype).element_size()
 
         def entries(t: TensorTask) -> int:
-            return min(t.numel, chunk_elements) if self.method_of(t).elementwise else t.numel
+            return min(t.numel, chunk_elements) if self.blockable(t) else t.numel
 
         compute = max((len(t.inputs) + 3) * entries(t) * item + t.out_bytes for t in self.tasks)
         return compute + read_ahead

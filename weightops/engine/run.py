@@ -12,10 +12,7 @@ bytes, so memory is a few pieces, never the depth or width of the model.
 from __future__ import annotations
 
 import collections
-import ctypes
-import ctypes.util
 import dataclasses
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,7 +22,16 @@ from weightops import __version__, signals
 from weightops.engine.card import write_side_files
 from weightops.engine.plan import Plan
 from weightops.engine.progress import Progress
-from weightops.engine.stream import CHUNK_ELEMENTS, InputStream, Loaded, Piece, RunOptions, pieces
+from weightops.engine.select import TaskCuts, find_cuts
+from weightops.engine.stream import (
+    CHUNK_ELEMENTS,
+    InputStream,
+    Loaded,
+    Piece,
+    RunOptions,
+    pieces,
+    release_free_memory,
+)
 from weightops.errors import MergeError, WeightopsError
 from weightops.io.writer import ShardWriter, StagingFolder, check_unchanged, disk_error, plan_layout
 
@@ -56,7 +62,12 @@ def _to_compute(plan: Plan, loaded: Loaded, device: torch.device) -> Loaded:
 
 
 def _compute(
-    plan: Plan, piece: Piece, loaded: Loaded, device: torch.device, stats: dict[str, object]
+    plan: Plan,
+    piece: Piece,
+    loaded: Loaded,
+    device: torch.device,
+    stats: dict[str, object],
+    cuts: dict[str, TaskCuts],
 ) -> torch.Tensor:
     task = piece.task
     if task.copy:
@@ -78,6 +89,7 @@ def _compute(
                 stats=stats.get(task.module),
                 name=task.name,
                 numerics=plan.numerics,
+                cuts=_block_cuts(cuts, piece),
             )
     except WeightopsError:
         raise
@@ -100,6 +112,13 @@ def _compute(
             hint="check the inputs for NaN/Inf and the parameters (e.g. weights that cancel out)",
         )
     return out
+
+
+def _block_cuts(cuts: dict[str, TaskCuts], piece: Piece) -> list | None:
+    task_cuts = cuts.get(piece.task.name)
+    if task_cuts is None or piece.rows is None:
+        return None
+    return task_cuts.for_rows(piece.rows[0])
 
 
 def _statistics(plan: Plan, options: RunOptions, device: torch.device) -> dict[str, object]:
@@ -137,7 +156,7 @@ def execute(plan: Plan, out: Path, options: RunOptions | None = None) -> Path:
     threads = torch.get_num_threads()
     if options.threads:
         torch.set_num_threads(options.threads)
-    elif all(m.elementwise for m in plan.methods.values()) and device.type == "cpu":
+    elif all(m.elementwise or m.ranks for m in plan.methods.values()) and device.type == "cpu":
         # Small row blocks gain nothing from intra-op threads, which would only contend
         # with the readers for the cores.
         torch.set_num_threads(1)
@@ -180,9 +199,10 @@ def _execute(plan: Plan, out: Path, options: RunOptions, device: torch.device) -
             finally:
                 stream.close()
         stats = _statistics(plan, options, device)
+        cuts = find_cuts(plan, options, device)
         writer = ShardWriter(staging.path, layout, display=out)
         try:
-            _apply(plan, writer, options, device, stats)
+            _apply(plan, writer, options, device, stats, cuts)
             writer.finish()
         finally:
             writer.close()
@@ -201,21 +221,6 @@ def _execute(plan: Plan, out: Path, options: RunOptions, device: torch.device) -
 _PENDING_WRITE_BYTES = 64 * 2**20
 
 
-def _load_trim() -> Callable[[], object]:
-    """glibc's malloc_trim, or a no-op elsewhere."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return lambda: None
-    return lambda: trim(0)
-
-
-# Buffers of a few MB freed by one thread after another thread allocated them stay
-# in glibc's heaps, fragmented, and resident memory creeps up with the number of
-# tensors. Handing the free pages back every so often keeps peak RSS flat; doing it
-# after every tensor costs the page faults of re-touching them (~15% of a merge).
-_release_free_memory = _load_trim()
 _TRIM_EVERY = 64 * 2**20
 
 
@@ -225,6 +230,7 @@ def _apply(
     options: RunOptions,
     device: torch.device,
     stats: dict[str, object],
+    cuts: dict[str, TaskCuts],
 ) -> None:
     stream = InputStream(plan, options, device, chunked=True)
     write_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightops-write")
@@ -234,7 +240,7 @@ def _apply(
     try:
         for piece, box in stream:
             signals.raise_if_stopped()
-            result = _compute(plan, piece, box.pop(), device, stats)
+            result = _compute(plan, piece, box.pop(), device, stats, cuts)
             size = result.numel() * result.element_size()
             pending.append(
                 (write_pool.submit(writer.write, piece.task.name, result, piece.out_offset), size)
@@ -251,7 +257,7 @@ def _apply(
                 progress.update(piece.task.out_bytes, piece.task.name)
                 since_trim += piece.task.out_bytes
                 if since_trim >= _TRIM_EVERY:
-                    _release_free_memory()
+                    release_free_memory()
                     since_trim = 0
         while pending:
             pending.popleft()[0].result()

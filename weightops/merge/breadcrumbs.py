@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 
 from weightops.merge import as_mergekit as mk
+from weightops.merge.cuts import Cut, rank_range_cut
 from weightops.merge.registry import PerModel, Range, Unit, merge_method, numerics_variant
 from weightops.merge.sparsify import combine, magnitude_outliers, rescale_l1, task_vectors
 
@@ -34,7 +35,25 @@ Deliberate difference from mergekit: ties in |δ| are ranked in index order (a s
 sort), so the masks depend only on the inputs; mergekit's unstable sort may keep other
 tied entries; `--numerics mergekit` keeps mergekit's order (see
 weightops.merge.as_mergekit), including its all-zero mask when ⌊gamma·n⌋ = 0.
+Large tensors run in row blocks, with both rank cuts found beforehand by an exact
+streaming selection (weightops.engine.select); with `rescale` a tensor runs whole.
 """
+
+
+def _ranks(params: dict[str, Any], n: int) -> list[tuple[int | None, ...]] | None:
+    """The kept ranks [bottom, bottom + keep) as two cuts, None where a side keeps
+    everything. The L1 rescale needs whole-tensor sums in their own order: whole."""
+    if params["rescale"]:
+        return None
+    positions: list[tuple[int | None, ...]] = []
+    for d, g in zip(params["density"], params["gamma"], strict=True):
+        if d >= 1:
+            positions.append((None, None))
+            continue
+        keep, top = int(d * n), int(g * n)
+        bottom = max(0, n - keep - top)
+        positions.append((bottom or None, bottom + keep if bottom + keep < n else None))
+    return positions
 
 
 def _register(name: str, *, consensus: bool, doc: str) -> None:
@@ -49,8 +68,15 @@ def _register(name: str, *, consensus: bool, doc: str) -> None:
         normalize: bool = False,
         rescale: bool = False,
         int8_mask: bool = False,
+        cuts: list[tuple[Cut | None, ...]] | None = None,
     ) -> torch.Tensor:
         deltas = task_vectors(tensors, base)
+        if cuts is not None:
+            # A row block of a large tensor, with the rank cuts found beforehand.
+            deltas = [rank_range_cut(d, *c) for d, c in zip(deltas, cuts, strict=True)]
+            return combine(
+                deltas, base, weight, consensus=consensus, normalize=normalize, lam=lambda_
+            )
         for i, (d, g) in enumerate(zip(density, gamma, strict=True)):
             l1 = deltas[i].abs().sum() if rescale else None
             deltas[i] = magnitude_outliers(deltas[i], d, g)
@@ -86,7 +112,9 @@ def _register(name: str, *, consensus: bool, doc: str) -> None:
 
     breadcrumbs.__name__ = breadcrumbs.__qualname__ = name
     breadcrumbs.__doc__ = doc
-    merge_method(name, base="required", reference="https://arxiv.org/abs/2312.06795")(breadcrumbs)
+    merge_method(name, base="required", reference="https://arxiv.org/abs/2312.06795", ranks=_ranks)(
+        breadcrumbs
+    )
     numerics_variant(name, "mergekit")(breadcrumbs_as_mergekit)
 
 

@@ -96,6 +96,7 @@ class MethodSpec:
     wants_stats: bool = False
     wants_name: bool = False
     elementwise: bool = False
+    ranks: Callable[[dict[str, Any], int], list[tuple[int | None, ...]] | None] | None = None
     observer: Callable[[], Observer] | None = None
     check: Callable[[dict[str, Any]], str | None] | None = None
     doc: str = field(default="", repr=False)
@@ -103,6 +104,15 @@ class MethodSpec:
     @property
     def summary(self) -> str:
         return (self.doc.strip().splitlines() or [""])[0]
+
+    def cut_positions(
+        self, params: dict[str, Any], numel: int, numerics: str
+    ) -> list[tuple[int | None, ...]] | None:
+        """The ascending ranks of each input's |task vector| at which the method cuts
+        (None: no cut there), when it can run on row blocks given them; else None."""
+        if self.ranks is None or numerics != DEFAULT_NUMERICS:
+            return None
+        return self.ranks(params, numel)
 
     def supports(self, numerics: str) -> bool:
         return numerics == DEFAULT_NUMERICS or (self.name, numerics) in _VARIANTS
@@ -121,6 +131,7 @@ class MethodSpec:
         stats: object = None,
         name: str = "",
         numerics: str = "default",
+        cuts: object = None,
     ) -> torch.Tensor:
         fn = self.fn if numerics == DEFAULT_NUMERICS else _VARIANTS[(self.name, numerics)]
         kwargs = {self.params[k].py_name: v for k, v in params.items() if k in self.params}
@@ -130,6 +141,8 @@ class MethodSpec:
             kwargs["stats"] = stats
         if self.wants_name:
             kwargs["name"] = name
+        if self.ranks is not None and numerics == DEFAULT_NUMERICS:
+            kwargs["cuts"] = cuts
         return fn(tensors, base, **kwargs)
 
 
@@ -189,12 +202,18 @@ def merge_method(
     reference: str = "",
     observer: Callable[[], Observer] | None = None,
     elementwise: bool = False,
+    ranks: Callable[[dict[str, Any], int], list[tuple[int | None, ...]] | None] | None = None,
     check: Callable[[dict[str, Any]], str | None] | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register a merge method under `name`; duplicate names are an error.
 
     `elementwise=True` promises that each output entry depends only on the same entry
     of the inputs; the engine may then run the method on row blocks of large tensors.
+    `ranks(params, n)` says at which ascending ranks of each input's |θᵢ − θ_base|
+    (ties in index order) the method cuts its task vectors, or None where it needs the
+    tensor whole; the engine then finds those cuts with an exact streaming selection
+    and runs the method on row blocks, passing each block's `Cut`s (weightops.merge.cuts)
+    as the keyword-only `cuts` argument, which is None for whole tensors.
     With `observer`, the engine first runs a statistics pass (see Observer) and passes
     its result to the method's keyword-only `stats` argument. `check` tests the resolved
     parameters of each output tensor together while planning (see the module docstring).
@@ -203,6 +222,8 @@ def merge_method(
     def register(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         if name in _REGISTRY:
             raise ValueError(f"merge method {name!r} is already registered")
+        if (ranks is None) != ("cuts" not in inspect.signature(fn).parameters):
+            raise ValueError(f"merge method {name!r}: `ranks` and a `cuts` argument go together")
         if (observer is None) != ("stats" not in inspect.signature(fn).parameters):
             raise ValueError(
                 f"merge method {name!r}: an observer and a `stats` argument go together"
@@ -226,6 +247,8 @@ def merge_method(
             if p.name == "name":
                 wants_name = True
                 continue
+            if p.name == "cuts":
+                continue
             params[p.name.rstrip("_")] = param_spec(p, hints.get(p.name, Any))
         _REGISTRY[name] = MethodSpec(
             name=name,
@@ -240,6 +263,7 @@ def merge_method(
             wants_name=wants_name,
             observer=observer,
             elementwise=elementwise,
+            ranks=ranks,
             check=check,
             doc=inspect.getdoc(fn) or "",
         )

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from weightops.merge import as_mergekit as mk
+from weightops.merge.cuts import Cut, top_k_cut
 from weightops.merge.registry import PerModel, Unit, merge_method, numerics_variant
 from weightops.merge.sparsify import combine, magnitude, rescale_l1, task_vectors
 
 
-@merge_method("ties", base="required", reference="https://arxiv.org/abs/2306.01708")
+def _ranks(params: dict[str, Any], n: int) -> list[tuple[int | None, ...]] | None:
+    """Each trim keeps the k = max(1, ⌊density·n⌋) largest: a cut at ascending rank n − k.
+    The L1 rescale needs whole-tensor sums in their own order, so it runs whole."""
+    if params["rescale"]:
+        return None
+    return [(n - max(1, int(d * n)),) if d < 1 else (None,) for d in params["density"]]
+
+
+@merge_method("ties", base="required", reference="https://arxiv.org/abs/2306.01708", ranks=_ranks)
 def ties(
     tensors: list[torch.Tensor],
     base: torch.Tensor | None,
@@ -20,6 +31,7 @@ def ties(
     normalize: bool = True,
     rescale: bool = False,
     int8_mask: bool = False,
+    cuts: list[tuple[Cut | None, ...]] | None = None,
 ) -> torch.Tensor:
     """TIES-merging (Yadav et al., "Resolving Interference When Merging Models", NeurIPS 2023).
 
@@ -44,9 +56,16 @@ def ties(
     rounding at those entries; with sparse task vectors (threshold 0) they agree bit
     for bit. BENCHMARKS.md shows both cases. `--numerics mergekit` keeps mergekit's
     tie order (see weightops.merge.as_mergekit).
+    Large tensors run in row blocks: the engine first finds each trim's threshold and
+    tie counts with an exact streaming selection (weightops.engine.select), and the
+    blocks give the whole-tensor result bit for bit. With `rescale` a tensor runs whole.
     """
     del int8_mask
     deltas = task_vectors(tensors, base)
+    if cuts is not None:
+        # A row block of a large tensor, with the trim thresholds found beforehand.
+        deltas = [top_k_cut(d, c[0]) for d, c in zip(deltas, cuts, strict=True)]
+        return combine(deltas, base, weight, consensus=True, normalize=normalize, lam=lambda_)
     for i, d in enumerate(density):
         l1 = deltas[i].abs().sum() if rescale else None
         deltas[i] = magnitude(deltas[i], d)
