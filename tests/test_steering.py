@@ -114,6 +114,14 @@ def logits(model: Any, tok: Any, texts: list[str] = PROMPTS) -> torch.Tensor:
 _STATES: dict[tuple[int, str, int], list[torch.Tensor]] = {}
 
 
+def model_inputs(tok: Any, texts: Any, **kw: Any) -> dict[str, torch.Tensor]:
+    """The tokenizer's encoding as weightops feeds it: ids and attention mask only (some
+    transformers versions also return token_type_ids for a plain fast tokenizer, which
+    GPT-2 would add as token-type embeddings)."""
+    enc = tok(texts, return_tensors="pt", **kw)
+    return {k: enc[k] for k in ("input_ids", "attention_mask")}
+
+
 def own_states(model: Any, tok: Any, text: str, at: int = -1) -> list[torch.Tensor]:
     """[layer] output of decoder block i for one text run alone (no padding), read
     with our own forward hooks."""
@@ -146,7 +154,7 @@ def block_outputs(
         for i, b in enumerate(blocks)
     ]
     try:
-        enc = tok(texts, padding=True, return_tensors="pt")
+        enc = model_inputs(tok, texts, padding=True)
         out = model(**enc, output_hidden_states=True)
     finally:
         for h in handles:
@@ -224,7 +232,7 @@ def test_mean_diff_equals_independent_computation(zoo: _Zoo, family: str) -> Non
     # Below the last layer the block output is transformers' hidden_states[i + 1].
     with torch.no_grad():
         hs = {
-            t: model(**tok(t, return_tensors="pt"), output_hidden_states=True).hidden_states
+            t: model(**model_inputs(tok, t), output_hidden_states=True).hidden_states
             for pair in PAIRS
             for t in pair
         }
@@ -242,9 +250,7 @@ def test_read_hidden_states_takes_the_final_norm_at_the_last_layer(
     v = SteeringVector.train(model, tok, PAIRS, method="mean_diff", read="hidden_states")
     with torch.no_grad():
         last = {
-            t: model(**tok(t, return_tensors="pt"), output_hidden_states=True).hidden_states[-1][
-                0, -1
-            ]
+            t: model(**model_inputs(tok, t), output_hidden_states=True).hidden_states[-1][0, -1]
             for pair in PAIRS
             for t in pair
         }
