@@ -27,6 +27,27 @@ def pairs_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def train_auto(model: Path, pairs: Path, out: Path):
+    """`steer train --layers auto --top 2 --method mean_diff`."""
+    return invoke(
+        [
+            "steer",
+            "train",
+            model,
+            "--pairs",
+            pairs,
+            "--layers",
+            "auto",
+            "--top",
+            2,
+            "--method",
+            "mean_diff",
+            "-o",
+            out,
+        ]
+    )
+
+
 def logits(folder: Path, vec: SteeringVector | None = None, **apply: object) -> torch.Tensor:
     model = AutoModelForCausalLM.from_pretrained(folder)
     ids = AutoTokenizer.from_pretrained(folder)("steer me", return_tensors="pt").input_ids
@@ -84,23 +105,7 @@ def test_train_bake_and_ablate_match_the_hooked_model(llama, pairs_file, tmp_pat
 
 def test_train_auto_layers_and_gguf_output(llama, pairs_file, tmp_path):
     out = tmp_path / "v.gguf"
-    r = invoke(
-        [
-            "steer",
-            "train",
-            llama["base"],
-            "--pairs",
-            pairs_file,
-            "--layers",
-            "auto",
-            "--top",
-            2,
-            "--method",
-            "mean_diff",
-            "-o",
-            out,
-        ]
-    )
+    r = train_auto(llama["base"], pairs_file, out)
     assert r.exit_code == 0, r.output
     assert "held-out accuracy" in r.stderr
     vec = SteeringVector.load(out)
@@ -272,23 +277,7 @@ def test_chat_template_wraps_each_text_as_a_user_turn(llama, pairs_file, tmp_pat
 
 def test_ablate_takes_the_best_ranked_layer_or_asks(llama, pairs_file, tmp_path):
     auto = tmp_path / "auto.safetensors"
-    r = invoke(
-        [
-            "steer",
-            "train",
-            llama["base"],
-            "--pairs",
-            pairs_file,
-            "--layers",
-            "auto",
-            "--top",
-            2,
-            "--method",
-            "mean_diff",
-            "-o",
-            auto,
-        ]
-    )
+    r = train_auto(llama["base"], pairs_file, auto)
     assert r.exit_code == 0, r.output
     vec = SteeringVector.load(auto)
     best = vec.info["ranking"][0]
