@@ -48,6 +48,24 @@ def train_auto(model: Path, pairs: Path, out: Path):
     )
 
 
+def bake(model: Path, vector: Path, strength: float, dtype: str, out: Path):
+    return invoke(
+        [
+            "steer",
+            "bake",
+            model,
+            "--vector",
+            vector,
+            "--strength",
+            strength,
+            "--dtype",
+            dtype,
+            "-o",
+            out,
+        ]
+    )
+
+
 def logits(folder: Path, vec: SteeringVector | None = None, **apply: object) -> torch.Tensor:
     model = AutoModelForCausalLM.from_pretrained(folder)
     ids = AutoTokenizer.from_pretrained(folder)("steer me", return_tensors="pt").input_ids
@@ -305,21 +323,7 @@ def test_bf16_source_baked_in_float32_on_request(tmp_path, pairs_file):
     outs = {}
     for dtype in ("source", "float32"):
         outs[dtype] = tmp_path / dtype
-        r = invoke(
-            [
-                "steer",
-                "bake",
-                base,
-                "--vector",
-                vec_path,
-                "--strength",
-                4,
-                "--dtype",
-                dtype,
-                "-o",
-                outs[dtype],
-            ]
-        )
+        r = bake(base, vec_path, 4, dtype, outs[dtype])
         assert r.exit_code == 0, r.output
     from safetensors.torch import load_file
 
@@ -336,19 +340,5 @@ def test_bf16_source_baked_in_float32_on_request(tmp_path, pairs_file):
     assert "- steering" in card and "- merge" not in card
     config = json.loads((outs["float32"] / "config.json").read_text())
     assert config.get("dtype", config.get("torch_dtype")) == "float32"
-    r = invoke(
-        [
-            "steer",
-            "bake",
-            base,
-            "--vector",
-            vec_path,
-            "--strength",
-            1,
-            "--dtype",
-            "int8",
-            "-o",
-            tmp_path / "bad",
-        ]
-    )
+    r = bake(base, vec_path, 1, "int8", tmp_path / "bad")
     assert r.exit_code == 1 and "--dtype" in r.stderr
