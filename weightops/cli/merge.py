@@ -80,7 +80,7 @@ def merge(
             found.steps[0].recipe, recipe.parent, random_seed=random_seed, numerics=numerics
         )
         if dry_run:
-            resolve_device(device)
+            plan.draws_in_blocks = resolve_device(device).type == "cpu"
             _print_plan(plan, out, options)
             return
         start = time.perf_counter()
@@ -106,7 +106,7 @@ def _merge_steps(
     from weightops.engine.steps import run_steps
 
     if dry_run:
-        resolve_device(options.device)
+        on_cpu = resolve_device(options.device).type == "cpu"
         for step in found.steps:
             if step.name is None:
                 where = str(out)
@@ -121,6 +121,7 @@ def _merge_steps(
                 typer.echo("")
                 continue
             plan = build_plan(step.recipe, recipe_dir, random_seed=random_seed, numerics=numerics)
+            plan.draws_in_blocks = on_cpu
             _print_plan(plan, where, options)
             typer.echo("")
         return

@@ -71,6 +71,9 @@ class Plan:
     # "default" (fp32 compute) or "mergekit" (the recipe's dtype, mergekit's order of
     # operations; see weightops.merge.registry).
     numerics: str = "default"
+    # Whether random methods may draw per row block: the CPU generator draws one number
+    # per entry in order, so blocks can repeat a whole tensor's draws; a GPU's does not.
+    draws_in_blocks: bool = True
 
     def method_of(self, task: TensorTask) -> MethodSpec:
         return self.methods[task.method]
@@ -92,13 +95,27 @@ class Plan:
         return sum(self.sources[(r.model, r.name)].nbytes for r in refs)
 
     def blockable(self, task: TensorTask) -> bool:
-        """Whether the task's method may run on row blocks: it is elementwise, or it cuts
-        task vectors at ranks the engine finds beforehand (weightops.engine.select)."""
+        """Whether the task's method may run on row blocks: it is elementwise, it cuts
+        task vectors at ranks the engine finds beforehand (weightops.engine.select), or
+        its random draws can be positioned per block (see `drawing_inputs`)."""
         method = self.method_of(task)
-        return method.elementwise or (
-            not task.copy
-            and method.cut_positions(dict(task.params), task.numel, self.numerics) is not None
+        if method.elementwise:
+            return True
+        if task.copy:
+            return False
+        params = dict(task.params)
+        return (
+            method.cut_positions(params, task.numel, self.numerics) is not None
+            or self.drawing_inputs(task) is not None
         )
+
+    def drawing_inputs(self, task: TensorTask) -> list[bool] | None:
+        """Which inputs of a random method draw one number per entry, when its row
+        blocks can draw them from generators positioned per input; else None."""
+        if task.copy or task.seed is None or not self.draws_in_blocks:
+            return None
+        method = self.method_of(task)
+        return method.drawing_inputs(dict(task.params), task.shape, self.numerics)
 
     def peak_bytes(self, read_ahead: int, chunk_elements: int) -> int:
         """Estimated peak memory of the tensor data (the Python and torch runtime come on

@@ -20,6 +20,7 @@ import torch
 
 from weightops import __version__, signals
 from weightops.engine.card import write_side_files
+from weightops.engine.draws import BlockDraws
 from weightops.engine.plan import Plan
 from weightops.engine.progress import Progress
 from weightops.engine.select import TaskCuts, find_cuts
@@ -68,6 +69,7 @@ def _compute(
     device: torch.device,
     stats: dict[str, object],
     cuts: dict[str, TaskCuts],
+    draws: BlockDraws,
 ) -> torch.Tensor:
     task = piece.task
     if task.copy:
@@ -75,10 +77,7 @@ def _compute(
     method = plan.method_of(task)
     inputs, base = _to_compute(plan, loaded, device)
     del loaded
-    rng = None
-    if task.seed is not None:
-        rng = torch.Generator(device=device)
-        rng.manual_seed(task.seed)
+    rng = draws.for_piece(piece, (base if base is not None else inputs[0]).dtype)
     try:
         with torch.no_grad():
             out = method(
@@ -153,10 +152,14 @@ def execute(plan: Plan, out: Path, options: RunOptions | None = None) -> Path:
     """Run a plan and write the output folder `out` atomically; return it."""
     options = options or RunOptions()
     device = resolve_device(options.device)
+    plan.draws_in_blocks = device.type == "cpu"
     threads = torch.get_num_threads()
     if options.threads:
         torch.set_num_threads(options.threads)
-    elif all(m.elementwise or m.ranks for m in plan.methods.values()) and device.type == "cpu":
+    elif (
+        all(m.elementwise or m.ranks or m.draws for m in plan.methods.values())
+        and device.type == "cpu"
+    ):
         # Small row blocks gain nothing from intra-op threads, which would only contend
         # with the readers for the cores.
         torch.set_num_threads(1)
@@ -236,11 +239,12 @@ def _apply(
     write_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightops-write")
     pending: collections.deque[tuple[Future[None], int]] = collections.deque()
     progress = Progress(len(plan.tasks), plan.output_bytes, "merge", enabled=options.progress)
+    draws = BlockDraws(plan, device)
     since_trim = 0
     try:
         for piece, box in stream:
             signals.raise_if_stopped()
-            result = _compute(plan, piece, box.pop(), device, stats, cuts)
+            result = _compute(plan, piece, box.pop(), device, stats, cuts, draws)
             size = result.numel() * result.element_size()
             pending.append(
                 (write_pool.submit(writer.write, piece.task.name, result, piece.out_offset), size)

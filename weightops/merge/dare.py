@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from weightops.merge import as_mergekit as mk
@@ -28,7 +30,16 @@ Parameters:
   int8_mask: accepted so mergekit recipes run; masks here are always booleans.
 With `--numerics mergekit` the arithmetic and the L1 rescale are mergekit's; the masks
 are still drawn from the seed, so the result matches mergekit in distribution only.
+Large tensors run in row blocks, each drawing the same numbers as the whole tensor
+would (the engine positions a generator at each input's draws); on a GPU, whose
+generator does not draw entry by entry in order, and with `--numerics mergekit` (the
+L1 rescale needs whole-tensor sums), a tensor runs whole.
 """
+
+
+def _draws(params: dict[str, Any], shape: tuple[int, ...]) -> list[bool]:
+    """Each input with density < 1 draws one number per entry; the drop is elementwise."""
+    return [d < 1 for d in params["density"]]
 
 
 def _register(name: str, *, consensus: bool, doc: str) -> None:
@@ -43,11 +54,11 @@ def _register(name: str, *, consensus: bool, doc: str) -> None:
         rescale: bool = True,
         seed: int = 0,
         int8_mask: bool = False,
-        rng: torch.Generator | None = None,
+        rng: list[torch.Generator | None] | None = None,
     ) -> torch.Tensor:
         deltas = task_vectors(tensors, base)
         for i, d in enumerate(density):
-            deltas[i] = random_drop(deltas[i], d, rng)
+            deltas[i] = random_drop(deltas[i], d, rng[i] if rng else None)
             if rescale and d < 1:
                 deltas[i].div_(d)
         return combine(deltas, base, weight, consensus=consensus, normalize=normalize, lam=lambda_)
@@ -81,7 +92,9 @@ def _register(name: str, *, consensus: bool, doc: str) -> None:
 
     dare.__name__ = dare.__qualname__ = name
     dare.__doc__ = doc
-    merge_method(name, base="required", reference="https://arxiv.org/abs/2311.03099")(dare)
+    merge_method(name, base="required", reference="https://arxiv.org/abs/2311.03099", draws=_draws)(
+        dare
+    )
     numerics_variant(name, "mergekit")(dare_as_mergekit)
 
 

@@ -49,6 +49,10 @@ density ± epsilon are closed (mergekit rejects density ± epsilon equal to 0 or
 With `--numerics mergekit` the ranking, keep rates, bounds and L1 rescale are
 mergekit's (see weightops.merge.as_mergekit); the masks are still drawn from the seed,
 so the result matches mergekit in distribution only.
+Tensors of two or more dimensions, whose rows are ranked apart, run in row blocks when
+large, each block drawing the same numbers as the whole tensor would; 1-D tensors (one
+ranking over all entries), tensors on a GPU (whose generator does not draw entry by
+entry in order) and `--numerics mergekit` run whole.
 """
 
 
@@ -61,6 +65,14 @@ def epsilon_problem(params: dict[str, Any]) -> str | None:
                 f"outside [0, 1]; use epsilon ≤ {min(d, 1 - d):g}"
             )
     return None
+
+
+def _draws(params: dict[str, Any], shape: tuple[int, ...]) -> list[bool] | None:
+    """Each input with density < 1 draws one number per entry, row by row; the ranks
+    are per row, so blocks of rows are independent unless the tensor is one row."""
+    if len(shape) < 2:
+        return None
+    return [d < 1 for d in params["density"]]
 
 
 def _register(name: str, *, consensus: bool, normalize_default: bool, doc: str) -> None:
@@ -76,13 +88,14 @@ def _register(name: str, *, consensus: bool, normalize_default: bool, doc: str) 
         rescale: bool = True,
         seed: int = 0,
         int8_mask: bool = False,
-        rng: torch.Generator | None = None,
+        rng: list[torch.Generator | None] | None = None,
     ) -> torch.Tensor:
         if msg := epsilon_problem({"density": density, "epsilon": epsilon}):
             raise ValueError(msg)
         deltas = task_vectors(tensors, base)
         for i, (d, e) in enumerate(zip(density, epsilon, strict=True)):
-            deltas[i] = magnitude_sample(deltas[i], d, e, rng, rescale=rescale)
+            g = rng[i] if rng else None
+            deltas[i] = magnitude_sample(deltas[i], d, e, g, rescale=rescale)
         return combine(deltas, base, weight, consensus=consensus, normalize=normalize, lam=lambda_)
 
     def della_as_mergekit(
@@ -116,7 +129,11 @@ def _register(name: str, *, consensus: bool, normalize_default: bool, doc: str) 
     della.__name__ = della.__qualname__ = name
     della.__doc__ = doc
     merge_method(
-        name, base="required", reference="https://arxiv.org/abs/2406.11617", check=epsilon_problem
+        name,
+        base="required",
+        reference="https://arxiv.org/abs/2406.11617",
+        check=epsilon_problem,
+        draws=_draws,
     )(della)
     numerics_variant(name, "mergekit")(della_as_mergekit)
 

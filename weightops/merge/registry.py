@@ -19,7 +19,8 @@ read from its keyword-only signature:
 - A parameter without a default is required.
 - A parameter named `rng` is not a recipe parameter: the engine passes a torch.Generator
   seeded from the recipe's `seed` parameter and the tensor's name, so random methods are
-  reproducible and independent of the order tensors are processed in.
+  reproducible and independent of the order tensors are processed in. A method that
+  declares `draws=` gets a list instead, one generator per input (see `merge_method`).
 - A parameter named `name` is not a recipe parameter either: the engine passes the
   output tensor's name, for methods whose work depends on where a tensor sits (per-layer
   settings from whole-model statistics, which axis a permutation acts on).
@@ -97,6 +98,7 @@ class MethodSpec:
     wants_name: bool = False
     elementwise: bool = False
     ranks: Callable[[dict[str, Any], int], list[tuple[int | None, ...]] | None] | None = None
+    draws: Callable[[dict[str, Any], tuple[int, ...]], list[bool] | None] | None = None
     observer: Callable[[], Observer] | None = None
     check: Callable[[dict[str, Any]], str | None] | None = None
     doc: str = field(default="", repr=False)
@@ -114,6 +116,15 @@ class MethodSpec:
             return None
         return self.ranks(params, numel)
 
+    def drawing_inputs(
+        self, params: dict[str, Any], shape: tuple[int, ...], numerics: str
+    ) -> list[bool] | None:
+        """Which inputs draw one random number per entry, when the method can run on row
+        blocks given generators positioned at each input's draws; else None."""
+        if self.draws is None or numerics != DEFAULT_NUMERICS:
+            return None
+        return self.draws(params, shape)
+
     def supports(self, numerics: str) -> bool:
         return numerics == DEFAULT_NUMERICS or (self.name, numerics) in _VARIANTS
 
@@ -127,7 +138,7 @@ class MethodSpec:
         tensors: list[torch.Tensor],
         base: torch.Tensor | None,
         params: dict[str, Any],
-        rng: torch.Generator | None = None,
+        rng: torch.Generator | list[torch.Generator | None] | None = None,
         stats: object = None,
         name: str = "",
         numerics: str = "default",
@@ -136,6 +147,9 @@ class MethodSpec:
         fn = self.fn if numerics == DEFAULT_NUMERICS else _VARIANTS[(self.name, numerics)]
         kwargs = {self.params[k].py_name: v for k, v in params.items() if k in self.params}
         if self.wants_rng:
+            if self.draws is not None and fn is self.fn and not isinstance(rng, list):
+                # A whole tensor: every input draws from the one generator in turn.
+                rng = [rng] * len(tensors)
             kwargs["rng"] = rng
         if self.wants_stats:
             kwargs["stats"] = stats
@@ -203,6 +217,7 @@ def merge_method(
     observer: Callable[[], Observer] | None = None,
     elementwise: bool = False,
     ranks: Callable[[dict[str, Any], int], list[tuple[int | None, ...]] | None] | None = None,
+    draws: Callable[[dict[str, Any], tuple[int, ...]], list[bool] | None] | None = None,
     check: Callable[[dict[str, Any]], str | None] | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register a merge method under `name`; duplicate names are an error.
@@ -214,6 +229,13 @@ def merge_method(
     tensor whole; the engine then finds those cuts with an exact streaming selection
     and runs the method on row blocks, passing each block's `Cut`s (weightops.merge.cuts)
     as the keyword-only `cuts` argument, which is None for whole tensors.
+    `draws(params, shape)` is for random methods whose output rows each depend only on
+    the same rows of the inputs and on random numbers drawn for them: it says which
+    inputs draw one number per entry, in row-major order, each input's after the
+    previous one's from the same generator (or None where the tensor must be whole).
+    The method's `rng` is then a list with one generator per input: for a whole tensor
+    the same generator each time, and for a row block one positioned at that input's
+    first draw for the block, so blocks draw exactly the numbers of the whole tensor.
     With `observer`, the engine first runs a statistics pass (see Observer) and passes
     its result to the method's keyword-only `stats` argument. `check` tests the resolved
     parameters of each output tensor together while planning (see the module docstring).
@@ -224,6 +246,8 @@ def merge_method(
             raise ValueError(f"merge method {name!r} is already registered")
         if (ranks is None) != ("cuts" not in inspect.signature(fn).parameters):
             raise ValueError(f"merge method {name!r}: `ranks` and a `cuts` argument go together")
+        if draws is not None and "rng" not in inspect.signature(fn).parameters:
+            raise ValueError(f"merge method {name!r}: `draws` needs an `rng` argument")
         if (observer is None) != ("stats" not in inspect.signature(fn).parameters):
             raise ValueError(
                 f"merge method {name!r}: an observer and a `stats` argument go together"
@@ -264,6 +288,7 @@ def merge_method(
             observer=observer,
             elementwise=elementwise,
             ranks=ranks,
+            draws=draws,
             check=check,
             doc=inspect.getdoc(fn) or "",
         )
