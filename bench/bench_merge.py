@@ -27,7 +27,10 @@ from make_family import FINE_TUNES, make_family
 from peers import WORK, ensure_mergekit, mergekit_version
 from report import BENCHMARKS_MD, REPO, machine, write_section
 
-METHODS = ("linear", "task_arithmetic", "ties")
+METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")
+# Methods with random masks: the two tools draw different masks, so their outputs are
+# compared in distribution (share of entries changed, mean size of the change).
+RANDOM = ("dare_ties",)
 DEFAULT_CHANGED = 0.3
 # bf16 has an 8-bit significand: a correct fp32 merge rounded to bf16 differs from
 # another by about one ulp, so anything beyond this is a real disagreement.
@@ -52,6 +55,7 @@ class Parity:
     dtype_mismatches: list[str]
     n_compared: int
     tie_order: str = ""  # for TIES outside the bar: what an independent reference says
+    random: str = ""  # for random methods: the comparison in distribution
 
     @property
     def within_bar(self) -> bool:
@@ -89,7 +93,7 @@ def recipe(method: str, family: dict[str, Path]) -> dict:
     if method == "task_arithmetic":
         models = [{"model": m, "parameters": {"weight": 0.5}} for m in fts]
         return {**common, "base_model": str(family["base"]), "models": models}
-    if method == "ties":
+    if method in ("ties", "dare_ties"):
         models = [{"model": m, "parameters": {"weight": 1.0, "density": 0.5}} for m in fts]
         return {
             **common,
@@ -185,6 +189,43 @@ def compare(out_w: Path, out_m: Path) -> Parity:
     return parity
 
 
+def random_stats(out: Path, base: Path) -> tuple[float, float]:
+    """(share of entries that differ from the base, mean |out − base| over those)."""
+    idx_o, idx_b = load_tensor_index(out), load_tensor_index(base)
+    changed = total = 0
+    l1 = 0.0
+    for name, shard in idx_o.items():
+        if name not in idx_b:
+            continue
+        x = read(shard, name)
+        d = x.double() - read(idx_b[name], name).to(x.dtype).double()
+        changed += int(torch.count_nonzero(d))
+        total += d.numel()
+        l1 += d.abs().sum().item()
+    return changed / max(total, 1), l1 / max(changed, 1)
+
+
+def random_parity(out_w: Path, out_m: Path, base: Path) -> Parity:
+    """The same tensor names, and the changes to the base alike in distribution."""
+    idx_w, idx_m = load_tensor_index(out_w), load_tensor_index(out_m)
+    (kw, lw), (km, lm) = random_stats(out_w, base), random_stats(out_m, base)
+    return Parity(
+        0.0,
+        "",
+        0.0,
+        "",
+        only_weightops=sorted(idx_w.keys() - idx_m.keys()),
+        only_mergekit=sorted(idx_m.keys() - idx_w.keys()),
+        dtype_mismatches=[],
+        n_compared=len(idx_w.keys() & idx_m.keys()),
+        random=(
+            f"random masks (each tool draws its own), compared in distribution: share of "
+            f"entries changed from the base {kw:.3f} (weightops) vs {km:.3f} (mergekit), "
+            f"mean |change| ratio {lw / lm:.3f}"
+        ),
+    )
+
+
 def ties_reference(family: dict[str, Path], name: str, stable: bool) -> torch.Tensor:
     """The bench recipe's TIES (weight 1, density 0.5, normalize) for one tensor, written
     out plainly; `stable` picks how entries tied at the trim threshold are ordered."""
@@ -261,11 +302,19 @@ def render(
         m_rss = f"{m.peak_mib:.0f}" if m else "n/a"
         rel = f"{parity.worst_rel_fro:.2e}" if parity else "n/a"
         ok = ("yes" if parity.within_bar else "**no**") if parity else "n/a"
+        if parity and parity.random:
+            rel, ok = "random", "n/a"
         lines.append(
             f"| {method} | {w.seconds:.2f} | {m_s} | {fmt_ratio(w.seconds, m and m.seconds)} | "
             f"{w.peak_mib:.0f} | {m_rss} | {fmt_ratio(w.peak_mib, m and m.peak_mib)} | {rel} | {ok} |"
         )
-        if parity and parity.worst_rel_fro == parity.worst_max_abs == 0:
+        if parity and parity.random:
+            notes.append(
+                f"- {method}: {parity.random}; only in weightops: "
+                f"{parity.only_weightops or 'none'}; only in mergekit: "
+                f"{parity.only_mergekit or 'none'}"
+            )
+        elif parity and parity.worst_rel_fro == parity.worst_max_abs == 0:
             notes.append(
                 f"- {method}: all {parity.n_compared} common tensors bit-identical; "
                 f"only in weightops: {parity.only_weightops or 'none'}; "
@@ -336,7 +385,10 @@ def bench_method(
                 )
     w = summarize(w_runs)
     m = summarize(m_runs) if m_runs else None
-    parity = compare(out_w, out_m) if mergekit else None
+    parity = None
+    if mergekit:
+        random = method in RANDOM
+        parity = random_parity(out_w, out_m, family["base"]) if random else compare(out_w, out_m)
     if parity and method == "ties" and not parity.within_bar:
         parity.tie_order = tie_order_note(family, out_w, out_m, parity.worst_max_abs_tensor)
     return w, m, parity
