@@ -18,6 +18,7 @@ from weightops.engine.draws import advance, positioned
 from weightops.engine.plan import build_plan
 from weightops.engine.run import RunOptions, execute
 from weightops.engine.stream import pieces
+from weightops.merge.registry import merge_method
 from weightops.recipe import parse_recipe
 
 SHAPES = {"embed.weight": (300, 40), "conv.weight": (90, 4, 5), "norm.weight": (2500,)}
@@ -160,3 +161,12 @@ def test_advance_skips_exactly_count_entries():
     torch.rand(200_003, generator=a)
     advance(b, 200_003, torch.float32)
     assert torch.equal(torch.rand(10, generator=a), torch.rand(10, generator=b))
+
+
+def test_draws_needs_an_rng_argument():
+    def no_rng(tensors, base, *, weight: float = 1.0):
+        """A method that draws nothing."""
+        return base
+
+    with pytest.raises(ValueError, match="rng"):
+        merge_method("draws_without_rng", draws=lambda params, shape: [True])(no_rng)
