@@ -14,7 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -57,6 +57,7 @@ __all__ = [
     "pieces",
     "resolve_device",
     "staged",
+    "write_pieces",
 ]
 
 
@@ -202,11 +203,11 @@ def execute(plan: Plan, out: Path, options: RunOptions | None = None) -> Path:
     `options.executor == "ray"` the work runs on a Ray cluster (weightops.engine.ray_exec)."""
     options = options or RunOptions()
     if options.executor == "ray":
-        from weightops.engine.ray_exec import execute_on_ray
-
-        return execute_on_ray(plan, out, options)
+        return _ray_executor()(plan, out, options)
     if options.executor != "local":
-        raise MergeError(f"--executor {options.executor}: unknown executor", hint="use local or ray")
+        raise MergeError(
+            f"--executor {options.executor}: unknown executor", hint="use local or ray"
+        )
     device = resolve_device(options.device)
     threads = torch.get_num_threads()
     count = compute_threads(plan, options, device)
@@ -216,6 +217,18 @@ def execute(plan: Plan, out: Path, options: RunOptions | None = None) -> Path:
         return _execute(plan, out, options, device)
     finally:
         torch.set_num_threads(threads)
+
+
+def _ray_executor() -> Callable[[Plan, Path, RunOptions], Path]:
+    try:
+        from weightops.engine.ray_exec import execute_on_ray
+    except ModuleNotFoundError as e:
+        if e.name is None or e.name.split(".")[0] != "ray":
+            raise
+        raise MergeError(
+            "--executor ray: Ray is not installed", hint="pip install 'weightops[ray]'"
+        ) from None
+    return execute_on_ray
 
 
 @contextlib.contextmanager
@@ -272,7 +285,7 @@ def _execute(plan: Plan, out: Path, options: RunOptions, device: torch.device) -
         cuts = find_cuts(plan, options, device)
         writer = ShardWriter(folder, layout, display=out)
         try:
-            _apply(plan, writer, options, device, stats, cuts)
+            write_pieces(plan, writer, options, device, stats, cuts)
             writer.finish()
         finally:
             writer.close()
@@ -285,7 +298,7 @@ _PENDING_WRITE_BYTES = 64 * 2**20
 _TRIM_EVERY = 64 * 2**20
 
 
-def _apply(
+def write_pieces(
     plan: Plan,
     writer: ShardWriter,
     options: RunOptions,
