@@ -1,0 +1,281 @@
+"""`--executor ray`: the same bytes as the local executor, whatever the method, the
+failures of workers, or a stop.
+
+One local Ray instance with two CPUs serves the module. Small row blocks
+(chunk_elements) make the tiny models' large tensors split into row ranges, several
+per Ray task, and small ones batch, so every kind of work unit runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import load_state, write_recipe
+from test_engine import dump, recipe_for
+from typer.testing import CliRunner
+
+from weightops.cli import app
+from weightops.engine.distributed import plan_units
+from weightops.engine.plan import build_plan
+from weightops.engine.run import RunOptions, execute
+from weightops.errors import CheckpointError, MergeError
+from weightops.merge import all_methods, registry
+from weightops.recipe import parse_recipe
+
+METHODS = sorted(all_methods())
+CHUNK = 256  # entries per row block: the tiny models' matrices are a few thousand
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+def run(text: str, out: Path, executor: str, **options) -> Path:
+    options = {"device": "cpu", "progress": False, "chunk_elements": CHUNK, **options}
+    plan = build_plan(parse_recipe(text))
+    return execute(plan, out, RunOptions(executor=executor, shard_size=60_000, **options))
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(folder.iterdir())}
+
+
+def assert_same_output(text: str, tmp_path: Path, **options) -> None:
+    local = files(run(text, tmp_path / "local", "local", **options))
+    ray = files(run(text, tmp_path / "ray", "ray", **options))
+    assert ray.keys() == local.keys()
+    for name in local:
+        assert ray[name] == local[name], name
+
+
+def leftovers(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(f".{out.name}.weightops-*")) + [out] * out.exists()
+
+
+# ------------------------------------------------------------------ work units
+
+
+def test_units_cover_every_tensor_once(llama):
+    text = dump(recipe_for(all_methods()["ties"], llama))
+    plan = build_plan(parse_recipe(text))
+    units = plan_units(plan, RunOptions(chunk_elements=CHUNK))
+    rows: dict[str, list[tuple[int, int]]] = {}
+    for unit in units:
+        if unit.rows is not None:
+            assert len(unit.names) == 1
+            rows.setdefault(unit.names[0], []).append(unit.rows)
+    whole = [n for u in units if u.rows is None for n in u.names]
+    assert sorted(whole + list(rows)) == sorted(t.name for t in plan.tasks)
+    # ties cuts each task vector at a rank over the whole tensor: never split.
+    assert not rows
+    lin = build_plan(parse_recipe(dump(recipe_for(all_methods()["linear"], llama))))
+    units = plan_units(lin, RunOptions(chunk_elements=CHUNK))
+    split = [u for u in units if u.rows is not None]
+    assert split, "no tensor of the tiny model was split: the test would prove nothing"
+    shapes = {t.name: t.shape for t in lin.tasks}
+    for name in {u.names[0] for u in split}:
+        ranges = sorted(u.rows for u in split if u.names[0] == name)
+        # Contiguous, from row 0 to the last, each a whole number of row blocks.
+        assert ranges[0][0] == 0 and ranges[-1][1] == shapes[name][0]
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
+        block = max(1, CHUNK // (torch.Size(shapes[name]).numel() // shapes[name][0]))
+        assert all(r0 % block == 0 for r0, _ in ranges)
+    assert any(len(u.names) > 1 for u in units), "no small tensors were batched"
+
+
+# ------------------------------------------------------------------ bit identity
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_writes_the_local_bytes(ray_session, name, llama, tmp_path):
+    assert_same_output(dump(recipe_for(all_methods()[name], llama)), tmp_path)
+
+
+def test_recipe_align_writes_the_local_bytes(ray_session, families, tmp_path):
+    from test_align import config_of, permute_state, save_like
+
+    fam = families["qwen2"]
+    shuffled = save_like(
+        fam["ft_b"],
+        permute_state(load_state(fam["ft_b"]), config_of(fam["ft_b"]), seed=4),
+        tmp_path / "ft_b_shuffled",
+    )
+    text = (
+        f"merge_method: linear\nmodels:\n  - model: {fam['ft_a']}\n    parameters: {{weight: 0.6}}\n"
+        f"  - model: {shuffled}\n    parameters: {{weight: 0.4}}\nalign:\n  to: {fam['ft_a']}\n"
+    )
+    assert_same_output(text, tmp_path)
+
+
+def test_vocabulary_merge_writes_the_local_bytes(ray_session, tmp_path_factory, tmp_path):
+    from test_vocab import CHAT, bpe_tokenizer, recipe, tiny_llama
+
+    root = tmp_path_factory.mktemp("vocab")
+    base = tiny_llama(root / "base", 64, bpe_tokenizer(64, []), seed=1)
+    chatml = tiny_llama(root / "chatml", 66, bpe_tokenizer(64, CHAT), seed=2)
+    data = recipe([base, chatml], base, "task_arithmetic", tokenizer={"source": "union"})
+    assert_same_output(dump(data), tmp_path)
+
+
+@pytest.fixture
+def registered(monkeypatch):
+    """Register methods for one test only."""
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    return registry.merge_method
+
+
+@pytest.mark.parametrize("mergeable", [True, False])
+def test_statistics_pass_sees_every_tensor_once(
+    ray_session, registered, mergeable, llama, tmp_path
+):
+    class Names:
+        """Collects the names of the tensors it saw; `merge` adds another's."""
+
+        def __init__(self) -> None:
+            self.seen: list[str] = []
+
+        def observe(self, name, tensors, base, params) -> None:
+            self.seen.append(name)
+
+        def result(self) -> int:
+            assert len(set(self.seen)) == len(self.seen), "a tensor was observed twice"
+            return len(self.seen)
+
+    if mergeable:
+        Names.merge = lambda self, other: self.seen.extend(other.seen)
+
+    @registered("count_observed", observer=Names)
+    def count_observed(tensors, base, *, stats):
+        """Every entry is the number of tensors the statistics pass saw."""
+        return torch.full_like(tensors[0], float(stats))
+
+    text = f"merge_method: count_observed\nmodels:\n  - model: {llama['ft_a']}\n  - model: {llama['ft_b']}\n"
+    run(text, tmp_path / "ray", "ray")
+    got = load_state(tmp_path / "ray")
+    floats = [n for n, t in got.items() if t.is_floating_point()]
+    assert all(torch.all(got[n] == len(floats)) for n in floats)
+    assert_same_output(text, tmp_path / "both")
+
+
+# ------------------------------------------------------------------ faults
+
+
+def test_a_worker_killed_mid_merge_is_retried_to_the_same_bytes(
+    ray_session, registered, llama, tmp_path
+):
+    marker = tmp_path / "crashed"
+
+    @registered("crash_once", min_models=2)
+    def crash_once(tensors, base, *, name):
+        """The mean; the worker computing the first MLP projection dies the first time."""
+        if name == "model.layers.1.mlp.down_proj.weight" and not marker.exists():
+            marker.touch()
+            os._exit(1)
+        return sum(tensors) / len(tensors)
+
+    text = f"merge_method: crash_once\nmodels:\n  - model: {llama['ft_a']}\n  - model: {llama['ft_b']}\n"
+    ray = files(run(text, tmp_path / "ray", "ray"))
+    assert marker.exists(), "no worker died: the test proved nothing"
+    local = files(run(text, tmp_path / "local", "local"))
+    assert ray == local
+
+
+def test_ctrl_c_leaves_nothing(ray_session, monkeypatch, llama, tmp_path):
+    from weightops.engine import ray_exec
+
+    def stop(self, job):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ray_exec._TaskProgress, "done", stop)
+    text = dump(recipe_for(all_methods()["ties"], llama))
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run(text, out, "ray")
+    assert leftovers(out) == []
+    time.sleep(1)  # a cancelled task that still ran would write now
+    assert leftovers(out) == []
+
+
+def test_an_input_missing_on_a_worker_is_the_local_error(ray_session, llama_copy, tmp_path):
+    text = dump(recipe_for(all_methods()["linear"], llama_copy))
+    plan = build_plan(parse_recipe(text))
+    for shard in llama_copy["ft_b"].glob("*.safetensors"):
+        shard.unlink()
+    errors = {}
+    for executor in ("local", "ray"):
+        out = tmp_path / executor
+        with pytest.raises(CheckpointError) as info:
+            execute(plan, out, RunOptions(device="cpu", progress=False, executor=executor))
+        errors[executor] = str(info.value)
+        assert leftovers(out) == []
+    assert errors["ray"] == errors["local"]
+    assert "cannot read safetensors file" in errors["local"]
+
+
+def test_an_input_replaced_after_planning_fails_on_the_worker(ray_session, llama_copy, tmp_path):
+    text = dump(recipe_for(all_methods()["linear"], llama_copy))
+    plan = build_plan(parse_recipe(text))
+    for shard in llama_copy["ft_b"].glob("*.safetensors"):
+        shard.write_bytes(shard.read_bytes() + b" ")
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match="changed while it was read"):
+        execute(plan, out, RunOptions(device="cpu", progress=False, executor="ray"))
+    assert leftovers(out) == []
+
+
+# ------------------------------------------------------------------ command line
+
+
+def test_cli_merge_with_executor_ray(ray_session, llama, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", dump(recipe_for(all_methods()["ties"], llama)))
+    result = CliRunner().invoke(
+        app, ["merge", str(recipe), "-o", str(tmp_path / "ray"), "--executor", "ray"]
+    )
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["merge", str(recipe), "-o", str(tmp_path / "local")])
+    assert result.exit_code == 0, result.output
+    assert files(tmp_path / "ray") == files(tmp_path / "local")
+
+
+def test_unknown_executor_is_one_line(llama, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", dump(recipe_for(all_methods()["linear"], llama)))
+    result = CliRunner().invoke(
+        app, ["merge", str(recipe), "-o", str(tmp_path / "o"), "--executor", "spark"]
+    )
+    assert result.exit_code == 1
+    assert result.stderr.strip() == ("error: --executor spark: unknown executor (use local or ray)")
+
+
+def test_without_ray_installed_the_ray_executor_is_one_line(monkeypatch, llama, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails
+    monkeypatch.delitem(sys.modules, "weightops.engine.ray_exec", raising=False)
+    text = dump(recipe_for(all_methods()["linear"], llama))
+    with pytest.raises(
+        MergeError, match=r"Ray is not installed \(pip install 'weightops\[ray\]'\)"
+    ):
+        run(text, tmp_path / "o", "ray")
+    assert leftovers(tmp_path / "o") == []
+
+
+def test_the_local_executor_never_imports_ray(llama, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", dump(recipe_for(all_methods()["linear"], llama)))
+    code = (
+        "import sys\nfrom weightops.cli import app\n"
+        f"try:\n    app(['merge', {str(recipe)!r}, '-o', {str(tmp_path / 'o')!r}])\n"
+        "except SystemExit as e:\n    assert not e.code, e.code\n"
+        "assert 'ray' not in sys.modules\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
