@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +37,7 @@ from weightops.engine.run import (
 from weightops.engine.select import find_cuts
 from weightops.engine.stream import InputStream, RunOptions, splits
 from weightops.errors import CheckpointError
-from weightops.io.safe_read import file_stamp
+from weightops.io.safe_read import Stamp, file_stamp
 from weightops.io.writer import Layout, ShardWriter
 from weightops.merge.registry import Observer
 
@@ -128,17 +128,22 @@ def _only(plan: Plan, names: tuple[str, ...] | list[str]) -> Plan:
 
 
 def check_inputs(plan: Plan) -> None:
-    """Fail unless every input file the plan reads here is the one that was planned:
-    same size and modification time (device and inode numbers differ between
-    machines that mount one filesystem). A file that is gone is left to the reader,
-    which reports it as a local run does."""
+    """Fail unless every input file the plan reads here is the one that was planned."""
     files = {
         plan.sources[(r.model, r.name)].path
         for t in plan.tasks
         for r in [*t.inputs, *([t.base] if t.base else [])]
     }
-    for path in sorted(files):
-        planned, here = plan.stamps.get(path), file_stamp(path)
+    check_files(plan.stamps, files)
+
+
+def check_files(stamps: dict[Path, Stamp | None], files: Iterable[Path]) -> None:
+    """Fail unless each file is as `stamps` recorded it: same size and modification
+    time (device and inode numbers differ between machines that mount one
+    filesystem). A file that is gone is left to the reader, which reports it as a
+    local run does."""
+    for path in sorted(set(files)):
+        planned, here = stamps.get(path), file_stamp(path)
         if planned is not None and here is not None and planned[2:] != here[2:]:
             raise CheckpointError(
                 f"{path}: the input changed while it was read",

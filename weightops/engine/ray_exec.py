@@ -35,7 +35,7 @@ import collections
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +106,8 @@ class _Resources:
         return total
 
 
-def _resources(options: RunOptions) -> _Resources:
+def resources(options: RunOptions) -> _Resources:
+    """What each task asks for: CPUs (--threads, default 1) and a GPU if the cluster has them."""
     gpus_there = ray.cluster_resources().get("GPU", 0) > 0
     if options.device.startswith("cuda") and not gpus_there:
         raise MergeError(
@@ -133,49 +134,71 @@ def _raise_from(ref: ray.ObjectRef, what: str) -> Any:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Job:
+class Job:
     args: tuple
     peak: int  # bytes of memory it asks for
     label: str  # what it computes, for errors
     names: tuple[str, ...]  # the output tensors it covers, for progress
 
 
-class _Runner:
+class Runner:
     """Runs jobs as Ray tasks, at most `_PER_SLOT` per slot in flight."""
 
     def __init__(self, resources: _Resources) -> None:
         self.res = resources
 
     def run(
-        self, fn: Callable[..., Any], jobs: list[_Job], done: Callable[[int, Any], None]
+        self,
+        fn: Callable[..., Any],
+        jobs: Iterable[Job],
+        done: Callable[[int, Any], None],
+        peak: int | None = None,
     ) -> None:
-        """Run `fn(*job.args)` for every job; call `done(index, result)` as each ends."""
-        if not jobs:
-            return
-        limit = _PER_SLOT * self.res.slots(max(max(job.peak for job in jobs), 1))
+        """Run `fn(*job.args)` for every job, pulling the next job only when a slot is
+        free; call `done(index, result)` as each ends. `peak` sizes the slots (default:
+        the largest job's memory, for a list)."""
+        if peak is None:
+            jobs = list(jobs)
+            if not jobs:
+                return
+            peak = max(job.peak for job in jobs)
+        limit = _PER_SLOT * self.res.slots(max(peak, 1))
         remote = ray.remote(fn)
-        todo = collections.deque(enumerate(jobs))
+        todo = enumerate(jobs)
+        labels: dict[int, str] = {}
         inflight: dict[ray.ObjectRef, int] = {}
+        more = True
         try:
-            while todo or inflight:
+            while more or inflight:
                 signals.raise_if_stopped()
-                while todo and len(inflight) < limit:
-                    index, job = todo.popleft()
-                    ref = remote.options(
-                        num_cpus=self.res.cpus,
-                        num_gpus=self.res.gpus,
-                        memory=max(job.peak, 1),
-                        max_retries=MAX_RETRIES,
-                        retry_exceptions=False,
-                    ).remote(*job.args)
-                    inflight[ref] = index
+                while more and len(inflight) < limit:
+                    index, job = next(todo, (-1, None))
+                    if job is None:
+                        more = False
+                        break
+                    inflight[self.submit(remote, job)] = index
+                    labels[index] = job.label
+                    del job
+                if not inflight:
+                    continue
                 ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.2)
                 for ref in ready:
                     index = inflight.pop(ref)
-                    done(index, _raise_from(ref, jobs[index].label))
+                    done(index, _raise_from(ref, labels.pop(index)))
         except BaseException:
             _cancel(list(inflight))
             raise
+
+    def submit(self, remote: Any, job: Job, num_returns: int = 1) -> Any:
+        """One task now, outside the slot count (a step of a chain the jobs wait on)."""
+        return remote.options(
+            num_cpus=self.res.cpus,
+            num_gpus=self.res.gpus,
+            memory=max(job.peak, 1),
+            max_retries=MAX_RETRIES,
+            retry_exceptions=False,
+            num_returns=num_returns,
+        ).remote(*job.args)
 
 
 def _cancel(refs: list[ray.ObjectRef]) -> None:
@@ -189,14 +212,14 @@ def _cancel(refs: list[ray.ObjectRef]) -> None:
 class _TaskProgress:
     """The local executor's progress figures: a tensor counts once all its units are in."""
 
-    def __init__(self, plan: Plan, jobs: list[_Job], label: str, enabled: bool | None) -> None:
+    def __init__(self, plan: Plan, jobs: list[Job], label: str, enabled: bool | None) -> None:
         names = {n for job in jobs for n in job.names}
         tasks = [t for t in plan.tasks if t.name in names]
         self.out_bytes = {t.name: t.out_bytes for t in tasks}
         self.left = collections.Counter(n for job in jobs for n in job.names)
         self.bar = Progress(len(tasks), sum(self.out_bytes.values()), label, enabled=enabled)
 
-    def done(self, job: _Job) -> None:
+    def done(self, job: Job) -> None:
         for name in job.names:
             self.left[name] -= 1
             if not self.left[name]:
@@ -204,7 +227,7 @@ class _TaskProgress:
 
 
 def _statistics(
-    plan: Plan, plan_ref: ray.ObjectRef, options: RunOptions, runner: _Runner
+    plan: Plan, plan_ref: ray.ObjectRef, options: RunOptions, runner: Runner
 ) -> dict[str, object]:
     """Observers as a reduction: partial observers of batches merged in plan order
     (an observer without `merge` sees all its module's tensors in one task)."""
@@ -212,7 +235,7 @@ def _statistics(
     if not observers:
         return {}
     target = UNIT_CHUNKS * options.chunk_elements
-    jobs: list[_Job] = []
+    jobs: list[Job] = []
     for module, observer in observers.items():
         tasks = [t for t in plan.tasks if t.module == module]
         batches: list[list] = [[]]
@@ -225,7 +248,7 @@ def _statistics(
             names = tuple(t.name for t in batch)
             # Whole tensors, each converted to the compute dtype beside its stored copy.
             peak = max(plan.task_input_bytes(t) * 3 for t in batch)
-            jobs.append(_Job((plan_ref, module, names, options), peak, names[0], names))
+            jobs.append(Job((plan_ref, module, names, options), peak, names[0], names))
     parts: dict[int, Any] = {}
     progress = _TaskProgress(plan, jobs, "statistics", options.progress)
 
@@ -247,10 +270,10 @@ def _statistics(
     return {module: o.result() for module, o in merged.items()}
 
 
-def _align(plan: Plan, plan_ref: ray.ObjectRef, options: RunOptions, runner: _Runner) -> None:
+def _align(plan: Plan, plan_ref: ray.ObjectRef, options: RunOptions, runner: Runner) -> None:
     assert plan.align is not None
     jobs = [
-        _Job((plan_ref, plan.align, i, options), 0, f"align {path.name}", ())
+        Job((plan_ref, plan.align, i, options), 0, f"align {path.name}", ())
         for i, path in enumerate(plan.models)
     ]
     found: dict[int, Any] = {}
@@ -261,10 +284,10 @@ def _align(plan: Plan, plan_ref: ray.ObjectRef, options: RunOptions, runner: _Ru
 def execute_on_ray(plan: Plan, out: Path, options: RunOptions) -> Path:
     """Run a plan as Ray tasks and write `out` atomically (see the module doc)."""
     connect(options.ray_address)
-    resources = _resources(options)
+    cluster = resources(options)
     remote_options = dataclasses.replace(options, progress=False)
     with staged(plan, out, options) as (folder, layout):
-        runner = _Runner(resources)
+        runner = Runner(cluster)
         if plan.align is not None:
             _align(plan, ray.put(plan), remote_options, runner)
         plan_ref = ray.put(plan)
@@ -277,7 +300,7 @@ def execute_on_ray(plan: Plan, out: Path, options: RunOptions) -> Path:
         finally:
             writer.close()
         jobs = [
-            _Job(
+            Job(
                 (plan_ref, unit, folder, layout, remote_options, stats_ref, out),
                 unit.peak_bytes,
                 unit.names[0]
@@ -297,4 +320,4 @@ def execute_on_ray(plan: Plan, out: Path, options: RunOptions) -> Path:
     return out
 
 
-__all__ = ["MAX_RETRIES", "Unit", "connect", "execute_on_ray"]
+__all__ = ["MAX_RETRIES", "Job", "Runner", "Unit", "connect", "execute_on_ray", "resources"]
