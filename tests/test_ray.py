@@ -279,3 +279,37 @@ def test_the_local_executor_never_imports_ray(llama, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+# ------------------------------------------------------------------ quantize
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_quantize_writes_the_local_bytes(ray_session, calibrated, llama, tmp_path):
+    from weightops.quant.model import quantize_model
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("the quick brown fox jumps over the lazy dog. " * 12)
+    options = {
+        "group_size": 16,
+        "avg_bits": 4.0,
+        "calib": calib if calibrated else None,
+        "shard_size": 60_000,
+    }
+    manifests = {}
+    for executor in ("local", "ray"):
+        manifests[executor] = quantize_model(
+            llama["base"], tmp_path / executor, executor=executor, **options
+        )
+    assert manifests["ray"] == manifests["local"]
+    assert files(tmp_path / "ray") == files(tmp_path / "local")
+    assert len(files(tmp_path / "ray")) > 4  # several shards, the manifest, the card
+
+
+def test_cli_quantize_with_executor_ray(ray_session, llama, tmp_path):
+    args = ["quantize", str(llama["base"]), "--group-size", "16", "--avg-bits", "4"]
+    for executor in ("local", "ray"):
+        out = str(tmp_path / executor)
+        result = CliRunner().invoke(app, [*args, "-o", out, "--executor", executor])
+        assert result.exit_code == 0, result.output
+    assert files(tmp_path / "ray") == files(tmp_path / "local")
