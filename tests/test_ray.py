@@ -128,6 +128,71 @@ def test_vocabulary_merge_writes_the_local_bytes(ray_session, tmp_path_factory, 
     assert_same_output(dump(data), tmp_path)
 
 
+def test_lora_input_writes_the_local_bytes(ray_session, llama, tmp_path):
+    from test_modules_lora import write_adapter
+
+    gen = torch.Generator().manual_seed(0)
+    stem = "base_model.model.model.layers.1.self_attn.q_proj"
+    tensors = {
+        f"{stem}.lora_A.weight": torch.randn(4, 64, generator=gen),
+        f"{stem}.lora_B.weight": torch.randn(64, 4, generator=gen),
+        "base_model.model.model.embed_tokens.lora_embedding_A": torch.randn(4, 320, generator=gen),
+        "base_model.model.model.embed_tokens.lora_embedding_B": torch.randn(64, 4, generator=gen),
+    }
+    folder = write_adapter(tmp_path / "adapter", {"r": 4, "lora_alpha": 8}, tensors)
+    data = {
+        "merge_method": "linear",
+        "models": [
+            {"model": f"{llama['base']}+{folder}", "parameters": {"weight": 1.0}},
+            {"model": str(llama["ft_a"]), "parameters": {"weight": 3.0}},
+        ],
+    }
+    assert_same_output(dump(data), tmp_path)
+
+
+def test_modules_write_the_local_bytes(ray_session, tmp_path_factory, tmp_path):
+    from test_modules_lora import _tiny_llava
+
+    root = tmp_path_factory.mktemp("llava")
+    base, a, b = (str(_tiny_llava(root / k, seed)) for k, seed in (("b", 0), ("a", 1), ("c", 2)))
+    data = {
+        "merge_method": "linear",
+        "base_model": base,
+        "modules": {
+            "text_decoder": {
+                "merge_method": "ties",
+                "models": [
+                    {"model": a, "parameters": {"weight": 0.7, "density": 0.5}},
+                    {"model": b, "parameters": {"weight": 0.3, "density": 0.5}},
+                ],
+            },
+            "vision_tower": {
+                "models": [
+                    {"model": a, "parameters": {"weight": [1.0, 0.0]}},
+                    {"model": b, "parameters": {"weight": 1.0}},
+                ],
+            },
+            "multi_modal_projector": {"merge_method": "passthrough", "models": [{"model": b}]},
+        },
+    }
+    assert_same_output(dump(data), tmp_path)
+
+
+def test_cli_multi_document_recipe_with_executor_ray(ray_session, llama, tmp_path):
+    from test_recipe_compat import _multi
+
+    recipe = _multi(tmp_path, llama)
+    for executor in ("local", "ray"):
+        out = str(tmp_path / executor)
+        result = CliRunner().invoke(app, ["merge", str(recipe), "-o", out, "--executor", executor])
+        assert result.exit_code == 0, result.output
+    ray, local = files(tmp_path / "ray"), files(tmp_path / "local")
+    # The card names the intermediate step's folder, which is beside each output.
+    assert ray.pop("README.md") != b"" and local.pop("README.md") != b""
+    assert ray == local
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
 @pytest.fixture
 def registered(monkeypatch):
     """Register methods for one test only."""
