@@ -35,6 +35,8 @@ import collections
 import contextlib
 import dataclasses
 import logging
+import signal
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -71,6 +73,10 @@ def connect(address: str | None) -> None:
     a session already open in this process is used as it is."""
     if ray.is_initialized():
         return
+    # ray.init makes SIGTERM exit at once; weightops' own handler (weightops.signals)
+    # unwinds the run instead, so the staging folder is removed and the exit status
+    # says the run was stopped. Ray's local instance is shut down at exit either way.
+    sigterm = signal.getsignal(signal.SIGTERM)
     try:
         ray.init(address=address, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as e:
@@ -78,6 +84,9 @@ def connect(address: str | None) -> None:
             f"--executor ray: cannot connect to the Ray cluster at {address or 'RAY_ADDRESS'}: {e}",
             hint="start one with `ray start --head`, or pass --ray-address",
         ) from None
+    finally:
+        if sigterm is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, sigterm)
 
 
 @dataclasses.dataclass
