@@ -1,6 +1,8 @@
 """The Ray executor against the local one, side by side in one run.
 
-Three configurations, each in a fresh child process, run the same jobs in turn:
+Three configurations, each in its own child process kept for the whole run, take
+turns job by job (the elementwise merges in three rounds, the median kept), so that
+the load of a shared machine falls on them alike:
 
 - local: `--executor local` (RunOptions(executor="local")), one compute thread;
 - Ray with 1 worker and with 2 workers: a local Ray instance started with that many
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -43,6 +46,8 @@ from report import REPO, machine, write_section
 OUT = WORK / "ray"
 CONFIGS = {"local": 0, "Ray, 1 worker": 1, "Ray, 2 workers": 2}
 
+# A child serves one configuration: it reads jobs as JSON lines and answers each with
+# its seconds and output hash, so the configurations can take turns job by job.
 CHILD = r"""
 import hashlib, json, sys, time
 from pathlib import Path
@@ -53,14 +58,13 @@ from weightops.engine.run import RunOptions, execute
 from weightops.quant.model import quantize_model
 from weightops.recipe_multi import load_recipe_file
 
-workers, out, jobs = int(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
+workers, out = int(sys.argv[1]), Path(sys.argv[2])
 executor = "ray" if workers else "local"
-result = {}
+start = time.perf_counter()
 if workers:
     import ray
-    start = time.perf_counter()
     ray.init(num_cpus=workers, include_dashboard=False, logging_level="WARNING")
-    result["ray start"] = time.perf_counter() - start
+print(json.dumps({"ray start": time.perf_counter() - start}), flush=True)
 
 
 def digest(folder):
@@ -70,7 +74,8 @@ def digest(folder):
     return h.hexdigest()[:16]
 
 
-for label, kind, source, extra in jobs:
+for line in sys.stdin:
+    label, kind, source, extra = json.loads(line)
     dest = out / label.replace(" ", "_")
     start = time.perf_counter()
     if kind == "merge":
@@ -80,31 +85,45 @@ for label, kind, source, extra in jobs:
         execute(plan, dest, options)
     else:
         quantize_model(source, dest, calib=extra, force=True, executor=executor)
-    result[label] = time.perf_counter() - start
-    result[label + " digest"] = digest(dest)
-    print(label, f"{result[label]:.1f}s", file=sys.stderr, flush=True)
-print(json.dumps(result))
+    seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": seconds, "digest": digest(dest)}), flush=True)
 """
 
 
-def run_config(workers: int, jobs: list, threads: int) -> dict:
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "OMP_NUM_THREADS": str(threads),
-        "MKL_NUM_THREADS": str(threads),
-    }
-    dest = OUT / f"workers-{workers}"
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(workers), str(dest), json.dumps(jobs)],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"{workers} workers failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+class Child:
+    """One configuration's process (and its Ray instance)."""
+
+    def __init__(self, workers: int, threads: int) -> None:
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "OMP_NUM_THREADS": str(threads),
+            "MKL_NUM_THREADS": str(threads),
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(workers), str(OUT / f"workers-{workers}")],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        self.start = self._answer()["ray start"]
+
+    def _answer(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"child exited {self.proc.wait()}")
+        return json.loads(line)
+
+    def run(self, job: tuple) -> dict:
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+        return self._answer()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
 
 
 def per_matrix_costs(family: dict[str, Path]) -> dict[str, float]:
@@ -191,6 +210,7 @@ def main() -> None:
         help="print docs/scale.md's 70B table from the last run's results.json and stop",
     )
     ap.add_argument("--threads", type=int, default=1, help="OMP threads of every process")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds of the elementwise merges")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     if args.estimate:
@@ -212,11 +232,24 @@ def main() -> None:
         ("TSV-M", "merge", str(tsv_recipe(family, "full", root)), None),
         ("quantize --calib", "quantize", str(smollm2()), str(calibration_text())),
     ]
-    results = {}
-    for label, workers in CONFIGS.items():
-        print(f"== {label}", flush=True)
-        results[label] = run_config(workers, jobs, args.threads)
-        print(json.dumps(results[label]), flush=True)
+    children = {label: Child(workers, args.threads) for label, workers in CONFIGS.items()}
+    results: dict[str, dict] = {c: {"ray start": ch.start} for c, ch in children.items()}
+    try:
+        for job in jobs:
+            # Elementwise merges take seconds: several rounds, the median kept.
+            rounds = args.repeat if job[0] in ("linear", "task_arithmetic") else 1
+            times: dict[str, list[float]] = {c: [] for c in children}
+            for _ in range(rounds):
+                for config, child in children.items():
+                    answer = child.run(job)
+                    times[config].append(answer["seconds"])
+                    results[config][job[0] + " digest"] = answer["digest"]
+                    print(f"{job[0]} [{config}]: {answer['seconds']:.1f} s", flush=True)
+            for config in children:
+                results[config][job[0]] = statistics.median(times[config])
+    finally:
+        for child in children.values():
+            child.close()
     costs = per_matrix_costs(family)
     print("per-matrix TSV-M seconds:", json.dumps(costs), flush=True)
     (OUT / "results.json").write_text(json.dumps({"runs": results, "per_matrix": costs}, indent=2))
@@ -244,15 +277,15 @@ def report(results: dict, costs: dict, args: argparse.Namespace, total: float) -
     matrices = ", ".join(f"{shape} {s:.2f} s" for shape, s in costs.items())
     return (
         f"Local executor against `--executor ray` on a local Ray instance with 1 and 2 "
-        f"worker CPUs, each configuration in a fresh process, one torch thread per process "
+        f"worker CPUs, each configuration in its own process, one torch thread per process "
         f"and per task. Merges of the {args.layers}-layer family (bench/make_family.py, "
         "three bf16 fine-tunes of a ~150M-parameter base; TSV-M exact SVD, λ = 1, float32); "
         "calibrated quantization of SmolLM2-135M (avg_bits 2.85, group 64, 8192 tokens of "
         "the pydantic package's METADATA). Seconds of wall time; in brackets the speed-up "
         "over local (below 1: Ray's overhead).\n\n"
         f"- Command: `python bench/bench_ray.py`\n"
-        f"- Machine: {machine()} (shared with other jobs: the three configurations run back "
-        "to back, so compare within a row)\n"
+        f"- Machine: {machine()} (shared with other jobs: the configurations take turns "
+        "job by job, so compare within a row)\n"
         f"- Total wall time: {total / 60:.1f} min\n\n"
         "| job | local | Ray, 1 worker | Ray, 2 workers | same bytes |\n"
         "|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
