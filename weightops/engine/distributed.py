@@ -1,8 +1,8 @@
 """Work units of a distributed executor, and what a worker does with each.
 
 A unit is the share of a plan that one remote task computes on its own: one output
-tensor, a row range of a large tensor of an elementwise method, or a run of
-neighbouring small tensors (norms, biases) batched so that the per-task overhead stays
+tensor, a row range of a large tensor of an elementwise method, or a batch of
+tensors smaller than a row block (norms, biases) so that the per-task overhead stays
 small beside the work. A worker reads its unit's inputs from storage every machine
 sees, with the engine's reader, after checking that each input file is the one that was
 planned; computes them exactly as the local executor does (the same row blocks, cuts
@@ -41,10 +41,11 @@ from weightops.io.safe_read import Stamp, file_stamp
 from weightops.io.writer import Layout, ShardWriter
 from weightops.merge.registry import Observer
 
-# A unit covers about this many row blocks (of RunOptions.chunk_elements entries): with
-# the default 2^20, 64 blocks are 256 MB of fp32 per input, seconds of work for the
-# heaviest elementwise method, against milliseconds of scheduling.
-UNIT_CHUNKS = 64
+# A row range covers this many row blocks (of RunOptions.chunk_elements entries): with
+# the default 2^20, 16 blocks are 64 MB of fp32 per input, a second or so of work for
+# the heaviest elementwise method against milliseconds of scheduling, and small enough
+# that the workers share a model's few huge tensors evenly.
+UNIT_CHUNKS = 16
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def _peak(plan: Plan, tasks: list[TensorTask], options: RunOptions, fraction: fl
 
 
 def plan_units(plan: Plan, options: RunOptions) -> list[Unit]:
-    """The plan's tasks as units, in plan order."""
+    """The plan's tasks as units: large ones in plan order, small ones batched."""
     target = UNIT_CHUNKS * options.chunk_elements
     units: list[Unit] = []
     batch: list[TensorTask] = []
@@ -97,7 +98,6 @@ def plan_units(plan: Plan, options: RunOptions) -> list[Unit]:
 
     for task in plan.tasks:
         if task.numel > target and _row_split(plan, task, options):
-            flush()
             rows = task.shape[0]
             # Ranges are whole row blocks of the local executor's size, so every block
             # is the same as in a local run.
@@ -115,8 +115,16 @@ def plan_units(plan: Plan, options: RunOptions) -> list[Unit]:
                     )
                 )
             continue
+        if task.numel >= options.chunk_elements:
+            # Anything the size of a row block or more is a task of its own: batching
+            # SVD-heavy matrices would leave workers idle while one works through many.
+            # Small tensors go on collecting across it.
+            units.append(
+                Unit((task.name,), None, task.out_bytes, _peak(plan, [task], options, 1.0))
+            )
+            continue
         batch.append(task)
-        if sum(t.numel for t in batch) >= target:
+        if sum(t.numel for t in batch) >= options.chunk_elements:
             flush()
     flush()
     return units
