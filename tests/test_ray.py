@@ -313,6 +313,20 @@ def test_cli_merge_with_executor_ray(ray_session, llama, tmp_path):
     assert files(tmp_path / "ray") == files(tmp_path / "local")
 
 
+def test_dry_run_counts_the_ray_tasks(llama, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", dump(recipe_for(all_methods()["tsv_m"], llama)))
+    args = ["merge", str(recipe), "-o", str(tmp_path / "o"), "--dry-run", "--executor", "ray"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    plan = build_plan(parse_recipe(recipe.read_text()))
+    units = plan_units(plan, RunOptions())
+    # Each matrix of a block or more on its own, the small tensors in batches.
+    matrices = [t for t in plan.tasks if t.numel >= RunOptions().chunk_elements]
+    assert len(units) >= len(matrices)
+    assert f"executor    ray: {len(units)} tasks" in result.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_unknown_executor_is_one_line(llama, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", dump(recipe_for(all_methods()["linear"], llama)))
     result = CliRunner().invoke(

@@ -137,7 +137,7 @@ def _raise_from(ref: ray.ObjectRef, what: str) -> Any:
         raise
     except ray.exceptions.RayError as e:
         raise MergeError(
-            f"{what}: the Ray task failed {MAX_RETRIES + 1} times: {type(e).__name__}",
+            f"{what}: the Ray task failed ({type(e).__name__}), retried up to {MAX_RETRIES} times",
             hint="a worker or node died (out of memory?); see `ray logs` on the cluster",
         ) from None
 
