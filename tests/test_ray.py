@@ -193,6 +193,16 @@ def test_cli_multi_document_recipe_with_executor_ray(ray_session, llama, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
+def test_progress_shows_the_local_figures(ray_session, llama, tmp_path, capsys):
+    text = dump(recipe_for(all_methods()["ties"], llama))
+    n = len(build_plan(parse_recipe(text)).tasks)
+    for executor in ("local", "ray"):
+        run(text, tmp_path / executor, executor, progress=True)
+        err = capsys.readouterr().err
+        assert f"merge {n}/{n} tensors" in err, executor
+        assert f"merge {n + 1}/" not in err
+
+
 @pytest.fixture
 def registered(monkeypatch):
     """Register methods for one test only."""
