@@ -1,9 +1,9 @@
 """Work units of a distributed executor, and what a worker does with each.
 
 A unit is the share of a plan that one remote task computes on its own: one output
-tensor, a row range of a large tensor of an elementwise method, or a batch of
-tensors smaller than a row block (norms, biases) so that the per-task overhead stays
-small beside the work. A worker reads its unit's inputs from storage every machine
+tensor, a row range of a large tensor of an elementwise method, or a batch of tensors
+(of linear-time methods up to a row range's entries, of others only those smaller than
+a row block: norms, biases) so that the per-task overhead stays small beside the work. A worker reads its unit's inputs from storage every machine
 sees, with the engine's reader, after checking that each input file is the one that was
 planned; computes them exactly as the local executor does (the same row blocks, cuts
 and thread count, hence the same bytes); and writes them at their precomputed offsets
@@ -83,18 +83,28 @@ def _peak(plan: Plan, tasks: list[TensorTask], options: RunOptions, fraction: fl
     return compute + int(min(options.read_ahead_bytes, inputs))
 
 
+def _linear_time(plan: Plan, task: TensorTask) -> bool:
+    """Whether the task's work grows only with its size (a copy, an elementwise method,
+    one that cuts at magnitude ranks), so tasks may be batched by entries alone."""
+    method = plan.method_of(task)
+    return task.copy or method.elementwise or method.ranks is not None
+
+
 def plan_units(plan: Plan, options: RunOptions) -> list[Unit]:
-    """The plan's tasks as units: large ones in plan order, small ones batched."""
+    """The plan's tasks as units. Linear-time tensors are batched up to a row range's
+    entries; any other tensor of a row block or more is a unit of its own (batching
+    SVD-heavy matrices would leave workers idle while one works through many), and the
+    smaller ones are batched up to a row block."""
     target = UNIT_CHUNKS * options.chunk_elements
     units: list[Unit] = []
-    batch: list[TensorTask] = []
+    # By linear time or not: the entries a batch of each kind is closed at.
+    limits = {True: target, False: options.chunk_elements}
+    batches: dict[bool, list[TensorTask]] = {True: [], False: []}
 
-    def flush() -> None:
-        if batch:
-            names = tuple(t.name for t in batch)
-            out = sum(t.out_bytes for t in batch)
-            units.append(Unit(names, None, out, _peak(plan, batch, options, 1.0)))
-            batch.clear()
+    def add(tasks: list[TensorTask]) -> None:
+        names = tuple(t.name for t in tasks)
+        out = sum(t.out_bytes for t in tasks)
+        units.append(Unit(names, None, out, _peak(plan, tasks, options, 1.0)))
 
     for task in plan.tasks:
         if task.numel > target and _row_split(plan, task, options):
@@ -115,18 +125,18 @@ def plan_units(plan: Plan, options: RunOptions) -> list[Unit]:
                     )
                 )
             continue
-        if task.numel >= options.chunk_elements:
-            # Anything the size of a row block or more is a task of its own: batching
-            # SVD-heavy matrices would leave workers idle while one works through many.
-            # Small tensors go on collecting across it.
-            units.append(
-                Unit((task.name,), None, task.out_bytes, _peak(plan, [task], options, 1.0))
-            )
+        kind = _linear_time(plan, task)
+        if task.numel >= limits[kind]:
+            add([task])
             continue
+        batch = batches[kind]
         batch.append(task)
-        if sum(t.numel for t in batch) >= options.chunk_elements:
-            flush()
-    flush()
+        if sum(t.numel for t in batch) >= limits[kind]:
+            add(batch)
+            batch.clear()
+    for batch in batches.values():
+        if batch:
+            add(batch)
     return units
 
 
@@ -182,8 +192,11 @@ def run_unit(
     options: RunOptions,
     stats: dict[str, object],
     display: Path,
+    *,
+    flush: bool = True,
 ) -> Unit:
-    """Compute one unit and write it into the shards in `folder`, flushed to disk."""
+    """Compute one unit and write it into the shards in `folder`, flushed to disk with
+    `flush` (else left to whoever fsyncs the shards on this machine)."""
     sub = _only(plan, unit.names)
     check_inputs(sub)
     with _compute_on(plan, options) as device:
@@ -199,7 +212,8 @@ def run_unit(
         writer = ShardWriter(folder, layout, display=display, create=False)
         try:
             write_pieces(sub, writer, options, device, stats, cuts, rows=unit.rows)
-            writer.finish()
+            if flush:
+                writer.finish()
         finally:
             writer.close()
     return unit

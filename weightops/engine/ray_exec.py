@@ -235,9 +235,44 @@ class _TaskProgress:
                 self.bar.update(self.out_bytes[name], name)
 
 
-def _statistics(
-    plan: Plan, plan_ref: ray.ObjectRef, options: RunOptions, runner: Runner
-) -> dict[str, object]:
+_SHARED: dict[str, Any] = {}
+
+
+def fetch_shared(box: list[ray.ObjectRef]) -> Any:
+    """What `box` holds a reference to, fetched and unpickled once per worker process:
+    every task of a run reads the same plan and layout (a 70B model's take a while to
+    unpickle). Only the latest run's is kept. The reference travels inside a list, so
+    Ray hands it over as it is instead of resolving it for every task."""
+    key = box[0].hex()
+    if key not in _SHARED:
+        _SHARED.clear()
+        _SHARED[key] = ray.get(box[0])
+    return _SHARED[key]
+
+
+def on_other_node(driver: str) -> bool:
+    """Whether this task runs on another node than the driver: its writes must then
+    reach the shared filesystem before it returns, as the driver's final fsync flushes
+    only its own machine's page cache (which same-node workers write through)."""
+    return ray.get_runtime_context().get_node_id() != driver
+
+
+def _unit_task(
+    box: list, driver: str, unit: Unit, folder: Path, options: RunOptions, stats: Any, out: Path
+) -> Unit:
+    plan, layout = fetch_shared(box)
+    return run_unit(plan, unit, folder, layout, options, stats, out, flush=on_other_node(driver))
+
+
+def _observe_task(box: list, module: str, names: tuple[str, ...], options: RunOptions) -> Any:
+    return observe_unit(fetch_shared(box)[0], module, names, options)
+
+
+def _match_task(box: list, target: Any, model: int, options: RunOptions) -> Any:
+    return match_model(fetch_shared(box)[0], target, model, options)
+
+
+def _statistics(plan: Plan, box: list, options: RunOptions, runner: Runner) -> dict[str, object]:
     """Observers as a reduction: partial observers of batches merged in plan order
     (an observer without `merge` sees all its module's tensors in one task)."""
     observers = make_observers(plan)
@@ -257,7 +292,7 @@ def _statistics(
             names = tuple(t.name for t in batch)
             # Whole tensors, each converted to the compute dtype beside its stored copy.
             peak = max(plan.task_input_bytes(t) * 3 for t in batch)
-            jobs.append(Job((plan_ref, module, names, options), peak, names[0], names))
+            jobs.append(Job((box, module, names, options), peak, names[0], names))
     parts: dict[int, Any] = {}
     progress = _TaskProgress(plan, jobs, "statistics", options.progress)
 
@@ -266,7 +301,7 @@ def _statistics(
         progress.done(jobs[index])
 
     try:
-        runner.run(observe_unit, jobs, done)
+        runner.run(_observe_task, jobs, done)
     finally:
         progress.bar.close()
     merged: dict[str, Any] = {}
@@ -279,14 +314,14 @@ def _statistics(
     return {module: o.result() for module, o in merged.items()}
 
 
-def _align(plan: Plan, plan_ref: ray.ObjectRef, options: RunOptions, runner: Runner) -> None:
+def _align(plan: Plan, box: list, options: RunOptions, runner: Runner) -> None:
     assert plan.align is not None
     jobs = [
-        Job((plan_ref, plan.align, i, options), 0, f"align {path.name}", ())
+        Job((box, plan.align, i, options), 0, f"align {path.name}", ())
         for i, path in enumerate(plan.models)
     ]
     found: dict[int, Any] = {}
-    runner.run(match_model, jobs, lambda i, alignment: found.__setitem__(i, alignment))
+    runner.run(_match_task, jobs, lambda i, alignment: found.__setitem__(i, alignment))
     plan.permutations = {i: a for i, a in sorted(found.items()) if a is not None and a.perms}
 
 
@@ -295,12 +330,13 @@ def execute_on_ray(plan: Plan, out: Path, options: RunOptions) -> Path:
     connect(options.ray_address)
     cluster = resources(options)
     remote_options = dataclasses.replace(options, progress=False)
+    driver = ray.get_runtime_context().get_node_id()
     with staged(plan, out, options) as (folder, layout):
         runner = Runner(cluster)
         if plan.align is not None:
-            _align(plan, ray.put(plan), remote_options, runner)
-        plan_ref = ray.put(plan)
-        stats = _statistics(plan, plan_ref, remote_options, runner)
+            _align(plan, [ray.put((plan, layout))], remote_options, runner)
+        box = [ray.put((plan, layout))]
+        stats = _statistics(plan, box, remote_options, runner)
         stats_ref = ray.put(stats)
         units = plan_units(plan, options)
         writer = ShardWriter(folder, layout, display=out)
@@ -310,7 +346,7 @@ def execute_on_ray(plan: Plan, out: Path, options: RunOptions) -> Path:
             writer.close()
         jobs = [
             Job(
-                (plan_ref, unit, folder, layout, remote_options, stats_ref, out),
+                (box, driver, unit, folder, remote_options, stats_ref, out),
                 unit.peak_bytes,
                 unit.names[0]
                 if len(unit.names) == 1
@@ -321,12 +357,23 @@ def execute_on_ray(plan: Plan, out: Path, options: RunOptions) -> Path:
         ]
         progress = _TaskProgress(plan, jobs, "merge", options.progress)
         try:
-            runner.run(run_unit, jobs, lambda i, _: progress.done(jobs[i]))
+            runner.run(_unit_task, jobs, lambda i, _: progress.done(jobs[i]))
         finally:
             progress.bar.close()
-        # The workers flushed their own writes; this flushes the headers and sizes.
+        # Flushes the headers and sizes, and what the workers on this node wrote (the
+        # others flushed their own).
         ShardWriter(folder, layout, display=out, create=False).finish()
     return out
 
 
-__all__ = ["MAX_RETRIES", "Job", "Runner", "Unit", "connect", "execute_on_ray", "resources"]
+__all__ = [
+    "MAX_RETRIES",
+    "Job",
+    "Runner",
+    "Unit",
+    "connect",
+    "execute_on_ray",
+    "fetch_shared",
+    "on_other_node",
+    "resources",
+]

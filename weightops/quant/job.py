@@ -116,9 +116,10 @@ class QuantJob:
         layout: Layout,
         dtypes: dict[str, torch.dtype],
         display: Path,
+        flush: bool = True,
     ) -> dict[str, dict[str, Any]]:
         """Quantize or copy one block's tensors into the shards in `folder` (created
-        elsewhere), flushed to disk; return the quantized weights' reports."""
+        elsewhere), flushed to disk with `flush`; return the quantized weights' reports."""
         stats: dict[str, dict[str, Any]] = {}
         writer = ShardWriter(folder, layout, display=display, create=False)
         try:
@@ -133,7 +134,8 @@ class QuantJob:
                     prefix = name[: -len("weight")]
                     for part, value in packed.parts().items():
                         writer.write(prefix + part, value.to(dtypes[prefix + part]))
-            writer.finish()
+            if flush:
+                writer.finish()
         finally:
             writer.close()
         return stats

@@ -23,7 +23,14 @@ import ray
 import torch
 
 from weightops.engine.distributed import check_files
-from weightops.engine.ray_exec import Job, Runner, connect, resources
+from weightops.engine.ray_exec import (
+    Job,
+    Runner,
+    connect,
+    fetch_shared,
+    on_other_node,
+    resources,
+)
 from weightops.engine.stream import RunOptions
 from weightops.io.rewrite import Entry
 from weightops.io.writer import Layout, ShardWriter
@@ -33,16 +40,17 @@ __all__ = ["quantize_on_ray"]
 
 
 def _write_block(
-    job: QuantJob,
+    box: list,
+    driver: str,
     names: list[str],
     hessians: dict[str, torch.Tensor] | None,
     folder: Path,
-    layout: Layout,
-    dtypes: dict[str, torch.dtype],
     display: Path,
 ) -> dict[str, dict[str, Any]]:
+    job, layout, dtypes = fetch_shared(box)
     check_files(job.ckpt.stamps, (job.ckpt.tensors[n].path for n in names))
-    return job.write_block(names, hessians, folder, layout, dtypes, display)
+    flush = on_other_node(driver)
+    return job.write_block(names, hessians, folder, layout, dtypes, display, flush)
 
 
 def _start(job: QuantJob) -> Any:
@@ -73,6 +81,8 @@ def quantize_on_ray(
         writer.close()
     dtypes = {name: dtype for name, _, dtype in entries}
     job_ref = ray.put(job)
+    box = [ray.put((job, layout, dtypes))]
+    driver = ray.get_runtime_context().get_node_id()
     blocks = job.blocks()
     # A block's tensors in fp32, the quantizer's temporaries and its Hessians.
     peaks = [4 * 4 * _bytes(job, names) for _, names in blocks]
@@ -89,11 +99,12 @@ def quantize_on_ray(
                 step = Job((calibration, layer), peak, f"calibration of block {layer}", ())
                 calibration, hessians = runner.submit(step_fn, step, num_returns=2)
             label = f"block {layer}" if layer >= 0 else "tensors outside the blocks"
-            args = (job_ref, names, hessians, folder, layout, dtypes, display)
+            args = (box, driver, names, hessians, folder, display)
             yield Job(args, peak, label, tuple(names))
 
     reports: dict[int, dict[str, dict[str, Any]]] = {}
     runner.run(_write_block, jobs(), reports.__setitem__, peak=max(peaks))
-    # The workers flushed their own writes; this flushes the headers and sizes.
+    # Flushes the headers and sizes, and what the workers on this node wrote (the
+    # others flushed their own).
     ShardWriter(folder, layout, display=display, create=False).finish()
     return {name: r for i in sorted(reports) for name, r in reports[i].items()}
