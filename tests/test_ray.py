@@ -266,16 +266,18 @@ def test_a_worker_killed_mid_merge_is_retried_to_the_same_bytes(
     assert ray == local
 
 
-def test_ctrl_c_leaves_nothing(ray_session, monkeypatch, llama, tmp_path):
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError])
+def test_ctrl_c_or_a_driver_failure_leaves_nothing(ray_session, stop, monkeypatch, llama, tmp_path):
     from weightops.engine import ray_exec
 
-    def stop(self, job):
-        raise KeyboardInterrupt
+    def fail(self, job):
+        raise stop
 
-    monkeypatch.setattr(ray_exec._TaskProgress, "done", stop)
+    # The driver stops after the first task is in, with others in flight.
+    monkeypatch.setattr(ray_exec._TaskProgress, "done", fail)
     text = dump(recipe_for(all_methods()["ties"], llama))
     out = tmp_path / "out"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(stop):
         run(text, out, "ray")
     assert leftovers(out) == []
     time.sleep(1)  # a cancelled task that still ran would write now
