@@ -359,6 +359,18 @@ def test_without_ray_installed_the_ray_executor_is_one_line(monkeypatch, llama, 
     assert leftovers(tmp_path / "o") == []
 
 
+def test_quantize_without_ray_installed_is_one_line(monkeypatch, llama, tmp_path):
+    from weightops.quant.mixed import QuantError
+    from weightops.quant.model import quantize_model
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    monkeypatch.delitem(sys.modules, "weightops.quant.ray_exec", raising=False)
+    monkeypatch.delitem(sys.modules, "weightops.engine.ray_exec", raising=False)
+    with pytest.raises(QuantError, match=r"Ray is not installed"):
+        quantize_model(llama["base"], tmp_path / "q", group_size=16, avg_bits=4, executor="ray")
+    assert leftovers(tmp_path / "q") == []
+
+
 def test_the_local_executor_never_imports_ray(llama, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", dump(recipe_for(all_methods()["linear"], llama)))
     code = (
