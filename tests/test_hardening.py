@@ -235,7 +235,7 @@ def test_stale_staging_of_a_killed_run_is_removed(llama, tmp_path):
 
 def test_an_input_rewritten_mid_run_fails_the_run(llama, llama_copy, tmp_path, monkeypatch):
     shard = sorted(llama_copy["ft_a"].glob("*.safetensors"))[3]
-    real = run_mod._apply
+    real = run_mod.write_pieces
 
     def apply(*args, **kwargs):
         real(*args, **kwargs)
@@ -243,7 +243,7 @@ def test_an_input_rewritten_mid_run_fails_the_run(llama, llama_copy, tmp_path, m
         data[-1] ^= 1
         shard.write_bytes(bytes(data))
 
-    monkeypatch.setattr(run_mod, "_apply", apply)
+    monkeypatch.setattr(run_mod, "write_pieces", apply)
     recipe = ties_recipe(tmp_path / "r.yaml", llama["base"], llama_copy["ft_a"], llama["ft_b"])
     out = tmp_path / "out"
     assert_clean_failure(invoke(["merge", recipe, "-o", out]), out, "changed while it was read")
@@ -251,14 +251,14 @@ def test_an_input_rewritten_mid_run_fails_the_run(llama, llama_copy, tmp_path, m
 
 def test_an_input_deleted_mid_run_fails_the_run(llama, llama_copy, tmp_path, monkeypatch):
     shards = sorted(llama_copy["ft_a"].glob("*.safetensors"))
-    real = run_mod._apply
+    real = run_mod.write_pieces
 
     def apply(*args, **kwargs):
         for shard in shards:
             shard.unlink()
         real(*args, **kwargs)
 
-    monkeypatch.setattr(run_mod, "_apply", apply)
+    monkeypatch.setattr(run_mod, "write_pieces", apply)
     recipe = ties_recipe(tmp_path / "r.yaml", llama["base"], llama_copy["ft_a"], llama["ft_b"])
     out = tmp_path / "out"
     assert_clean_failure(invoke(["merge", recipe, "-o", out]), out)

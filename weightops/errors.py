@@ -15,6 +15,18 @@ class WeightopsError(Exception):
         self.hint = hint
         super().__init__(f"{message} ({hint})" if hint else message)
 
+    def __reduce__(self) -> tuple:
+        # Errors raised by a worker of a distributed executor are pickled back to the
+        # driver; every field must survive, whatever the subclass's constructor takes.
+        return (_restore, (type(self), self.args, self.__dict__))
+
+
+def _restore(cls: type[WeightopsError], args: tuple, state: dict) -> WeightopsError:
+    err = Exception.__new__(cls)
+    err.args = args
+    err.__dict__.update(state)
+    return err
+
 
 class CheckpointError(WeightopsError):
     """A checkpoint is missing, unsafe, corrupted or inconsistent."""

@@ -21,6 +21,19 @@ STRICT = typer.Option(
     "--strict",
     help="Treat every recipe warning (a key mergekit would ignore) as an error.",
 )
+EXECUTOR = typer.Option(
+    "local",
+    "--executor",
+    help="local: compute in this process. ray: one Ray task per tensor on a Ray cluster "
+    "(needs `pip install 'weightops[ray]'`; inputs and output on a filesystem every node "
+    "sees).",
+)
+RAY_ADDRESS = typer.Option(
+    None,
+    "--ray-address",
+    help="With --executor ray: the cluster to join (e.g. auto). Default: RAY_ADDRESS, "
+    "else a Ray instance started on this machine for the run.",
+)
 
 _UNITS = {
     "": 1,

@@ -42,6 +42,8 @@ def merge(
         help="default: compute in fp32 (fp64 for dtype float64). mergekit: compute in the "
         "recipe's dtype in mergekit's order of operations, for its tensors bit for bit.",
     ),
+    executor: str = _common.EXECUTOR,
+    ray_address: str | None = _common.RAY_ADDRESS,
 ) -> None:
     """Merge the models of RECIPE into one checkpoint folder.
 
@@ -71,7 +73,13 @@ def merge(
         if out is None:
             raise fail("no output folder: pass -o OUT or set `output:` in the recipe")
         options = RunOptions(
-            shard_size=size, device=device, threads=threads, force=force, progress=progress
+            shard_size=size,
+            device=device,
+            threads=threads,
+            force=force,
+            progress=progress,
+            executor=executor,
+            ray_address=ray_address,
         )
         if found.multi:
             _merge_steps(found, out, recipe.parent, options, random_seed, numerics, dry_run)
@@ -169,6 +177,12 @@ def _print_plan(plan, out: Path | str, options) -> None:
     )
     if any(m.observer for m in plan.methods.values()):
         echo("passes      2 (statistics, then merge)")
+    if options.executor == "ray":
+        from weightops.engine.distributed import plan_units
+
+        units = plan_units(plan, options)
+        largest = max(u.peak_bytes for u in units) / 1e9
+        echo(f"executor    ray: {len(units)} tasks, the largest asking for {largest:.3f} GB")
     template = plan.recipe.chat_template
     if template is not None:
         named = template if len(template) < 20 else "given in the recipe"

@@ -67,6 +67,8 @@ def run(
     ),
     force: bool = _common.FORCE,
     shard_size: str = _common.SHARD_SIZE,
+    executor: str = _common.EXECUTOR,
+    ray_address: str | None = _common.RAY_ADDRESS,
 ) -> None:
     """Quantize every linear weight of the decoder blocks to 2-bit groups, the groups
     that gain most from it to 4 bits (the same number in every row), within the
@@ -87,6 +89,8 @@ def run(
             keep_dtype=_keep_dtype(keep),
             force=force,
             shard_size=size,
+            executor=executor,
+            ray_address=ray_address,
         )
         typer.echo(
             f"wrote {output}: {manifest['quantized_bits_per_weight']:.3f} bits per quantized weight "

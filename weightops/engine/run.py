@@ -12,7 +12,9 @@ bytes, so memory is a few pieces, never the depth or width of the model.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,9 +36,30 @@ from weightops.engine.stream import (
     release_free_memory,
 )
 from weightops.errors import MergeError, WeightopsError
-from weightops.io.writer import ShardWriter, StagingFolder, check_unchanged, disk_error, plan_layout
+from weightops.io.writer import (
+    Layout,
+    ShardWriter,
+    StagingFolder,
+    check_unchanged,
+    disk_error,
+    plan_layout,
+    write_index,
+)
+from weightops.merge.registry import Observer
 
-__all__ = ["CHUNK_ELEMENTS", "Piece", "RunOptions", "execute", "pieces", "resolve_device"]
+__all__ = [
+    "CHUNK_ELEMENTS",
+    "Piece",
+    "RunOptions",
+    "compute_threads",
+    "execute",
+    "make_observers",
+    "observe",
+    "pieces",
+    "resolve_device",
+    "staged",
+    "write_pieces",
+]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -120,21 +143,27 @@ def _block_cuts(cuts: dict[str, TaskCuts], piece: Piece) -> list | None:
     return task_cuts.for_rows(piece.rows[0])
 
 
-def _statistics(plan: Plan, options: RunOptions, device: torch.device) -> dict[str, object]:
-    """The statistics pass: stream the tensors of every method with an observer once,
-    whole, through it; one observer per module, so each sees only its own model part."""
-    observers = {}
+def make_observers(plan: Plan) -> dict[str, Observer]:
+    """One observer per module whose method has one, so each sees only its own part."""
+    observers: dict[str, Observer] = {}
     for task in plan.tasks:
         factory = plan.method_of(task).observer
         if factory is not None and task.module not in observers:
             observers[task.module] = factory()
-    if not observers:
-        return {}
+    return observers
+
+
+def observe(
+    plan: Plan,
+    options: RunOptions,
+    device: torch.device,
+    observers: dict[str, Observer],
+    label: str = "statistics",
+) -> None:
+    """Stream the plan's tensors of the observed modules, whole, through `observers`."""
     observed = dataclasses.replace(plan, tasks=[t for t in plan.tasks if t.module in observers])
     stream = InputStream(observed, options, device, chunked=False)
-    progress = Progress(
-        len(observed.tasks), observed.output_bytes, "statistics", enabled=options.progress
-    )
+    progress = Progress(len(observed.tasks), observed.output_bytes, label, enabled=options.progress)
     try:
         for piece, box in stream:
             task = piece.task
@@ -145,31 +174,72 @@ def _statistics(plan: Plan, options: RunOptions, device: torch.device) -> dict[s
     finally:
         stream.close()
         progress.close()
+
+
+def _statistics(plan: Plan, options: RunOptions, device: torch.device) -> dict[str, object]:
+    """The statistics pass: every method with an observer sees its tensors once."""
+    observers = make_observers(plan)
+    if not observers:
+        return {}
+    observe(plan, options, device, observers)
     return {module: o.result() for module, o in observers.items()}
 
 
-def execute(plan: Plan, out: Path, options: RunOptions | None = None) -> Path:
-    """Run a plan and write the output folder `out` atomically; return it."""
-    options = options or RunOptions()
-    device = resolve_device(options.device)
-    plan.draws_in_blocks = device.type == "cpu"
-    threads = torch.get_num_threads()
+def compute_threads(plan: Plan, options: RunOptions, device: torch.device) -> int | None:
+    """The intra-op thread count a run sets (None: leave torch's). Every executor sets
+    the same, as torch's reductions may round differently with another count."""
     if options.threads:
-        torch.set_num_threads(options.threads)
-    elif (
+        return options.threads
+    if (
         all(m.elementwise or m.ranks or m.draws for m in plan.methods.values())
         and device.type == "cpu"
     ):
         # Small row blocks gain nothing from intra-op threads, which would only contend
         # with the readers for the cores.
-        torch.set_num_threads(1)
+        return 1
+    return None
+
+
+def execute(plan: Plan, out: Path, options: RunOptions | None = None) -> Path:
+    """Run a plan and write the output folder `out` atomically; return it. With
+    `options.executor == "ray"` the work runs on a Ray cluster (weightops.engine.ray_exec)."""
+    options = options or RunOptions()
+    device = resolve_device(options.device)
+    plan.draws_in_blocks = device.type == "cpu"
+    if options.executor == "ray":
+        return _ray_executor()(plan, out, options)
+    if options.executor != "local":
+        raise MergeError(
+            f"--executor {options.executor}: unknown executor", hint="use local or ray"
+        )
+    threads = torch.get_num_threads()
+    count = compute_threads(plan, options, device)
+    if count:
+        torch.set_num_threads(count)
     try:
         return _execute(plan, out, options, device)
     finally:
         torch.set_num_threads(threads)
 
 
-def _execute(plan: Plan, out: Path, options: RunOptions, device: torch.device) -> Path:
+def _ray_executor() -> Callable[[Plan, Path, RunOptions], Path]:
+    try:
+        from weightops.engine.ray_exec import execute_on_ray
+    except ModuleNotFoundError as e:
+        if e.name is None or e.name.split(".")[0] != "ray":
+            raise
+        raise MergeError(
+            "--executor ray: Ray is not installed", hint="pip install 'weightops[ray]'"
+        ) from None
+    return execute_on_ray
+
+
+@contextlib.contextmanager
+def staged(plan: Plan, out: Path, options: RunOptions) -> Iterator[tuple[Path, Layout]]:
+    """The output's staging folder and shard layout, with the space checked and the
+    side files written (a bad one fails the run before the long work, not after). On a
+    clean exit the shard index is written, the inputs are checked unchanged and the
+    folder is renamed to `out`; on any failure or interrupt it is removed."""
     inputs = [*plan.models, plan.config_source]
     if plan.tokenizer_source is not None:
         inputs.append(plan.tokenizer_source)
@@ -185,8 +255,21 @@ def _execute(plan: Plan, out: Path, options: RunOptions, device: torch.device) -
             [(t.name, t.shape, t.out_dtype) for t in plan.tasks], options.shard_size, metadata
         )
         staging.check_space(layout.total_bytes)
-        # Side files first: a bad one fails the run before the long work, not after.
         write_side_files(plan, staging.path)
+        yield staging.path, layout
+        write_index(staging.path, layout, plan.output_bytes)
+        check_unchanged(plan.stamps)
+        staging.commit()
+    except OSError as e:
+        staging.discard()
+        raise disk_error(out, e) from e
+    except BaseException:
+        staging.discard()
+        raise
+
+
+def _execute(plan: Plan, out: Path, options: RunOptions, device: torch.device) -> Path:
+    with staged(plan, out, options) as (folder, layout):
         if plan.align is not None:
             from weightops.align.model import match_inputs
 
@@ -203,21 +286,12 @@ def _execute(plan: Plan, out: Path, options: RunOptions, device: torch.device) -
                 stream.close()
         stats = _statistics(plan, options, device)
         cuts = find_cuts(plan, options, device)
-        writer = ShardWriter(staging.path, layout, display=out)
+        writer = ShardWriter(folder, layout, display=out)
         try:
-            _apply(plan, writer, options, device, stats, cuts)
+            write_pieces(plan, writer, options, device, stats, cuts)
             writer.finish()
         finally:
             writer.close()
-        writer.write_index(plan.output_bytes)
-        check_unchanged(plan.stamps)
-        staging.commit()
-    except OSError as e:
-        staging.discard()
-        raise disk_error(out, e) from e
-    except BaseException:
-        staging.discard()
-        raise
     return out
 
 
@@ -227,15 +301,19 @@ _PENDING_WRITE_BYTES = 64 * 2**20
 _TRIM_EVERY = 64 * 2**20
 
 
-def _apply(
+def write_pieces(
     plan: Plan,
     writer: ShardWriter,
     options: RunOptions,
     device: torch.device,
     stats: dict[str, object],
     cuts: dict[str, TaskCuts],
+    *,
+    rows: tuple[int, int] | None = None,
 ) -> None:
-    stream = InputStream(plan, options, device, chunked=True)
+    """Compute every piece of the plan (of `rows` only, for a one-task plan) and hand
+    it to `writer` at its offset."""
+    stream = InputStream(plan, options, device, chunked=True, rows=rows)
     write_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightops-write")
     pending: collections.deque[tuple[Future[None], int]] = collections.deque()
     progress = Progress(len(plan.tasks), plan.output_bytes, "merge", enabled=options.progress)

@@ -35,6 +35,10 @@ class RunOptions:
     prefetch: int = 2
     read_ahead_bytes: int = 256 * 2**20
     chunk_elements: int = CHUNK_ELEMENTS
+    # "local" (this process) or "ray" (weightops.engine.ray_exec: a Ray cluster at
+    # `ray_address`, or RAY_ADDRESS, or a Ray instance started for the run).
+    executor: str = "local"
+    ray_address: str | None = None
 
 
 @dataclass(frozen=True)
@@ -120,11 +124,20 @@ class InputStream:
     """Reads each piece's inputs ahead of use on a small thread pool."""
 
     def __init__(
-        self, plan: Plan, options: RunOptions, device: torch.device, *, chunked: bool
+        self,
+        plan: Plan,
+        options: RunOptions,
+        device: torch.device,
+        *,
+        chunked: bool,
+        rows: tuple[int, int] | None = None,
     ) -> None:
+        """`rows` keeps only the row blocks starting in [r0, r1) of a one-task plan
+        (a distributed executor's share of a large tensor)."""
         self.plan = plan
         self.options = options
         self.chunk = options.chunk_elements if chunked else None
+        self.rows = rows
         # On the CPU the readers also convert to the compute dtype, so that work runs
         # beside the computation instead of before it.
         self.convert = plan.compute_dtype if device.type == "cpu" else None
@@ -175,6 +188,9 @@ class InputStream:
         read-ahead budget; a piece larger than the budget is read on its own."""
         item = torch.empty((), dtype=self.convert).element_size() if self.convert else None
         todo = pieces(self.plan, self.chunk, item)
+        if self.rows is not None:
+            r0, r1 = self.rows
+            todo = (p for p in todo if p.rows is not None and r0 <= p.rows[0] < r1)
         queue: collections.deque[tuple[Piece, Future[Loaded]]] = collections.deque()
         upcoming: list[Piece] = []
 

@@ -8,8 +8,9 @@ updates), generation config and tokenizer, and a model card.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,15 @@ from weightops import __version__
 from weightops.io import sidefiles
 from weightops.io.checkpoint import Checkpoint
 from weightops.io.safetensors_file import FileReader
-from weightops.io.writer import ShardWriter, StagingFolder, check_unchanged, disk_error, plan_layout
+from weightops.io.writer import (
+    Layout,
+    ShardWriter,
+    StagingFolder,
+    check_unchanged,
+    disk_error,
+    plan_layout,
+    write_index,
+)
 
 Transform = Callable[[str, torch.Tensor | None], torch.Tensor]
 Entry = tuple[str, tuple[int, ...], torch.dtype]
@@ -84,6 +93,33 @@ def write_model(
     out: Path,
     entries: list[Entry],
     produce: Callable[[str, FileReader], torch.Tensor],
+    **staging: Any,
+) -> Path:
+    """Write a checkpoint folder whose tensors are `entries` (name, shape, dtype), in
+    that order, each made by produce(name, reader) when its turn comes; the rest as
+    `staged_model` (keyword arguments) says."""
+    with staged_model(source, out, entries, **staging) as (folder, layout):
+        writer = ShardWriter(folder, layout, display=out)
+        try:
+            with FileReader() as reader:
+                for name, shape, dtype in entries:
+                    result = produce(name, reader)
+                    if tuple(result.shape) != tuple(shape):
+                        raise ValueError(
+                            f"{name}: produced shape {list(result.shape)}, planned {list(shape)}"
+                        )
+                    writer.write(name, result.to(dtype))
+            writer.finish()
+        finally:
+            writer.close()
+    return out
+
+
+@contextlib.contextmanager
+def staged_model(
+    source: Checkpoint,
+    out: Path,
+    entries: list[Entry],
     *,
     config_updates: dict[str, Any] | None = None,
     title: str,
@@ -94,10 +130,11 @@ def write_model(
     shard_size: int = 5 * 10**9,
     extra_files: dict[str, Callable[[], str]] | None = None,
     single_file: str | None = None,
-) -> Path:
-    """Write a checkpoint folder whose tensors are `entries` (name, shape, dtype), in
-    that order, each made by produce(name, reader) when its turn comes; the side files
-    come from `source`; `tag` names the job in the model card. Atomic like a merge: nothing is left behind on failure."""
+) -> Iterator[tuple[Path, Layout]]:
+    """The staging folder and shard layout of an output whose tensors are `entries`, for
+    the caller to fill; the side files come from `source`; `tag` names the job in the
+    model card. On a clean exit the index, `extra_files` and card are written and the
+    folder is renamed to `out`. Atomic like a merge: nothing is left behind on failure."""
     metadata = {
         "format": "pt",
         "weightops_version": __version__,
@@ -113,20 +150,10 @@ def write_model(
         sidefiles.write_config(staging.path, config)
         sidefiles.copy_generation_config(source.folder, staging.path)
         sidefiles.copy_tokenizer(source.folder, staging.path)
-        writer = ShardWriter(staging.path, layout, display=out)
-        try:
-            with FileReader() as reader:
-                for name, shape, dtype in entries:
-                    result = produce(name, reader)
-                    if tuple(result.shape) != tuple(shape):
-                        raise ValueError(
-                            f"{name}: produced shape {list(result.shape)}, planned {list(shape)}"
-                        )
-                    writer.write(name, result.to(dtype))
-            writer.finish()
-        finally:
-            writer.close()
-        writer.write_index(sum(layout.shard_sizes) - sum(8 + len(h) for h in layout.headers))
+        yield staging.path, layout
+        write_index(
+            staging.path, layout, sum(layout.shard_sizes) - sum(8 + len(h) for h in layout.headers)
+        )
         # Called after every tensor is written, so they can report on the work.
         for fname, text in (extra_files or {}).items():
             (staging.path / fname).write_text(text())
@@ -148,4 +175,3 @@ def write_model(
     except BaseException:
         staging.discard()
         raise
-    return out

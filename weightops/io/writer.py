@@ -123,20 +123,40 @@ def _disk_error(path: Path, e: OSError) -> OutputError:
 
 
 class ShardWriter:
-    """Open shard files with their headers written and their space reserved."""
+    """Open shard files with their headers written and their space reserved.
 
-    def __init__(self, folder: Path, layout: Layout, display: Path | None = None) -> None:
+    With `create=False` the shards another writer created are opened as they are (a
+    worker of a distributed executor writing its tensors into the driver's shards);
+    a shard that is gone (the run was stopped and its staging folder removed) is an
+    error, never created afresh."""
+
+    def __init__(
+        self, folder: Path, layout: Layout, display: Path | None = None, *, create: bool = True
+    ) -> None:
         self.folder = folder
         self.display = display or folder  # the path users know: the final output folder
         self.layout = layout
         self._fds: list[int] = []
         try:
             for name, header in zip(layout.files, layout.headers, strict=True):
+                if not create:
+                    self._fds.append(os.open(folder / name, os.O_WRONLY))
+                    continue
                 fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 self._fds.append(fd)
                 _pwrite_all(fd, len(header).to_bytes(8, "little") + header, 0)
         except OSError as e:
             self.close()
+            raise _disk_error(self.display, e) from e
+
+    def presize(self) -> None:
+        """Give every shard its final size (sparse: no blocks are allocated), so that
+        writers on other machines of a shared filesystem find a file of the planned
+        length whatever order their tensors land in."""
+        try:
+            for fd, size in zip(self._fds, self.layout.shard_sizes, strict=True):
+                os.ftruncate(fd, size)
+        except OSError as e:
             raise _disk_error(self.display, e) from e
 
     def write(self, name: str, tensor: torch.Tensor, at: int = 0) -> None:
@@ -162,16 +182,21 @@ class ShardWriter:
             self.close()
 
     def write_index(self, total_data_bytes: int) -> None:
-        if len(self.layout.files) == 1:
-            return
-        weight_map = {name: self.layout.files[s.shard] for name, s in self.layout.slots.items()}
-        index = {"metadata": {"total_size": total_data_bytes}, "weight_map": weight_map}
-        (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        write_index(self.folder, self.layout, total_data_bytes)
 
     def close(self) -> None:
         for fd in self._fds:
             os.close(fd)
         self._fds = []
+
+
+def write_index(folder: Path, layout: Layout, total_data_bytes: int) -> None:
+    """The shard index (model.safetensors.index.json) of a sharded output."""
+    if len(layout.files) == 1:
+        return
+    weight_map = {name: layout.files[s.shard] for name, s in layout.slots.items()}
+    index = {"metadata": {"total_size": total_data_bytes}, "weight_map": weight_map}
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:

@@ -25,15 +25,10 @@ from weightops import kernels
 from weightops.arch import describe, is_block_linear
 from weightops.compat import causal_lm_from_config
 from weightops.io.checkpoint import Checkpoint
-from weightops.io.rewrite import Entry, ordered_names, write_model
+from weightops.io.rewrite import Entry, ordered_names, staged_model, write_model
 from weightops.io.safetensors_file import FileReader
-from weightops.quant.mixed import (
-    Packed,
-    QuantError,
-    choose_k4,
-    index_dtype,
-    quantize_with_reference,
-)
+from weightops.quant.job import QuantJob
+from weightops.quant.mixed import Packed, QuantError, choose_k4, index_dtype
 
 # Version 2 added the optional outlier parts; version 1 folders are version 2 folders
 # without outliers, so both are read.
@@ -107,6 +102,8 @@ def quantize_model(
     keep_dtype: torch.dtype | None = torch.bfloat16,
     force: bool = False,
     shard_size: int = 5 * 10**9,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Write the quantized checkpoint; return the manifest (with the exact bits).
 
@@ -115,7 +112,8 @@ def quantize_model(
       choice and weighs each input's error (see calibrate and mixed).
     outliers: share of each row's weights kept exactly as fp16 outliers (0 … 0.05).
     lm_head: quantize an untied lm_head too (it stays 16-bit by default).
-    keep_dtype: the dtype of the float tensors that are not quantized (None: as stored)."""
+    keep_dtype: the dtype of the float tensors that are not quantized (None: as stored).
+    executor: "local", or "ray" for one Ray task per decoder block (weightops.quant.ray_exec)."""
     if bits not in (2, 4):
         raise QuantError(f"--bits {bits}: groups are 2-bit (with 4-bit ones) or all 4-bit")
     if group_size <= 0 or group_size % 16:
@@ -157,48 +155,12 @@ def quantize_model(
         raise QuantError(
             f"{ckpt.path}: no linear weight whose inputs the group size {group_size} divides"
         )
-    calibration = None
-    hessians: dict[str, torch.Tensor] = {}
+    texts = None
     if calib is not None:
-        from weightops.quant.calibrate import LayerwiseCalibration, read_texts
+        from weightops.quant.calibrate import read_texts
 
-        calibration = LayerwiseCalibration(ckpt, read_texts(calib))
-    current: dict[str, Packed] = {}
+        texts = read_texts(calib)
     stats: dict[str, dict[str, Any]] = {}
-
-    def produce(name: str, reader: Any) -> torch.Tensor:
-        if name in ckpt.tensors:
-            return reader.read(ckpt.tensors[name])
-        prefix, part = name.rsplit(".", 1)
-        weight_name = prefix + ".weight"
-        if weight_name not in current:
-            current.clear()
-            layer = describe(weight_name).layer
-            # An lm_head (outside the blocks) is quantized without calibration.
-            if calibration is not None and layer is not None:
-                while calibration.next_layer <= layer:
-                    hessians.clear()
-                    hessians.update(calibration.layer(calibration.next_layer))
-            w = reader.read(ckpt.tensors[weight_name]).float()
-            # The reference is what the packed form dequantizes to, without unpacking it.
-            packed, reference = quantize_with_reference(
-                w,
-                group_size=group_size,
-                k4=plan[weight_name][0],
-                outliers=plan[weight_name][1],
-                hessian=hessians.pop(weight_name, None),
-            )
-            err = float((reference - w).norm() / w.norm().clamp_min(1e-30))
-            stats[weight_name] = {
-                "shape": list(w.shape),
-                "k4": packed.k4,
-                "outliers": packed.outliers,
-                "bits": packed.bits,
-                "rel_error": err,
-            }
-            current[weight_name] = packed
-        return getattr(current[weight_name], part)
-
     q_bits = sum(part_bits(ckpt.tensors[n].shape, group_size, *kn) for n, kn in plan.items())
     q_weights = sum(math.prod(ckpt.tensors[n].shape) for n in plan)
     manifest: dict[str, Any] = {
@@ -218,20 +180,43 @@ def quantize_model(
         f"({q_bits / q_weights:.3f} bits per quantized weight, scales and maps included); "
         "embeddings, norms and lm_head in 16 bits. Load with `weightops.quant.load`."
     ]
-    write_model(
-        ckpt,
-        Path(out),
-        entries,
-        produce,
-        title=f"{ckpt.path.name}, 2/4-bit",
-        summary=summary,
-        settings=settings,
-        tag="quantization",
-        force=force,
-        shard_size=shard_size,
-        extra_files={MANIFEST: lambda: json.dumps(manifest, indent=2) + "\n"},
-    )
+    staging: dict[str, Any] = {
+        "title": f"{ckpt.path.name}, 2/4-bit",
+        "summary": summary,
+        "settings": settings,
+        "tag": "quantization",
+        "force": force,
+        "shard_size": shard_size,
+        "extra_files": {MANIFEST: lambda: json.dumps(manifest, indent=2) + "\n"},
+    }
+    job = QuantJob(ckpt, names, plan, group_size, texts)
+    if executor == "ray":
+        _quantize_on_ray(job, Path(out), entries, staging, stats, ray_address)
+    elif executor == "local":
+        write_model(ckpt, Path(out), entries, job.producer(stats), **staging)
+    else:
+        raise QuantError(f"--executor {executor}: unknown executor", hint="use local or ray")
     return manifest
+
+
+def _quantize_on_ray(
+    job: QuantJob,
+    out: Path,
+    entries: list[Entry],
+    staging: dict[str, Any],
+    stats: dict[str, dict[str, Any]],
+    address: str | None,
+) -> None:
+    try:
+        from weightops.quant.ray_exec import quantize_on_ray
+    except ModuleNotFoundError as e:
+        if e.name is None or e.name.split(".")[0] != "ray":
+            raise
+        raise QuantError(
+            "--executor ray: Ray is not installed", hint="pip install 'weightops[ray]'"
+        ) from None
+    with staged_model(job.ckpt, out, entries, **staging) as (folder, layout):
+        stats.update(quantize_on_ray(job, folder, layout, entries, out, address))
 
 
 def _layer(name: str) -> int:
