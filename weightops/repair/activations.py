@@ -12,8 +12,9 @@ from typing import Any
 import torch
 
 from weightops.arch import is_block_linear
-from weightops.compat import causal_lm
+from weightops.io.checkpoint import Checkpoint
 from weightops.repair.data import Example, RepairError, batches, context_length
+from weightops.repair.precision import load_narrow, output_head, stored_dtype, widen_except
 
 
 def block_linear_names(model: torch.nn.Module) -> list[str]:
@@ -37,17 +38,27 @@ def activation_sums(
     under `key` as x² per input feature, or, with a projection P, as (x·Pᵀ)²."""
     device = next(model.parameters()).device
     sums: dict[str, torch.Tensor] = {}
-    current: dict[str, torch.Tensor] = {}
+    current: dict[str, Any] = {}
 
     def make(entries: list[tuple[str, torch.Tensor | None]]) -> Callable[..., None]:
         projections = [(k, None if p is None else p.to(device, torch.float32)) for k, p in entries]
 
         def hook(module: torch.nn.Module, args: tuple) -> None:
-            x = args[0][current["mask"]].float()
+            # Modules fed the same tensor (q, k, v; gate, up) share one masked copy and
+            # one sum of squares per batch; the cache holds the tensor so its id stays its own.
+            inp = args[0]
+            seen = current["seen"].get(id(inp))
+            if seen is None:
+                seen = current["seen"][id(inp)] = [inp, inp[current["mask"]].float(), None]
+            x = seen[1]
             for key, proj in projections:
-                y = x if proj is None else x @ proj.T
-                # fp32 within a batch (a few thousand tokens), fp64 across batches.
-                s = y.square().sum(0).double()
+                if proj is None:
+                    # fp32 within a batch (a few thousand tokens), fp64 across batches.
+                    if seen[2] is None:
+                        seen[2] = x.square().sum(0).double()
+                    s = seen[2]
+                else:
+                    s = (x @ proj.T).square().sum(0).double()
                 sums[key] = sums[key] + s if key in sums else s
 
         return hook
@@ -77,6 +88,7 @@ def activation_sums(
             1,
         ):
             current["mask"] = batch["attention_mask"].bool()
+            current["seen"] = {}
             body(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
@@ -116,15 +128,16 @@ def activation_norms(
     return {n: sums[n].sqrt() for n in names}
 
 
-# ------------------------------------------------------------------ inputs
-
-
 def _load_causal_lm(folder: Path, dtype: torch.dtype, device: str) -> torch.nn.Module:
-
+    """The model to measure activations with, computing in `dtype`. The passes stop
+    before the output head, so an untied head stays in its stored dtype (bfloat16 or
+    float16 widen into float32 exactly: the body computes as on a float32 load)."""
     from weightops.demo import quiet_transformers
 
     quiet_transformers()
-    return causal_lm(folder, dtype).to(device).eval()
+    model = load_narrow(folder, stored_dtype(Checkpoint(folder), dtype), dtype, device)
+    widen_except(model, dtype, output_head(model))
+    return model
 
 
 def _load_tokenizer(folders: Sequence[Path]) -> Any:

@@ -53,6 +53,7 @@ of the weights touched so far (a few percent of the pool) to roll back or restar
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -60,10 +61,30 @@ from typing import Any
 import torch
 from torch import nn
 
-from weightops.compat import causal_lm
-from weightops.repair.restore_run import RestoreError, RestoreResult, restore
+from weightops.repair.precision import (
+    deep_parameters,
+    load_narrow,
+    stored_dtype,
+    widen_except,
+    widened,
+)
+from weightops.repair.restore_run import (
+    AlignedReference,
+    RestoreError,
+    RestoreResult,
+    _check_settings,
+    aligned_reference,
+    restore,
+)
 
-__all__ = ["RestoreError", "RestoreResult", "restore", "restore_model"]
+__all__ = [
+    "AlignedReference",
+    "RestoreError",
+    "RestoreResult",
+    "aligned_reference",
+    "restore",
+    "restore_model",
+]
 
 
 def restore_model(
@@ -88,12 +109,18 @@ def restore_model(
     force: bool = False,
     shard_size: int = 5 * 10**9,
 ) -> dict[str, Any]:
-    """Load both checkpoints with transformers (in `dtype`, float32 by default, on
-    `device`), run `restore`, and write the restored fine-tune to `out_dir` through the
+    """Load both checkpoints with transformers (to compute in `dtype`, float32 by
+    default, on `device`), run `restore`, and write the restored fine-tune to `out_dir` through the
     atomic writer: tensors outside the restored set are copied bit for bit from the
     fine-tune, restored weights take the aligned checkpoint's stored values, and the
     model card records the settings and the restored count per tensor. Returns the
-    summary of the run (`RestoreResult.summary()` plus the output folder)."""
+    summary of the run (`RestoreResult.summary()` plus the output folder).
+
+    Memory: the aligned model is loaded first, reduced to its `AlignedReference` and
+    let go. A checkpoint stored in bfloat16 or float16 and computed in float32 is loaded
+    in its stored dtype: the fine-tune's embeddings and first L blocks are widened to
+    float32 (the gradient passes run there, bit for bit as on a float32 load), the rest
+    stays narrow except while the task metric runs (`weightops.repair.precision`)."""
     from transformers import AutoTokenizer
 
     from weightops.demo import quiet_transformers
@@ -102,30 +129,57 @@ def restore_model(
     from weightops.io.safetensors_file import FileReader
 
     quiet_transformers()
+    _check_settings(fraction, steps, metric_drop, rollback_fraction, checkpoint_every)
+    if not task:
+        raise RestoreError("no task prompts given", hint="pass at least one")
     ft_ckpt = Checkpoint(finetuned_dir)
     al_ckpt = Checkpoint(aligned_dir)
     tokenizer = AutoTokenizer.from_pretrained(ft_ckpt.folder)
-    ft_model = causal_lm(ft_ckpt.folder, dtype).to(device)
-    al_model = causal_lm(al_ckpt.folder, dtype).to(device)
+    al_model = load_narrow(al_ckpt.folder, stored_dtype(al_ckpt, dtype), dtype, device)
+
+    def before_pass(model: nn.Module, n_layers: int) -> None:
+        # h* is measured in `dtype`; the narrow values taken before stay the reference.
+        widen_except(model, dtype, deep_parameters(model, n_layers))
+
+    reference = aligned_reference(
+        al_model, tokenizer, harmful, layers=layers, before_pass=before_pass
+    )
+    del al_model
+    gc.collect()
+    ft_model = load_narrow(ft_ckpt.folder, stored_dtype(ft_ckpt, dtype), dtype, device)
+    deep = deep_parameters(ft_model, reference.layers)
+    widen_except(ft_model, dtype, deep)
+    if task_metric is None:
+        from weightops.repair.evaluate import task_score
+
+        def task_metric(model: nn.Module) -> float:
+            return task_score(model, tokenizer, task, metric=metric)
+
+    def wide_metric(model: nn.Module, inner: Callable[[nn.Module], float] = task_metric) -> float:
+        with widened(deep, dtype):
+            return inner(model)
+
     result = restore(
         ft_model,
-        al_model,
+        reference,
         tokenizer,
         harmful,
         task,
-        task_metric=task_metric,
-        metric=metric,
+        task_metric=wide_metric,
         fraction=fraction,
         steps=steps,
-        layers=layers,
         metric_drop=metric_drop,
         rollback_fraction=rollback_fraction,
         checkpoint_every=checkpoint_every,
         seed=seed,
         progress=progress,
     )
-    del ft_model, al_model
     masks = {n: m for n, m in result.masks().items() if m.any()}
+    summary = result.summary()
+    # The writer reads both checkpoints tensor by tensor; the models are let go first.
+    deep.clear()
+    del ft_model, reference, result
+    gc.collect()
     for n, m in masks.items():
         info = ft_ckpt.tensors.get(n)
         other = al_ckpt.tensors.get(n)
@@ -134,34 +188,33 @@ def restore_model(
                 f"restored tensor {n!r} is not stored under that name and shape in both "
                 f"{ft_ckpt.path} and {al_ckpt.path}"
             )
-    summary = result.summary()
     settings = {
         "job": "repair restore",
         "finetuned": str(finetuned_dir),
         "aligned": str(aligned_dir),
         "fraction": fraction,
         "steps": steps,
-        "layers": result.layers,
+        "layers": summary["layers"],
         "metric_drop": metric_drop,
         "rollback_fraction": rollback_fraction,
         "checkpoint_every": checkpoint_every,
         "seed": seed,
         "harmful_prompts": len(harmful),
         "task_prompts": len(task),
-        "kept_step": result.steps,
-        "rollback_used": result.rollback,
+        "kept_step": summary["steps"],
+        "rollback_used": summary["rollback"],
         "restored": summary["restored"],
     }
     card = [
         "Alignment restoration (Yang et al., S&P 2025): weights of the first "
-        f"{result.layers} decoder blocks set back to their values in `{aligned_dir}`.",
+        f"{summary['layers']} decoder blocks set back to their values in `{aligned_dir}`.",
         "",
-        f"- kept: step {result.steps} of {steps}"
-        f"{' (run with rollback)' if result.rollback else ''}; "
+        f"- kept: step {summary['steps']} of {steps}"
+        f"{' (run with rollback)' if summary['rollback'] else ''}; "
         f"{summary['restored_total']} weights restored ({len(summary['restored'])} tensors)",
-        f"- task score: {result.task_before:.4g} before, {result.task_after:.4g} after "
-        f"(threshold {result.threshold:.4g})",
-        f"- harmful-direction cosine: {result.cos_before:.4f} before, {result.cos_after:.4f} after",
+        f"- task score: {summary['task_before']:.4g} before, {summary['task_after']:.4g} after "
+        f"(threshold {summary['threshold']:.4g})",
+        f"- harmful-direction cosine: {summary['cos_before']:.4f} before, {summary['cos_after']:.4f} after",
     ]
     with FileReader() as reader:
 

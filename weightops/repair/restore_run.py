@@ -4,7 +4,7 @@ the method, its choices and its memory)."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,9 +91,60 @@ def _check_settings(
         raise RestoreError("; ".join(problems))
 
 
+@dataclass(frozen=True)
+class AlignedReference:
+    """What restoration needs of the aligned model, so that it need not stay loaded:
+    h*, its mean state at layer `layers` at the last token of the harmful prompts, its
+    depth, and its values of the weights that may be restored (blocks 0 … layers − 1,
+    norms excluded)."""
+
+    target: torch.Tensor
+    layers: int
+    depth: int
+    values: Mapping[str, torch.Tensor]
+
+
+def _layers(depth: int, layers: int | None) -> int:
+    n_layers = max(1, depth // 2) if layers is None else int(layers)
+    if not 1 <= n_layers <= depth:
+        raise RestoreError(f"layers must be in 1 … {depth} (got {layers})")
+    return n_layers
+
+
+def aligned_reference(
+    aligned_model: nn.Module,
+    tokenizer: Any,
+    harmful: Sequence[Any],
+    *,
+    layers: int | None = None,
+    batch_size: int = 8,
+    before_pass: Callable[[nn.Module, int], None] | None = None,
+) -> AlignedReference:
+    """The `AlignedReference` of a loaded aligned model (`layers`: L, default half the
+    depth). The values are the model's own tensors (no copy); `before_pass(model, L)`
+    runs after they are taken and before h* is measured."""
+    if not harmful:
+        raise RestoreError("no harmful prompts given", hint="pass at least one")
+    depth = len(find_layers(aligned_model).blocks)
+    n_layers = _layers(depth, layers)
+    values = {n: p.detach() for n, p in _pool(aligned_model, n_layers).items()}
+    if before_pass is not None:
+        before_pass(aligned_model, n_layers)
+    device = next(aligned_model.parameters()).device
+    training = aligned_model.training
+    aligned_model.eval()
+    try:
+        target = _Reader(
+            aligned_model, n_layers, _batches(harmful, tokenizer, device, batch_size)
+        ).mean()
+    finally:
+        aligned_model.train(training)
+    return AlignedReference(target, n_layers, depth, values)
+
+
 def restore(
     finetuned_model: nn.Module,
-    aligned_model: nn.Module,
+    aligned_model: nn.Module | AlignedReference,
     tokenizer: Any,
     harmful: Sequence[Any],
     task: Sequence[Any],
@@ -111,7 +162,8 @@ def restore(
     batch_size: int = 8,
 ) -> RestoreResult:
     """Restore alignment-critical weights of `finetuned_model` (edited in place) from
-    `aligned_model`, which must have the same architecture. `harmful` and `task` are
+    `aligned_model`, which must have the same architecture, or from its
+    `AlignedReference` (then `layers` is the reference's). `harmful` and `task` are
     `weightops.repair.data.Example`s (only their prompts are read for the directions);
     `task_metric(model) -> float` scores the task, higher is better (default:
     `weightops.repair.evaluate.task_score` on `task` with `metric(prompt, completion,
@@ -123,11 +175,16 @@ def restore(
     if not task:
         raise RestoreError("no task prompts given", hint="pass at least one")
     depth = len(find_layers(finetuned_model).blocks)
-    if len(find_layers(aligned_model).blocks) != depth:
+    given = aligned_model if isinstance(aligned_model, AlignedReference) else None
+    al_depth = given.depth if given else len(find_layers(aligned_model).blocks)  # type: ignore[arg-type]
+    if al_depth != depth:
         raise RestoreError("the aligned and fine-tuned models have different depths")
-    n_layers = max(1, depth // 2) if layers is None else int(layers)
-    if not 1 <= n_layers <= depth:
-        raise RestoreError(f"layers must be in 1 … {depth} (got {layers})")
+    n_layers = _layers(depth, layers)
+    if given is not None and layers is not None and n_layers != given.layers:
+        raise RestoreError(
+            f"layers {layers} differs from the {given.layers} the aligned reference was made for"
+        )
+    n_layers = given.layers if given is not None else n_layers
     if task_metric is None:
         from weightops.repair.evaluate import task_score
 
@@ -137,34 +194,35 @@ def restore(
             return task_score(model, tokenizer, task_list, metric=metric)
 
     pool = _pool(finetuned_model, n_layers)
-    aligned_params = dict(aligned_model.named_parameters())
+    device = next(finetuned_model.parameters()).device
+    h_batches = _batches(harmful, tokenizer, device, batch_size)
+    t_batches = _batches(task, tokenizer, device, batch_size)
+    reference = given or aligned_reference(
+        aligned_model,  # type: ignore[arg-type]
+        tokenizer,
+        harmful,
+        layers=n_layers,
+        batch_size=batch_size,
+    )
     aligned: dict[str, torch.Tensor] = {}
     for n, p in pool.items():
-        a = aligned_params.get(n)
+        a = reference.values.get(n)
         if a is None or a.shape != p.shape:
             raise RestoreError(
                 f"tensor {n!r} is missing from the aligned model or has another shape",
                 hint="both models must come from the same base",
             )
-        aligned[n] = a.detach()
+        aligned[n] = a
     pool_size = sum(p.numel() for p in pool.values())
     k = 0 if fraction == 0 else max(1, round(fraction * pool_size))
 
-    device = next(finetuned_model.parameters()).device
-    al_device = next(aligned_model.parameters()).device
-    h_batches = _batches(harmful, tokenizer, device, batch_size)
-    t_batches = _batches(task, tokenizer, device, batch_size)
-    states = {m: m.training for m in (finetuned_model, aligned_model)}  # restored on the way out
+    training = finetuned_model.training  # restored on the way out
     flags = {n: p.requires_grad for n, p in finetuned_model.named_parameters()}
     finetuned_model.eval()
-    aligned_model.eval()
     try:
         for p in finetuned_model.parameters():
             p.requires_grad_(False)
-        h_star = _Reader(
-            aligned_model, n_layers, _batches(harmful, tokenizer, al_device, batch_size)
-        ).mean()
-        h_star = h_star.to(device)
+        h_star = reference.target.to(device)
         harm = _Reader(finetuned_model, n_layers, h_batches)
         benign = _Reader(finetuned_model, n_layers, t_batches)
         b_star = benign.mean()
@@ -228,11 +286,10 @@ def restore(
             elif first_pass is not None and first_pass[1]:
                 kept = (first_pass[0], first_pass[1], False)
         run, kept_step, used_rollback = kept
-        when = run.when if run is not None else None
-        _apply(pool, aligned, saved, when, kept_step)
+        _apply(pool, aligned, saved, run, kept_step)
         # With steps or k at 0 the kept run touched nothing, so its record is all zeros.
         restored_at = (
-            {n: w.clone() for n, w in run.when.items()}
+            {n: run.when(n) for n in pool}
             if run is not None
             else {n: torch.zeros(p.shape, dtype=torch.int16) for n, p in pool.items()}
         )
@@ -244,8 +301,7 @@ def restore(
         for n, p in finetuned_model.named_parameters():
             p.requires_grad_(flags[n])
             p.grad = None
-        for m, training in states.items():
-            m.train(training)
+        finetuned_model.train(training)
     return RestoreResult(
         model=finetuned_model,
         layers=n_layers,

@@ -4,13 +4,14 @@ recovery and rollback steps."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from weightops.arch import describe
+from weightops.repair.restore_select import Shortlist, split, top
 from weightops.steering.layers import find_layers
 
 _NORM_ROLES = ("norm", "qk_norm")
@@ -97,68 +98,56 @@ def _batches(
     )
 
 
-def _top(scores: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
-    """Indices of the k largest scores (k ≤ number of positive scores); ties at the k-th
-    value are drawn at random from `gen`, so a run is reproducible from its seed."""
-    if k <= 0:
-        return torch.empty(0, dtype=torch.long)
-    kth = torch.topk(scores, k, sorted=True).values[-1]
-    above = (scores > kth).nonzero(as_tuple=True)[0]
-    tied = (scores == kth).nonzero(as_tuple=True)[0]
-    need = k - len(above)
-    pick = tied[torch.randperm(len(tied), generator=gen)[:need]]
-    return torch.cat([above, pick.to(above.device)])
-
-
-def _split(chosen: torch.Tensor, names: list[str], sizes: list[int]) -> dict[str, torch.Tensor]:
-    """Indices into the concatenation of parts of `sizes` elements, split back into
-    sorted indices within each part (parts with none left out)."""
-    bounds = torch.tensor([0, *sizes]).cumsum(0)
-    chosen = chosen.sort().values
-    out = {}
-    for i, n in enumerate(names):
-        local = chosen[(chosen >= bounds[i]) & (chosen < bounds[i + 1])] - bounds[i]
-        if len(local):
-            out[n] = local
-    return out
-
-
 class _Run:
-    """One pass of recovery steps from the fine-tuned model."""
+    """One pass of recovery steps from the fine-tuned model.
+
+    What the run did is kept as events, (indices, step) per tensor: +step where a step
+    restored weights, −step where it rolled them back. A weight is touched at most once
+    per run, so a dense record is only built one tensor at a time, when asked for."""
 
     def __init__(
         self,
         pool: dict[str, nn.Parameter],
-        aligned: dict[str, torch.Tensor],
+        aligned: Mapping[str, torch.Tensor],
         saved: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
         seed: int,
     ):
         self.pool, self.aligned, self.saved = pool, aligned, saved
-        self.when = {n: torch.zeros(p.shape, dtype=torch.int16) for n, p in pool.items()}
+        self.events: dict[str, list[tuple[torch.Tensor, int]]] = {}
         self.gen = torch.Generator().manual_seed(seed)
 
-    def _grads(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for n, p in self.pool.items():
-            g = p.grad
-            out[n] = torch.zeros_like(p) if g is None else g.detach()
-            p.grad = None
+    def when(self, name: str) -> torch.Tensor:
+        """The step record of one tensor (int16, its shape): see RestoreResult.restored_at."""
+        out = torch.zeros(self.pool[name].shape, dtype=torch.int16)
+        for idx, step in self.events.get(name, ()):
+            out.view(-1)[idx] = step
         return out
+
+    def _untouched(self, name: str, device: torch.device) -> torch.Tensor:
+        free = torch.ones(self.pool[name].numel(), dtype=torch.bool)
+        for idx, _ in self.events.get(name, ()):
+            free[idx] = False
+        return free.to(device)
 
     def recover(self, step: int, reader: _Reader, h_star: torch.Tensor, k: int) -> dict:
         reader.backward_cos(h_star)
-        grads = self._grads()
         names = list(self.pool)
-        scores = []
+        short = Shortlist(k)
+        offset = 0
         for n in names:
-            p, g = self.pool[n].detach(), grads[n]
-            diff = torch.sign(p - self.aligned[n])
-            cand = (diff != 0) & (diff == torch.sign(g)) & (self.when[n] == 0).to(p.device)
-            scores.append(torch.where(cand, g.abs(), torch.full_like(g, -1.0)).flatten().cpu())
-        flat = torch.cat(scores)
-        take = min(k, int((flat > 0).sum()))
-        chosen = _top(flat, take, self.gen)
-        picked = _split(chosen, names, [self.pool[n].numel() for n in names])
+            # Scored one tensor at a time, its gradient freed as soon as it is read.
+            p = self.pool[n].detach()
+            g = self.pool[n].grad
+            self.pool[n].grad = None
+            if g is not None:
+                diff = torch.sign(p - self.aligned[n]).view(-1)
+                g = g.view(-1)
+                cand = (diff != 0) & (diff == torch.sign(g)) & self._untouched(n, p.device)
+                where = cand.nonzero(as_tuple=True)[0]
+                short.add(g[where].abs().cpu(), where.cpu() + offset)
+            offset += p.numel()
+        chosen = short.top(self.gen)
+        picked = split(chosen, names, [self.pool[n].numel() for n in names])
         with torch.no_grad():
             for n, idx in picked.items():
                 p = self.pool[n]
@@ -166,7 +155,7 @@ class _Run:
                 dev_idx = idx.to(p.device)
                 self.saved.setdefault(n, []).append((idx, view[dev_idx].detach().cpu().clone()))
                 view[dev_idx] = self.aligned[n].reshape(-1)[dev_idx].to(p.dtype)
-                self.when[n].view(-1)[idx] = step
+                self.events.setdefault(n, []).append((idx, step))
         return picked
 
     def roll_back(
@@ -182,35 +171,39 @@ class _Run:
         if count == 0:
             return 0
         reader.backward_cos(b_star)
-        grads = self._grads()
+        grads = {}
+        for n, p in self.pool.items():
+            if n in picked and p.grad is not None:
+                grads[n] = p.grad.reshape(-1)[picked[n].to(p.device)].cpu()
+            p.grad = None
         names = list(picked)
         scores = []
         for n in names:
             idx = picked[n]
             p = self.pool[n].detach().reshape(-1)[idx.to(self.pool[n].device)].cpu()
             ft = self.saved[n][-1][1]  # the values this step overwrote
-            g = grads[n].reshape(-1)[idx.to(grads[n].device)].cpu()
+            g = grads.get(n, torch.zeros(len(idx), dtype=p.dtype))
             diff = torch.sign(p.float() - ft.float())
             back = (diff != 0) & (diff == torch.sign(g))
             scores.append(torch.where(back, g.abs().float(), torch.full_like(g, -1.0).float()))
         flat = torch.cat(scores)
         take = min(count, int((flat > 0).sum()))
-        chosen = _top(flat, take, self.gen)
+        chosen = top(flat, take, self.gen)
         with torch.no_grad():
-            for n, local in _split(chosen, names, [len(picked[n]) for n in names]).items():
+            for n, local in split(chosen, names, [len(picked[n]) for n in names]).items():
                 idx = picked[n][local]
                 ft = self.saved[n][-1][1][local]
                 p = self.pool[n]
                 p.view(-1)[idx.to(p.device)] = ft.to(p.device, p.dtype)
-                self.when[n].view(-1)[idx] = -step
+                self.events[n].append((idx, -step))
         return take
 
 
 def _apply(
     pool: dict[str, nn.Parameter],
-    aligned: dict[str, torch.Tensor],
+    aligned: Mapping[str, torch.Tensor],
     saved: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
-    when: dict[str, torch.Tensor] | None,
+    run: _Run | None,
     upto: int,
 ) -> None:
     """Put the pool into a run's state after step `upto` (None: the fine-tune)."""
@@ -219,10 +212,10 @@ def _apply(
             idx = torch.cat([c[0] for c in chunks])
             ft = torch.cat([c[1] for c in chunks])
             p = pool[n]
-            if when is None:
+            if run is None:
                 keep = torch.zeros(len(idx), dtype=torch.bool)
             else:
-                w = when[n].reshape(-1)[idx]
+                w = run.when(n).reshape(-1)[idx]
                 keep = (w > 0) & (w <= upto)
             a = aligned[n].reshape(-1)[idx.to(aligned[n].device)].cpu()
             vals = torch.where(keep, a.to(ft.dtype), ft)
