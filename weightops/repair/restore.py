@@ -46,9 +46,16 @@ Choices where the paper is silent, or where we differ:
   checkpoint of the first run is kept, else the fine-tune unchanged (step 0).
 - The task metric is taken to be "higher is better" and non-negative.
 
-Memory: both models (the fine-tune is edited in place), their gradients for the first
-L blocks, an int16 step record per parameter in the pool, and the fine-tuned values
-of the weights touched so far (a few percent of the pool) to roll back or restart.
+Memory. Gradients are taken for the pool only (blocks 0 … L − 1, in the compute
+dtype), one batch's graph at a time. `restore` holds the two models it is given, the
+pool's gradients and, per step, one tensor's scores at a time (`restore_select`).
+`restore_model` (and `weightops repair restore`) reduces the aligned model to h* and
+its pool values as stored before loading the fine-tune, and computes in float32 on a
+bfloat16 or float16 checkpoint without a float32 copy of the blocks it does not edit
+(`weightops.repair.precision`): its peak is about the fine-tune in float32 plus the
+pool's gradients, 1.3× the model's float32 size at L = depth/2 (1.7× for a checkpoint
+stored in float32), plus the interpreter. Both keep the fine-tuned values of the
+weights touched so far (a few percent of the pool) to roll back or restart.
 """
 
 from __future__ import annotations
