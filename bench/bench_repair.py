@@ -197,6 +197,11 @@ def main() -> None:
         "--before", default=BEFORE_REV, help="Revision to compare with (git rev; '' for none)."
     )
     parser.add_argument(
+        "--restore-from",
+        type=Path,
+        help="With --no-restore: take the restore rows from an earlier run's results.json.",
+    )
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="Write the table again from the last run's measurements (results.json).",
@@ -267,8 +272,22 @@ def main() -> None:
             )
         commands[label] = shlex.join(["weightops", *map(rel, cli), "-o", "OUT"])
 
+    earlier = None
+    if args.restore_from:
+        earlier = json.loads(args.restore_from.read_text())
+        for label, t, r in earlier["results"]:
+            if label.startswith("restore"):
+                results[(label, t)] = r
+                commands[label] = earlier["commands"][label]
+                if (label, None) not in jobs:
+                    jobs.append((label, None))
     saved = {
-        "args": {**vars(args), "argv": sys.argv[1:]},
+        "args": {
+            **vars(args),
+            "restore_from": str(args.restore_from) if args.restore_from else None,
+            "earlier": " ".join(earlier["args"]["argv"]) if earlier else None,
+            "argv": sys.argv[1:],
+        },
         "params": params,
         "size_mb": size_mb,
         "fp32_mib": fp32_mib,
@@ -377,6 +396,12 @@ def report(args, params, size_mb, fp32_mib, names, jobs, forward, results, comma
         "compute thread, wall time and peak RSS from `/usr/bin/time -f %M`; a Python "
         "process with torch and transformers loaded holds about 240 MiB before any model."
         + before
+        + (
+            " The restore rows come from an earlier invocation on the same machine "
+            f"(`python bench/bench_repair.py {args.earlier}`), run just before this one."
+            if getattr(args, "earlier", None)
+            else ""
+        )
         + " The plain forward pass is the fine-tune loaded in float32 and run over the "
         "same pairs, batched as prune batches them, logits included: the bar for prune."
         + " The machine is shared with other jobs, so wall times vary between runs; the "

@@ -134,3 +134,23 @@ def test_restore_model_ends_where_restore_on_float32_models_ends(bf16, tmp_path)
     written = load_state(tmp_path / "out")
     for name, p in ft.named_parameters():
         assert torch.equal(written[name].float(), p.detach()), name
+
+
+def test_a_reference_fixes_the_depth_worked_on(bf16):
+    from transformers import AutoTokenizer
+
+    from weightops.repair.restore import RestoreError, aligned_reference
+
+    tok = AutoTokenizer.from_pretrained(bf16["ft"])
+    al = causal_lm(bf16["base"], torch.float32).eval()
+    reference = aligned_reference(al, tok, HARMFUL, layers=2)
+    assert reference.layers == 2 and reference.depth == 4
+    assert reference.target.shape == (al.config.hidden_size,)
+    # The values are the aligned model's own tensors, blocks 0 and 1 without norms.
+    params = dict(al.named_parameters())
+    assert all(v.data_ptr() == params[n].data_ptr() for n, v in reference.values.items())
+    assert {n.split(".")[2] for n in reference.values} == {"0", "1"}
+    assert not any("norm" in n for n in reference.values)
+    ft = causal_lm(bf16["ft"], torch.float32).eval()
+    with pytest.raises(RestoreError, match="layers 1"):
+        restore(ft, reference, tok, HARMFUL, TASK, layers=1, task_metric=lambda m: 1.0)

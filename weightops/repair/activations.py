@@ -44,12 +44,13 @@ def activation_sums(
         projections = [(k, None if p is None else p.to(device, torch.float32)) for k, p in entries]
 
         def hook(module: torch.nn.Module, args: tuple) -> None:
-            # Modules fed the same tensor (q, k, v; gate, up) share one masked copy and
-            # one sum of squares per batch; the cache holds the tensor so its id stays its own.
+            # Modules fed the same tensor one after the other (q, k, v; gate, up) share
+            # one masked copy and one sum of squares. Only the latest input is held, so
+            # no more than one layer input is kept alive beyond what the model holds.
             inp = args[0]
-            seen = current["seen"].get(id(inp))
-            if seen is None:
-                seen = current["seen"][id(inp)] = [inp, inp[current["mask"]].float(), None]
+            seen = current["seen"]
+            if seen is None or seen[0] is not inp:
+                seen = current["seen"] = [inp, inp[current["mask"]].float(), None]
             x = seen[1]
             for key, proj in projections:
                 if proj is None:
@@ -88,7 +89,7 @@ def activation_sums(
             1,
         ):
             current["mask"] = batch["attention_mask"].bool()
-            current["seen"] = {}
+            current["seen"] = None
             body(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
