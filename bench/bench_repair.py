@@ -197,9 +197,10 @@ def main() -> None:
         "--before", default=BEFORE_REV, help="Revision to compare with (git rev; '' for none)."
     )
     parser.add_argument(
-        "--restore-from",
+        "--earlier",
         type=Path,
-        help="With --no-restore: take the restore rows from an earlier run's results.json.",
+        help="Add the runs this one did not make from an earlier run's results.json "
+        "(marked † in the table).",
     )
     parser.add_argument(
         "--report-only",
@@ -273,25 +274,22 @@ def main() -> None:
         commands[label] = shlex.join(["weightops", *map(rel, cli), "-o", "OUT"])
 
     earlier = None
-    if args.restore_from:
-        earlier = json.loads(args.restore_from.read_text())
-        for label, t, r in earlier["results"]:
-            if label.startswith("restore"):
-                results[(label, t)] = r
-                commands[label] = earlier["commands"][label]
-                if (label, None) not in jobs:
-                    jobs.append((label, None))
+    names = [t for t, _ in trees]
+    if args.earlier:
+        earlier = json.loads(args.earlier.read_text())
+        names = merge_earlier(earlier, results, commands, jobs, names)
+        args.before = args.before or earlier["args"]["before"]
     saved = {
         "args": {
             **vars(args),
-            "restore_from": str(args.restore_from) if args.restore_from else None,
-            "earlier": " ".join(earlier["args"]["argv"]) if earlier else None,
+            "earlier": str(args.earlier) if args.earlier else None,
+            "earlier_argv": " ".join(earlier["args"]["argv"]) if earlier else None,
             "argv": sys.argv[1:],
         },
         "params": params,
         "size_mb": size_mb,
         "fp32_mib": fp32_mib,
-        "trees": [t for t, _ in trees],
+        "trees": names,
         "jobs": [label for label, _ in jobs],
         "forward": forward,
         "results": [[label, t, r] for (label, t), r in results.items()],
@@ -299,6 +297,19 @@ def main() -> None:
     }
     RESULTS.write_text(json.dumps(saved, indent=1))
     write_report(saved)
+
+
+def merge_earlier(
+    earlier: dict, results: dict, commands: dict, jobs: list, names: list[str]
+) -> list[str]:
+    """Add the earlier run's measurements of runs not made now; the trees shown."""
+    for label, t, r in earlier["results"]:
+        if (label, t) not in results:
+            results[(label, t)] = {**r, "earlier": True}
+            commands.setdefault(label, earlier["commands"][label])
+            if label not in [lab for lab, _ in jobs]:
+                jobs.append((label, None))
+    return [t for t in ("before", "after") if t in earlier["trees"] or t in names]
 
 
 def write_report(saved: dict) -> None:
@@ -335,9 +346,14 @@ def report(args, params, size_mb, fp32_mib, names, jobs, forward, results, comma
         )
         + " | |",
     ]
+
+    def mark(label: str, t: str) -> str:
+        return "†" if results[(label, t)].get("earlier") else ""
+
     for label, _ in jobs:
         cells = " | ".join(
-            f"{results[(label, t)]['seconds']:.1f} | {results[(label, t)]['peak_rss_mib']:.0f}"
+            f"{results[(label, t)]['seconds']:.1f}{mark(label, t)} | "
+            f"{results[(label, t)]['peak_rss_mib']:.0f}{mark(label, t)}"
             for t in names
         )
         same = (
@@ -357,7 +373,9 @@ def report(args, params, size_mb, fp32_mib, names, jobs, forward, results, comma
     bars.append(
         "| repair prune wall / plain forward wall | "
         + " | ".join(
-            f"{results[(prune_label, t)]['ratio']:.2f}×" if t in names else "–"
+            f"{results[(prune_label, t)]['ratio']:.2f}×{mark(prune_label, t)}"
+            if t in names
+            else "–"
             for t in ("before", "after")
         )
         + " | ≤ 1.5× |"
@@ -369,6 +387,7 @@ def report(args, params, size_mb, fp32_mib, names, jobs, forward, results, comma
             f"({fp32_mib:.0f} MiB) | "
             + " | ".join(
                 f"{results[(restore_label, t)]['peak_rss_mib'] / fp32_mib:.2f}×"
+                f"{mark(restore_label, t)}"
                 if t in names
                 else "–"
                 for t in ("before", "after")
@@ -397,9 +416,9 @@ def report(args, params, size_mb, fp32_mib, names, jobs, forward, results, comma
         "process with torch and transformers loaded holds about 240 MiB before any model."
         + before
         + (
-            " The restore rows come from an earlier invocation on the same machine "
-            f"(`python bench/bench_repair.py {args.earlier}`), run just before this one."
-            if getattr(args, "earlier", None)
+            " Cells marked † come from an earlier invocation on the same machine "
+            f"(`python bench/bench_repair.py {args.earlier_argv}`), run just before this one."
+            if getattr(args, "earlier_argv", None)
             else ""
         )
         + " The plain forward pass is the fine-tune loaded in float32 and run over the "
