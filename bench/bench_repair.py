@@ -199,6 +199,7 @@ def main() -> None:
     parser.add_argument(
         "--earlier",
         type=Path,
+        action="append",
         help="Add the runs this one did not make from an earlier run's results.json "
         "(marked † in the table).",
     )
@@ -207,13 +208,17 @@ def main() -> None:
         action="store_true",
         help="Write the table again from the last run's measurements (results.json).",
     )
+    parser.add_argument(
+        "--no-prune", action="store_true", help="Benchmark restore only (no table written)."
+    )
+    parser.add_argument("--results", type=Path, default=RESULTS, help="Where to save the runs.")
     parser.add_argument("--forward", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.forward:
         plain_forward(*args.forward, batch_size=8)
         return
     if args.report_only:
-        saved = json.loads(RESULTS.read_text())
+        saved = json.loads(args.results.read_text())
         args = argparse.Namespace(**saved["args"])
         write_report(saved)
         return
@@ -239,10 +244,12 @@ def main() -> None:
     jobs: list[tuple[str, list]] = []
     prune_args = ["repair", "prune", "--finetuned", finetuned, "--aligned", aligned]
     prune_args += ["--harmful", harmful, "--no-progress", "--force"]
-    jobs.append(("prune, reset to aligned", prune_args))
+    if not args.no_prune:
+        jobs.append(("prune, reset to aligned", prune_args))
     mag_args = ["repair", "prune", "--finetuned", finetuned, "--aligned", aligned]
     mag_args += ["--no-progress", "--force"]
-    jobs.append(("prune, magnitude only (no --harmful)", mag_args))
+    if not args.no_prune:
+        jobs.append(("prune, magnitude only (no --harmful)", mag_args))
     if not args.no_restore:
         restore_args = ["repair", "restore", "--finetuned", finetuned, "--aligned", aligned]
         restore_args += ["--harmful", harmful, "--task", task, "--no-progress", "--force"]
@@ -255,9 +262,11 @@ def main() -> None:
         return os.path.relpath(str(a), REPO) if isinstance(a, Path) else str(a)
 
     forward_cli = [sys.executable, str(Path(__file__).resolve()), "--forward", finetuned, harmful]
-    forward = timed([str(a) for a in forward_cli], REPO)
-    print(f"plain forward: {forward['seconds']:.1f} s, {forward['peak_rss_mib']:.0f} MiB")
-    print(f"  {forward['stderr'].splitlines()[-1]}", flush=True)
+    forward = None
+    if not args.no_prune:
+        forward = timed([str(a) for a in forward_cli], REPO)
+        print(f"plain forward: {forward['seconds']:.1f} s, {forward['peak_rss_mib']:.0f} MiB")
+        print(f"  {forward['stderr'].splitlines()[-1]}", flush=True)
     results: dict[tuple[str, str], dict] = {}
     commands: dict[str, str] = {}
     for j, (label, cli) in enumerate(jobs):
@@ -275,15 +284,16 @@ def main() -> None:
 
     earlier = None
     names = [t for t, _ in trees]
-    if args.earlier:
-        earlier = json.loads(args.earlier.read_text())
+    for path in args.earlier or ():
+        earlier = json.loads(path.read_text())
         names = merge_earlier(earlier, results, commands, jobs, names)
         args.before = args.before or earlier["args"]["before"]
     saved = {
         "args": {
             **vars(args),
-            "earlier": str(args.earlier) if args.earlier else None,
+            "earlier": [str(p) for p in args.earlier or ()],
             "earlier_argv": " ".join(earlier["args"]["argv"]) if earlier else None,
+            "results": str(args.results),
             "argv": sys.argv[1:],
         },
         "params": params,
@@ -295,8 +305,9 @@ def main() -> None:
         "results": [[label, t, r] for (label, t), r in results.items()],
         "commands": commands,
     }
-    RESULTS.write_text(json.dumps(saved, indent=1))
-    write_report(saved)
+    args.results.write_text(json.dumps(saved, indent=1))
+    if forward is not None:
+        write_report(saved)
 
 
 def merge_earlier(

@@ -10,6 +10,9 @@ in the stored dtype, widening them only while the task metric runs.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +23,18 @@ from torch import nn
 from weightops.arch import describe
 from weightops.compat import causal_lm
 from weightops.io.checkpoint import Checkpoint
+
+
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        lib = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return lib if lib is not None and hasattr(lib, "malloc_trim") else None
+
+
+_LIBC = _libc()
 
 # Stored dtypes that widen exactly into a compute dtype.
 _EXACT = {torch.float32: (torch.bfloat16, torch.float16)}
@@ -76,9 +91,26 @@ def cast(params: Iterable[nn.Parameter], dtype: torch.dtype) -> None:
 
 
 def widen_except(model: nn.Module, compute: torch.dtype, narrow: Iterable[nn.Parameter]) -> None:
-    """Every floating parameter of `model` in `compute`, except those of `narrow`."""
+    """Every floating parameter of `model` in `compute`, except those of `narrow`,
+    which get memory of their own: a model loaded as stored may hold views of the
+    checkpoint's mapped file, whose pages count as the process's memory while any
+    view of the file lives."""
     skip = {id(p) for p in narrow}
-    cast((p for p in model.parameters() if id(p) not in skip), compute)
+    for p in model.parameters():
+        if id(p) not in skip:
+            cast([p], compute)
+        elif p.is_floating_point() and p.dtype != compute:
+            p.data = p.data.clone()
+    release_freed()
+
+
+def release_freed() -> None:
+    """Hand memory freed by Python and torch back to the system (glibc keeps freed
+    blocks of a few MB, the size of one weight or gradient, for reuse, so the freed
+    widened copies and gradients of one phase would add to the next one's peak)."""
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 @contextmanager
@@ -92,3 +124,4 @@ def widened(params: list[nn.Parameter], compute: torch.dtype) -> Iterator[None]:
     finally:
         for p, dtype in zip(params, before, strict=True):
             cast([p], dtype)
+        release_freed()

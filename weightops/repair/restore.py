@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,7 @@ from torch import nn
 from weightops.repair.precision import (
     deep_parameters,
     load_narrow,
+    release_freed,
     stored_dtype,
     widen_except,
     widened,
@@ -152,7 +154,9 @@ def restore_model(
         al_model, tokenizer, harmful, layers=layers, before_pass=before_pass
     )
     del al_model
-    gc.collect()
+    # Own copies, so that nothing keeps the aligned checkpoint's mapped file alive.
+    reference = replace(reference, values={n: v.clone() for n, v in reference.values.items()})
+    release_freed()
     ft_model = load_narrow(ft_ckpt.folder, stored_dtype(ft_ckpt, dtype), dtype, device)
     deep = deep_parameters(ft_model, reference.layers)
     widen_except(ft_model, dtype, deep)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from weightops.arch import describe
+from weightops.repair.precision import release_freed
 from weightops.repair.restore_select import Shortlist, split, top
 from weightops.steering.layers import find_layers
 
@@ -156,6 +157,7 @@ class _Run:
                 self.saved.setdefault(n, []).append((idx, view[dev_idx].detach().cpu().clone()))
                 view[dev_idx] = self.aligned[n].reshape(-1)[dev_idx].to(p.dtype)
                 self.events.setdefault(n, []).append((idx, step))
+        release_freed()  # the gradients, before the task metric widens the deep blocks
         return picked
 
     def roll_back(
