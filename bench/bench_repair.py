@@ -94,6 +94,8 @@ def task_pairs(n: int) -> list[dict[str, str]]:
 def scratch_model(name: str, tokenizer_from: Path) -> Path:
     """bench/.work/repair-bench/NAME: the family-16L weights (symlinked) plus a tokenizer."""
     src, dst = FAMILY / name, SCRATCH / name
+    if (dst / "config.json").exists() and (dst / "tokenizer_config.json").exists():
+        return dst  # made by an earlier run (possibly one still running)
     if dst.exists():
         shutil.rmtree(dst)
     dst.mkdir(parents=True)
@@ -212,6 +214,7 @@ def main() -> None:
         "--no-prune", action="store_true", help="Benchmark restore only (no table written)."
     )
     parser.add_argument("--results", type=Path, default=RESULTS, help="Where to save the runs.")
+    parser.add_argument("--note", default="", help="A sentence to add to the table's text.")
     parser.add_argument("--forward", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.forward:
@@ -219,7 +222,22 @@ def main() -> None:
         return
     if args.report_only:
         saved = json.loads(args.results.read_text())
-        args = argparse.Namespace(**saved["args"])
+        argv = saved["args"].get("earlier_argv") or []
+        saved["args"]["earlier_argv"] = [argv] if isinstance(argv, str) else argv
+        for path in args.earlier or ():
+            earlier = json.loads(path.read_text())
+            have = {(label, t) for label, t, _ in saved["results"]}
+            for label, t, r in earlier["results"]:
+                if (label, t) not in have:
+                    saved["results"].append([label, t, {**r, "earlier": True}])
+                    saved["commands"].setdefault(label, earlier["commands"][label])
+                    if label not in saved["jobs"]:
+                        saved["jobs"].append(label)
+            saved["trees"] = [
+                t for t in ("before", "after") if t in saved["trees"] + earlier["trees"]
+            ]
+            saved["args"]["earlier_argv"].append(" ".join(earlier["args"]["argv"]))
+        saved["args"]["note"] = args.note
         write_report(saved)
         return
     torch.set_num_threads(1)
@@ -269,9 +287,12 @@ def main() -> None:
         print(f"  {forward['stderr'].splitlines()[-1]}", flush=True)
     results: dict[tuple[str, str], dict] = {}
     commands: dict[str, str] = {}
-    for j, (label, cli) in enumerate(jobs):
+    for label, cli in jobs:
         for tree_label, tree in trees:
-            dest = out / f"{j}-{tree_label}"
+            dest = (
+                out
+                / f"{label.split(',')[0]}-{'magnitude-' if 'magnitude' in label else ''}{tree_label}"
+            )
             result = timed([*exe, *map(str, cli), "-o", str(dest)], tree)
             result["digest"] = digest(dest)
             results[(label, tree_label)] = result
@@ -284,15 +305,17 @@ def main() -> None:
 
     earlier = None
     names = [t for t, _ in trees]
+    earlier_argv = []
     for path in args.earlier or ():
         earlier = json.loads(path.read_text())
         names = merge_earlier(earlier, results, commands, jobs, names)
         args.before = args.before or earlier["args"]["before"]
+        earlier_argv.append(" ".join(earlier["args"]["argv"]))
     saved = {
         "args": {
             **vars(args),
             "earlier": [str(p) for p in args.earlier or ()],
-            "earlier_argv": " ".join(earlier["args"]["argv"]) if earlier else None,
+            "earlier_argv": earlier_argv,
             "results": str(args.results),
             "argv": sys.argv[1:],
         },
@@ -427,11 +450,14 @@ def report(args, params, size_mb, fp32_mib, names, jobs, forward, results, comma
         "process with torch and transformers loaded holds about 240 MiB before any model."
         + before
         + (
-            " Cells marked † come from an earlier invocation on the same machine "
-            f"(`python bench/bench_repair.py {args.earlier_argv}`), run just before this one."
+            " Cells marked † come from other invocations on the same machine the same "
+            "day: "
+            + "; ".join(f"`python bench/bench_repair.py {a}`" for a in args.earlier_argv)
+            + "."
             if getattr(args, "earlier_argv", None)
             else ""
         )
+        + (f" {args.note}" if getattr(args, "note", "") else "")
         + " The plain forward pass is the fine-tune loaded in float32 and run over the "
         "same pairs, batched as prune batches them, logits included: the bar for prune."
         + " The machine is shared with other jobs, so wall times vary between runs; the "
