@@ -1,17 +1,23 @@
-"""Benchmark `weightops repair prune` (and `repair restore`) on the ~150M checkpoints.
+"""Benchmark `weightops repair prune` and `repair restore` on the ~150M checkpoints,
+before and after a revision, against a plain forward pass over the same data.
 
 bench/.work/family-16L holds random-weight Llama checkpoints without a tokenizer
 (bench/make_family.py). This script makes a scratch copy of `base` (the aligned
 model) and `ft_a` (the fine-tune) under bench/.work/repair-bench/ whose weights are
 symlinks to the originals and which get the character tokenizer of weightops.demo,
-writes 256 harmful prompt/response pairs (and task examples for restore), then runs
-each command once as its own process under `/usr/bin/time -f %M` for wall time and
-peak RSS, one compute thread.
+writes 256 harmful prompt/response pairs (and task examples for restore), and
+unpacks the `--before` revision's weightops into bench/.work/repair-before/. Then,
+one after the other, each as its own process under `/usr/bin/time -f %M` (wall time
+and peak RSS, one compute thread): a plain forward pass of the fine-tune (float32,
+logits included) over the harmful pairs, batch 8, as `repair prune` reads them; and
+each command with the revision's code and with this tree's. The outputs of the two
+trees are compared tensor by tensor.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -34,6 +40,11 @@ from weightops.io.sidefiles import copy_tokenizer
 
 FAMILY = WORK / "family-16L"
 SCRATCH = WORK / "repair-bench"
+BEFORE = WORK / "repair-before"
+RESULTS = SCRATCH / "results.json"
+REPO = Path(__file__).resolve().parent.parent
+# The revision before batched gathering and the lean restore.
+BEFORE_REV = "769cb4f"
 
 ACTIONS = (
     "pick a lock",
@@ -83,6 +94,8 @@ def task_pairs(n: int) -> list[dict[str, str]]:
 def scratch_model(name: str, tokenizer_from: Path) -> Path:
     """bench/.work/repair-bench/NAME: the family-16L weights (symlinked) plus a tokenizer."""
     src, dst = FAMILY / name, SCRATCH / name
+    if (dst / "config.json").exists() and (dst / "tokenizer_config.json").exists():
+        return dst  # made by an earlier run (possibly one still running)
     if dst.exists():
         shutil.rmtree(dst)
     dst.mkdir(parents=True)
@@ -100,14 +113,16 @@ def write_jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
     return path
 
 
-def timed(args: list[str]) -> dict:
-    """Run a command with one compute thread; wall seconds and peak RSS in MiB."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+def timed(args: list[str], cwd: Path) -> dict:
+    """Run a command with one compute thread, importing weightops from `cwd`; wall
+    seconds and peak RSS in MiB."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(cwd))
     with tempfile.NamedTemporaryFile("r") as rss:
         start = time.perf_counter()
         proc = subprocess.run(
             ["/usr/bin/time", "-f", "%M", "-o", rss.name, *args],
             env=env,
+            cwd=cwd,
             capture_output=True,
             text=True,
         )
@@ -118,6 +133,60 @@ def timed(args: list[str]) -> dict:
     return {"seconds": wall, "peak_rss_mib": peak, "stderr": proc.stderr.strip()}
 
 
+def unpack(rev: str) -> Path:
+    """bench/.work/repair-before: the weightops package of revision `rev`."""
+    if BEFORE.exists():
+        shutil.rmtree(BEFORE)
+    BEFORE.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", rev, "weightops"], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(BEFORE)], input=archive, check=True)
+    return BEFORE
+
+
+def digest(folder: Path) -> str:
+    """A hash of every tensor of a folder's safetensors files (names, dtypes, bytes)."""
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            for k in sorted(st.keys()):
+                t = st.get_tensor(k)
+                h.update(f"{k}:{t.dtype}:{list(t.shape)}".encode())
+                h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def plain_forward(folder: Path, data: Path, batch_size: int) -> None:
+    """The reference: the fine-tune loaded in float32, run over the harmful pairs
+    (prompt + response) as prune batches them, logits included, nothing gathered."""
+    from transformers import AutoTokenizer
+
+    from weightops.compat import causal_lm
+    from weightops.demo import quiet_transformers
+    from weightops.repair.data import batches, context_length, load_examples
+
+    torch.set_num_threads(1)
+    quiet_transformers()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = causal_lm(folder, torch.float32).eval()
+    examples = load_examples(data)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for batch in batches(
+            examples, tokenizer, batch_size=batch_size, max_length=context_length(model)
+        ):
+            model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"],
+                use_cache=False,
+            )
+    sys.stderr.write(f"forward passes: {time.perf_counter() - start:.1f} s\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=256)
@@ -126,7 +195,51 @@ def main() -> None:
     parser.add_argument(
         "--restore-steps", type=int, default=20, help="Recovery steps of the restore run."
     )
+    parser.add_argument(
+        "--before", default=BEFORE_REV, help="Revision to compare with (git rev; '' for none)."
+    )
+    parser.add_argument(
+        "--earlier",
+        type=Path,
+        action="append",
+        help="Add the runs this one did not make from an earlier run's results.json "
+        "(marked † in the table).",
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="Write the table again from the last run's measurements (results.json).",
+    )
+    parser.add_argument(
+        "--no-prune", action="store_true", help="Benchmark restore only (no table written)."
+    )
+    parser.add_argument("--results", type=Path, default=RESULTS, help="Where to save the runs.")
+    parser.add_argument("--note", default="", help="A sentence to add to the table's text.")
+    parser.add_argument("--forward", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.forward:
+        plain_forward(*args.forward, batch_size=8)
+        return
+    if args.report_only:
+        saved = json.loads(args.results.read_text())
+        argv = saved["args"].get("earlier_argv") or []
+        saved["args"]["earlier_argv"] = [argv] if isinstance(argv, str) else argv
+        for path in args.earlier or ():
+            earlier = json.loads(path.read_text())
+            have = {(label, t) for label, t, _ in saved["results"]}
+            for label, t, r in earlier["results"]:
+                if (label, t) not in have:
+                    saved["results"].append([label, t, {**r, "earlier": True}])
+                    saved["commands"].setdefault(label, earlier["commands"][label])
+                    if label not in saved["jobs"]:
+                        saved["jobs"].append(label)
+            saved["trees"] = [
+                t for t in ("before", "after") if t in saved["trees"] + earlier["trees"]
+            ]
+            saved["args"]["earlier_argv"].append(" ".join(earlier["args"]["argv"]))
+        saved["args"]["note"] = args.note
+        write_report(saved)
+        return
     torch.set_num_threads(1)
     if not (FAMILY / "base" / "config.json").exists():
         raise SystemExit(f"{FAMILY} is missing: run bench/make_family.py first")
@@ -139,65 +252,224 @@ def main() -> None:
     ckpt = Checkpoint(finetuned)
     params = sum(i.nbytes // i.dtype.itemsize for i in ckpt.tensors.values())
     size_mb = ckpt.nbytes / 1e6
+    fp32_mib = params * 4 / 2**20
+    trees = [("after", REPO)]
+    if args.before:
+        trees.insert(0, ("before", unpack(args.before)))
 
     exe = [sys.executable, "-m", "weightops"]
     out = SCRATCH / "out"
-    runs = []
+    jobs: list[tuple[str, list]] = []
     prune_args = ["repair", "prune", "--finetuned", finetuned, "--aligned", aligned]
     prune_args += ["--harmful", harmful, "--no-progress", "--force"]
-    runs.append(("prune, reset to aligned", [*prune_args, "-o", out / "prune"]))
+    if not args.no_prune:
+        jobs.append(("prune, reset to aligned", prune_args))
     mag_args = ["repair", "prune", "--finetuned", finetuned, "--aligned", aligned]
-    mag_args += ["--no-progress", "--force", "-o", out / "prune-magnitude"]
-    runs.append(("prune, magnitude only (no --harmful)", mag_args))
-    try:
-        import weightops.repair.restore  # noqa: F401
-
-        has_restore = not args.no_restore
-    except ImportError:
-        has_restore = False
-    if has_restore:
+    mag_args += ["--no-progress", "--force"]
+    if not args.no_prune:
+        jobs.append(("prune, magnitude only (no --harmful)", mag_args))
+    if not args.no_restore:
         restore_args = ["repair", "restore", "--finetuned", finetuned, "--aligned", aligned]
         restore_args += ["--harmful", harmful, "--task", task, "--no-progress", "--force"]
         if args.restore_steps != 20:
             n = str(args.restore_steps)
             restore_args += ["--steps", n, "--checkpoint-every", n]
-        label = f"restore, {args.restore_steps} steps"
-        runs.append((label, [*restore_args, "-o", out / "restore"]))
+        jobs.append((f"restore, {args.restore_steps} steps", restore_args))
 
-    rows = []
-    for label, cli in runs:
-        result = timed([*exe, *map(str, cli)])
-        rel = ["weightops", *(os.path.relpath(str(a)) if isinstance(a, Path) else a for a in cli)]
-        print(f"{label}: {result['seconds']:.1f} s, {result['peak_rss_mib']:.0f} MiB", flush=True)
-        print(f"  {result['stderr'].splitlines()[-1] if result['stderr'] else ''}", flush=True)
-        rows.append((label, result, shlex.join(rel)))
+    def rel(a: object) -> str:
+        return os.path.relpath(str(a), REPO) if isinstance(a, Path) else str(a)
 
-    lines = ["| run | wall (s) | peak RSS (MiB) | command |", "|---|---|---|---|"]
-    lines += [
-        f"| {label} | {r['seconds']:.1f} | {r['peak_rss_mib']:.0f} | `{cmd}` |"
-        for label, r, cmd in rows
-    ]
-    cmd = "python " + shlex.join(["bench/bench_repair.py", *sys.argv[1:]])
-    body = (
-        f"`weightops repair` on bench/.work/family-16L (random-weight Llama, 16 layers, hidden "
-        f"768, {params / 1e6:.0f}M parameters, {size_mb:.0f} MB of bf16): `ft_a` as the "
-        f"fine-tune, `base` as the aligned model, both given the character tokenizer of "
-        f"weightops.demo. {args.prompts} synthetic harmful prompt/response pairs "
-        f"(about {sum(len(r['prompt'] + r['response']) for r in harmful_pairs(args.prompts)) // args.prompts} "
-        f"tokens each), batch 8, forward passes in float32 on CPU"
-        + (f"; restore with {args.task_prompts} task examples" if has_restore else "")
-        + ". Each run is its own process (model loading and writing included), one "
-        "compute thread, wall time and peak RSS from `/usr/bin/time -f %M`."
-        + ("" if has_restore else " `repair restore` was not benchmarked.")
-        + " The machine is shared with other jobs, so wall times vary between runs."
-        + " No other tool packages Antidote or alignment restoration, so there is no peer"
-        + " column."
-        + f"\n\n- Command: `{cmd}`\n- Machine: {machine()}\n\n"
-        + "\n".join(lines)
-        + "\n\n"
+    forward_cli = [sys.executable, str(Path(__file__).resolve()), "--forward", finetuned, harmful]
+    forward = None
+    if not args.no_prune:
+        forward = timed([str(a) for a in forward_cli], REPO)
+        print(f"plain forward: {forward['seconds']:.1f} s, {forward['peak_rss_mib']:.0f} MiB")
+        print(f"  {forward['stderr'].splitlines()[-1]}", flush=True)
+    results: dict[tuple[str, str], dict] = {}
+    commands: dict[str, str] = {}
+    for label, cli in jobs:
+        for tree_label, tree in trees:
+            dest = (
+                out
+                / f"{label.split(',')[0]}-{'magnitude-' if 'magnitude' in label else ''}{tree_label}"
+            )
+            result = timed([*exe, *map(str, cli), "-o", str(dest)], tree)
+            result["digest"] = digest(dest)
+            results[(label, tree_label)] = result
+            print(
+                f"{label} [{tree_label}]: {result['seconds']:.1f} s, "
+                f"{result['peak_rss_mib']:.0f} MiB",
+                flush=True,
+            )
+        commands[label] = shlex.join(["weightops", *map(rel, cli), "-o", "OUT"])
+
+    earlier = None
+    names = [t for t, _ in trees]
+    earlier_argv = []
+    for path in args.earlier or ():
+        earlier = json.loads(path.read_text())
+        names = merge_earlier(earlier, results, commands, jobs, names)
+        args.before = args.before or earlier["args"]["before"]
+        earlier_argv.append(" ".join(earlier["args"]["argv"]))
+    saved = {
+        "args": {
+            **vars(args),
+            "earlier": [str(p) for p in args.earlier or ()],
+            "earlier_argv": earlier_argv,
+            "results": str(args.results),
+            "argv": sys.argv[1:],
+        },
+        "params": params,
+        "size_mb": size_mb,
+        "fp32_mib": fp32_mib,
+        "trees": names,
+        "jobs": [label for label, _ in jobs],
+        "forward": forward,
+        "results": [[label, t, r] for (label, t), r in results.items()],
+        "commands": commands,
+    }
+    args.results.write_text(json.dumps(saved, indent=1))
+    if forward is not None:
+        write_report(saved)
+
+
+def merge_earlier(
+    earlier: dict, results: dict, commands: dict, jobs: list, names: list[str]
+) -> list[str]:
+    """Add the earlier run's measurements of runs not made now; the trees shown."""
+    for label, t, r in earlier["results"]:
+        if (label, t) not in results:
+            results[(label, t)] = {**r, "earlier": True}
+            commands.setdefault(label, earlier["commands"][label])
+            if label not in [lab for lab, _ in jobs]:
+                jobs.append((label, None))
+    return [t for t in ("before", "after") if t in earlier["trees"] or t in names]
+
+
+def write_report(saved: dict) -> None:
+    args = argparse.Namespace(**saved["args"])
+    results = {(label, t): r for label, t, r in saved["results"]}
+    jobs = [(label, None) for label in saved["jobs"]]
+    body = report(
+        args,
+        saved["params"],
+        saved["size_mb"],
+        saved["fp32_mib"],
+        saved["trees"],
+        jobs,
+        saved["forward"],
+        results,
+        saved["commands"],
     )
     write_section("bench_repair", "Repair: Antidote pruning and restoration on 150M", body)
     print(body)
+
+
+def report(args, params, size_mb, fp32_mib, names, jobs, forward, results, commands) -> str:
+    fwd_s = forward["seconds"]
+    in_process = forward["stderr"].splitlines()[-1].split(": ", 1)[1]
+    cols = " | ".join(f"{t} wall (s) | {t} peak RSS (MiB)" for t in names)
+    lines = [
+        f"| run | {cols} | identical output |",
+        "|---|" + "---|" * (2 * len(names)) + "---|",
+        f"| plain forward of the fine-tune, float32, logits ({in_process} of it in the "
+        f"forward calls) | "
+        + " | ".join(
+            f"{fwd_s:.1f} | {forward['peak_rss_mib']:.0f}" if t == "after" else "– | –"
+            for t in names
+        )
+        + " | |",
+    ]
+
+    def mark(label: str, t: str) -> str:
+        return "†" if results[(label, t)].get("earlier") else ""
+
+    for label, _ in jobs:
+        cells = " | ".join(
+            f"{results[(label, t)]['seconds']:.1f}{mark(label, t)} | "
+            f"{results[(label, t)]['peak_rss_mib']:.0f}{mark(label, t)}"
+            for t in names
+        )
+        same = (
+            (
+                "yes"
+                if results[(label, "before")]["digest"] == results[(label, "after")]["digest"]
+                else "**no**"
+            )
+            if "before" in names
+            else ""
+        )
+        lines.append(f"| {label} | {cells} | {same} |")
+    bars = ["| bar | before | after | limit |", "|---|---|---|---|"]
+    prune_label = jobs[0][0]
+    for t in names:
+        results[(prune_label, t)]["ratio"] = results[(prune_label, t)]["seconds"] / fwd_s
+    bars.append(
+        "| repair prune wall / plain forward wall | "
+        + " | ".join(
+            f"{results[(prune_label, t)]['ratio']:.2f}×{mark(prune_label, t)}"
+            if t in names
+            else "–"
+            for t in ("before", "after")
+        )
+        + " | ≤ 1.5× |"
+    )
+    restore_label = next((lab for lab, _ in jobs if lab.startswith("restore")), None)
+    if restore_label:
+        bars.append(
+            "| repair restore peak RSS / fp32 model size "
+            f"({fp32_mib:.0f} MiB) | "
+            + " | ".join(
+                f"{results[(restore_label, t)]['peak_rss_mib'] / fp32_mib:.2f}×"
+                f"{mark(restore_label, t)}"
+                if t in names
+                else "–"
+                for t in ("before", "after")
+            )
+            + " | ≤ 2× |"
+        )
+    cmd = "python " + shlex.join(["bench/bench_repair.py", *args.argv])
+    tokens = sum(len(r["prompt"] + r["response"]) for r in harmful_pairs(args.prompts))
+    before = (
+        f" `before` is weightops at {args.before} (unpacked into bench/.work/repair-before), "
+        '`after` this tree; "identical output" compares every tensor of the two outputs '
+        "bit for bit."
+        if args.before
+        else ""
+    )
+    return (
+        f"`weightops repair` on bench/.work/family-16L (random-weight Llama, 16 layers, hidden "
+        f"768, {params / 1e6:.0f}M parameters, {size_mb:.0f} MB of bf16, {fp32_mib:.0f} MiB "
+        f"in float32): `ft_a` as the fine-tune, `base` as the aligned model, both given the "
+        f"character tokenizer of weightops.demo. {args.prompts} synthetic harmful "
+        f"prompt/response pairs (about {tokens // args.prompts} tokens each), batch 8, "
+        "computed in float32 on CPU"
+        + (f"; restore with {args.task_prompts} task examples" if restore_label else "")
+        + ". Each run is its own process (model loading and writing included), one "
+        "compute thread, wall time and peak RSS from `/usr/bin/time -f %M`; a Python "
+        "process with torch and transformers loaded holds about 240 MiB before any model."
+        + before
+        + (
+            " Cells marked † come from other invocations on the same machine the same "
+            "day: "
+            + "; ".join(f"`python bench/bench_repair.py {a}`" for a in args.earlier_argv)
+            + "."
+            if getattr(args, "earlier_argv", None)
+            else ""
+        )
+        + (f" {args.note}" if getattr(args, "note", "") else "")
+        + " The plain forward pass is the fine-tune loaded in float32 and run over the "
+        "same pairs, batched as prune batches them, logits included: the bar for prune."
+        + " The machine is shared with other jobs, so wall times vary between runs; the "
+        "runs here are one after the other in one invocation."
+        + f"\n\n- Command: `{cmd}`\n- Machine: {machine()}\n\n"
+        + "\n".join(lines)
+        + "\n\n"
+        + "\n".join(bars)
+        + "\n\nCommands (OUT: the output folder):\n\n"
+        + "\n".join(f"- {label}: `{c}`" for label, c in commands.items())
+        + "\n\n"
+    )
 
 
 if __name__ == "__main__":

@@ -40,8 +40,7 @@ from __future__ import annotations
 import gc
 import json
 import math
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,29 +48,46 @@ from typing import Any
 import torch
 
 from weightops.arch import family, is_block_linear
-from weightops.compat import causal_lm
 from weightops.engine.progress import Progress
 from weightops.io.checkpoint import Checkpoint
 from weightops.io.rewrite import ordered_names, write_model
 from weightops.io.safe_read import load_json
 from weightops.io.safetensors_file import FileReader
 from weightops.io.writer import StagingFolder
-from weightops.repair.data import (
-    Example,
-    RepairError,
-    as_examples,
-    batches,
-    context_length,
+from weightops.repair.activations import (
+    _load_causal_lm,
+    _load_tokenizer,
+    activation_norms,
+    activation_sums,
+    block_linear_names,
 )
+from weightops.repair.data import Example, RepairError, as_examples
+from weightops.repair.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    _Lora,
+    _lora_base,
+    _lora_norms,
+    _read_lora,
+)
+from weightops.repair.marking import mark, per_row, top_per_row
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_LORA_PREFIX = "base_model.model."
-_LORA_A, _LORA_B = ".lora_A.weight", ".lora_B.weight"
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "TARGETS",
+    "PruneResult",
+    "activation_norms",
+    "activation_sums",
+    "block_linear_names",
+    "mark",
+    "per_row",
+    "prune",
+    "top_per_row",
+]
+
 # Families whose block projections are Conv1D, storing (in, out) matrices.
 _CONV1D = ("gpt2",)
-# Scores are computed in float64 blocks of about this many entries.
-_BLOCK = 1 << 20
 TARGETS = ("lora", "reset", "zero")
 
 
@@ -90,294 +106,6 @@ class PruneResult:
     changed: dict[str, int] = field(default_factory=dict)
     marked: dict[str, int] = field(default_factory=dict)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-def top_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the k highest scores of every row; among entries equal to a
-    row's k-th highest score, the lowest column indices are taken first."""
-    cols = scores.shape[1]
-    if k <= 0:
-        return torch.zeros_like(scores, dtype=torch.bool)
-    if k >= cols:
-        return torch.ones_like(scores, dtype=torch.bool)
-    threshold = torch.topk(scores, k, dim=1, sorted=True).values[:, -1:]
-    above = scores > threshold
-    tied = scores == threshold
-    room = k - above.sum(1, keepdim=True)
-    return above | (tied & (tied.cumsum(1) <= room))
-
-
-def per_row(ratio: float, cols: int) -> int:
-    """Entries marked per row: ⌊ratio · cols⌋ (the 1e-9 absorbs 0.3 · 10 = 2.9999…)."""
-    return math.floor(ratio * cols + 1e-9)
-
-
-def mark(
-    weight: torch.Tensor,
-    norms: torch.Tensor | None,
-    ratio: float,
-    *,
-    reference: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The harmful mask of a (out, in) matrix: top `ratio` per row of
-    |weight − reference| · norms (reference and norms optional)."""
-    rows, cols = weight.shape
-    k = per_row(ratio, cols)
-    out = torch.zeros(weight.shape, dtype=torch.bool)
-    if k == 0:
-        return out
-    step = max(1, _BLOCK // max(cols, 1))
-    for r0 in range(0, rows, step):
-        w = weight[r0 : r0 + step].double()
-        if reference is not None:
-            w = w - reference[r0 : r0 + step].double()
-        s = w.abs_()
-        if norms is not None:
-            s.mul_(norms.double())
-        if not torch.isfinite(s).all():
-            raise RepairError("a weight or activation norm is not finite (NaN or Inf)")
-        out[r0 : r0 + step] = top_per_row(s, k)
-    return out
-
-
-# ------------------------------------------------------------------ activations
-
-
-def block_linear_names(model: torch.nn.Module) -> list[str]:
-    """The weight names of a loaded model's decoder linear layers."""
-    return [n for n, p in model.named_parameters() if is_block_linear(n, tuple(p.shape))]
-
-
-@torch.no_grad()
-def activation_sums(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    examples: Sequence[Example],
-    taps: dict[str, list[tuple[str, torch.Tensor | None]]],
-    *,
-    batch_size: int = 8,
-    progress: bool | None = None,
-) -> dict[str, torch.Tensor]:
-    """Sums of squares over every non-padding token of prompt + response, per feature.
-
-    `taps` maps a module path to [(key, projection)]: the module's input x is summed
-    under `key` as x² per input feature, or, with a projection P, as (x·Pᵀ)²."""
-    device = next(model.parameters()).device
-    sums: dict[str, torch.Tensor] = {}
-    current: dict[str, torch.Tensor] = {}
-
-    def make(entries: list[tuple[str, torch.Tensor | None]]) -> Callable[..., None]:
-        projections = [(k, None if p is None else p.to(device, torch.float32)) for k, p in entries]
-
-        def hook(module: torch.nn.Module, args: tuple) -> None:
-            x = args[0][current["mask"]].float()
-            for key, proj in projections:
-                y = x if proj is None else x @ proj.T
-                # fp32 within a batch (a few thousand tokens), fp64 across batches.
-                s = y.square().sum(0).double()
-                sums[key] = sums[key] + s if key in sums else s
-
-        return hook
-
-    handles = []
-    try:
-        for path, entries in taps.items():
-            try:
-                module = model.get_submodule(path)
-            except AttributeError as e:
-                raise RepairError(f"the model has no module {path!r} to read activations at") from e
-            handles.append(module.register_forward_pre_hook(make(entries)))
-        # The decoder without its head: the logits are not needed, and over a large
-        # vocabulary they cost a fifth of the compute and most of the activation memory.
-        body = getattr(model, "base_model", model)
-        total = math.ceil(len(examples) / batch_size)
-        show = sys.stderr.isatty() if progress is None else progress
-        for i, batch in enumerate(
-            batches(
-                examples,
-                tokenizer,
-                batch_size=batch_size,
-                with_response=True,
-                max_length=context_length(model),
-                device=device,
-            ),
-            1,
-        ):
-            current["mask"] = batch["attention_mask"].bool()
-            body(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"],
-                use_cache=False,
-            )
-            if show:
-                sys.stderr.write(f"\rscoring on harmful data: batch {i}/{total}")
-                sys.stderr.flush()
-        if show:
-            sys.stderr.write("\n")
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [k for entries in taps.values() for k, _ in entries if k not in sums]
-    if missing:
-        raise RepairError(f"no activations reached {missing[0]} during the forward passes")
-    return {k: v.cpu() for k, v in sums.items()}
-
-
-def activation_norms(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    examples: Sequence[Example],
-    *,
-    names: Sequence[str] | None = None,
-    batch_size: int = 8,
-    progress: bool | None = None,
-) -> dict[str, torch.Tensor]:
-    """{weight name: ‖X_j‖₂ per input feature (float64)} over every non-padding token
-    of the examples (prompt + response), for the decoder linear layers (or `names`)."""
-    names = list(names) if names is not None else block_linear_names(model)
-    taps = {n[: -len(".weight")]: [(n, None)] for n in names}
-    sums = activation_sums(
-        model, tokenizer, examples, taps, batch_size=batch_size, progress=progress
-    )
-    return {n: sums[n].sqrt() for n in names}
-
-
-# ------------------------------------------------------------------ inputs
-
-
-def _load_causal_lm(folder: Path, dtype: torch.dtype, device: str) -> torch.nn.Module:
-
-    from weightops.demo import quiet_transformers
-
-    quiet_transformers()
-    return causal_lm(folder, dtype).to(device).eval()
-
-
-def _load_tokenizer(folders: Sequence[Path]) -> Any:
-    from transformers import AutoTokenizer
-
-    for folder in folders:
-        if (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file():
-            return AutoTokenizer.from_pretrained(folder)
-    raise RepairError(
-        f"{folders[0]}: no tokenizer to encode the harmful data with",
-        hint="copy the tokenizer files of the base model into the folder",
-    )
-
-
-@dataclass(frozen=True)
-class _Lora:
-    config: dict[str, Any]
-    pairs: dict[str, tuple[str, str]]  # module path -> (A key, B key)
-
-    def scaling(self, rank: int) -> float:
-        alpha = float(self.config.get("lora_alpha", rank))
-        return alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
-
-
-def _read_lora(folder: Path, ckpt: Checkpoint) -> _Lora:
-    path = folder / ADAPTER_CONFIG
-    config = load_json(path, "adapter config", error=RepairError)
-    kind = str(config.get("peft_type", "LORA")).upper()
-    if kind != "LORA":
-        raise RepairError(f"{path}: peft_type {kind} is not supported (only LORA adapters)")
-    for key, why in (
-        ("use_dora", "DoRA adapters"),
-        ("fan_in_fan_out", "fan_in_fan_out adapters (Conv1D layers)"),
-        ("alpha_pattern", "per-module lora_alpha (alpha_pattern)"),
-        ("lora_bias", "adapters with a bias on B"),
-    ):
-        if config.get(key):
-            raise RepairError(f"{path}: {why} are not supported")
-    pairs: dict[str, tuple[str, str]] = {}
-    for name in ckpt.tensors:
-        if name.endswith(_LORA_A):
-            stem = name[: -len(_LORA_A)]
-            b = stem + _LORA_B
-            if b not in ckpt.tensors:
-                raise RepairError(f"{folder}: adapter has {name} but no {b}")
-            module = stem[len(_LORA_PREFIX) :] if stem.startswith(_LORA_PREFIX) else stem
-            pairs[module] = (name, b)
-        elif name.endswith(_LORA_B) and name[: -len(_LORA_B)] + _LORA_A not in ckpt.tensors:
-            raise RepairError(f"{folder}: adapter has {name} but no matching lora_A")
-    if not pairs:
-        raise RepairError(f"{folder}: the adapter has no lora_A / lora_B weights")
-    for module, (a, b) in pairs.items():
-        sa, sb = ckpt.tensors[a].shape, ckpt.tensors[b].shape
-        if len(sa) != 2 or len(sb) != 2 or sa[0] != sb[1]:
-            raise RepairError(
-                f"{folder}: {module}: lora_A {list(sa)} and lora_B {list(sb)} do not chain"
-            )
-    return _Lora(config, pairs)
-
-
-def _lora_base(folder: Path, lora: _Lora, aligned: Path | None) -> Path:
-    if aligned is not None:
-        return aligned
-    named = lora.config.get("base_model_name_or_path")
-    if isinstance(named, str) and named:
-        for candidate in (Path(named), folder / named):
-            if candidate.is_dir():
-                return candidate
-    raise RepairError(
-        f"{folder}: the adapter's base model {named!r} is not a local folder",
-        hint="pass the base model the adapter was trained on with --aligned",
-    )
-
-
-def _lora_norms(
-    folder: Path,
-    ckpt: Checkpoint,
-    lora: _Lora,
-    base: Path,
-    examples: Sequence[Example],
-    *,
-    dtype: torch.dtype,
-    device: str,
-    batch_size: int,
-    progress: bool | None,
-) -> dict[str, torch.Tensor]:
-    """Norms for every A (inputs of the adapted linear) and B (x·Aᵀ), measured on the
-    base model with the adapter merged into this private copy of its weights."""
-    if lora.config.get("modules_to_save"):
-        raise RepairError(
-            f"{folder}: the adapter replaces whole modules (modules_to_save), which the "
-            "activations here would not include",
-            hint="leave out the harmful data to prune by magnitude",
-        )
-    tokenizer = _load_tokenizer([folder, base])
-    model = _load_causal_lm(base, dtype, device)
-    taps: dict[str, list[tuple[str, torch.Tensor | None]]] = {}
-    with FileReader() as reader, torch.no_grad():
-        for module_path, (a_name, b_name) in lora.pairs.items():
-            try:
-                module = model.get_submodule(module_path)
-            except AttributeError as e:
-                raise RepairError(
-                    f"{folder}: adapter module {module_path!r} is not in the base model {base}"
-                ) from e
-            a = reader.read(ckpt.tensors[a_name]).float()
-            b = reader.read(ckpt.tensors[b_name]).float()
-            weight = getattr(module, "weight", None)
-            delta = b @ a * lora.scaling(a.shape[0])
-            if weight is None or tuple(weight.shape) != tuple(delta.shape):
-                raise RepairError(
-                    f"{folder}: {module_path}: adapter shape {list(delta.shape)} does not fit "
-                    f"the base model's weight"
-                    + ("" if weight is None else f" {list(weight.shape)}")
-                )
-            weight.add_(delta.to(weight.device, weight.dtype))
-            taps[module_path] = [(a_name, None), (b_name, a)]
-    sums = activation_sums(
-        model, tokenizer, examples, taps, batch_size=batch_size, progress=progress
-    )
-    del model
-    gc.collect()
-    return {k: v.sqrt() for k, v in sums.items()}
-
-
-# ------------------------------------------------------------------ the job
 
 
 def _as_examples(harmful: Sequence[Example] | str | Path | None) -> list[Example] | None:
