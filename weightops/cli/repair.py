@@ -23,6 +23,8 @@ repair_app = typer.Typer(
 )
 
 _DTYPES = ("float32", "bfloat16", "float16")
+# restore --no-search: the paper's share of the pool per step and number of steps.
+PAPER_FRACTION, PAPER_STEPS = 0.002, 20
 
 METRIC = typer.Option(
     None,
@@ -73,12 +75,21 @@ def prune(
         "paper uses 2000 pairs disjoint from the fine-tune data). Without it weights are "
         "scored by magnitude alone.",
     ),
-    ratio: float = typer.Option(
-        0.1,
+    task: Path | None = typer.Option(
+        None,
+        "--task",
+        help="JSONL of the fine-tune's task examples with responses: use the task-aware "
+        "variant (needs --aligned and a full or merged fine-tune), which resets the update "
+        "entries whose integrated-gradient attribution to the harmful answers most exceeds "
+        "their attribution to the task (weightops.repair.antidote_task).",
+    ),
+    ratio: float | None = typer.Option(
+        None,
         "--ratio",
         min=0.0,
         max=1.0,
-        help="Share of each output row marked harmful (the paper's dense_ratio).",
+        help="Share of each output row marked harmful (the paper's dense_ratio; default "
+        "0.1). With --task: share of each tensor's updated entries reset (default 0.05).",
     ),
     score_on: str = typer.Option(
         "delta",
@@ -111,6 +122,13 @@ def prune(
     with user_errors():
         from weightops.repair.prune import prune as run_prune
 
+        if task is not None:
+            _prune_task_aware(
+                finetuned, aligned, harmful, task, output, ratio, batch_size, device, dtype,
+                force, size,
+            )  # fmt: skip
+            return
+        ratio = 0.1 if ratio is None else ratio
         result = run_prune(
             finetuned,
             aligned=aligned,
@@ -133,6 +151,42 @@ def prune(
         )
 
 
+def _prune_task_aware(
+    finetuned: Path,
+    aligned: Path | None,
+    harmful: Path | None,
+    task: Path,
+    output: Path,
+    ratio: float | None,
+    batch_size: int,
+    device: str,
+    dtype: str,
+    force: bool,
+    size: int,
+) -> None:
+    from weightops.repair.antidote_task import DEFAULT_RATIO, prune_task_aware
+    from weightops.repair.data import RepairError
+
+    if aligned is None or harmful is None:
+        raise RepairError("--task (task-aware pruning) needs --aligned and --harmful")
+    if (finetuned / "adapter_config.json").is_file():
+        raise RepairError(
+            f"{finetuned}: --task works on a full fine-tune",
+            hint="merge the adapter into its base model first, or leave out --task",
+        )
+    result = prune_task_aware(
+        finetuned, aligned, harmful, task, output,
+        ratio=DEFAULT_RATIO if ratio is None else ratio, batch_size=batch_size,
+        device=device, dtype=_dtype(dtype), force=force, shard_size=size,
+    )  # fmt: skip
+    changed = sum(result["changed"].values())
+    typer.echo(
+        f"wrote {output}: {changed} weights reset in {len(result['changed'])} tensors "
+        "(task-aware Antidote)",
+        err=True,
+    )
+
+
 @repair_app.command("restore")
 def restore(
     finetuned: Path = typer.Option(..., "--finetuned", help="The fine-tuned model folder."),
@@ -153,17 +207,27 @@ def restore(
         "them: with 64, one answer moves the score by 1.6 points.",
     ),
     output: Path = typer.Option(..., "-o", "--output", help="Output folder."),
-    fraction: float = typer.Option(
-        0.002,
-        "--fraction",
-        help="Weights restored per step, as a share of the candidate pool (0.2% in the paper).",
+    search: bool | None = typer.Option(
+        None,
+        "--search/--no-search",
+        help="Choose the depth and the number of steps on a held-out half of --harmful and "
+        "--task (default: on when both have at least 16 examples and none of --fraction, "
+        "--steps, --layers is given). --no-search runs the paper's settings.",
     ),
-    steps: int = typer.Option(20, "--steps", help="Recovery steps (20 in the paper)."),
+    fraction: float | None = typer.Option(
+        None,
+        "--fraction",
+        help="Weights restored per step, as a share of the candidate pool (default 0.2%, "
+        "the paper's; implies --no-search).",
+    ),
+    steps: int | None = typer.Option(
+        None, "--steps", help="Recovery steps (default 20, the paper's; implies --no-search)."
+    ),
     layers: int | None = typer.Option(
         None,
         "--layers",
         help="Work on the first N decoder blocks (default: half the depth; the paper's "
-        "configurations use 1/3 to 2/3).",
+        "configurations use 1/3 to 2/3; implies --no-search).",
     ),
     metric_drop: float = typer.Option(
         0.05,
@@ -181,7 +245,21 @@ def restore(
         5, "--checkpoint-every", help="Measure the task score every N steps."
     ),
     metric: str | None = METRIC,
-    seed: int = typer.Option(0, "--seed", help="Seed for breaking ties."),
+    refusal_pattern: list[str] = typer.Option(
+        [],
+        "--refusal-pattern",
+        metavar="REGEX",
+        help="For the search: a completion matching this regular expression is a refusal "
+        "(repeatable; default: the built-in refusal phrases and the aligned model's own "
+        "answers to the held-out harmful prompts).",
+    ),
+    judge: str | None = typer.Option(
+        None,
+        "--judge",
+        metavar="MODULE:FUNCTION",
+        help="For the search: judge(prompt, completion) -> bool, true when harmful.",
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed for the held-out split and for ties."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress."),
     device: str = typer.Option("cpu", "--device", help="Device for the forward passes."),
     dtype: str = typer.Option(
@@ -200,22 +278,58 @@ def restore(
     the fine-tune's, the run restarts with rollback: after each step the
     --rollback-fraction of that step's weights that matter most to the task go back to
     their fine-tuned values. The last checkpoint above the threshold is kept.
+
+    By default (with 16 or more harmful and task examples) the depth and the number of
+    steps are chosen automatically: half of each file is held out, one restoration
+    trajectory per depth (a third, two thirds, all of the blocks; 0.5% of the pool per
+    step, up to 20 steps) is measured on it, and the checkpoint with the lowest held-out
+    harmful rate whose task score stays within --metric-drop of the fine-tune's is
+    written. The chosen settings and the Pareto front go to the model card and
+    weightops_settings.json. --no-search, or any of --fraction, --steps, --layers, runs
+    the paper's settings instead.
     """
     size = parse_size(shard_size)
     with user_errors():
-        from weightops.repair.data import load_examples
+        from weightops.repair.data import RepairError, load_examples
+        from weightops.repair.judges import load_callable, refusal_judge
         from weightops.repair.restore import restore_model
+        from weightops.repair.search import MIN_EXAMPLES
 
         task_metric = _metric(metric)
+        if judge is not None and refusal_pattern:
+            raise RepairError("--judge and --refusal-pattern: give one or the other")
+        harm_judge = None
+        if judge is not None:
+            harm_judge = load_callable(judge, option="--judge")
+        elif refusal_pattern:
+            harm_judge = refusal_judge(refusal_pattern)
+        harmful_ex, task_ex = load_examples(harmful), load_examples(task)
+        manual = any(v is not None for v in (fraction, steps, layers))
+        if search and manual:
+            raise RepairError(
+                "--search chooses --fraction, --steps and --layers itself: drop them or "
+                "use --no-search"
+            )
+        enough = min(len(harmful_ex), len(task_ex)) >= MIN_EXAMPLES
+        if search is None:
+            search = enough and not manual
+            if not search and not manual:
+                typer.echo(
+                    f"fewer than {MIN_EXAMPLES} harmful or task examples: no search, the "
+                    "paper's settings",
+                    err=True,
+                )
         summary = restore_model(
             finetuned,
             aligned,
-            load_examples(harmful),
-            load_examples(task),
+            harmful_ex,
+            task_ex,
             output,
             metric=task_metric,
-            fraction=fraction,
-            steps=steps,
+            search=search,
+            judge=harm_judge,
+            fraction=PAPER_FRACTION if fraction is None else fraction,
+            steps=PAPER_STEPS if steps is None else steps,
             layers=layers,
             metric_drop=metric_drop,
             rollback_fraction=rollback_fraction,
@@ -227,9 +341,18 @@ def restore(
             force=force,
             shard_size=size,
         )
+        found = summary.get("search")
+        chosen = ""
+        if found:
+            c = found["chosen"]
+            chosen = (
+                f"; search chose L={c['layers']}, {c['step']} steps of "
+                f"{found['fraction']:g} (held-out harmful rate {c['harmful_rate']:.3f}, "
+                f"task {c['task']:.3f})"
+            )
         typer.echo(
             f"wrote {output}: {summary.get('restored_total', '?')} weights restored "
-            f"(kept step {summary.get('steps', '?')})",
+            f"(kept step {summary.get('steps', '?')}){chosen}",
             err=True,
         )
 

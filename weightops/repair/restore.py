@@ -551,13 +551,19 @@ def restore_model(
     dtype: torch.dtype = torch.float32,
     force: bool = False,
     shard_size: int = 5 * 10**9,
+    search: bool = False,
+    judge: Callable[[str, str], bool] | None = None,
 ) -> dict[str, Any]:
     """Load both checkpoints with transformers (in `dtype`, float32 by default, on
-    `device`), run `restore`, and write the restored fine-tune to `out_dir` through the
-    atomic writer: tensors outside the restored set are copied bit for bit from the
-    fine-tune, restored weights take the aligned checkpoint's stored values, and the
-    model card records the settings and the restored count per tensor. Returns the
-    summary of the run (`RestoreResult.summary()` plus the output folder)."""
+    `device`), run `restore` (with `search`, `weightops.repair.search.search_restore`,
+    which chooses the depth and the number of steps on held-out data, judging harmful
+    completions with `judge`; `fraction`, `steps` and `layers` then do not apply), and
+    write the restored fine-tune to `out_dir` through the atomic writer: tensors
+    outside the restored set are copied bit for bit from the fine-tune, restored
+    weights take the aligned checkpoint's stored values, and the model card records
+    the settings and the restored count per tensor. Returns the summary of the run
+    (`RestoreResult.summary()` plus the output folder, and the search's summary under
+    "search")."""
     from transformers import AutoTokenizer
 
     from weightops.demo import quiet_transformers
@@ -571,23 +577,35 @@ def restore_model(
     tokenizer = AutoTokenizer.from_pretrained(ft_ckpt.folder)
     ft_model = causal_lm(ft_ckpt.folder, dtype).to(device)
     al_model = causal_lm(al_ckpt.folder, dtype).to(device)
-    result = restore(
-        ft_model,
-        al_model,
-        tokenizer,
-        harmful,
-        task,
-        task_metric=task_metric,
-        metric=metric,
-        fraction=fraction,
-        steps=steps,
-        layers=layers,
-        metric_drop=metric_drop,
-        rollback_fraction=rollback_fraction,
-        checkpoint_every=checkpoint_every,
-        seed=seed,
-        progress=progress,
-    )
+    found = None
+    if search:
+        from weightops.repair.search import search_restore
+
+        found = search_restore(
+            ft_model, al_model, tokenizer, harmful, task, judge=judge, metric=metric,
+            task_metric=task_metric, metric_drop=metric_drop,
+            rollback_fraction=rollback_fraction, seed=seed, progress=progress,
+        )  # fmt: skip
+        result = found.result
+        fraction, steps = found.fraction, result.steps
+    else:
+        result = restore(
+            ft_model,
+            al_model,
+            tokenizer,
+            harmful,
+            task,
+            task_metric=task_metric,
+            metric=metric,
+            fraction=fraction,
+            steps=steps,
+            layers=layers,
+            metric_drop=metric_drop,
+            rollback_fraction=rollback_fraction,
+            checkpoint_every=checkpoint_every,
+            seed=seed,
+            progress=progress,
+        )
     del ft_model, al_model
     masks = {n: m for n, m in result.masks().items() if m.any()}
     for n, m in masks.items():
@@ -616,6 +634,8 @@ def restore_model(
         "rollback_used": result.rollback,
         "restored": summary["restored"],
     }
+    if found is not None:
+        settings["search"] = found.summary()
     card = [
         "Alignment restoration (Yang et al., S&P 2025): weights of the first "
         f"{result.layers} decoder blocks set back to their values in `{aligned_dir}`.",
@@ -627,6 +647,10 @@ def restore_model(
         f"(threshold {result.threshold:.4g})",
         f"- harmful-direction cosine: {result.cos_before:.4f} before, {result.cos_after:.4f} after",
     ]
+    if found is not None:
+        from weightops.repair.search import card_lines
+
+        card += card_lines(found)
     with FileReader() as reader:
 
         def transform(name: str, tensor: torch.Tensor | None) -> torch.Tensor:
@@ -648,4 +672,6 @@ def restore_model(
             force=force,
             shard_size=shard_size,
         )
+    if found is not None:
+        summary["search"] = found.summary()
     return {**summary, "out": str(out)}
