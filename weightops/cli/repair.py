@@ -214,6 +214,13 @@ def restore(
         "--task (default: on when both have at least 16 examples and none of --fraction, "
         "--steps, --layers is given). --no-search runs the paper's settings.",
     ),
+    objective: str = typer.Option(
+        "answers",
+        "--objective",
+        help="What the search restores by: answers (the aligned model's own answers to the "
+        "harmful prompts, teacher-forced, against the task's loss; the default) or states "
+        "(the paper's last-token hidden state).",
+    ),
     fraction: float | None = typer.Option(
         None,
         "--fraction",
@@ -328,6 +335,7 @@ def restore(
             metric=task_metric,
             search=search,
             judge=harm_judge,
+            objective=objective,
             fraction=PAPER_FRACTION if fraction is None else fraction,
             steps=PAPER_STEPS if steps is None else steps,
             layers=layers,

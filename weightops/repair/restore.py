@@ -553,6 +553,7 @@ def restore_model(
     shard_size: int = 5 * 10**9,
     search: bool = False,
     judge: Callable[[str, str], bool] | None = None,
+    objective: str = "answers",
 ) -> dict[str, Any]:
     """Load both checkpoints with transformers (in `dtype`, float32 by default, on
     `device`), run `restore` (with `search`, `weightops.repair.search.search_restore`,
@@ -582,7 +583,8 @@ def restore_model(
         from weightops.repair.search import search_restore
 
         found = search_restore(
-            ft_model, al_model, tokenizer, harmful, task, judge=judge, metric=metric,
+            ft_model, al_model, tokenizer, harmful, task, objective=objective, judge=judge,
+            metric=metric,
             task_metric=task_metric, metric_drop=metric_drop,
             rollback_fraction=rollback_fraction, seed=seed, progress=progress,
         )  # fmt: skip
@@ -645,8 +647,12 @@ def restore_model(
         f"{summary['restored_total']} weights restored ({len(summary['restored'])} tensors)",
         f"- task score: {result.task_before:.4g} before, {result.task_after:.4g} after "
         f"(threshold {result.threshold:.4g})",
-        f"- harmful-direction cosine: {result.cos_before:.4f} before, {result.cos_after:.4f} after",
     ]
+    if result.cos_before == result.cos_before:  # NaN when the search's objective has no direction
+        card.append(
+            f"- harmful-direction cosine: {result.cos_before:.4f} before, "
+            f"{result.cos_after:.4f} after"
+        )
     if found is not None:
         from weightops.repair.search import card_lines
 

@@ -1,33 +1,38 @@
 """Choosing restoration's settings on held-out data, so that it needs no hand-tuning.
 
-Restoration (`weightops.repair.restore`) has three settings that decide whether it
-works on a given fine-tune: the depth L (blocks edited), the share of the pool
-restored per step and the number of steps. The paper's values (half the depth, 0.2 %,
-20 steps) leave some fine-tunes as harmful as before, and no single setting suits
-every model. `search_restore` picks them for the model at hand:
+Restoration has settings that decide whether it works on a given fine-tune: the depth
+L (blocks edited), the share of the pool restored per step and the number of steps.
+The paper's values (half the depth, 0.2 %, 20 steps) leave some fine-tunes as harmful
+as before, and no single setting suits every model. `search_restore` picks them for
+the model at hand:
 
 1. The user's harmful and task examples are split, by a seeded draw, into a fit half
-   (the directions h* and b*, the gradients) and a held-out half (every score below).
-   Each candidate is measured on the held-out half only: its harmful rate (greedy
-   completions, judged) and its task score (`task_metric`).
-2. For each depth L in `depths` (default: a third, two thirds and all of the blocks),
-   one restoration trajectory is run with `fraction` per step for up to `steps` steps,
-   checkpoints every `checkpoint_every`, and the paper's rule: when the held-out task
-   score falls more than `metric_drop` below the fine-tune's, the run restarts with
-   rollback. Every checkpoint of the run that is kept is a candidate (L, step), with
-   fraction × step of the pool restored, so one trajectory covers the whole "steps"
-   axis, and a coarser or finer fraction would mostly walk the same path.
+   (what restoration reads) and a held-out half (every score below). Each candidate
+   is measured on the held-out half only: its harmful rate (greedy completions,
+   judged) and its task score (`task_metric`).
+2. For each depth L in `depths`, one restoration trajectory is run, `fraction` of the
+   pool per step for up to `steps` steps, with a checkpoint every `checkpoint_every`.
+   Every checkpoint is a candidate (L, step), with fraction × step of the pool
+   restored, so one trajectory covers the whole "steps" axis: a finer fraction walks
+   nearly the same path in more, smaller steps. The objective (`objective`):
+   - "answers" (default): `weightops.repair.restore_answers`, which restores by the
+     likelihood of the aligned model's own answers to the harmful prompts against the
+     task's loss; depths: all blocks, then half; 0.2 % per step, up to 40 steps,
+     checkpoints every 2.
+   - "states": the paper's restoration (`weightops.repair.restore`) with its rollback
+     rule on the held-out task score; depths: all, two thirds, a third of the blocks;
+     0.5 % per step, up to 20 steps, checkpoints every 4. Only the checkpoints of the
+     run restore keeps can be rebuilt, so only those are candidates.
 3. Candidates are compared on (harmful rate ↓, task score ↑). The chosen one is, among
    those within `metric_drop` of the fine-tune's held-out task score, the one with the
    lowest harmful rate (ties: the higher task score, then fewer restored weights). The
    fine-tune itself (step 0) is always a candidate, so a search that finds nothing
    better changes nothing. The Pareto front of all candidates is reported.
 
-Cost: a checkpoint whose run can no longer give a better candidate is not measured (a
-run whose held-out harmful rate has reached 0 with the task kept, or whose rollback run
-has already lost the task), so most trajectories stop measuring early. With the
-defaults the search costs 2–4 times one restoration with the paper's settings on the
-miniatures of docs/repair.md (the bench prints the ratio).
+Cost: a trajectory stops at the first checkpoint that loses the task or reaches a
+harmful rate of 0, since more restored weights can then give no better candidate. The
+bench (bench/repair_miniatures.py) prints the search's time against one restoration
+with the paper's settings; docs/repair.md has the numbers.
 
 The judge: without one, a completion counts as a refusal when it contains one of the
 built-in refusal phrases or the opening (up to 40 characters) of one of the aligned
@@ -51,10 +56,17 @@ from torch import nn
 
 from weightops.repair.evaluate import generate, refuses, task_score
 from weightops.repair.restore import RestoreError, RestoreResult, restore
+from weightops.repair.restore_answers import aligned_answers, restore_answers
 from weightops.steering.layers import find_layers
 
 # Fewer than this many examples of either kind leave too few to hold out.
 MIN_EXAMPLES = 16
+# Per objective: the trajectories' depths (shares of the decoder, deepest first), the
+# share of the pool restored per step, the most steps, and the steps between checkpoints.
+OBJECTIVES: dict[str, dict[str, Any]] = {
+    "answers": {"depths": (1.0, 0.5), "fraction": 0.002, "steps": 40, "every": 2},
+    "states": {"depths": (1.0, 2 / 3, 1 / 3), "fraction": 0.005, "steps": 20, "every": 4},
+}
 _PREFIX = 40
 
 
@@ -92,6 +104,7 @@ class SearchResult:
     judge: str
     held_out: dict[str, int]
     evaluations: int
+    objective: str = "answers"
     trajectories: list[dict[str, Any]] = field(default_factory=list)
 
     def front(self) -> list[Candidate]:
@@ -99,6 +112,7 @@ class SearchResult:
 
     def summary(self) -> dict[str, Any]:
         return {
+            "objective": self.objective,
             "chosen": self.chosen.as_dict(),
             "fraction": self.fraction,
             "threshold": round(self.threshold, 4),
@@ -221,32 +235,41 @@ def search_restore(
     harmful: Sequence[Any],
     task: Sequence[Any],
     *,
+    objective: str = "answers",
     judge: Callable[[str, str], bool] | None = None,
     judge_name: str | None = None,
     metric: Callable[[str, str, str], float] | None = None,
     task_metric: Callable[[nn.Module], float] | None = None,
     depths: Sequence[int] | None = None,
-    fraction: float = 0.005,
-    steps: int = 20,
-    checkpoint_every: int = 4,
+    fraction: float | None = None,
+    steps: int | None = None,
+    checkpoint_every: int | None = None,
     metric_drop: float = 0.05,
     rollback_fraction: float = 0.2,
     seed: int = 0,
     progress: bool = True,
     batch_size: int = 8,
 ) -> SearchResult:
-    """Choose L and the number of steps on a held-out half of the data and restore
-    `finetuned_model` (edited in place) to the chosen candidate (module docstring).
-    `task_metric(model)`, when given, replaces the held-out task score."""
+    """Choose the depth and the number of steps on a held-out half of the data and
+    restore `finetuned_model` (edited in place) to the chosen candidate (module
+    docstring). `objective` is "answers" (`weightops.repair.restore_answers`, the
+    default) or "states" (the paper's restoration). `task_metric(model)`, when given,
+    replaces the held-out task score."""
+    if objective not in OBJECTIVES:
+        raise RestoreError(f"objective must be one of {', '.join(OBJECTIVES)} (got {objective!r})")
     if len(harmful) < MIN_EXAMPLES or len(task) < MIN_EXAMPLES:
         raise RestoreError(
             f"the search needs at least {MIN_EXAMPLES} harmful and {MIN_EXAMPLES} task "
             f"examples (got {len(harmful)} and {len(task)})",
             hint="give more examples, or restore with the paper's settings (--no-search)",
         )
+    plan = {**OBJECTIVES[objective]}
+    for key, value in (("fraction", fraction), ("steps", steps), ("every", checkpoint_every)):
+        if value is not None:
+            plan[key] = value
     depth = len(find_layers(finetuned_model).blocks)
     if depths is None:
-        depths = sorted({max(1, round(depth / 3)), max(1, round(2 * depth / 3)), depth})
+        depths = sorted({max(1, round(f * depth)) for f in plan["depths"]}, reverse=True)
     depths = [int(d) for d in depths]
     if any(not 1 <= d <= depth for d in depths):
         raise RestoreError(f"search depths must be in 1 … {depth} (got {depths})")
@@ -274,73 +297,105 @@ def search_restore(
     base = score(finetuned_model)
     threshold = (1 - metric_drop) * base[1]
     candidates = [Candidate(0, 0, False, base[0], base[1], 0)]
-    records: dict[int, RestoreResult] = {}
+    records: dict[int, tuple[dict[str, torch.Tensor], RestoreResult | None]] = {}
     trajectories = []
     evaluations = 1
     show = progress and sys.stderr.isatty()
+    answers = (
+        aligned_answers(aligned_model, tokenizer, h_fit, batch_size)
+        if objective == "answers"
+        else []
+    )
     for layers in depths:
-        measure = _Measure(score, base, threshold)
-        result = restore(
-            finetuned_model, aligned_model, tokenizer, h_fit, t_fit,
-            task_metric=measure, fraction=fraction, steps=steps, layers=layers,
-            metric_drop=metric_drop, rollback_fraction=rollback_fraction,
-            checkpoint_every=checkpoint_every, seed=seed, progress=progress,
-            batch_size=batch_size,
-        )  # fmt: skip
-        evaluations += measure.evaluations
-        records[layers] = result
-        points = []
-        for check, point in zip(result.checkpoints, measure.points, strict=True):
-            if point is None:
-                continue
-            points.append((check["rollback"], check["step"], *point))
-            restored = sum(
-                int(((w > 0) & (w <= check["step"])).sum()) for w in result.restored_at.values()
-            )
-            if check["rollback"] != result.rollback or not restored:
-                continue  # only the kept run's record can be rebuilt
-            candidates.append(
-                Candidate(layers, check["step"], check["rollback"], point[0], point[1], restored)
-            )
-        trajectories.append({"layers": layers, "points": points})
+        if objective == "answers":
+            points: list[tuple[int, float, float]] = []
+
+            def checkpoint(step: int, points: list = points) -> bool:
+                harm, t = score(finetuned_model)
+                points.append((step, harm, t))
+                # More steps only restore more: stop once the task is lost or nothing is left.
+                return t >= threshold and harm > 0
+
+            when = restore_answers(
+                finetuned_model, aligned_model, tokenizer, answers, t_fit,
+                fraction=plan["fraction"], steps=plan["steps"], layers=layers,
+                checkpoint_every=plan["every"], on_checkpoint=checkpoint, batch_size=batch_size,
+            )  # fmt: skip
+            evaluations += len(points)
+            records[layers] = (when, None)
+            for step, harm, t in points:
+                restored = sum(int(((w > 0) & (w <= step)).sum()) for w in when.values())
+                candidates.append(Candidate(layers, step, False, harm, t, restored))
+            trajectories.append({"layers": layers, "points": points})
+        else:
+            measure = _Measure(score, base, threshold)
+            result = restore(
+                finetuned_model, aligned_model, tokenizer, h_fit, t_fit,
+                task_metric=measure, fraction=plan["fraction"], steps=plan["steps"],
+                layers=layers, metric_drop=metric_drop, rollback_fraction=rollback_fraction,
+                checkpoint_every=plan["every"], seed=seed, progress=progress,
+                batch_size=batch_size,
+            )  # fmt: skip
+            evaluations += measure.evaluations
+            records[layers] = (result.restored_at, result)
+            points = []
+            for check, point in zip(result.checkpoints, measure.points, strict=True):
+                if point is None:
+                    continue
+                points.append((check["step"], *point))
+                restored = sum(
+                    int(((w > 0) & (w <= check["step"])).sum()) for w in result.restored_at.values()
+                )
+                if check["rollback"] != result.rollback or not restored:
+                    continue  # only the kept run's record can be rebuilt
+                candidates.append(
+                    Candidate(layers, check["step"], check["rollback"], *point, restored)
+                )
+            trajectories.append({"layers": layers, "points": points})
         if show:
-            sys.stderr.write(f"search: L={layers}: {points}\n")
+            sys.stderr.write(f"search: L={layers}: {trajectories[-1]['points']}\n")
         with torch.no_grad():
             for n, p in finetuned_model.named_parameters():
                 p.copy_(original[n])
     chosen = choose(candidates, threshold)
-    if chosen.step == 0:
-        kept = RestoreResult(
-            model=finetuned_model, layers=0, k=0, pool=0, steps=0, rollback=False,
-            threshold=threshold, task_before=base[1], task_after=base[1], cos_before=1.0,
-            cos_after=1.0, restored_at={}, checkpoints=[],
-        )  # fmt: skip
-    else:
-        run = records[chosen.layers]
-        kept = RestoreResult(
-            model=finetuned_model, layers=run.layers, k=run.k, pool=run.pool,
-            steps=chosen.step, rollback=chosen.rollback, threshold=threshold,
-            task_before=base[1], task_after=chosen.task, cos_before=run.cos_before,
-            cos_after=next(
-                c["cos"] for c in run.checkpoints
+    when, run = records.get(chosen.layers, ({}, None))
+    kept = RestoreResult(
+        model=finetuned_model,
+        layers=chosen.layers,
+        k=0 if run is None else run.k,
+        pool=0 if run is None else run.pool,
+        steps=chosen.step,
+        rollback=chosen.rollback,
+        threshold=threshold,
+        task_before=base[1],
+        task_after=chosen.task,
+        cos_before=float("nan") if run is None else run.cos_before,
+        cos_after=next(
+            (
+                c["cos"]
+                for c in (run.checkpoints if run is not None else [])
                 if c["step"] == chosen.step and c["rollback"] == chosen.rollback
             ),
-            restored_at=run.restored_at, checkpoints=run.checkpoints,
-        )  # fmt: skip
-        masks = kept.masks()
-        with torch.no_grad():
-            for n, m in masks.items():
-                p = dict(finetuned_model.named_parameters())[n]
-                p.copy_(torch.where(m.to(p.device), aligned[n].to(p.dtype), p))
+            float("nan"),
+        ),
+        restored_at=when if chosen.step else {},
+        checkpoints=[] if run is None else run.checkpoints,
+    )
+    params = dict(finetuned_model.named_parameters())
+    with torch.no_grad():
+        for n, m in kept.masks().items():
+            p = params[n]
+            p.copy_(torch.where(m.to(p.device), aligned[n].to(p.dtype), p))
     return SearchResult(
         result=kept,
         chosen=chosen,
         candidates=candidates,
         threshold=threshold,
-        fraction=fraction,
+        fraction=plan["fraction"],
         judge=judge_name,
         held_out={"harmful": len(h_out), "task": len(t_out)},
         evaluations=evaluations,
+        objective=objective,
         trajectories=trajectories,
     )
 
