@@ -22,6 +22,7 @@ from weightops.compat import causal_lm
 from weightops.repair.antidote_task import attributions, prune_task_aware, task_aware_masks
 from weightops.repair.data import Example, batches
 from weightops.repair.restore import RestoreError, restore_model
+from weightops.repair.restore_answers import restore_answers
 from weightops.repair.search import (
     Candidate,
     choose,
@@ -164,6 +165,7 @@ def test_search_needs_enough_examples(llama):
         search_restore(model, aligned, tok, HARMFUL[:5], TASK, progress=False)
 
 
+@pytest.mark.slow
 def test_restore_cli_searches_by_default_and_not_with_paper_flags(llama, tmp_path):
     h, t = tmp_path / "h.jsonl", tmp_path / "t.jsonl"
     for path, data in ((h, HARMFUL), (t, TASK)):
@@ -184,6 +186,38 @@ def test_restore_cli_searches_by_default_and_not_with_paper_flags(llama, tmp_pat
     assert r.exit_code == 1 and "--no-search" in r.output
 
 
+def test_answers_step_restores_the_top_first_order_gains(llama):
+    # Recomputed here: gradients of the mean response-token negative log-likelihood,
+    # one example at a time (no padding), then the score of the module docstring.
+    model, tok = load(llama["ft"])
+    aligned, _ = load(llama["base"])
+    answers, task = HARMFUL[:4], TASK[:4]
+    pool = [n for n, _ in model.named_parameters() if ".layers." in n and "norm" not in n]
+    params = dict(model.named_parameters())
+    grads = []
+    for data in (answers, task):
+        model.zero_grad()
+        loss = -mean_log_likelihood(model, tok, data, grad=True)
+        loss.backward()
+        grads.append({n: params[n].grad.clone() for n in pool})
+    ref = dict(aligned.named_parameters())
+    scores = []
+    for n in pool:
+        d = params[n].detach() - ref[n].detach()
+        s = grads[0][n] * d + torch.clamp(grads[1][n] * d, max=0)
+        scores.append(torch.where(d != 0, s, torch.full_like(s, -1.0)).flatten())
+    flat = torch.cat(scores)
+    k = round(0.001 * flat.numel())
+    expected = set(torch.topk(flat, k).indices.tolist())
+    model.zero_grad()
+    when = restore_answers(model, aligned, tok, answers, task, fraction=0.001, steps=1)
+    got = torch.cat([(when[n] == 1).flatten() for n in pool]).nonzero().flatten().tolist()
+    assert set(got) == expected
+    for n in pool:
+        m = when[n] == 1
+        assert torch.equal(params[n].detach()[m], ref[n].detach()[m])
+
+
 # ---------------------------------------------------------------- task-aware Antidote
 
 
@@ -199,7 +233,7 @@ def test_task_aware_marks_take_the_largest_positive_difference():
     assert int(masks["w"].sum()) == 6
 
 
-def mean_log_likelihood(model, tok, examples) -> float:
+def mean_log_likelihood(model, tok, examples, grad: bool = False):
     total, count = 0.0, 0
     for ex in examples:
         (b,) = batches([ex], tok, with_response=True)
@@ -207,7 +241,7 @@ def mean_log_likelihood(model, tok, examples) -> float:
         labels = b["labels"][0, 1:]
         keep = labels != -100
         logp = torch.log_softmax(logits.double(), -1)[keep, labels[keep]]
-        total += float(logp.sum())
+        total = total + (logp.sum() if grad else float(logp.sum()))
         count += int(keep.sum())
     return total / count
 
