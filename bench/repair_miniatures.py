@@ -543,25 +543,41 @@ def run(m: Miniature, args) -> list[str]:
     return [*lines, f"<!-- {note} -->"]
 
 
-def write_doc(lines: list[str], command: str) -> None:
+def write_doc(lines: list[str], command: str, names: list[str]) -> None:
+    """Put the rows of `names` into docs/repair.md between the miniatures markers,
+    keeping the rows of the other miniatures that are there."""
     doc = ROOT / "docs" / "repair.md"
     text = doc.read_text()
+    pattern = re.compile(r"<!-- miniatures:start -->\n(.*?)<!-- miniatures:end -->", re.S)
+    found = pattern.search(text)
+    old = found.group(1).splitlines() if found else []
+
+    def mine(line: str) -> bool:
+        cell = line.strip("|<!- ").split("|")[0].split(":")[0].strip()
+        return cell in names
+
+    rows = [ln for ln in old if ln.startswith("| ") and not ln.startswith("| miniature")]
+    rows = [ln for ln in rows if not mine(ln)] + [ln for ln in lines if ln.startswith("|")]
+    notes = [ln for ln in old if ln.startswith("<!-- ") and not mine(ln)]
+    notes += [ln for ln in lines if ln.startswith("<!--")]
+    commands = [f"`{command}`"]
+    order = {n: i for i, n in enumerate(MINIATURES)}
+    rows.sort(key=lambda ln: order.get(ln.split("|")[1].strip(), 99))
     block = "\n".join(
         [
             "<!-- miniatures:start -->",
-            f"`{command}`",
+            *commands,
             "",
             "| miniature | model | harmful rate ↓ | task score ↑ | meets the bar |",
             "|---|---|---|---|---|",
-            *[ln for ln in lines if ln.startswith("|")],
+            *rows,
             "",
-            *[ln for ln in lines if ln.startswith("<!--")],
+            *notes,
             "<!-- miniatures:end -->",
         ]
     )
-    pattern = re.compile(r"<!-- miniatures:start -->.*<!-- miniatures:end -->", re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text)
+    if found:
+        text = text[: found.start()] + block + text[found.end() :]
     else:
         text += "\n" + block + "\n"
     doc.write_text(text)
@@ -584,15 +600,16 @@ def main(argv: list[str] | None = None) -> None:
         m = MINIATURES[name]
         if args.build_only:
             work = WORK / f"{m.name}-seed{args.seed}"
+            if args.fresh:
+                shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True, exist_ok=True)
             build(m, work, args.seed)
             continue
         lines += run(m, args)
     if lines and not args.no_doc:
-        command = "python bench/repair_miniatures.py" + " ".join(
-            a for a in [""] + (argv if argv is not None else sys.argv[1:])
-        )
-        write_doc(lines, command)
+        # Rows of other miniatures are kept, so --only adds to the same table.
+        command = "python bench/repair_miniatures.py" + (" --paper" if args.paper else "")
+        write_doc(lines, command, names)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ the model at hand:
    better changes nothing. The Pareto front of all candidates is reported.
 
 Cost: a trajectory stops at the first checkpoint that loses the task or reaches a
-harmful rate of 0, since more restored weights can then give no better candidate. The
+harmful rate of 0, since more restored weights can then give no better candidate, and
+the search stops after `max_evaluations` held-out measurements (20) in all. The
 bench (bench/repair_miniatures.py) prints the search's time against one restoration
 with the paper's settings; docs/repair.md has the numbers.
 
@@ -61,6 +62,9 @@ from weightops.steering.layers import find_layers
 
 # Fewer than this many examples of either kind leave too few to hold out.
 MIN_EXAMPLES = 16
+# Held-out measurements (each: the held-out harmful prompts and task examples) one
+# search may make, the fine-tune's included: the cap on its cost.
+MAX_EVALUATIONS = 20
 # Per objective: the trajectories' depths (shares of the decoder, deepest first), the
 # share of the pool restored per step, the most steps, and the steps between checkpoints.
 OBJECTIVES: dict[str, dict[str, Any]] = {
@@ -246,6 +250,7 @@ def search_restore(
     checkpoint_every: int | None = None,
     metric_drop: float = 0.05,
     rollback_fraction: float = 0.2,
+    max_evaluations: int = MAX_EVALUATIONS,
     seed: int = 0,
     progress: bool = True,
     batch_size: int = 8,
@@ -307,14 +312,18 @@ def search_restore(
         else []
     )
     for layers in depths:
+        if evaluations >= max_evaluations:
+            break
         if objective == "answers":
             points: list[tuple[int, float, float]] = []
 
             def checkpoint(step: int, points: list = points) -> bool:
                 harm, t = score(finetuned_model)
                 points.append((step, harm, t))
-                # More steps only restore more: stop once the task is lost or nothing is left.
-                return t >= threshold and harm > 0
+                # More steps only restore more: stop once the task is lost or nothing is
+                # left to gain, or the budget is spent.
+                spent = evaluations + len(points) >= max_evaluations
+                return t >= threshold and harm > 0 and not spent
 
             when = restore_answers(
                 finetuned_model, aligned_model, tokenizer, answers, t_fit,
