@@ -317,12 +317,12 @@ def search_restore(
         if objective == "answers":
             points: list[tuple[int, float, float]] = []
 
-            def checkpoint(step: int, points: list = points) -> bool:
+            def checkpoint(step: int, points: list = points, before: int = evaluations) -> bool:
                 harm, t = score(finetuned_model)
                 points.append((step, harm, t))
                 # More steps only restore more: stop once the task is lost or nothing is
                 # left to gain, or the budget is spent.
-                spent = evaluations + len(points) >= max_evaluations
+                spent = before + len(points) >= max_evaluations
                 return t >= threshold and harm > 0 and not spent
 
             when = restore_answers(
