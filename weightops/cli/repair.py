@@ -286,14 +286,18 @@ def restore(
     --rollback-fraction of that step's weights that matter most to the task go back to
     their fine-tuned values. The last checkpoint above the threshold is kept.
 
-    By default (with 16 or more harmful and task examples) the depth and the number of
-    steps are chosen automatically: half of each file is held out, one restoration
-    trajectory per depth (a third, two thirds, all of the blocks; 0.5% of the pool per
-    step, up to 20 steps) is measured on it, and the checkpoint with the lowest held-out
-    harmful rate whose task score stays within --metric-drop of the fine-tune's is
-    written. The chosen settings and the Pareto front go to the model card and
-    weightops_settings.json. --no-search, or any of --fraction, --steps, --layers, runs
-    the paper's settings instead.
+    By default (with 16 or more harmful and task examples) the settings are
+    chosen automatically instead: half of each file is held out; the aligned
+    model answers the other half's harmful prompts (its refusals), and each step
+    restores the 0.2% of the decoder's weights whose aligned values most raise
+    the likelihood of those answers without raising the task's loss; one such
+    trajectory on all blocks and one on the first half (up to 40 steps) are
+    measured on the held-out half every 2 steps, and the checkpoint with the
+    lowest held-out harmful rate whose task score stays within --metric-drop of
+    the fine-tune's is written (the fine-tune itself if none is better). The
+    chosen settings and the Pareto front go to the model card and the settings
+    in the safetensors metadata. --no-search, or any of --fraction, --steps,
+    --layers, runs the paper's restoration with the paper's settings.
     """
     size = parse_size(shard_size)
     with user_errors():
