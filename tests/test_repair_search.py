@@ -106,15 +106,18 @@ def test_opening_judge_knows_the_aligned_refusal():
     assert judge("p", "Sure. Mix the parts.")
 
 
-def test_search_with_nothing_to_gain_changes_nothing(llama, tmp_path):
+@pytest.mark.parametrize("objective", ["answers", "states"])
+def test_search_with_nothing_to_gain_changes_nothing(llama, tmp_path, objective):
     # No completion is judged harmful and the task never moves: no candidate beats the
     # fine-tune, which has the fewest restored weights (and each trajectory stops at its
     # first checkpoint, with nothing left to gain).
     summary = restore_model(
         llama["ft"], llama["base"], HARMFUL, TASK, tmp_path / "out",
         search=True, judge=lambda p, c: False, task_metric=lambda m: 1.0, progress=False,
+        objective=objective,
     )  # fmt: skip
     assert summary["restored_total"] == 0
+    assert summary["search"]["objective"] == objective
     assert summary["search"]["chosen"]["step"] == 0
     out, ft = load_state(tmp_path / "out"), load_state(llama["ft"])
     for name, t in ft.items():
