@@ -537,10 +537,14 @@ def run(m: Miniature, args) -> list[str]:
     if paper_s is not None:
         note += f" (paper's settings {paper_s:.0f} s: ratio {restore_s / paper_s:.1f}×)"
     if chosen:
-        note += f"; chosen {chosen}"
+        note += (
+            f"; the search chose L={chosen['layers']}, {chosen['step']} steps "
+            f"({chosen['restored']} weights; held-out harmful rate {chosen['harmful_rate']:.3f}, "
+            f"task {chosen['task']:.3f})"
+        )
     print(note, flush=True)
     print(log.strip().splitlines()[-1] if log.strip() else "", flush=True)
-    return [*lines, f"<!-- {note} -->"]
+    return [*lines, f"- {note}"]
 
 
 def write_doc(lines: list[str], command: str, names: list[str]) -> None:
@@ -558,8 +562,8 @@ def write_doc(lines: list[str], command: str, names: list[str]) -> None:
 
     rows = [ln for ln in old if ln.startswith("| ") and not ln.startswith("| miniature")]
     rows = [ln for ln in rows if not mine(ln)] + [ln for ln in lines if ln.startswith("|")]
-    notes = [ln for ln in old if ln.startswith("<!-- ") and not mine(ln)]
-    notes += [ln for ln in lines if ln.startswith("<!--")]
+    notes = [ln for ln in old if ln.startswith("- ") and not mine(ln)]
+    notes += [ln for ln in lines if ln.startswith("- ")]
     commands = [f"`{command}`"]
     order = {n: i for i, n in enumerate(MINIATURES)}
     rows.sort(key=lambda ln: order.get(ln.split("|")[1].strip(), 99))
