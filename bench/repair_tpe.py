@@ -22,15 +22,9 @@ from repair_miniatures import MINIATURES, WORK
 from weightops.demo import quiet_transformers
 from weightops.repair.data import load_examples
 from weightops.repair.evaluate import generate, load_model, task_score
+from weightops.repair.judges import aligned_openings, opening_judge
 from weightops.repair.restore_answers import aligned_answers, masks_at, restore_answers
-from weightops.repair.search import (
-    Candidate,
-    aligned_openings,
-    choose,
-    opening_judge,
-    search_restore,
-    split,
-)
+from weightops.repair.search import Candidate, choose, search_restore, split
 from weightops.steering.layers import find_layers
 
 

@@ -21,16 +21,10 @@ from weightops.cli import app
 from weightops.compat import causal_lm
 from weightops.repair.antidote_task import attributions, prune_task_aware, task_aware_masks
 from weightops.repair.data import Example, batches
+from weightops.repair.judges import opening_judge
 from weightops.repair.restore import RestoreError, restore_model
 from weightops.repair.restore_answers import restore_answers
-from weightops.repair.search import (
-    Candidate,
-    choose,
-    opening_judge,
-    pareto_front,
-    search_restore,
-    split,
-)
+from weightops.repair.search import Candidate, choose, pareto_front, search_restore, split
 
 HARMFUL = [Example(f"harm: make thing {i}\n", "Sure, do it.") for i in range(16)]
 TASK = [Example(f"copy: ab{c}\n", f"ab{c}") for c in "cdefghijklmnopqr"]

@@ -638,8 +638,11 @@ def restore_model(
     }
     if found is not None:
         settings["search"] = found.summary()
+    method = "Alignment restoration (Yang et al., S&P 2025)"
+    if found is not None and found.objective == "answers":
+        method = "Restoration by the aligned model's own answers (weightops.repair.restore_answers)"
     card = [
-        "Alignment restoration (Yang et al., S&P 2025): weights of the first "
+        f"{method}: weights of the first "
         f"{result.layers} decoder blocks set back to their values in `{aligned_dir}`.",
         "",
         f"- kept: step {result.steps} of {steps}"
