@@ -534,7 +534,7 @@ def test_restore_cli_flags_mirror_the_function():
     defaults = {p.name: p.default for p in command.params}
     params = inspect.signature(restore_model).parameters
     # Without --fraction and --steps the search runs; --no-search takes the paper's.
-    from weightops.cli.repair import PAPER_FRACTION, PAPER_STEPS
+    from weightops.cli.repair_restore import PAPER_FRACTION, PAPER_STEPS
 
     assert defaults["fraction"] is None and defaults["steps"] is None
     assert (params["fraction"].default, params["steps"].default) == (PAPER_FRACTION, PAPER_STEPS)
