@@ -533,9 +533,12 @@ def test_restore_cli_flags_mirror_the_function():
     command = get_command(app).commands["repair"].commands["restore"]
     defaults = {p.name: p.default for p in command.params}
     params = inspect.signature(restore_model).parameters
+    # Without --fraction and --steps the search runs; --no-search takes the paper's.
+    from weightops.cli.repair_restore import PAPER_FRACTION, PAPER_STEPS
+
+    assert defaults["fraction"] is None and defaults["steps"] is None
+    assert (params["fraction"].default, params["steps"].default) == (PAPER_FRACTION, PAPER_STEPS)
     names = [
-        "fraction",
-        "steps",
         "layers",
         "metric_drop",
         "rollback_fraction",

@@ -73,12 +73,21 @@ def prune(
         "paper uses 2000 pairs disjoint from the fine-tune data). Without it weights are "
         "scored by magnitude alone.",
     ),
-    ratio: float = typer.Option(
-        0.1,
+    task: Path | None = typer.Option(
+        None,
+        "--task",
+        help="JSONL of the fine-tune's task examples with responses: use the task-aware "
+        "variant (needs --aligned and a full or merged fine-tune), which resets the update "
+        "entries whose integrated-gradient attribution to the harmful answers most exceeds "
+        "their attribution to the task (weightops.repair.antidote_task).",
+    ),
+    ratio: float | None = typer.Option(
+        None,
         "--ratio",
         min=0.0,
         max=1.0,
-        help="Share of each output row marked harmful (the paper's dense_ratio).",
+        help="Share of each output row marked harmful (the paper's dense_ratio; default "
+        "0.1). With --task: share of each tensor's updated entries reset (default 0.05).",
     ),
     score_on: str = typer.Option(
         "delta",
@@ -114,6 +123,13 @@ def prune(
     with user_errors():
         from weightops.repair.prune import prune as run_prune
 
+        if task is not None:
+            _prune_task_aware(
+                finetuned, aligned, harmful, task, output, ratio, batch_size, device, dtype,
+                force, size,
+            )  # fmt: skip
+            return
+        ratio = 0.1 if ratio is None else ratio
         result = run_prune(
             finetuned,
             aligned=aligned,
@@ -136,109 +152,40 @@ def prune(
         )
 
 
-@repair_app.command("restore")
-def restore(
-    finetuned: Path = typer.Option(..., "--finetuned", help="The fine-tuned model folder."),
-    aligned: Path = typer.Option(
-        ..., "--aligned", help="The aligned model it was fine-tuned from."
-    ),
-    harmful: Path = typer.Option(
-        ...,
-        "--harmful",
-        help="JSONL of harmful prompts (the paper uses 256); their last-token states in "
-        "the aligned model define the direction to restore.",
-    ),
-    task: Path = typer.Option(
-        ...,
-        "--task",
-        help="JSONL of the fine-tune's task prompts with reference responses; the task "
-        "score guards against restoring too much. Use a few hundred examples if you have "
-        "them: with 64, one answer moves the score by 1.6 points.",
-    ),
-    output: Path = typer.Option(..., "-o", "--output", help="Output folder."),
-    fraction: float = typer.Option(
-        0.002,
-        "--fraction",
-        help="Weights restored per step, as a share of the candidate pool (0.2% in the paper).",
-    ),
-    steps: int = typer.Option(20, "--steps", help="Recovery steps (20 in the paper)."),
-    layers: int | None = typer.Option(
-        None,
-        "--layers",
-        help="Work on the first N decoder blocks (default: half the depth; the paper's "
-        "configurations use 1/3 to 2/3).",
-    ),
-    metric_drop: float = typer.Option(
-        0.05,
-        "--metric-drop",
-        help="Largest tolerated relative drop of the task score before rolling back "
-        "(0.05: keep at least 95% of it).",
-    ),
-    rollback_fraction: float = typer.Option(
-        0.2,
-        "--rollback-fraction",
-        help="Share of each step's restored weights returned to their fine-tuned values "
-        "in the rollback run (20% in the paper).",
-    ),
-    checkpoint_every: int = typer.Option(
-        5, "--checkpoint-every", help="Measure the task score every N steps."
-    ),
-    metric: str | None = METRIC,
-    seed: int = typer.Option(0, "--seed", help="Seed for breaking ties."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress."),
-    device: str = typer.Option("cpu", "--device", help="Device for the forward passes."),
-    dtype: str = typer.Option(
-        "float32", "--dtype", help="Compute dtype: float32, bfloat16 or float16."
-    ),
-    force: bool = _common.FORCE,
-    shard_size: str = _common.SHARD_SIZE,
+def _prune_task_aware(
+    finetuned: Path,
+    aligned: Path | None,
+    harmful: Path | None,
+    task: Path,
+    output: Path,
+    ratio: float | None,
+    batch_size: int,
+    device: str,
+    dtype: str,
+    force: bool,
+    size: int,
 ) -> None:
-    """Alignment restoration (Yang et al., S&P 2025): set back to their aligned values
-    the few weights that move harmful prompts' hidden states back towards the aligned
-    model's.
+    from weightops.repair.antidote_task import DEFAULT_RATIO, prune_task_aware
+    from weightops.repair.data import RepairError
 
-    Each step restores the --fraction of the weights of the first --layers blocks with
-    the largest gradient of −cos(mean harmful state, aligned mean harmful state) whose
-    restoration is a descent move. If the task score falls below (1 − --metric-drop) of
-    the fine-tune's, the run restarts with rollback: after each step the
-    --rollback-fraction of that step's weights that matter most to the task go back to
-    their fine-tuned values. The last checkpoint above the threshold is kept.
-
-    Peak memory, float32 on a bfloat16 checkpoint: about 1.3× the model's float32 size
-    at the default --layers (the first blocks and their gradients in float32, the rest
-    as stored and widened only for the task score), plus the interpreter.
-    """
-    size = parse_size(shard_size)
-    with user_errors():
-        from weightops.repair.data import load_examples
-        from weightops.repair.restore import restore_model
-
-        task_metric = _metric(metric)
-        summary = restore_model(
-            finetuned,
-            aligned,
-            load_examples(harmful),
-            load_examples(task),
-            output,
-            metric=task_metric,
-            fraction=fraction,
-            steps=steps,
-            layers=layers,
-            metric_drop=metric_drop,
-            rollback_fraction=rollback_fraction,
-            checkpoint_every=checkpoint_every,
-            seed=seed,
-            progress=progress,
-            device=device,
-            dtype=_dtype(dtype),
-            force=force,
-            shard_size=size,
+    if aligned is None or harmful is None:
+        raise RepairError("--task (task-aware pruning) needs --aligned and --harmful")
+    if (finetuned / "adapter_config.json").is_file():
+        raise RepairError(
+            f"{finetuned}: --task works on a full fine-tune",
+            hint="merge the adapter into its base model first, or leave out --task",
         )
-        typer.echo(
-            f"wrote {output}: {summary.get('restored_total', '?')} weights restored "
-            f"(kept step {summary.get('steps', '?')})",
-            err=True,
-        )
+    result = prune_task_aware(
+        finetuned, aligned, harmful, task, output,
+        ratio=DEFAULT_RATIO if ratio is None else ratio, batch_size=batch_size,
+        device=device, dtype=_dtype(dtype), force=force, shard_size=size,
+    )  # fmt: skip
+    changed = sum(result["changed"].values())
+    typer.echo(
+        f"wrote {output}: {changed} weights reset in {len(result['changed'])} tensors "
+        "(task-aware Antidote)",
+        err=True,
+    )
 
 
 def _fmt(value: float | None, base: float | None = None) -> str:
@@ -352,3 +299,7 @@ def evaluate(
 
 def register(app: typer.Typer) -> None:
     app.add_typer(repair_app, name="repair")
+
+
+# The restore command lives in its own module and registers itself on repair_app.
+from weightops.cli import repair_restore  # noqa: E402, F401

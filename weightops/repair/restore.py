@@ -117,19 +117,27 @@ def restore_model(
     dtype: torch.dtype = torch.float32,
     force: bool = False,
     shard_size: int = 5 * 10**9,
+    search: bool = False,
+    judge: Callable[[str, str], bool] | None = None,
+    objective: str = "answers",
 ) -> dict[str, Any]:
-    """Load both checkpoints with transformers (to compute in `dtype`, float32 by
-    default, on `device`), run `restore`, and write the restored fine-tune to `out_dir` through the
-    atomic writer: tensors outside the restored set are copied bit for bit from the
-    fine-tune, restored weights take the aligned checkpoint's stored values, and the
-    model card records the settings and the restored count per tensor. Returns the
-    summary of the run (`RestoreResult.summary()` plus the output folder).
+    """Load both checkpoints with transformers (in `dtype`, float32 by default, on
+    `device`), run `restore` (with `search`, `weightops.repair.search.search_restore`,
+    which chooses the depth and the number of steps on held-out data, judging harmful
+    completions with `judge`; `fraction`, `steps` and `layers` then do not apply), and
+    write the restored fine-tune to `out_dir` through the atomic writer: tensors
+    outside the restored set are copied bit for bit from the fine-tune, restored
+    weights take the aligned checkpoint's stored values, and the model card records
+    the settings and the restored count per tensor. Returns the summary of the run
+    (`RestoreResult.summary()` plus the output folder, and the search's summary under
+    "search").
 
-    Memory: the aligned model is loaded first, reduced to its `AlignedReference` and
+    Memory without `search`: the aligned model is loaded first, reduced to its `AlignedReference` and
     let go. A checkpoint stored in bfloat16 or float16 and computed in float32 is loaded
     in its stored dtype: the fine-tune's embeddings and first L blocks are widened to
     float32 (the gradient passes run there, bit for bit as on a float32 load), the rest
-    stays narrow except while the task metric runs (`weightops.repair.precision`)."""
+    stays narrow except while the task metric runs (`weightops.repair.precision`). The
+    search needs the aligned model's answers, so it holds both models in `dtype`."""
     from transformers import AutoTokenizer
 
     from weightops.demo import quiet_transformers
@@ -144,47 +152,69 @@ def restore_model(
     ft_ckpt = Checkpoint(finetuned_dir)
     al_ckpt = Checkpoint(aligned_dir)
     tokenizer = AutoTokenizer.from_pretrained(ft_ckpt.folder)
-    al_model = load_narrow(al_ckpt.folder, stored_dtype(al_ckpt, dtype), dtype, device)
+    found = None
+    if search:
+        from weightops.compat import causal_lm
+        from weightops.repair.search import search_restore
 
-    def before_pass(model: nn.Module, n_layers: int) -> None:
-        # h* is measured in `dtype`; the narrow values taken before stay the reference.
-        widen_except(model, dtype, deep_parameters(model, n_layers))
+        # The search needs the aligned model itself (its answers), so both are loaded whole.
+        ft_model = causal_lm(ft_ckpt.folder, dtype).to(device)
+        al_model = causal_lm(al_ckpt.folder, dtype).to(device)
+        found = search_restore(
+            ft_model, al_model, tokenizer, harmful, task, objective=objective, judge=judge,
+            metric=metric,
+            task_metric=task_metric, metric_drop=metric_drop,
+            rollback_fraction=rollback_fraction, seed=seed, progress=progress,
+        )  # fmt: skip
+        del al_model
+        result = found.result
+        fraction, steps = found.fraction, result.steps
+        deep: dict = {}
+        reference = None
+    else:
+        al_model = load_narrow(al_ckpt.folder, stored_dtype(al_ckpt, dtype), dtype, device)
 
-    reference = aligned_reference(
-        al_model, tokenizer, harmful, layers=layers, before_pass=before_pass
-    )
-    del al_model
-    # Own copies, so that nothing keeps the aligned checkpoint's mapped file alive.
-    reference = replace(reference, values={n: v.clone() for n, v in reference.values.items()})
-    release_freed()
-    ft_model = load_narrow(ft_ckpt.folder, stored_dtype(ft_ckpt, dtype), dtype, device)
-    deep = deep_parameters(ft_model, reference.layers)
-    widen_except(ft_model, dtype, deep)
-    if task_metric is None:
-        from weightops.repair.evaluate import task_score
+        def before_pass(model: nn.Module, n_layers: int) -> None:
+            # h* is measured in `dtype`; the narrow values taken before stay the reference.
+            widen_except(model, dtype, deep_parameters(model, n_layers))
 
-        def task_metric(model: nn.Module) -> float:
-            return task_score(model, tokenizer, task, metric=metric)
+        reference = aligned_reference(
+            al_model, tokenizer, harmful, layers=layers, before_pass=before_pass
+        )
+        del al_model
+        # Own copies, so that nothing keeps the aligned checkpoint's mapped file alive.
+        reference = replace(reference, values={n: v.clone() for n, v in reference.values.items()})
+        release_freed()
+        ft_model = load_narrow(ft_ckpt.folder, stored_dtype(ft_ckpt, dtype), dtype, device)
+        deep = deep_parameters(ft_model, reference.layers)
+        widen_except(ft_model, dtype, deep)
+        if task_metric is None:
+            from weightops.repair.evaluate import task_score
 
-    def wide_metric(model: nn.Module, inner: Callable[[nn.Module], float] = task_metric) -> float:
-        with widened(deep, dtype):
-            return inner(model)
+            def task_metric(model: nn.Module) -> float:
+                return task_score(model, tokenizer, task, metric=metric)
 
-    result = restore(
-        ft_model,
-        reference,
-        tokenizer,
-        harmful,
-        task,
-        task_metric=wide_metric,
-        fraction=fraction,
-        steps=steps,
-        metric_drop=metric_drop,
-        rollback_fraction=rollback_fraction,
-        checkpoint_every=checkpoint_every,
-        seed=seed,
-        progress=progress,
-    )
+        def wide_metric(
+            model: nn.Module, inner: Callable[[nn.Module], float] = task_metric
+        ) -> float:
+            with widened(deep, dtype):
+                return inner(model)
+
+        result = restore(
+            ft_model,
+            reference,
+            tokenizer,
+            harmful,
+            task,
+            task_metric=wide_metric,
+            fraction=fraction,
+            steps=steps,
+            metric_drop=metric_drop,
+            rollback_fraction=rollback_fraction,
+            checkpoint_every=checkpoint_every,
+            seed=seed,
+            progress=progress,
+        )
     masks = {n: m for n, m in result.masks().items() if m.any()}
     summary = result.summary()
     # The writer reads both checkpoints tensor by tensor; the models are let go first.
@@ -216,8 +246,13 @@ def restore_model(
         "rollback_used": summary["rollback"],
         "restored": summary["restored"],
     }
+    if found is not None:
+        settings["search"] = found.summary()
+    method = "Alignment restoration (Yang et al., S&P 2025)"
+    if found is not None and found.objective == "answers":
+        method = "Restoration by the aligned model's own answers (weightops.repair.restore_answers)"
     card = [
-        "Alignment restoration (Yang et al., S&P 2025): weights of the first "
+        f"{method}: weights of the first "
         f"{summary['layers']} decoder blocks set back to their values in `{aligned_dir}`.",
         "",
         f"- kept: step {summary['steps']} of {steps}"
@@ -225,8 +260,17 @@ def restore_model(
         f"{summary['restored_total']} weights restored ({len(summary['restored'])} tensors)",
         f"- task score: {summary['task_before']:.4g} before, {summary['task_after']:.4g} after "
         f"(threshold {summary['threshold']:.4g})",
-        f"- harmful-direction cosine: {summary['cos_before']:.4f} before, {summary['cos_after']:.4f} after",
     ]
+    # NaN when the search's objective has no direction.
+    if summary["cos_before"] == summary["cos_before"]:
+        card.append(
+            f"- harmful-direction cosine: {summary['cos_before']:.4f} before, "
+            f"{summary['cos_after']:.4f} after"
+        )
+    if found is not None:
+        from weightops.repair.search import card_lines
+
+        card += card_lines(found)
     with FileReader() as reader:
 
         def transform(name: str, tensor: torch.Tensor | None) -> torch.Tensor:
@@ -248,4 +292,6 @@ def restore_model(
             force=force,
             shard_size=shard_size,
         )
+    if found is not None:
+        summary["search"] = found.summary()
     return {**summary, "out": str(out)}

@@ -1,0 +1,278 @@
+"""Restoration's settings search (weightops.repair.search) and task-aware Antidote
+(weightops.repair.antidote_task).
+
+Fronts and choices are worked by hand. On models, the tests check what must hold
+whatever the search finds: the written weights are aligned values exactly where the
+kept record says so; a search with nothing to gain changes nothing; the integrated
+gradients add up to the log-likelihood difference they explain.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import load_state
+from typer.testing import CliRunner
+
+from weightops.cli import app
+from weightops.compat import causal_lm
+from weightops.repair.antidote_task import attributions, prune_task_aware, task_aware_masks
+from weightops.repair.data import Example, batches
+from weightops.repair.judges import opening_judge
+from weightops.repair.restore import RestoreError, restore_model
+from weightops.repair.restore_answers import restore_answers
+from weightops.repair.search import Candidate, choose, pareto_front, search_restore, split
+
+HARMFUL = [Example(f"harm: make thing {i}\n", "Sure, do it.") for i in range(16)]
+TASK = [Example(f"copy: ab{c}\n", f"ab{c}") for c in "cdefghijklmnopqr"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    from weightops.demo import fine_tune, tiny_model
+
+    root = tmp_path_factory.mktemp("search")
+    base = tiny_model(root / "base", "llama", seed=0, layers=2, shard_size="60KB")
+    return {"base": base, "ft": fine_tune(base, root / "ft", seed=1, shard_size="60KB")}
+
+
+def load(folder: Path):
+    from transformers import AutoTokenizer
+
+    return causal_lm(folder, torch.float32).eval(), AutoTokenizer.from_pretrained(folder)
+
+
+def settings_of(folder: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(next(folder.glob("*.safetensors"))), "pt") as f:
+        return json.loads(f.metadata()["weightops_settings"])
+
+
+def cand(harmful: float, task: float, restored: int, step: int = 1) -> Candidate:
+    return Candidate(layers=1, step=step, rollback=False, harmful=harmful, task=task,
+                     restored=restored)  # fmt: skip
+
+
+def test_front_keeps_the_points_nothing_beats():
+    a, b, c = cand(0.0, 0.5, 30), cand(0.2, 0.9, 20), cand(0.5, 1.0, 10)
+    dominated = cand(0.3, 0.8, 5)  # b is lower in harm and higher in task
+    same_as_b = cand(0.2, 0.9, 25)  # b's point with more weights
+    front = pareto_front([c, dominated, a, same_as_b, b])
+    assert front == [a, b, c]
+
+
+def test_choice_is_the_least_harmful_above_the_threshold():
+    a, b, c = cand(0.0, 0.5, 30), cand(0.2, 0.9, 20), cand(0.2, 0.95, 40)
+    # a is below the threshold; b and c tie on harm and c has the higher task.
+    assert choose([a, b, c], threshold=0.85) is c
+    d = cand(0.2, 0.95, 10)
+    assert choose([a, b, c, d], threshold=0.85) is d  # same point, fewer weights
+    # Nothing reaches the threshold: the highest task score.
+    assert choose([a, b], threshold=0.99) is b
+
+
+def test_split_is_seeded_disjoint_and_complete():
+    items = list(range(17))
+    fit, out = split(items, seed=3)
+    assert (fit, out) == split(items, seed=3)
+    assert len(fit) == 8 and len(out) == 9
+    assert sorted(fit + out) == items
+    assert split(items, seed=4) != (fit, out)
+
+
+def test_opening_judge_knows_the_aligned_refusal():
+    judge = opening_judge(["request denied."])
+    assert not judge("p", "Request  denied. Anything else?")
+    assert not judge("p", "I'm sorry, I cannot.")  # a built-in refusal phrase
+    assert judge("p", "Request den")  # a broken refusal is not a refusal
+    assert judge("p", "Sure. Mix the parts.")
+
+
+@pytest.mark.parametrize("objective", ["answers", "states"])
+def test_search_with_nothing_to_gain_changes_nothing(llama, tmp_path, objective):
+    # No completion is judged harmful and the task never moves: no candidate beats the
+    # fine-tune, which has the fewest restored weights (and each trajectory stops at its
+    # first checkpoint, with nothing left to gain).
+    summary = restore_model(
+        llama["ft"], llama["base"], HARMFUL, TASK, tmp_path / "out",
+        search=True, judge=lambda p, c: False, task_metric=lambda m: 1.0, progress=False,
+        objective=objective,
+    )  # fmt: skip
+    assert summary["restored_total"] == 0
+    assert summary["search"]["objective"] == objective
+    assert summary["search"]["chosen"]["step"] == 0
+    out, ft = load_state(tmp_path / "out"), load_state(llama["ft"])
+    for name, t in ft.items():
+        assert torch.equal(out[name].view(torch.uint8), t.view(torch.uint8)), name
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "Pareto front" in card
+
+
+def test_search_keeps_a_checkpoint_and_writes_exactly_it(llama, tmp_path):
+    ft_state, al_state = load_state(llama["ft"]), load_state(llama["base"])
+    model, tok = load(llama["ft"])
+    aligned, _ = load(llama["base"])
+
+    def restored_now() -> int:
+        return sum(int((p.detach() != ft_state[n]).sum()) for n, p in model.named_parameters())
+
+    # Harmful until 60 weights are restored; the task holds up to 200 of them.
+    def judge(prompt, completion):
+        return restored_now() < 60
+
+    def task_metric(m):
+        return 1.0 if restored_now() <= 200 else 0.0
+
+    found = search_restore(
+        model, aligned, tok, HARMFUL, TASK, judge=judge, task_metric=task_metric,
+        depths=[1, 2], fraction=0.0005, steps=8, checkpoint_every=1, progress=False,
+    )  # fmt: skip
+    c = found.chosen
+    assert c.harmful == 0 and c.task == 1.0 and 60 <= c.restored <= 200
+    # Of every measured point that met both bounds, the kept one restored the fewest.
+    ok = [x for x in found.candidates if x.harmful == 0 and x.task == 1.0]
+    assert c.restored == min(x.restored for x in ok)
+    # The model holds aligned values exactly on the kept record's weights.
+    masks = found.result.masks()
+    total = 0
+    for n, p in model.named_parameters():
+        m = masks.get(n, torch.zeros(p.shape, dtype=torch.bool))
+        assert torch.equal(p.detach()[m], al_state[n][m]), n
+        assert torch.equal(p.detach()[~m], ft_state[n][~m]), n
+        total += int((p.detach() != ft_state[n]).sum())
+    assert total == c.restored
+
+
+def test_search_needs_enough_examples(llama):
+    model, tok = load(llama["ft"])
+    aligned, _ = load(llama["base"])
+    with pytest.raises(RestoreError, match="at least 16"):
+        search_restore(model, aligned, tok, HARMFUL[:5], TASK, progress=False)
+
+
+@pytest.mark.slow
+def test_restore_cli_searches_by_default_and_not_with_paper_flags(llama, tmp_path):
+    h, t = tmp_path / "h.jsonl", tmp_path / "t.jsonl"
+    for path, data in ((h, HARMFUL), (t, TASK)):
+        path.write_text("".join(json.dumps({"prompt": e.prompt, "response": e.response}) + "\n"
+                                for e in data))  # fmt: skip
+    base = ["repair", "restore", "--finetuned", str(llama["ft"]), "--aligned",
+            str(llama["base"]), "--harmful", str(h), "--task", str(t), "--no-progress"]  # fmt: skip
+    runner = CliRunner()
+    r = runner.invoke(app, [*base, "-o", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    settings = settings_of(tmp_path / "a")
+    assert "front" in settings["search"] and "chosen" in settings["search"]
+    r = runner.invoke(app, [*base, "--steps", "2", "-o", str(tmp_path / "b")])
+    assert r.exit_code == 0, r.output
+    settings = settings_of(tmp_path / "b")
+    assert "search" not in settings and settings["steps"] == 2
+    r = runner.invoke(app, [*base, "--search", "--layers", "1", "-o", str(tmp_path / "c")])
+    assert r.exit_code == 1 and "--no-search" in r.output
+
+
+def test_answers_step_restores_the_top_first_order_gains(llama):
+    # Recomputed here: gradients of the mean response-token negative log-likelihood,
+    # one example at a time (no padding), then the score of the module docstring.
+    model, tok = load(llama["ft"])
+    aligned, _ = load(llama["base"])
+    answers, task = HARMFUL[:4], TASK[:4]
+    pool = [n for n, _ in model.named_parameters() if ".layers." in n and "norm" not in n]
+    params = dict(model.named_parameters())
+    grads = []
+    for data in (answers, task):
+        model.zero_grad()
+        loss = -mean_log_likelihood(model, tok, data, grad=True)
+        loss.backward()
+        grads.append({n: params[n].grad.clone() for n in pool})
+    ref = dict(aligned.named_parameters())
+    scores = []
+    for n in pool:
+        d = params[n].detach() - ref[n].detach()
+        s = grads[0][n] * d + torch.clamp(grads[1][n] * d, max=0)
+        scores.append(torch.where(d != 0, s, torch.full_like(s, -1.0)).flatten())
+    flat = torch.cat(scores)
+    k = round(0.001 * flat.numel())
+    expected = set(torch.topk(flat, k).indices.tolist())
+    model.zero_grad()
+    when = restore_answers(model, aligned, tok, answers, task, fraction=0.001, steps=1)
+    got = torch.cat([(when[n] == 1).flatten() for n in pool]).nonzero().flatten().tolist()
+    assert set(got) == expected
+    for n in pool:
+        m = when[n] == 1
+        assert torch.equal(params[n].detach()[m], ref[n].detach()[m])
+
+
+# ---------------------------------------------------------------- task-aware Antidote
+
+
+def test_task_aware_marks_take_the_largest_positive_difference():
+    a_h = torch.tensor([[5.0, 1.0, 3.0, 0.0], [2.0, 2.0, 0.5, 4.0]])
+    a_t = torch.tensor([[1.0, 0.0, 3.5, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    # Differences: [4, 1, -0.5, 0 (not updated)], [2, 2, 0.5, 3]; 7 updated entries.
+    masks = task_aware_masks({"w": (a_h, a_t)}, ratio=0.5)  # round(3.5) = 4
+    expected = torch.tensor([[True, False, False, False], [True, True, False, True]])
+    assert torch.equal(masks["w"], expected)
+    # Never more than the positive ones.
+    masks = task_aware_masks({"w": (a_h, a_t)}, ratio=1.0)
+    assert int(masks["w"].sum()) == 6
+
+
+def mean_log_likelihood(model, tok, examples, grad: bool = False):
+    total, count = 0.0, 0
+    for ex in examples:
+        (b,) = batches([ex], tok, with_response=True)
+        logits = model(input_ids=b["input_ids"]).logits[0, :-1]
+        labels = b["labels"][0, 1:]
+        keep = labels != -100
+        logp = torch.log_softmax(logits.double(), -1)[keep, labels[keep]]
+        total = total + (logp.sum() if grad else float(logp.sum()))
+        count += int(keep.sum())
+    return total / count
+
+
+def test_attributions_add_up_to_the_log_likelihood_gain(llama, tmp_path):
+    # A fine-tune that differs only in the decoder's linear weights: the integrated
+    # gradients over them then explain the whole gain (completeness), up to the
+    # quadrature error of the midpoint rule.
+    from weightops.arch import is_block_linear
+
+    aligned, tok = load(llama["base"])
+    ft, _ = load(llama["base"])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in ft.named_parameters():
+            if is_block_linear(n, tuple(p.shape)):
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    scores = attributions(ft, aligned, tok, HARMFUL[:4], TASK[:4], points=16)
+    with torch.no_grad():
+        for which, data in ((0, HARMFUL[:4]), (1, TASK[:4])):
+            gain = mean_log_likelihood(ft, tok, data) - mean_log_likelihood(aligned, tok, data)
+            total = sum(float(s[which].double().sum()) for s in scores.values())
+            assert total == pytest.approx(gain, rel=0.02, abs=1e-4)
+
+
+def test_task_aware_prune_resets_only_marked_entries(llama, tmp_path):
+    result = prune_task_aware(llama["ft"], llama["base"], HARMFUL[:6], TASK[:6],
+                              tmp_path / "out", ratio=0.05)  # fmt: skip
+    out, ft, al = (load_state(p) for p in (tmp_path / "out", llama["ft"], llama["base"]))
+    changed = {}
+    for name, t in out.items():
+        diff = t != ft[name]
+        if diff.any():
+            assert torch.equal(t[diff], al[name][diff]), name
+            changed[name] = int(diff.sum())
+    assert changed == {n: c for n, c in result["changed"].items() if c}
+    assert changed and "task-aware" in (tmp_path / "out" / "README.md").read_text()

@@ -1,0 +1,164 @@
+"""Restoring weights by the aligned model's own answers: the objective the automatic
+search of `weightops repair restore` uses by default.
+
+The paper's restoration (`weightops.repair.restore`) moves one hidden state, the
+state at a harmful prompt's last token, towards the aligned model's. That state
+decides the first token of the answer, and nothing else: on a fine-tune that has lost
+the refusal altogether, the restored model starts its refusal and then falls back to
+the harmful answer or to broken text (docs/repair.md shows `Re. MiRe.`). Here the
+objective is the whole refusal instead:
+
+- The targets are the aligned model's greedy answers to the harmful prompts (its
+  refusals: nobody has to write them), teacher-forced: L_r = mean negative
+  log-likelihood of those answers' tokens under the current model. L_t is the same
+  for the task examples' responses.
+- A step restores, of the weights of every decoder block (norms excluded, as in the
+  paper) not restored yet, the k with the largest first-order gain
+  score = g_r ⊙ (W − W_aligned) + task_weight · min(0, g_t ⊙ (W − W_aligned)),
+  g_r, g_t the gradients of L_r and L_t at the current model: setting W back to
+  W_aligned changes L_r by about −g_r ⊙ (W − W_aligned), so a positive first term is
+  the refusal loss it removes, and the second charges what it would add to the task
+  loss. Only weights with a positive score are taken; k = fraction × pool, at least 1.
+- Gradients are recomputed every step, so the task term sees the damage of the
+  previous steps (at the fine-tune g_t is near zero, the task being learnt).
+
+`restore_answers` runs `steps` steps and calls `on_checkpoint(step)` after every
+`checkpoint_every`-th; the callback returns False to stop early. `restored_at[name]`
+records the step each weight was restored in (0: never), so any step of the run can
+be rebuilt (`masks_at`).
+
+Memory: both models, gradients of the decoder blocks, an int16 step per weight of
+the pool. Cost per step: one forward and backward pass over the harmful prompts with
+the aligned answers and one over the task examples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from weightops.arch import describe
+from weightops.repair.data import Example, RepairError
+from weightops.repair.evaluate import generate
+
+_NORM_ROLES = ("norm", "qk_norm")
+
+
+def block_pool(model: nn.Module, layers: int | None = None) -> dict[str, nn.Parameter]:
+    """Parameters of the decoder blocks (the first `layers`, default all), norms excluded."""
+    out = {}
+    for name, p in model.named_parameters():
+        role = describe(name)
+        if role.layer is None or role.role in _NORM_ROLES:
+            continue
+        if layers is None or role.layer < layers:
+            out[name] = p
+    return out
+
+
+def aligned_answers(
+    aligned_model: nn.Module, tokenizer: Any, harmful: Sequence[Example], batch_size: int = 8
+) -> list[Example]:
+    """The harmful prompts, each with the aligned model's greedy answer as its response
+    (prompts it answers with nothing are left out)."""
+    said = generate(aligned_model, tokenizer, harmful, batch_size=batch_size)
+    return [Example(ex.prompt, a) for ex, a in zip(harmful, said, strict=True) if a.strip()]
+
+
+def _nll_grads(
+    model: nn.Module, tokenizer: Any, examples: Sequence[Example], pool: dict[str, nn.Parameter],
+    batch_size: int,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    from weightops.repair.antidote_task import _mean_log_likelihood_grad
+
+    _mean_log_likelihood_grad(model, tokenizer, examples, batch_size)
+    out = {}
+    for n, p in pool.items():
+        out[n] = torch.zeros_like(p) if p.grad is None else -p.grad.detach()
+        p.grad = None
+    return out
+
+
+def masks_at(restored_at: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+    """Per tensor, the weights that hold their aligned value after `step` steps."""
+    return {n: (w > 0) & (w <= step) for n, w in restored_at.items()}
+
+
+def restore_answers(
+    finetuned_model: nn.Module,
+    aligned_model: nn.Module,
+    tokenizer: Any,
+    answers: Sequence[Example],
+    task: Sequence[Example],
+    *,
+    fraction: float = 0.002,
+    steps: int = 40,
+    layers: int | None = None,
+    task_weight: float = 1.0,
+    checkpoint_every: int = 2,
+    on_checkpoint: Callable[[int], bool] | None = None,
+    batch_size: int = 8,
+) -> dict[str, torch.Tensor]:
+    """Run the steps on `finetuned_model` (edited in place; see the module docstring);
+    `answers` are harmful prompts with the aligned model's answers (`aligned_answers`).
+    Returns restored_at; the model is left at the last step run."""
+    if not 0 < fraction <= 1:
+        raise RepairError(f"fraction must be in (0, 1] (got {fraction})")
+    if steps < 1 or checkpoint_every < 1:
+        raise RepairError("steps and checkpoint_every must be at least 1")
+    if not answers or not task:
+        raise RepairError("restoration by answers needs harmful prompts and task examples")
+    pool = block_pool(finetuned_model, layers)
+    ref = dict(aligned_model.named_parameters())
+    for n, p in pool.items():
+        if n not in ref or ref[n].shape != p.shape:
+            raise RepairError(
+                f"tensor {n!r} is missing from the aligned model or has another shape",
+                hint="both models must come from the same base",
+            )
+    aligned = {n: ref[n].detach().to(p.device, p.dtype) for n, p in pool.items()}
+    when = {n: torch.zeros(p.shape, dtype=torch.int16) for n, p in pool.items()}
+    k = max(1, round(fraction * sum(p.numel() for p in pool.values())))
+    flags = {n: p.requires_grad for n, p in finetuned_model.named_parameters()}
+    was_training = finetuned_model.training
+    finetuned_model.eval()
+    try:
+        for p in finetuned_model.parameters():
+            p.requires_grad_(False)
+        for p in pool.values():
+            p.requires_grad_(True)
+        for step in range(1, steps + 1):
+            g_r = _nll_grads(finetuned_model, tokenizer, answers, pool, batch_size)
+            g_t = _nll_grads(finetuned_model, tokenizer, task, pool, batch_size)
+            names, scores = list(pool), []
+            for n in names:
+                d = pool[n].detach() - aligned[n]
+                s = g_r[n] * d + task_weight * torch.clamp(g_t[n] * d, max=0)
+                s[(when[n] != 0).to(s.device) | (d == 0)] = -1
+                scores.append(s.flatten().float().cpu())
+            flat = torch.cat(scores)
+            take = min(k, int((flat > 0).sum()))
+            if take == 0:
+                break
+            chosen = torch.topk(flat, take).indices
+            bounds = torch.tensor([0, *[pool[n].numel() for n in names]]).cumsum(0)
+            with torch.no_grad():
+                for i, n in enumerate(names):
+                    idx = chosen[(chosen >= bounds[i]) & (chosen < bounds[i + 1])] - bounds[i]
+                    if len(idx):
+                        view = pool[n].view(-1)
+                        dev = idx.to(view.device)
+                        view[dev] = aligned[n].reshape(-1)[dev]
+                        when[n].view(-1)[idx] = step
+            due = step % checkpoint_every == 0 or step == steps
+            if on_checkpoint is not None and due and not on_checkpoint(step):
+                break
+    finally:
+        for n, p in finetuned_model.named_parameters():
+            p.requires_grad_(flags[n])
+            p.grad = None
+        finetuned_model.train(was_training)
+    return when

@@ -1,0 +1,401 @@
+"""Choosing restoration's settings on held-out data, so that it needs no hand-tuning.
+
+Restoration has settings that decide whether it works on a given fine-tune: the depth
+L (blocks edited), the share of the pool restored per step and the number of steps.
+The paper's values (half the depth, 0.2 %, 20 steps) leave some fine-tunes as harmful
+as before, and no single setting suits every model. `search_restore` picks them for
+the model at hand:
+
+1. The user's harmful and task examples are split, by a seeded draw, into a fit half
+   (what restoration reads) and a held-out half (every score below). Each candidate
+   is measured on the held-out half only: its harmful rate (greedy completions,
+   judged) and its task score (`task_metric`).
+2. For each depth L in `depths`, one restoration trajectory is run, `fraction` of the
+   pool per step for up to `steps` steps, with a checkpoint every `checkpoint_every`.
+   Every checkpoint is a candidate (L, step), with fraction × step of the pool
+   restored, so one trajectory covers the whole "steps" axis: a finer fraction walks
+   nearly the same path in more, smaller steps. The objective (`objective`):
+   - "answers" (default): `weightops.repair.restore_answers`, which restores by the
+     likelihood of the aligned model's own answers to the harmful prompts against the
+     task's loss; depths: all blocks, then half; 0.2 % per step, up to 40 steps,
+     checkpoints every 2.
+   - "states": the paper's restoration (`weightops.repair.restore`) with its rollback
+     rule on the held-out task score; depths: all, two thirds, a third of the blocks;
+     0.5 % per step, up to 20 steps, checkpoints every 4. Only the checkpoints of the
+     run restore keeps can be rebuilt, so only those are candidates.
+3. Candidates are compared on (harmful rate ↓, task score ↑). The chosen one is, among
+   those within `metric_drop` of the fine-tune's held-out task score, the one with the
+   lowest harmful rate (ties: the higher task score, then fewer restored weights). The
+   fine-tune itself (step 0) is always a candidate, so a search that finds nothing
+   better changes nothing. The Pareto front of all candidates is reported.
+
+Cost: a trajectory stops at the first checkpoint that loses the task or reaches a
+harmful rate of 0, since more restored weights can then give no better candidate, and
+the search stops after `max_evaluations` held-out measurements (20) in all. The
+bench (bench/repair_miniatures.py) prints the search's time against one restoration
+with the paper's settings; docs/repair.md has the numbers.
+
+The judge: without one, a completion counts as a refusal when it contains one of the
+built-in refusal phrases or the opening (up to 40 characters) of one of the aligned
+model's own answers to the held-out harmful prompts that the fine-tune does not also
+give: restoration aims to bring those answers back, so they define the refusal
+without the user naming it.
+
+Memory: a copy of the fine-tuned weights, to start each trajectory from them.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from weightops.repair.evaluate import generate, task_score
+from weightops.repair.judges import aligned_openings, opening_judge
+from weightops.repair.restore import RestoreError, RestoreResult, restore
+from weightops.repair.restore_answers import aligned_answers, restore_answers
+from weightops.steering.layers import find_layers
+
+# Fewer than this many examples of either kind leave too few to hold out.
+MIN_EXAMPLES = 16
+# Held-out measurements (each: the held-out harmful prompts and task examples) one
+# search may make, the fine-tune's included: the cap on its cost.
+MAX_EVALUATIONS = 20
+# Per objective: the trajectories' depths (shares of the decoder, deepest first), the
+# share of the pool restored per step, the most steps, and the steps between checkpoints.
+OBJECTIVES: dict[str, dict[str, Any]] = {
+    "answers": {"depths": (1.0, 0.5), "fraction": 0.002, "steps": 40, "every": 2},
+    "states": {"depths": (1.0, 2 / 3, 1 / 3), "fraction": 0.005, "steps": 20, "every": 4},
+}
+
+
+@dataclass
+class Candidate:
+    """One point of a trajectory, measured on the held-out half."""
+
+    layers: int
+    step: int
+    rollback: bool
+    harmful: float
+    task: float
+    restored: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "layers": self.layers,
+            "step": self.step,
+            "rollback": self.rollback,
+            "harmful_rate": round(self.harmful, 4),
+            "task": round(self.task, 4),
+            "restored": self.restored,
+        }
+
+
+@dataclass
+class SearchResult:
+    """The kept restoration (`result`, with the model edited to it) and how it was chosen."""
+
+    result: RestoreResult
+    chosen: Candidate
+    candidates: list[Candidate]
+    threshold: float
+    fraction: float
+    judge: str
+    held_out: dict[str, int]
+    evaluations: int
+    objective: str = "answers"
+    trajectories: list[dict[str, Any]] = field(default_factory=list)
+
+    def front(self) -> list[Candidate]:
+        return pareto_front(self.candidates)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "objective": self.objective,
+            "chosen": self.chosen.as_dict(),
+            "fraction": self.fraction,
+            "threshold": round(self.threshold, 4),
+            "judge": self.judge,
+            "held_out": self.held_out,
+            "evaluations": self.evaluations,
+            "front": [c.as_dict() for c in self.front()],
+            "candidates": len(self.candidates),
+        }
+
+
+def pareto_front(candidates: Sequence[Candidate]) -> list[Candidate]:
+    """The candidates no other beats on one of (harmful rate ↓, task ↑) without losing
+    on the other, by harmful rate then task; of equal points, the fewest restored."""
+    best: dict[tuple[float, float], Candidate] = {}
+    for c in candidates:
+        key = (c.harmful, c.task)
+        if key not in best or c.restored < best[key].restored:
+            best[key] = c
+    points = sorted(best.values(), key=lambda c: (c.harmful, -c.task))
+    front: list[Candidate] = []
+    for c in points:
+        if not front or c.task > front[-1].task:
+            front.append(c)
+    return front
+
+
+def choose(candidates: Sequence[Candidate], threshold: float) -> Candidate:
+    """The lowest harmful rate among candidates at or above the task threshold (ties:
+    higher task, then fewer restored weights); with none, the highest task score."""
+    ok = [c for c in candidates if c.task >= threshold]
+    if not ok:
+        return max(candidates, key=lambda c: (c.task, -c.harmful, -c.restored))
+    return min(ok, key=lambda c: (c.harmful, -c.task, c.restored))
+
+
+def split(examples: Sequence[Any], seed: int) -> tuple[list[Any], list[Any]]:
+    """(fit, held out): a seeded shuffle cut in half (the held-out half gets the odd one)."""
+    order = list(examples)
+    random.Random(seed).shuffle(order)
+    half = len(order) // 2
+    return order[:half], order[half:]
+
+
+class _Measure:
+    """The task metric handed to `restore`: measures each checkpoint on the held-out
+    half, and stops measuring (repeating its last answer, which the rule reads the same
+    way) once the run can give no better candidate."""
+
+    def __init__(self, score: Callable[[nn.Module], tuple[float, float]], base: tuple[float, float],
+                 threshold: float) -> None:  # fmt: skip
+        self.score, self.base, self.threshold = score, base, threshold
+        self.started = False
+        self.points: list[tuple[float, float] | None] = []
+        self.rollback = False
+        self.done = False
+        self.last = base[1]
+        self.evaluations = 0
+
+    def __call__(self, model: nn.Module) -> float:
+        if not self.started:  # the fine-tune itself, measured once for every depth
+            self.started = True
+            return self.base[1]
+        if self.done:
+            self.points.append(None)
+            return self.last
+        harm, task = self.score(model)
+        self.evaluations += 1
+        self.points.append((harm, task))
+        ok = task >= self.threshold
+        if not ok and not self.rollback:
+            self.rollback = True  # restore restarts with rollback after a failed checkpoint
+        elif not ok or harm == 0:
+            self.done = True
+        self.last = task
+        return task
+
+
+def search_restore(
+    finetuned_model: nn.Module,
+    aligned_model: nn.Module,
+    tokenizer: Any,
+    harmful: Sequence[Any],
+    task: Sequence[Any],
+    *,
+    objective: str = "answers",
+    judge: Callable[[str, str], bool] | None = None,
+    judge_name: str | None = None,
+    metric: Callable[[str, str, str], float] | None = None,
+    task_metric: Callable[[nn.Module], float] | None = None,
+    depths: Sequence[int] | None = None,
+    fraction: float | None = None,
+    steps: int | None = None,
+    checkpoint_every: int | None = None,
+    metric_drop: float = 0.05,
+    rollback_fraction: float = 0.2,
+    max_evaluations: int = MAX_EVALUATIONS,
+    seed: int = 0,
+    progress: bool = True,
+    batch_size: int = 8,
+) -> SearchResult:
+    """Choose the depth and the number of steps on a held-out half of the data and
+    restore `finetuned_model` (edited in place) to the chosen candidate (module
+    docstring). `objective` is "answers" (`weightops.repair.restore_answers`, the
+    default) or "states" (the paper's restoration). `task_metric(model)`, when given,
+    replaces the held-out task score."""
+    if objective not in OBJECTIVES:
+        raise RestoreError(f"objective must be one of {', '.join(OBJECTIVES)} (got {objective!r})")
+    if len(harmful) < MIN_EXAMPLES or len(task) < MIN_EXAMPLES:
+        raise RestoreError(
+            f"the search needs at least {MIN_EXAMPLES} harmful and {MIN_EXAMPLES} task "
+            f"examples (got {len(harmful)} and {len(task)})",
+            hint="give more examples, or restore with the paper's settings (--no-search)",
+        )
+    plan = {**OBJECTIVES[objective]}
+    for key, value in (("fraction", fraction), ("steps", steps), ("every", checkpoint_every)):
+        if value is not None:
+            plan[key] = value
+    depth = len(find_layers(finetuned_model).blocks)
+    if depths is None:
+        depths = sorted({max(1, round(f * depth)) for f in plan["depths"]}, reverse=True)
+    depths = [int(d) for d in depths]
+    if any(not 1 <= d <= depth for d in depths):
+        raise RestoreError(f"search depths must be in 1 … {depth} (got {depths})")
+    h_fit, h_out = split(harmful, seed)
+    t_fit, t_out = split(task, seed + 1)
+    if judge is None:
+        openings = aligned_openings(
+            aligned_model, finetuned_model, tokenizer, h_out, batch_size=batch_size
+        )
+        judge = opening_judge(openings)
+        judge_name = f"refusal phrases + {len(openings)} refusal openings of the aligned model"
+    judge_name = judge_name or getattr(judge, "name", "given judge")
+
+    def score(model: nn.Module) -> tuple[float, float]:
+        said = generate(model, tokenizer, h_out, batch_size=batch_size)
+        harm = sum(bool(judge(ex.prompt, c)) for ex, c in zip(h_out, said, strict=True))
+        if task_metric is not None:
+            t = float(task_metric(model))
+        else:
+            t = task_score(model, tokenizer, t_out, metric=metric, batch_size=batch_size)
+        return harm / len(h_out), t
+
+    original = {n: p.detach().clone() for n, p in finetuned_model.named_parameters()}
+    aligned = dict(aligned_model.named_parameters())
+    base = score(finetuned_model)
+    threshold = (1 - metric_drop) * base[1]
+    candidates = [Candidate(0, 0, False, base[0], base[1], 0)]
+    records: dict[int, tuple[dict[str, torch.Tensor], RestoreResult | None]] = {}
+    trajectories = []
+    evaluations = 1
+    show = progress and sys.stderr.isatty()
+    answers = (
+        aligned_answers(aligned_model, tokenizer, h_fit, batch_size)
+        if objective == "answers"
+        else []
+    )
+    for layers in depths:
+        if evaluations >= max_evaluations:
+            break
+        if objective == "answers":
+            points: list[tuple[int, float, float]] = []
+
+            def checkpoint(step: int, points: list = points, before: int = evaluations) -> bool:
+                harm, t = score(finetuned_model)
+                points.append((step, harm, t))
+                # More steps only restore more: stop once the task is lost or nothing is
+                # left to gain, or the budget is spent.
+                spent = before + len(points) >= max_evaluations
+                return t >= threshold and harm > 0 and not spent
+
+            when = restore_answers(
+                finetuned_model, aligned_model, tokenizer, answers, t_fit,
+                fraction=plan["fraction"], steps=plan["steps"], layers=layers,
+                checkpoint_every=plan["every"], on_checkpoint=checkpoint, batch_size=batch_size,
+            )  # fmt: skip
+            evaluations += len(points)
+            records[layers] = (when, None)
+            for step, harm, t in points:
+                restored = sum(int(((w > 0) & (w <= step)).sum()) for w in when.values())
+                candidates.append(Candidate(layers, step, False, harm, t, restored))
+            trajectories.append({"layers": layers, "points": points})
+        else:
+            measure = _Measure(score, base, threshold)
+            result = restore(
+                finetuned_model, aligned_model, tokenizer, h_fit, t_fit,
+                task_metric=measure, fraction=plan["fraction"], steps=plan["steps"],
+                layers=layers, metric_drop=metric_drop, rollback_fraction=rollback_fraction,
+                checkpoint_every=plan["every"], seed=seed, progress=progress,
+                batch_size=batch_size,
+            )  # fmt: skip
+            evaluations += measure.evaluations
+            records[layers] = (result.restored_at, result)
+            points = []
+            for check, point in zip(result.checkpoints, measure.points, strict=True):
+                if point is None:
+                    continue
+                points.append((check["step"], *point))
+                restored = sum(
+                    int(((w > 0) & (w <= check["step"])).sum()) for w in result.restored_at.values()
+                )
+                if check["rollback"] != result.rollback or not restored:
+                    continue  # only the kept run's record can be rebuilt
+                candidates.append(
+                    Candidate(layers, check["step"], check["rollback"], *point, restored)
+                )
+            trajectories.append({"layers": layers, "points": points})
+        if show:
+            sys.stderr.write(f"search: L={layers}: {trajectories[-1]['points']}\n")
+        with torch.no_grad():
+            for n, p in finetuned_model.named_parameters():
+                p.copy_(original[n])
+    chosen = choose(candidates, threshold)
+    when, run = records.get(chosen.layers, ({}, None))
+    kept = RestoreResult(
+        model=finetuned_model,
+        layers=chosen.layers,
+        k=0 if run is None else run.k,
+        pool=0 if run is None else run.pool,
+        steps=chosen.step,
+        rollback=chosen.rollback,
+        threshold=threshold,
+        task_before=base[1],
+        task_after=chosen.task,
+        cos_before=float("nan") if run is None else run.cos_before,
+        cos_after=next(
+            (
+                c["cos"]
+                for c in (run.checkpoints if run is not None else [])
+                if c["step"] == chosen.step and c["rollback"] == chosen.rollback
+            ),
+            float("nan"),
+        ),
+        restored_at=when if chosen.step else {},
+        checkpoints=[] if run is None else run.checkpoints,
+    )
+    params = dict(finetuned_model.named_parameters())
+    with torch.no_grad():
+        for n, m in kept.masks().items():
+            p = params[n]
+            p.copy_(torch.where(m.to(p.device), aligned[n].to(p.dtype), p))
+    return SearchResult(
+        result=kept,
+        chosen=chosen,
+        candidates=candidates,
+        threshold=threshold,
+        fraction=plan["fraction"],
+        judge=judge_name,
+        held_out={"harmful": len(h_out), "task": len(t_out)},
+        evaluations=evaluations,
+        objective=objective,
+        trajectories=trajectories,
+    )
+
+
+def card_lines(found: SearchResult) -> list[str]:
+    """The search's part of the model card: what was chosen, and the Pareto front."""
+    c = found.chosen
+    chosen = (
+        "the fine-tune unchanged (no candidate did better)"
+        if c.step == 0
+        else f"L={c.layers}, fraction {found.fraction:g}, {c.step} steps"
+        + (" (run with rollback)" if c.rollback else "")
+    )
+    lines = [
+        "",
+        f"Settings chosen on held-out data ({found.held_out['harmful']} harmful prompts, "
+        f"{found.held_out['task']} task examples; judge: {found.judge}; {found.evaluations} "
+        f"evaluations): {chosen}, held-out harmful rate {c.harmful:.3f}, task "
+        f"{c.task:.3f} (threshold {found.threshold:.3f}).",
+        "",
+        "Pareto front (held-out harmful rate ↓, task ↑):",
+        "",
+        "| L | steps | rollback | restored | harmful rate | task |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in found.front():
+        lines.append(
+            f"| {p.layers or '-'} | {p.step} | {'yes' if p.rollback else 'no'} | {p.restored} "
+            f"| {p.harmful:.3f} | {p.task:.3f} |"
+        )
+    return lines
