@@ -9,8 +9,7 @@ Direction*, 2024), run end to end with weightops' CLI and API on a real model.
    choose it: the direction, among those of the first 80 % of layers whose ablation
    moves harmless first-token distributions by a mean KL under 0.1, whose ablation
    leaves the lowest refusal score (log-odds of a refusal's first token) on harmful
-   prompts; both on training prompts the pairs do not use. `--layers auto`'s ranking
-   (which layer separates the pairs best) is printed beside it.
+   prompts; both on training prompts the pairs do not use.
 2. Ablation: the direction projected out of every write to the residual stream, by
    hooks (`vec.apply(model, mode="ablate")`) and baked (`weightops steer ablate`):
    refusals on held-out harmful prompts before and after, and the KL divergence of the
@@ -65,9 +64,9 @@ from weightops.repair.data import Example, load_examples
 from weightops.steering import SteeringVector
 
 DATA = Path(__file__).parent / "data" / "refusal"
-OUT = WORK / "refusal-steer"
+OUT = Path(os.environ.get("REFUSAL_STEER_WORK", WORK / "refusal-steer"))
 PAIRS = 128  # as Arditi et al.'s training split
-VAL = 32  # harmful and harmless prompts for choosing the layer
+VAL = 16  # harmful and harmless prompts for choosing the layer
 NEW_TOKENS = 16
 STRENGTH = 1.0  # the whole difference of means, as Arditi et al. add it
 
@@ -91,58 +90,54 @@ np.save(out, np.asarray(vec.directions[layer], dtype=np.float32))
 """
 
 
-def cli(record: list[str], *args: str) -> str:
-    """Run `weightops ARGS` as a user would, appending the command line to `record` with
-    the work folder's paths shortened; returns what it printed to stderr."""
+def start(record: list[str], *args: str) -> subprocess.Popen:
+    """Start `weightops ARGS` as a user would, appending the command line to `record`
+    with the work folder's paths shortened."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "weightops", *args]
     shown = shlex.join(args).replace(f"{OUT}/", "")
     record.append(shown)
     print("$ weightops", shown, flush=True)
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"weightops {args[0]} {args[1]} failed:\n{done.stderr[-3000:]}")
-    return done.stderr
+    cmd = [sys.executable, "-m", "weightops", *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def splits(seed: int = 0) -> tuple[list[tuple[str, str]], list[Example], list[Example]]:
-    """PAIRS (harmful, harmless) training instructions for the direction, and VAL more
-    of each for choosing the layer; the held-out splits stay for the measurements."""
+def finish(proc: subprocess.Popen, what: str) -> str:
+    """Wait for a process from `start` (or the peer); returns its stderr."""
+    _, err = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"{what} failed:\n{err[-3000:]}")
+    return err
+
+
+def cli(record: list[str], *args: str) -> str:
+    return finish(start(record, *args), f"weightops {args[0]} {args[1]}")
+
+
+def splits(
+    n_pairs: int, n_val: int, seed: int = 0
+) -> tuple[list[tuple[str, str]], list[Example], list[Example]]:
+    """`n_pairs` (harmful, harmless) training instructions for the direction, and
+    `n_val` more of each for choosing the layer; the held-out splits stay for the
+    measurements."""
     rng = random.Random(seed)
-    harmful = rng.sample(load_examples(DATA / "harmful_train.jsonl"), PAIRS + VAL)
-    harmless = rng.sample(load_examples(DATA / "harmless_train.jsonl"), PAIRS + VAL)
-    pairs = [(a.prompt, b.prompt) for a, b in zip(harmful, harmless, strict=True)][:PAIRS]
-    return pairs, harmful[PAIRS:], harmless[PAIRS:]
+    harmful = rng.sample(load_examples(DATA / "harmful_train.jsonl"), n_pairs + n_val)
+    harmless = rng.sample(load_examples(DATA / "harmless_train.jsonl"), n_pairs + n_val)
+    pairs = [(a.prompt, b.prompt) for a, b in zip(harmful, harmless, strict=True)][:n_pairs]
+    return pairs, harmful[n_pairs:], harmless[n_pairs:]
 
 
-def ranking(stderr: str) -> list[tuple[int, float, float]]:
-    """(layer, held-out accuracy, margin), best first, as `steer train --layers auto`
-    prints them."""
-    rows = []
-    for line in stderr.splitlines():
-        parts = line.split()
-        if len(parts) == 6 and parts[0] == "layer" and parts[2] == "held-out":
-            rows.append((int(parts[1]), float(parts[4]), float(parts[5])))
-    return rows
-
-
-def repeng_direction(folder: Path, pairs: list[tuple[str, str]], layer: int) -> np.ndarray:
+def start_repeng(folder: Path, pairs: list[tuple[str, str]], layer: int) -> subprocess.Popen:
+    """repeng's pca_diff direction at `layer`, computed in its virtualenv into OUT/repeng.npy."""
     ensure_repeng()
-    pairs_json, out = OUT / "repeng-pairs.json", OUT / "repeng.npy"
+    pairs_json = OUT / "repeng-pairs.json"
     pairs_json.write_text(json.dumps(pairs))
-    cmd = [
-        str(peer_python()),
-        "-c",
-        PEER_SCRIPT,
-        str(folder),
-        str(pairs_json),
-        str(layer),
-        str(out),
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"repeng failed:\n{done.stderr[-3000:]}")
-    return np.load(out)
+    args = [str(folder), str(pairs_json), str(layer), str(OUT / "repeng.npy")]
+    return subprocess.Popen(
+        [str(peer_python()), "-c", PEER_SCRIPT, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -150,9 +145,9 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a @ b / (a.norm() * b.norm()))
 
 
-def experiment(model_dir: Path, every: int) -> dict:
+def experiment(model_dir: Path, every: int, n_pairs: int, n_val: int, resume: bool) -> dict:
     OUT.mkdir(parents=True, exist_ok=True)
-    pairs, val_harmful, val_harmless = splits()
+    pairs, val_harmful, val_harmless = splits(n_pairs, n_val)
     pairs_file = OUT / "pairs.jsonl"
     pairs_file.write_text(
         "".join(json.dumps({"positive": p, "negative": q}) + "\n" for p, q in pairs)
@@ -162,30 +157,51 @@ def experiment(model_dir: Path, every: int) -> dict:
     depth = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
     t0 = time.perf_counter()
     commands: list[str] = []
-    # Every layer's direction, with the cross-validated ranking printed on the way.
-    log = cli(commands, "steer", "train", str(model_dir), "--pairs", str(pairs_file), "--method",
-              "mean_diff", "--layers", "auto", "--top", str(depth), "--chat-template",
-              "-o", str(all_file))  # fmt: skip
-    r: dict = {"depth": depth, "pairs": PAIRS, "val": VAL, "strength": STRENGTH}
-    r |= {"new_tokens": NEW_TOKENS, "ranking": ranking(log)}
+    train_all = ("steer", "train", str(model_dir), "--pairs", str(pairs_file), "--method",
+                 "mean_diff", "--layers", "all", "--chat-template", "-o", str(all_file))  # fmt: skip
+    settings = {"model": str(model_dir), "pairs": n_pairs, "val": n_val}
+    chosen = OUT / "layer.json"
     model, tok = load(model_dir)
     tokens = refusal_tokens(tok, load_examples(DATA / "harmful_train.jsonl"))
-    r["refusal_tokens"] = [tok.decode([t]) for t in tokens]
-    print("choosing the layer", flush=True)
-    r["base_score"] = refusal_score(next_token_logprobs(model, tok, val_harmful), tokens)
-    layer, r["layers"] = select_layer(
-        model, tok, SteeringVector.load(all_file), val_harmful, val_harmless, tokens
-    )
-    r["layer"] = layer
-    r["select_seconds"] = time.perf_counter() - t0
-    for method, out in (("mean_diff", vec_file), ("pca_diff", pca_file)):
-        cli(commands, "steer", "train", str(model_dir), "--pairs", str(pairs_file), "--method",
-            method, "--layers", str(layer), "--chat-template", "-o", str(out))  # fmt: skip
-    vec = SteeringVector.load(vec_file)
+    if resume and chosen.exists() and json.loads(chosen.read_text())["settings"] == settings:
+        # The slow half (a direction per layer, and ablating each) done by an earlier run.
+        commands.append(shlex.join(train_all).replace(f"{OUT}/", ""))
+        r = json.loads(chosen.read_text())["r"]
+        every_layer = SteeringVector.load(all_file)
+    else:
+        cli(commands, *train_all)
+        r = {"depth": depth, "pairs": n_pairs, "val": n_val, "strength": STRENGTH}
+        r["new_tokens"] = NEW_TOKENS
+        r["refusal_tokens"] = [tok.decode([t]) for t in tokens]
+        print("choosing the layer", flush=True)
+        r["base_score"] = refusal_score(next_token_logprobs(model, tok, val_harmful), tokens)
+        every_layer = SteeringVector.load(all_file)
+        r["layer"], r["layers"] = select_layer(
+            model, tok, every_layer, val_harmful, val_harmless, tokens
+        )
+        r["select_seconds"] = time.perf_counter() - t0
+        chosen.write_text(json.dumps({"settings": settings, "r": r}))
+    layer = r["layer"]
+    # The comparisons with pca_diff and repeng run beside the measurements.
+    pca = start(commands, "steer", "train", str(model_dir), "--pairs", str(pairs_file),
+                "--method", "pca_diff", "--layers", str(layer), "--chat-template",
+                "-o", str(pca_file))  # fmt: skip
+    templated = [
+        tuple(
+            tok.apply_chat_template(
+                [{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True
+            )
+            for t in pair
+        )
+        for pair in pairs
+    ]
+    peer = start_repeng(model_dir, templated, layer)
+    vec = every_layer.select([layer])
+    vec.save(vec_file)
     r["norm"] = float(vec.directions[layer].norm())
     ablated, added = OUT / "ablated", OUT / "added"
-    cli(commands, "steer", "ablate", str(model_dir), "--vector", str(vec_file), "-o", str(ablated),
-        "--dtype", "float32", "--force")  # fmt: skip
+    cli(commands, "steer", "ablate", str(model_dir), "--vector", str(all_file), "--layer",
+        str(layer), "-o", str(ablated), "--dtype", "float32", "--force")  # fmt: skip
     cli(commands, "steer", "bake", str(model_dir), "--vector", str(vec_file), "--strength",
         f"{STRENGTH:g}", "-o", str(added), "--dtype", "float32", "--force")  # fmt: skip
     r["commands"] = [c.replace(str(model_dir), "MODEL") for c in commands]
@@ -233,23 +249,16 @@ def experiment(model_dir: Path, every: int) -> dict:
     del m
     r["kl_n"] = len(harmless_all)
 
-    print("repeng", flush=True)
-    templated = [
-        tuple(
-            tok.apply_chat_template(
-                [{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True
-            )
-            for t in pair
-        )
-        for pair in pairs
-    ]
-    theirs = torch.from_numpy(repeng_direction(model_dir, templated, layer))
-    pca = SteeringVector.load(pca_file).directions[layer]
+    print("waiting for pca_diff and repeng", flush=True)
+    finish(pca, "weightops steer train --method pca_diff")
+    finish(peer, "repeng")
+    theirs = torch.from_numpy(np.load(OUT / "repeng.npy"))
+    pca_dir = SteeringVector.load(pca_file).directions[layer]
     r["repeng"] = {
         "version": peer_versions(),
-        "cos_pca_diff": cosine(pca, theirs),
+        "cos_pca_diff": cosine(pca_dir, theirs),
         "cos_mean_diff": cosine(vec.directions[layer], theirs),
-        "cos_ours_mean_pca": cosine(vec.directions[layer], pca),
+        "cos_ours_mean_pca": cosine(vec.directions[layer], pca_dir),
     }
     return r
 
@@ -262,6 +271,11 @@ def main() -> None:
     ap.add_argument(
         "--render", action="store_true", help="only rewrite the docs from the last results"
     )
+    ap.add_argument("--pairs", type=int, default=PAIRS, help="pairs for the direction")
+    ap.add_argument("--val", type=int, default=VAL, help="prompts of each kind for the layer")
+    ap.add_argument(
+        "--resume", action="store_true", help="reuse the layer an earlier run chose (same settings)"
+    )
     args = ap.parse_args()
     results = OUT / "results.json"
     if args.render:
@@ -270,7 +284,7 @@ def main() -> None:
         torch.manual_seed(0)
         model_dir = args.model or smollm2_refusal()
         load_start, t0 = os.getloadavg()[0], time.perf_counter()
-        r = experiment(model_dir, args.every)
+        r = experiment(model_dir, args.every, args.pairs, args.val, args.resume)
         r["seconds"] = time.perf_counter() - t0
         r["load"] = (load_start, os.getloadavg()[0])
         r["command"] = shlex.join(["python", "bench/refusal_steer.py", *sys.argv[1:]])

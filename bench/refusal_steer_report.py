@@ -66,18 +66,12 @@ def _samples(r: dict, kind: str, before: str, after: str) -> list[str]:
 
 def _layers(r: dict) -> list[str]:
     lines = [
-        "| layer | `--layers auto`: held-out accuracy | margin | refusal score, ablated | "
-        "KL on harmless, ablated |",
-        "|---:|---:|---:|---:|---:|",
+        "| layer | refusal score, ablated | KL on harmless, ablated |",
+        "|---:|---:|---:|",
     ]
-    rank = {layer: (acc, margin) for layer, acc, margin in r["ranking"]}
     for row in r["layers"]:
-        acc, margin = rank[row["layer"]]
         mark = "**" if row["layer"] == r["layer"] else ""
-        lines.append(
-            f"| {mark}{row['layer']}{mark} | {acc:.3f} | {margin:.2f} | {row['score']:+.2f} | "
-            f"{row['kl']:.3f} |"
-        )
+        lines.append(f"| {mark}{row['layer']}{mark} | {row['score']:+.2f} | {row['kl']:.3f} |")
     return lines
 
 
@@ -122,9 +116,7 @@ def render(r: dict) -> tuple[str, str]:
         "`positive`, a harmless one as `negative` (bench/data/refusal/). `--chat-template` "
         "wraps each as a user turn, so the state is read at the last token of the prompt, "
         "the end of the assistant header. `mean_diff` is the difference of the two means "
-        f"there; the first command writes one for each of the {depth} layers, and prints "
-        "`--layers auto`'s ranking of them (5-fold cross-validated pair accuracy, then "
-        f"margin), which puts layer {r['ranking'][0][0]} first.",
+        f"there; the first command writes one for each of the {depth} layers.",
         "",
         "Which layer's direction to remove is chosen as Arditi et al. choose it: each "
         f"direction of the first 80 % of layers is ablated in turn (hooks) on {r['val']} "
