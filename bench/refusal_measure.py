@@ -4,7 +4,6 @@ layer whose direction to ablate."""
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,8 +16,10 @@ from weightops.repair.evaluate import generate, refuses
 from weightops.steering import SteeringVector
 
 BATCH = 32
-KL_MAX = 0.1  # Arditi et al.'s bound on the harmless KL of a usable direction
-LAYER_SHARE = 0.8  # ... and on its depth: directions from the last 20 % of layers are skipped
+LAST_SHARE = 0.8  # Arditi et al.'s bound on the depth: the last 20 % of layers are skipped
+# Directions of the first quarter are not tried either: the instruction's meaning is not
+# formed there yet, and each layer tried costs a pass over the prompts on busy CPUs.
+FIRST_SHARE = 0.25
 
 
 def load(folder: Path):
@@ -69,20 +70,24 @@ def select_layer(
     tok,
     vec: SteeringVector,
     harmful: Sequence[Example],
-    harmless: Sequence[Example],
     tokens: Sequence[int],
+    rows: list[dict] | None = None,
 ) -> tuple[int, list[dict]]:
-    """Arditi et al.'s selection: among the directions of the first 80 % of layers whose
-    ablation moves the first-token distribution of harmless prompts by a mean KL below
-    0.1, the one whose ablation leaves the lowest refusal score on harmful prompts.
-    Returns the layer and one row per layer tried."""
-    base = next_token_logprobs(model, tok, harmless)
-    rows = []
-    for layer in [i for i in vec.layers if i < LAYER_SHARE * len(vec.layers)]:
-        with vec.apply(model, mode="ablate", layer=layer):
-            score = refusal_score(next_token_logprobs(model, tok, harmful), tokens)
-            mean_kl = statistics.fmean(kl(base, next_token_logprobs(model, tok, harmless)))
-        rows.append({"layer": layer, "score": score, "kl": mean_kl})
-        print(f"  layer {layer:3d}  refusal score {score:+.2f}  KL {mean_kl:.3f}", flush=True)
-    usable = [r for r in rows if r["kl"] < KL_MAX] or rows
-    return min(usable, key=lambda r: r["score"])["layer"], rows
+    """Arditi et al.'s selection without their KL filter: of the directions of layers
+    FIRST_SHARE to LAST_SHARE of the depth, the one whose ablation leaves the lowest
+    refusal score on harmful prompts. (Their filter keeps directions whose ablation
+    moves harmless prompts' first-token distribution by a mean KL under 0.1; the aligned
+    model puts so much probability on refusal tokens for harmless prompts too that
+    every direction whose ablation removes refusals moves it by more, so the filter
+    would keep only directions that do little; docs/steering.md gives the numbers.)
+    `rows` from an earlier call reuse its scores. Returns the layer and one row per
+    layer tried."""
+    depth = len(vec.layers)
+    if rows is None:
+        rows = []
+        for layer in [i for i in vec.layers if FIRST_SHARE * depth <= i < LAST_SHARE * depth]:
+            with vec.apply(model, mode="ablate", layer=layer):
+                score = refusal_score(next_token_logprobs(model, tok, harmful), tokens)
+            rows.append({"layer": layer, "score": score})
+            print(f"  layer {layer:3d}  refusal score {score:+.2f}", flush=True)
+    return min(rows, key=lambda r: r["score"])["layer"], rows

@@ -2,14 +2,14 @@
 induces them (Arditi et al., *Refusal in Language Models Is Mediated by a Single
 Direction*, 2024), run end to end with weightops' CLI and API on a real model.
 
-1. Direction: `weightops steer train --method mean_diff --chat-template` on pairs of
-   (harmful, harmless) training instructions: the difference of the mean residual
-   streams at the last prompt token (the end of the chat template's assistant header,
-   where the answer begins), at every layer. The layer is chosen as Arditi et al.
-   choose it: the direction, among those of the first 80 % of layers whose ablation
-   moves harmless first-token distributions by a mean KL under 0.1, whose ablation
-   leaves the lowest refusal score (log-odds of a refusal's first token) on harmful
-   prompts; both on training prompts the pairs do not use.
+1. Direction: `weightops steer train --method mean_diff --layers all --chat-template`
+   on pairs of (harmful, harmless) training instructions: the difference of the mean
+   residual streams at the last prompt token (the end of the chat template's assistant
+   header, where the answer begins), at every layer. The layer is chosen as Arditi et
+   al. choose it, less their KL filter (refusal_measure.select_layer): of the
+   directions of layers a quarter to 80 % deep, the one whose ablation leaves the
+   lowest refusal score (log-odds of a refusal's first token) on harmful training
+   prompts the pairs do not use.
 2. Ablation: the direction projected out of every write to the residual stream, by
    hooks (`vec.apply(model, mode="ablate")`) and baked (`weightops steer ablate`):
    refusals on held-out harmful prompts before and after, and the KL divergence of the
@@ -25,8 +25,12 @@ Refusals are greedy answers of 16 new tokens matched by weightops' refusal phras
 divergence is on all held-out harmless prompts. The numbers go into docs/steering.md
 ("Refusal on a real model") and BENCHMARKS.md.
 
-    python bench/refusal_steer.py                      # the aligned model (bench/real_model.py)
-    python bench/refusal_steer.py --model DIR --no-write
+    python bench/refusal_steer.py --every 4      # the aligned model (bench/real_model.py)
+    python bench/refusal_steer.py --render       # rewrites the docs from the last results
+
+On two busy CPU cores a run takes about an hour; `--resume` reuses the layer an earlier
+run with the same settings chose (the slower half). $REFUSAL_STEER_WORK moves the work
+folder (default bench/.work/refusal-steer).
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ from weightops.steering import SteeringVector
 DATA = Path(__file__).parent / "data" / "refusal"
 OUT = Path(os.environ.get("REFUSAL_STEER_WORK", WORK / "refusal-steer"))
 PAIRS = 128  # as Arditi et al.'s training split
-VAL = 16  # harmful and harmless prompts for choosing the layer
+VAL = 12  # harmful prompts for choosing the layer (and as many harmless kept out of the pairs)
 NEW_TOKENS = 16
 STRENGTH = 1.0  # the whole difference of means, as Arditi et al. add it
 
@@ -147,7 +151,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def experiment(model_dir: Path, every: int, n_pairs: int, n_val: int, resume: bool) -> dict:
     OUT.mkdir(parents=True, exist_ok=True)
-    pairs, val_harmful, val_harmless = splits(n_pairs, n_val)
+    pairs, val_harmful, _ = splits(n_pairs, n_val)
     pairs_file = OUT / "pairs.jsonl"
     pairs_file.write_text(
         "".join(json.dumps({"positive": p, "negative": q}) + "\n" for p, q in pairs)
@@ -163,24 +167,23 @@ def experiment(model_dir: Path, every: int, n_pairs: int, n_val: int, resume: bo
     chosen = OUT / "layer.json"
     model, tok = load(model_dir)
     tokens = refusal_tokens(tok, load_examples(DATA / "harmful_train.jsonl"))
-    if resume and chosen.exists() and json.loads(chosen.read_text())["settings"] == settings:
+    saved = json.loads(chosen.read_text()) if resume and chosen.exists() else None
+    if saved and saved["settings"] == settings:
         # The slow half (a direction per layer, and ablating each) done by an earlier run.
         commands.append(shlex.join(train_all).replace(f"{OUT}/", ""))
-        r = json.loads(chosen.read_text())["r"]
-        every_layer = SteeringVector.load(all_file)
+        r, rows = saved["r"], saved["r"]["layers"]
     else:
         cli(commands, *train_all)
         r = {"depth": depth, "pairs": n_pairs, "val": n_val, "strength": STRENGTH}
         r["new_tokens"] = NEW_TOKENS
         r["refusal_tokens"] = [tok.decode([t]) for t in tokens]
-        print("choosing the layer", flush=True)
         r["base_score"] = refusal_score(next_token_logprobs(model, tok, val_harmful), tokens)
-        every_layer = SteeringVector.load(all_file)
-        r["layer"], r["layers"] = select_layer(
-            model, tok, every_layer, val_harmful, val_harmless, tokens
-        )
-        r["select_seconds"] = time.perf_counter() - t0
-        chosen.write_text(json.dumps({"settings": settings, "r": r}))
+        rows = None
+    print("choosing the layer", flush=True)
+    every_layer = SteeringVector.load(all_file)
+    r["layer"], r["layers"] = select_layer(model, tok, every_layer, val_harmful, tokens, rows)
+    r["select_seconds"] = r.get("select_seconds", 0) + time.perf_counter() - t0
+    chosen.write_text(json.dumps({"settings": settings, "r": r}))
     layer = r["layer"]
     # The comparisons with pca_diff and repeng run beside the measurements.
     pca = start(commands, "steer", "train", str(model_dir), "--pairs", str(pairs_file),

@@ -65,20 +65,22 @@ def _samples(r: dict, kind: str, before: str, after: str) -> list[str]:
 
 
 def _layers(r: dict) -> list[str]:
-    lines = [
-        "| layer | refusal score, ablated | KL on harmless, ablated |",
-        "|---:|---:|---:|",
+    rows = sorted(r["layers"], key=lambda row: row["layer"])
+    marked = [
+        f"**{row['layer']}**" if row["layer"] == r["layer"] else str(row["layer"]) for row in rows
     ]
-    for row in r["layers"]:
-        mark = "**" if row["layer"] == r["layer"] else ""
-        lines.append(f"| {mark}{row['layer']}{mark} | {row['score']:+.2f} | {row['kl']:.3f} |")
-    return lines
+    return [
+        "| layer | " + " | ".join(marked) + " |",
+        "|---|" + "---:|" * len(rows),
+        "| refusal score, ablated | " + " | ".join(f"{row['score']:+.2f}" for row in rows) + " |",
+    ]
 
 
 def render(r: dict) -> tuple[str, str]:
     """(docs/steering.md section body, BENCHMARKS.md section body) from the results."""
     rep, command, every = r["repeng"], r["command"], r["every"]
     layer, depth = r["layer"], r["depth"]
+    first, last = r["layers"][0]["layer"], r["layers"][-1]["layer"]
     setup = [
         f"- Command: `{command}` ({r['seconds'] / 60:.0f} minutes, of which "
         f"{r['select_seconds'] / 60:.0f} to extract the directions and choose the layer)",
@@ -118,14 +120,14 @@ def render(r: dict) -> tuple[str, str]:
         "the end of the assistant header. `mean_diff` is the difference of the two means "
         f"there; the first command writes one for each of the {depth} layers.",
         "",
-        "Which layer's direction to remove is chosen as Arditi et al. choose it: each "
-        f"direction of the first 80 % of layers is ablated in turn (hooks) on {r['val']} "
-        f"harmful and {r['val']} harmless training prompts that the pairs do not use; among "
-        "those whose mean KL on the harmless ones stays under 0.1, the one with the lowest "
-        "refusal score on the harmful ones wins. The refusal score is the mean log-odds "
-        "that the answer opens with a token that opens a training refusal "
-        f"({', '.join(repr(t) for t in r['refusal_tokens'])}); it is {r['base_score']:+.2f} "
-        f"without ablation. Layer **{layer}** wins (norm of its direction {r['norm']:.1f}):",
+        "Which layer's direction to remove is chosen as Arditi et al. choose it, less "
+        f"their KL filter (below), on {r['val']} harmful training prompts that the pairs do "
+        f"not use. The direction of each layer from {first} to {last} (a quarter to 80 % of "
+        "the depth) is ablated in turn (hooks), and the refusal score is measured: the "
+        "mean log-odds that the answer opens with a token that opens a training refusal "
+        f"({', '.join(repr(t) for t in r['refusal_tokens'])}); it is "
+        f"{r['base_score']:+.2f} without ablation. The lowest wins: layer **{layer}** "
+        f"(norm of its direction {r['norm']:.1f}).",
         "",
         *_layers(r),
         "",
