@@ -149,7 +149,9 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a @ b / (a.norm() * b.norm()))
 
 
-def experiment(model_dir: Path, every: int, n_pairs: int, n_val: int, resume: bool) -> dict:
+def experiment(
+    model_dir: Path, every: int, kl_every: int, n_pairs: int, n_val: int, resume: bool
+) -> dict:
     OUT.mkdir(parents=True, exist_ok=True)
     pairs, val_harmful, _ = splits(n_pairs, n_val)
     pairs_file = OUT / "pairs.jsonl"
@@ -182,7 +184,9 @@ def experiment(model_dir: Path, every: int, n_pairs: int, n_val: int, resume: bo
     print("choosing the layer", flush=True)
     every_layer = SteeringVector.load(all_file)
     r["layer"], r["layers"] = select_layer(model, tok, every_layer, val_harmful, tokens, rows)
-    r["select_seconds"] = r.get("select_seconds", 0) + time.perf_counter() - t0
+    if saved is None or saved["settings"] != settings:
+        r["select_seconds"] = time.perf_counter() - t0
+    r["resumed"] = "select_seconds" in (saved or {}).get("r", {})
     chosen.write_text(json.dumps({"settings": settings, "r": r}))
     layer = r["layer"]
     # The comparisons with pca_diff and repeng run beside the measurements.
@@ -210,8 +214,8 @@ def experiment(model_dir: Path, every: int, n_pairs: int, n_val: int, resume: bo
     r["commands"] = [c.replace(str(model_dir), "MODEL") for c in commands]
 
     harmful = load_examples(DATA / "harmful_heldout.jsonl")[::every]
-    harmless_all = load_examples(DATA / "harmless_heldout.jsonl")
-    harmless = harmless_all[::every]
+    harmless_all = load_examples(DATA / "harmless_heldout.jsonl")[::kl_every]
+    harmless = load_examples(DATA / "harmless_heldout.jsonl")[::every]
     r["prompts"] = {
         "harmful": [e.prompt for e in harmful],
         "harmless": [e.prompt for e in harmless],
@@ -270,6 +274,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=None, help="default: the aligned model")
     ap.add_argument("--every", type=int, default=2, help="refusals on every n-th held-out prompt")
+    ap.add_argument("--kl-every", type=int, default=1, help="KL on every n-th held-out prompt")
     ap.add_argument("--no-write", action="store_true", help="print, do not update the docs")
     ap.add_argument(
         "--render", action="store_true", help="only rewrite the docs from the last results"
@@ -287,11 +292,11 @@ def main() -> None:
         torch.manual_seed(0)
         model_dir = args.model or smollm2_refusal()
         load_start, t0 = os.getloadavg()[0], time.perf_counter()
-        r = experiment(model_dir, args.every, args.pairs, args.val, args.resume)
+        r = experiment(model_dir, args.every, args.kl_every, args.pairs, args.val, args.resume)
         r["seconds"] = time.perf_counter() - t0
         r["load"] = (load_start, os.getloadavg()[0])
         r["command"] = shlex.join(["python", "bench/refusal_steer.py", *sys.argv[1:]])
-        r["every"] = args.every
+        r["every"], r["kl_every"] = args.every, args.kl_every
         results.write_text(json.dumps(r, indent=1, ensure_ascii=False))
     docs, bench = render(r)
     print(bench)

@@ -82,8 +82,15 @@ def render(r: dict) -> tuple[str, str]:
     layer, depth = r["layer"], r["depth"]
     first, last = r["layers"][0]["layer"], r["layers"][-1]["layer"]
     setup = [
-        f"- Command: `{command}` ({r['seconds'] / 60:.0f} minutes, of which "
-        f"{r['select_seconds'] / 60:.0f} to extract the directions and choose the layer)",
+        f"- Command: `{command}` ({r['seconds'] / 60:.0f} minutes"
+        + (
+            f"; extracting the directions and choosing the layer took "
+            f"{r['select_seconds'] / 60:.0f} more in an earlier run with the same settings, "
+            "which `--resume` reused)"
+            if r.get("resumed")
+            else f", of which {r['select_seconds'] / 60:.0f} to extract the directions and "
+            "choose the layer)"
+        ),
         f"- Machine: {machine()}; 1-minute load average {r['load'][0]:.1f} at start, "
         f"{r['load'][1]:.1f} at end",
         f"- Peer: {rep['version']}",
@@ -91,7 +98,8 @@ def render(r: dict) -> tuple[str, str]:
     measures = (
         f"Refusals: greedy answers of {r['new_tokens']} new tokens matched by weightops' refusal "
         f"phrases, on {_every(every)} held-out prompt. KL: KL(aligned ‖ steered) of the first "
-        f"answer token's distribution, over all {r['kl_n']} held-out harmless prompts."
+        f"answer token's distribution, on {_every(r.get('kl_every', 1))} held-out harmless "
+        f"prompt ({r['kl_n']})."
     )
     table = _table(r)
     cos = (
