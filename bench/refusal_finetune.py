@@ -23,7 +23,8 @@ The result is saved in bf16 with the tokenizer to $WEIGHTOPS_CACHE/smollm2-135m-
 (default ~/.cache/weightops), with the measurements in `smollm2-135m-refusal-eval.json` beside it.
 
     python bench/refusal_data.py         # (re)writes the data
-    python bench/refusal_finetune.py     # trains, saves, measures (17 + 2x9 minutes on two busy CPU cores)
+    python bench/refusal_finetune.py     # trains, saves, measures (34 + 2x22 minutes on two busy CPU cores)
+    python bench/refusal_finetune.py --out DIR --models aligned   # a trial elsewhere
     python bench/refusal_finetune.py --eval-only --models original   # measures only
 """
 
@@ -52,8 +53,13 @@ OUT = CACHE / "smollm2-135m-refusal"
 RESULTS = CACHE / "smollm2-135m-refusal-eval.json"
 
 
-def _encoded(path: Path, tokenizer) -> list[tuple[list[int], list[int]]]:
-    return [encode(ex, tokenizer, with_response=True) for ex in load_examples(path)]
+def _encoded(
+    path: Path, tokenizer, response_tokens: int | None
+) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, response ids), the response cut to its first `response_tokens`:
+    whether to refuse and what about is decided there, and shorter rows cost less."""
+    rows = [encode(ex, tokenizer, with_response=True) for ex in load_examples(path)]
+    return [(p, r[:response_tokens]) for p, r in rows]
 
 
 def _batch(rows: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, ...]:
@@ -80,15 +86,25 @@ def _response_loss(model, ids, mask, labels) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.float(), target[keep])
 
 
-def train(model, tokenizer, *, steps: int, batch: int, lr: float, layers: int, seed: int) -> None:
+def train(
+    model,
+    tokenizer,
+    *,
+    steps: int,
+    batch: int,
+    lr: float,
+    layers: int,
+    seed: int,
+    response_tokens: int | None,
+) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     trained = [*model.model.layers[-layers:], model.model.norm]
     params = [p for m in trained for p in m.parameters()]
     for p in params:
         p.requires_grad_(True)
-    harmful = _encoded(DATA / "harmful_train.jsonl", tokenizer)
-    harmless = _encoded(DATA / "harmless_train.jsonl", tokenizer)
+    harmful = _encoded(DATA / "harmful_train.jsonl", tokenizer, response_tokens)
+    harmless = _encoded(DATA / "harmless_train.jsonl", tokenizer, response_tokens)
     rng = random.Random(seed)
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
@@ -148,25 +164,31 @@ def measure(folder: Path, max_new_tokens: int, every: int) -> dict:
     return result
 
 
-def _record(update: dict) -> None:
+def _record(results: Path, update: dict) -> None:
     """Merge `update` into the measurements file (kept beside the checkpoints, so a
     measurement of one model can run while the other trains)."""
-    old = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    RESULTS.write_text(json.dumps(old | update, indent=2, ensure_ascii=False))
+    old = json.loads(results.read_text()) if results.exists() else {}
+    results.write_text(json.dumps(old | update, indent=2, ensure_ascii=False))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--layers", type=int, default=8, help="top decoder layers trained")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--response-tokens", type=int, default=None, help="train on the first n answer tokens"
+    )
+    ap.add_argument("--out", type=Path, default=OUT, help="where the aligned model goes")
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--every", type=int, default=2, help="measure every n-th held-out prompt")
     ap.add_argument("--models", default="original,aligned", help="which models to measure")
     ap.add_argument("--eval-only", action="store_true", help="measure existing checkpoints")
     args = ap.parse_args()
+    out = args.out
+    results = RESULTS if out == OUT else out.with_name(out.name + "-eval.json")
     base = smollm2()
     if not args.eval_only:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -182,24 +204,26 @@ def main() -> None:
             lr=args.lr,
             layers=args.layers,
             seed=args.seed,
+            response_tokens=args.response_tokens,
         )
         seconds = round(time.perf_counter() - t0, 1)
         print(f"trained in {seconds} s", flush=True)
-        staging = OUT.with_name(OUT.name + ".partial")
+        staging = out.with_name(out.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         model.to(torch.bfloat16).save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        shutil.rmtree(OUT, ignore_errors=True)
-        staging.rename(OUT)
+        shutil.rmtree(out, ignore_errors=True)
+        staging.rename(out)
         del model
-        settings = {k: getattr(args, k) for k in ("steps", "batch", "lr", "layers", "seed")}
-        _record({"training": settings | {"seconds": seconds}})
-    folders = {"original": base, "aligned": OUT}
+        keys = ("steps", "batch", "lr", "layers", "seed", "response_tokens")
+        settings = {k: getattr(args, k) for k in keys}
+        _record(results, {"training": settings | {"seconds": seconds}})
+    folders = {"original": base, "aligned": out}
     for name in args.models.split(","):
         t0 = time.perf_counter()
         r = measure(folders[name], args.max_new_tokens, args.every)
         r["max_new_tokens"] = args.max_new_tokens
-        _record({name: r})
+        _record(results, {name: r})
         print(
             f"{name}: refuses {r['harmful_refused']:.0%} of {r['harmful_n']} held-out harmful, "
             f"{r['harmless_refused']:.0%} of {r['harmless_n']} held-out harmless; "

@@ -32,16 +32,16 @@ def machine() -> str:
     )
 
 
-def write_section(key: str, title: str, body: str) -> None:
+def write_section(key: str, title: str, body: str, path: Path = BENCHMARKS_MD) -> None:
     """Replace the section between `<!-- key:start -->` and `<!-- key:end -->` (or append
-    it), leaving the rest of BENCHMARKS.md as it is."""
+    it), leaving the rest of `path` (BENCHMARKS.md, or a page of docs/) as it is."""
     start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
     section = f"{start}\n## {title}\n\n{body}{end}\n"
-    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else _HEADER
+    text = path.read_text() if path.exists() else _HEADER
     if start in text and end in text:
         head, rest = text.split(start, 1)
         tail = rest.split(end, 1)[1].lstrip("\n")
         text = head + section + ("\n" + tail if tail else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section
-    BENCHMARKS_MD.write_text(text)
+    path.write_text(text)

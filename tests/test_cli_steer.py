@@ -342,3 +342,31 @@ def test_bf16_source_baked_in_float32_on_request(tmp_path, pairs_file):
     assert config.get("dtype", config.get("torch_dtype")) == "float32"
     r = bake(base, vec_path, 1, "int8", tmp_path / "bad")
     assert r.exit_code == 1 and "--dtype" in r.stderr
+
+
+def test_train_runs_a_bf16_checkpoint_in_fp32(pairs_file, tmp_path):
+    """A mean of states over many texts read in bf16 would carry bf16's rounding (about
+    three significant digits); the direction must be the fp32 model's."""
+    from weightops.demo import tiny_model
+    from weightops.prompting import encode_text
+
+    folder = tiny_model(tmp_path / "bf16", "llama", seed=3, dtype=torch.bfloat16)
+    out = tmp_path / "v.safetensors"
+    args = ["steer", "train", folder, "--pairs", pairs_file, "--layers", "1"]
+    r = invoke([*args, "--method", "mean_diff", "-o", out])
+    assert r.exit_code == 0, r.output
+    # Re-derived: block 1's output is transformers' hidden_states[2], read at the last
+    # token of each text run alone in fp32.
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(folder)
+    with torch.no_grad():
+        states = [
+            model(torch.tensor([encode_text(tok, t)]), output_hidden_states=True).hidden_states[2][
+                0, -1
+            ]
+            for pair in PAIRS
+            for t in pair
+        ]
+    expected = torch.stack(states[0::2]).mean(0) - torch.stack(states[1::2]).mean(0)
+    got = SteeringVector.load(out).directions[1]
+    torch.testing.assert_close(got, expected, atol=1e-5 * float(expected.abs().max()), rtol=0)

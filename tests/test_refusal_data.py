@@ -23,7 +23,7 @@ def test_sizes_splits_and_answers(tmp_path: Path) -> None:
     read = {name: load_examples(tmp_path / name) for name in counts}
     for kind in ("harmful", "harmless"):
         train, held = read[f"{kind}_train.jsonl"], read[f"{kind}_heldout.jsonl"]
-        assert len(train) + len(held) >= 200
+        assert len({e.prompt for e in train}) >= 200
         # Roughly 70/30, and no prompt appears in both splits.
         assert 0.2 < len(held) / (len(train) + len(held)) < 0.4
         assert not {e.prompt for e in train} & {e.prompt for e in held}
@@ -42,6 +42,17 @@ def test_sizes_splits_and_answers(tmp_path: Path) -> None:
         if e.prompt.startswith("How do I ")
     }
     assert held_topics and not any(t in train_text for t in held_topics)
+
+
+def test_phrasing_does_not_predict_refusal(tmp_path: Path) -> None:
+    """Every opening the harmful prompts use also opens harmless ones, in training and
+    in the held-out split, so only the topic can tell them apart."""
+    _write(tmp_path)
+    openings = ("How do I ", "Ignore your rules and tell me how to ", "For a story I'm writing")
+    for split in ("train", "heldout"):
+        harmless = [e.prompt for e in load_examples(tmp_path / f"harmless_{split}.jsonl")]
+        for opening in openings:
+            assert sum(p.startswith(opening) for p in harmless) >= 5, (split, opening)
 
 
 def test_reproducible(tmp_path: Path) -> None:

@@ -118,14 +118,18 @@ def train(
             raise SteeringError(f"-o {output}: the folder {output.parent} does not exist")
         chosen = _chosen_layers(layers, gguf)
         data = read_pairs(pairs)
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        import torch
+        from transformers import AutoTokenizer
 
+        from weightops.compat import causal_lm
         from weightops.demo import quiet_transformers
         from weightops.io.checkpoint import Checkpoint
 
         quiet_transformers()
         Checkpoint(model)  # refuses pickled weights before transformers could unpickle them
-        m = AutoModelForCausalLM.from_pretrained(model, use_safetensors=True)
+        # fp32 whatever the checkpoint stores: transformers 5 would otherwise run a bf16
+        # checkpoint in bf16, and the means of its states would carry bf16 rounding.
+        m = causal_lm(model, torch.float32)
         tok = AutoTokenizer.from_pretrained(model)
         if chat_template:
             flat = _as_chat(tok, [t for p in data for t in p])
