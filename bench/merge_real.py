@@ -33,7 +33,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from merge_tasks import TASKS, correct, examples
+from merge_tasks import TRAIN_N, correct, examples
 from real_model import CACHE, smollm2
 from refusal_finetune import _batch, _response_loss, perplexity
 from report import REPO
@@ -46,6 +46,8 @@ WORK = CACHE / "merge-real"
 SCORES = WORK / "scores.json"
 DOC = REPO / "docs" / "merging_real.md"
 MAX_NEW_TOKENS = {"caps": 16, "sentiment": 4}
+# The scored columns: (task, split).
+COLUMNS = (("caps", "recombined"), ("caps", "heldout"), ("sentiment", "heldout"))
 
 
 def _recipe(
@@ -100,7 +102,9 @@ def finetune(
     params = [p for m in [*model.model.layers[-layers:], model.model.norm] for p in m.parameters()]
     for p in params:
         p.requires_grad_(True)
-    rows = [encode(ex, tokenizer, with_response=True) for ex in examples(task, "train", 400, seed)]
+    rows = [
+        encode(ex, tokenizer, with_response=True) for ex in examples(task, "train", TRAIN_N, seed)
+    ]
     rng = random.Random(seed)
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
@@ -122,9 +126,11 @@ def finetune(
     shutil.rmtree(staging, ignore_errors=True)
     model.to(torch.bfloat16).save_pretrained(staging)
     tokenizer.save_pretrained(staging)
+    settings = {"task": task, "steps": steps, "batch": batch, "lr": lr, "layers": layers}
+    record = settings | {"seed": seed, "seconds": round(seconds, 1)}
+    (staging / "finetune.json").write_text(json.dumps(record, indent=2))
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
-    return seconds
 
 
 def merge(name: str, folders: dict[str, Path]) -> tuple[Path, float]:
@@ -162,20 +168,20 @@ def merge(name: str, folders: dict[str, Path]) -> tuple[Path, float]:
 
 
 def score(folder: Path, n: int) -> dict:
-    """Held-out accuracy on each task (n examples each), perplexity, and a few answers."""
+    """Accuracy on each of COLUMNS (n examples each), perplexity, and a few answers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     result: dict = {"perplexity": round(perplexity(model, tokenizer), 3)}
-    for task in TASKS:
-        held = examples(task, "heldout", n)
+    for task, split in COLUMNS:
+        held = examples(task, split, n)
         answers = generate(
             model, tokenizer, held, max_new_tokens=MAX_NEW_TOKENS[task], batch_size=16
         )
         hits = [correct(task, a, ex.response) for ex, a in zip(held, answers, strict=True)]
-        result[task] = round(sum(hits) / n, 4)
-        result[f"{task}_samples"] = [
+        result[f"{task}_{split}"] = round(sum(hits) / n, 4)
+        result[f"{task}_{split}_samples"] = [
             {"prompt": ex.prompt, "answer": a}
             for ex, a in list(zip(held, answers, strict=True))[:3]
         ]
@@ -190,8 +196,9 @@ def table(scores: dict) -> str:
     """The markdown table of `scores`, fine-tunes first, then merges in RECIPES' order."""
     base_ppl = scores["base"]["perplexity"]
     lines = [
-        "| model | caps (held-out) | sentiment (held-out) | perplexity | vs base |",
-        "|---|---|---|---|---|",
+        "| model | caps, new phrases | caps, unseen words | sentiment, unseen words "
+        "| perplexity | vs base |",
+        "|---|---|---|---|---|---|",
     ]
     for name in ["base", "ft_caps", "ft_sentiment", *RECIPES]:
         if name not in scores:
@@ -200,7 +207,8 @@ def table(scores: dict) -> str:
         change = 100 * (r["perplexity"] / base_ppl - 1)
         label = f"`{name}`" if name in RECIPES else name
         lines.append(
-            f"| {label} | {_pct(r['caps'])} | {_pct(r['sentiment'])} | "
+            f"| {label} | {_pct(r['caps_recombined'])} | {_pct(r['caps_heldout'])} "
+            f"| {_pct(r['sentiment_heldout'])} | "
             f"{r['perplexity']:.2f} | {change:+.1f} % |"
         )
     return "\n".join(lines) + "\n"
@@ -240,17 +248,10 @@ def main() -> None:
     folders = {"BASE": smollm2(), "A": WORK / "ft-caps", "B": WORK / "ft-sentiment"}
     for key, task in (("A", "caps"), ("B", "sentiment")):
         if not (folders[key] / "config.json").exists():
-            seconds = finetune(
-                task,
-                folders[key],
-                steps=args.steps,
-                batch=args.batch,
-                lr=args.lr,
-                layers=args.layers,
-                seed=args.seed,
-            )
-            print(f"fine-tuned {task} in {seconds:.0f} s", flush=True)
-            scores[f"train_seconds_{task}"] = round(seconds, 1)
+            train = {k: getattr(args, k) for k in ("steps", "batch", "lr", "layers", "seed")}
+            finetune(task, folders[key], **train)
+        scores[f"finetune_{task}"] = json.loads((folders[key] / "finetune.json").read_text())
+        print(scores[f"finetune_{task}"], flush=True)
     runs = [("base", folders["BASE"]), ("ft_caps", folders["A"]), ("ft_sentiment", folders["B"])]
     for name, folder in runs:
         if name not in scores:
@@ -262,6 +263,8 @@ def main() -> None:
             out, seconds = merge(name, folders)
             scores[name] = score(out, args.n) | {"merge_seconds": round(seconds, 1)}
             _record(scores)
+            # 270 MB each; the recipe beside it rebuilds it.
+            shutil.rmtree(out)
         print(name, {k: v for k, v in scores[name].items() if "samples" not in k}, flush=True)
     body = table(scores)
     print(body)

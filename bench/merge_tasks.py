@@ -11,8 +11,10 @@ answers every review with a label but guesses scores about 50 % on `sentiment`.
 
 Both are deterministic in a seed. Each task's vocabulary (the words of `caps`; the
 subjects and opinion words of `sentiment`) is split once, by a fixed shuffle, into a
-training part and a held-out part: a held-out example uses only words training never
-saw, so a score on it measures the skill, not recall of training answers.
+training part and a held-out part: a "heldout" example uses only words training never
+saw, so a score on it measures the skill, not recall of training answers. `caps` also
+has "recombined" examples: new phrases of training words, none of them a training
+prompt (the format and the words were trained, the phrase was not).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import re
 from weightops.repair.data import Example
 
 TASKS = ("caps", "sentiment")
+TRAIN_N = 400
 
 WORDS = """
 apple river green small window open table light happy quiet garden yellow house
@@ -89,10 +92,15 @@ def _sentiment(rng: random.Random, subjects: list[str], pos: list[str], neg: lis
 
 
 def examples(task: str, split: str, n: int, seed: int = 0) -> list[Example]:
-    """`n` distinct examples of `task` ("caps" or "sentiment") from `split` ("train" or
-    "heldout"), the same for the same arguments."""
-    part = 0 if split == "train" else 1
+    """`n` distinct examples of `task` ("caps" or "sentiment") from `split` ("train",
+    "heldout", or for caps "recombined"), the same for the same arguments."""
+    part = 1 if split == "heldout" else 0
     rng = random.Random(f"{task}-{split}-{seed}")
+    taken = set()
+    if split == "recombined":
+        if task != "caps":
+            raise ValueError("only caps has recombined examples")
+        taken = {ex.prompt for ex in examples(task, "train", TRAIN_N, seed)}
     if task == "caps":
         words = _split(WORDS, 0.3, "caps")[part]
 
@@ -109,7 +117,8 @@ def examples(task: str, split: str, n: int, seed: int = 0) -> list[Example]:
     seen: dict[str, Example] = {}
     for _ in range(50 * n):
         ex = draw()
-        seen.setdefault(ex.prompt, ex)
+        if ex.prompt not in taken:
+            seen.setdefault(ex.prompt, ex)
         if len(seen) == n:
             return list(seen.values())
     raise ValueError(f"{task}/{split} has fewer than {n} distinct examples")
