@@ -188,6 +188,37 @@ def score(folder: Path, n: int) -> dict:
     return result
 
 
+def overlap(base: Path, a: Path, b: Path) -> dict:
+    """How the two task vectors sit: tensors changed, share of their entries each
+    fine-tune changed (in bf16, as saved), share both changed, norms and cosine."""
+    from safetensors.torch import load_file
+
+    tb, ta, tc = (load_file(f / "model.safetensors") for f in (base, a, b))
+    tensors = entries = in_a = in_b = both = 0
+    norm_a = norm_b = dot = 0.0
+    for name, t in tb.items():
+        da, db = ta[name].float() - t.float(), tc[name].float() - t.float()
+        if not (da.any() or db.any()):
+            continue
+        tensors += 1
+        entries += t.numel()
+        in_a += int(da.count_nonzero())
+        in_b += int(db.count_nonzero())
+        both += int((da.ne(0) & db.ne(0)).sum())
+        norm_a += da.square().sum().item()
+        norm_b += db.square().sum().item()
+        dot += (da * db).sum().item()
+    return {
+        "tensors": tensors,
+        "changed_a": round(in_a / entries, 3),
+        "changed_b": round(in_b / entries, 3),
+        "changed_both": round(both / entries, 3),
+        "norm_a": round(norm_a**0.5, 3),
+        "norm_b": round(norm_b**0.5, 3),
+        "cosine": round(dot / (norm_a * norm_b) ** 0.5, 4),
+    }
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.0f} %"
 
@@ -252,6 +283,9 @@ def main() -> None:
             finetune(task, folders[key], **train)
         scores[f"finetune_{task}"] = json.loads((folders[key] / "finetune.json").read_text())
         print(scores[f"finetune_{task}"], flush=True)
+    scores["overlap"] = overlap(folders["BASE"], folders["A"], folders["B"])
+    _record(scores)
+    print("task vectors", scores["overlap"], flush=True)
     runs = [("base", folders["BASE"]), ("ft_caps", folders["A"]), ("ft_sentiment", folders["B"])]
     for name, folder in runs:
         if name not in scores:
