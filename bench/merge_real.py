@@ -133,9 +133,8 @@ def finetune(
     staging.rename(out)
 
 
-def merge(name: str, folders: dict[str, Path]) -> tuple[Path, float]:
-    """Run RECIPES[name] through `weightops merge`; returns the output folder and the
-    merge's wall seconds."""
+def write_recipe(name: str, folders: dict[str, Path]) -> Path:
+    """RECIPES[name] with the folders filled in, as a YAML file under WORK/recipes."""
     recipe = json.loads(json.dumps(RECIPES[name]))
     if "base_model" in recipe:
         recipe["base_model"] = str(folders[recipe["base_model"]])
@@ -145,26 +144,16 @@ def merge(name: str, folders: dict[str, Path]) -> tuple[Path, float]:
     path = WORK / "recipes" / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    out = WORK / "merged" / name
+    return path
+
+
+def merge(recipe: Path, out: Path) -> float:
+    """Run `recipe` through `weightops merge` into `out`; returns the wall seconds."""
     env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    command = ["-m", "weightops", "merge", str(recipe), "-o", str(out), "--force", "--threads", "1"]
     t0 = time.perf_counter()
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "weightops",
-            "merge",
-            str(path),
-            "-o",
-            str(out),
-            "--force",
-            "--threads",
-            "1",
-        ],
-        check=True,
-        env=env,
-    )
-    return out, time.perf_counter() - t0
+    subprocess.run([sys.executable, *command], check=True, env=env)
+    return time.perf_counter() - t0
 
 
 def score(folder: Path, n: int) -> dict:
@@ -293,8 +282,10 @@ def main() -> None:
             _record(scores)
         print(name, {k: v for k, v in scores[name].items() if "samples" not in k}, flush=True)
     for name in args.methods.split(","):
+        recipe = write_recipe(name, folders)
         if name not in scores:
-            out, seconds = merge(name, folders)
+            out = WORK / "merged" / name
+            seconds = merge(recipe, out)
             scores[name] = score(out, args.n) | {"merge_seconds": round(seconds, 1)}
             _record(scores)
             # 270 MB each; the recipe beside it rebuilds it.
