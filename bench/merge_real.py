@@ -5,15 +5,17 @@ bench/merge_tasks.py (`caps`: rewrite a phrase in capitals; `sentiment`: label a
 review), training the same top decoder layers and final norm each time, so the two
 task vectors live in the same tensors. The two fine-tunes are then merged by every
 method in RECIPES, each through the `weightops merge` CLI (bf16 output, fp32
-arithmetic), and each model is scored on the held-out examples of both tasks (words
-training never saw; greedy answers, exact match) and on perplexity of held-out
-English prose (refusal_finetune.perplexity: the Python language reference text).
+arithmetic), and each model is scored on examples training never saw (COLUMNS: caps
+on new phrases of training words and on unseen words, sentiment on unseen words;
+greedy answers, exact match) and on perplexity of held-out English prose
+(refusal_finetune.perplexity: the Python language reference text).
 
 Fine-tunes follow bench/refusal_finetune.py: fp32 full fine-tune of the top
 `--layers` layers and the final norm, AdamW with warm-up and cosine decay, loss on
 the response tokens only, prompts through the chat template, saved in bf16. They are
-cached under $WEIGHTOPS_CACHE/merge-real (default ~/.cache/weightops) with the merges
-and the scores (scores.json); a rerun reuses what is there (--fresh rebuilds).
+cached under $WEIGHTOPS_CACHE/merge-real (default ~/.cache/weightops) with the
+recipes and the scores (scores.json); a merged model is deleted once scored. A rerun
+reuses what is there (--fresh rebuilds).
 
     python bench/merge_real.py            # trains, merges, scores; writes docs/merging_real.md's table
 """
