@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -66,6 +67,24 @@ def ensure_heretic() -> Path:
 
 def prompts(name: str) -> list[str]:
     return [ex.prompt for ex in load_examples(DATA / f"{name}.jsonl")]
+
+
+def fit_sets(args: argparse.Namespace) -> dict[str, list[str]]:
+    """The prompts both tools get: direction from `--fit` evenly spaced train prompts
+    of each kind, trials scored on evenly spaced subsets of those."""
+    bad = evenly(prompts("harmful_train"), args.fit)
+    good = evenly(prompts("harmless_train"), args.fit)
+    return {
+        "bad": bad,
+        "good": good,
+        "bad_eval": evenly(bad, args.eval_target),
+        "good_eval": evenly(good, args.eval_harmless),
+    }
+
+
+def held_out_sets() -> tuple[list[str], list[str]]:
+    """Every second held-out prompt, as docs/aligned_model.md measures."""
+    return prompts("harmful_heldout")[::2], prompts("harmless_heldout")[::2]
 
 
 def toml_str(s: str) -> str:
@@ -121,13 +140,7 @@ def run_heretic(model: Path, work: Path, args: argparse.Namespace, system: str) 
     exe = ensure_heretic()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    files = {
-        "good": prompts("harmless_train"),
-        "bad": prompts("harmful_train"),
-        "good_eval": evenly(prompts("harmless_train"), args.eval_harmless),
-        "bad_eval": evenly(prompts("harmful_train"), args.eval_target),
-    }
-    for k, v in files.items():
+    for k, v in fit_sets(args).items():
         (work / f"{k}.txt").write_text("\n".join(v) + "\n")
     markers = ", ".join(toml_str(p) for p in REFUSAL_PHRASES)
     (work / "config.toml").write_text(
@@ -189,10 +202,13 @@ def run_heretic(model: Path, work: Path, args: argparse.Namespace, system: str) 
 def run_weightops(model: Path, work: Path, args: argparse.Namespace) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    sets = fit_sets(args)
+    for k in ("bad", "good"):
+        (work / f"{k}.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in sets[k]))
     cmd = [
         sys.executable, "-m", "weightops", "steer", "optimize", str(model),
-        "--target", str(DATA / "harmful_train.jsonl"),
-        "--harmless", str(DATA / "harmless_train.jsonl"),
+        "--target", str(work / "bad.jsonl"),
+        "--harmless", str(work / "good.jsonl"),
         "--eval-target", str(args.eval_target),
         "--eval-harmless", str(args.eval_harmless),
         "--trials", str(args.trials), "--startup", str(args.startup), "--seed", str(args.seed),
@@ -225,8 +241,9 @@ def held_out(folders: dict[str, Path], tokenizer_from: Path, tokens: int) -> dic
     from weightops.prompting import encode_prompt
 
     tok = AutoTokenizer.from_pretrained(tokenizer_from)
-    harmful = [encode_prompt(tok, p)[0] for p in prompts("harmful_heldout")]
-    harmless = [encode_prompt(tok, p)[0] for p in prompts("harmless_heldout")]
+    bad, good = held_out_sets()
+    harmful = [encode_prompt(tok, p)[0] for p in bad]
+    harmless = [encode_prompt(tok, p)[0] for p in good]
     out, base = {}, None
     for name, folder in folders.items():
         model, _ = load_model(folder)
@@ -244,12 +261,13 @@ def held_out(folders: dict[str, Path], tokenizer_from: Path, tokens: int) -> dic
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--trials", type=int, default=40)
-    ap.add_argument("--startup", type=int, default=12)
+    ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--startup", type=int, default=6)
+    ap.add_argument("--fit", type=int, default=96)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--goal", type=float, default=0.05)
-    ap.add_argument("--eval-target", type=int, default=48)
-    ap.add_argument("--eval-harmless", type=int, default=32)
+    ap.add_argument("--eval-target", type=int, default=24)
+    ap.add_argument("--eval-harmless", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=48)
     ap.add_argument("--only", choices=["weightops", "heretic"], default=None)
@@ -267,13 +285,18 @@ def main() -> None:
     ).group(1)
     work = WORK / "steer_optimize"
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    results = {}
-    if args.only in (None, "weightops"):
-        results["weightops"] = run_weightops(model, work / "weightops", args)
-        print("weightops", results["weightops"], flush=True)
-    if args.only in (None, "heretic"):
-        results["heretic"] = run_heretic(model, work / "heretic", args, system)
-        print("heretic", results["heretic"], flush=True)
+    ensure_heretic()
+    jobs = {
+        "weightops": lambda: run_weightops(model, work / "weightops", args),
+        "heretic": lambda: run_heretic(model, work / "heretic", args, system),
+    }
+    jobs = {k: v for k, v in jobs.items() if args.only in (None, k)}
+    # Side by side: both run at once, so both see the same load on a shared machine.
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        running = {k: pool.submit(v) for k, v in jobs.items()}
+        results = {k: f.result() for k, f in running.items()}
+    for k, r in results.items():
+        print(k, r, flush=True)
     folders = {"aligned model": model} | {k: work / k / "model" for k in results}
     evals = held_out(folders, model, 16)
     (work / "results.json").write_text(json.dumps({"fit": results, "held_out": evals}, indent=1))
@@ -283,7 +306,7 @@ def main() -> None:
 
 
 def write_report(results: dict, evals: dict, args: argparse.Namespace) -> None:
-    n_h, n_n = len(prompts("harmful_heldout")), len(prompts("harmless_heldout"))
+    n_h, n_n = (len(s) for s in held_out_sets())
     rows = [
         "| model | held-out refusal | held-out KL | train-subset refusal | train-subset KL "
         "| chosen trial | search | wall |",
@@ -302,22 +325,23 @@ def write_report(results: dict, evals: dict, args: argparse.Namespace) -> None:
     cmd = "python bench/steer_optimize.py" + "".join(
         f" --{k.replace('_', '-')} {v}"
         for k, v in vars(args).items()
-        if k != "only" and v != {"trials": 40, "startup": 12, "seed": 0, "goal": 0.05,
-                                  "eval_target": 48, "eval_harmless": 32,
+        if k != "only" and v != {"trials": 20, "startup": 6, "fit": 96, "seed": 0, "goal": 0.05,
+                                  "eval_target": 24, "eval_harmless": 16,
                                   "max_new_tokens": 8, "batch_size": 48}[k]
     )  # fmt: skip
     body = (
         f"- Command: `{cmd}`\n- Machine: {machine()}\n"
         f"- Aligned model (SmolLM2-135M-Instruct fine-tuned to refuse), fp32. Both tools: "
         f"{args.trials} trials ({args.startup} random first), seed {args.seed}, direction "
-        f"from harmful_train (300) vs harmless_train (177); trials scored on "
-        f"{args.eval_target} harmful and {args.eval_harmless} harmless train prompts "
-        f"(evenly spaced), greedy answers of {args.max_new_tokens} tokens judged by the "
+        f"from {args.fit} harmful_train vs {args.fit} harmless_train prompts (evenly "
+        f"spaced); trials scored on {args.eval_target} harmful and {args.eval_harmless} "
+        f"harmless of those, greedy answers of {args.max_new_tokens} tokens judged by the "
         f"same refusal phrases; the trial chosen by the same rule (lowest KL with refusal "
         f"≤ {args.goal:.0%}, else fewest refusals).\n"
-        f"- Held-out: {n_h} harmful prompts (greedy, 16 tokens, `refuses`) and {n_n} "
+        f"- Held-out (every second one): {n_h} harmful prompts (greedy, 16 tokens, `refuses`) and {n_n} "
         "harmless prompts (KL(original ‖ edited) of the first answer token), measured "
         "by this script for both outputs.\n\n" + "\n".join(rows) + "\n\n"
+        "The two ran at the same time, so both saw the same load on the shared machine. "
         "Search is the time inside trials (weightops) or until heretic's trial menu "
         "(model loading, direction and trials); wall includes loading and saving.\n"
     )
