@@ -112,6 +112,8 @@ def _answer_menus(proc, log, work: Path, goal: float, t0: float):
             break
         buf += ch
         log.write(ch)
+        if ch == "\n":
+            log.flush()
         if not buf.endswith(("Enter number: ", "Path to the folder:: ")):
             continue
         if stage == "trial":

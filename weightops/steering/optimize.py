@@ -293,8 +293,13 @@ def optimize(
 ) -> tuple[Study, Directions]:
     """Search `trials` points; directions come from the *_fit prompts, objectives from
     the *_eval prompts (module docstring)."""
-    import optuna
-
+    try:
+        import optuna
+    except ImportError:
+        raise SteeringError(
+            "steer optimize needs Optuna, which is not installed",
+            hint="pip install 'weightops[search]' (or pip install optuna)",
+        ) from None
     if mode not in MODES:
         raise SteeringError(f"mode must be one of {', '.join(MODES)} (got {mode!r})")
     if trials < 1:
