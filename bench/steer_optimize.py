@@ -15,7 +15,7 @@ CLI, non-interactively: its config.toml is written in a fresh folder, its menus 
 answered through standard input (it reads them with input() when COLAB_GPU is set), and
 the model is saved merged.
 
-    python bench/steer_optimize.py [--trials 40] [--startup 12] [--goal 0.05]
+    python bench/steer_optimize.py [--trials 16] [--startup 5] [--goal 0.05]
 """
 
 from __future__ import annotations
@@ -263,9 +263,9 @@ def held_out(folders: dict[str, Path], tokenizer_from: Path, tokens: int) -> dic
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--trials", type=int, default=20)
-    ap.add_argument("--startup", type=int, default=6)
-    ap.add_argument("--fit", type=int, default=96)
+    ap.add_argument("--trials", type=int, default=16)
+    ap.add_argument("--startup", type=int, default=5)
+    ap.add_argument("--fit", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--goal", type=float, default=0.05)
     ap.add_argument("--eval-target", type=int, default=24)
@@ -327,7 +327,7 @@ def write_report(results: dict, evals: dict, args: argparse.Namespace) -> None:
     cmd = "python bench/steer_optimize.py" + "".join(
         f" --{k.replace('_', '-')} {v}"
         for k, v in vars(args).items()
-        if k != "only" and v != {"trials": 20, "startup": 6, "fit": 96, "seed": 0, "goal": 0.05,
+        if k != "only" and v != {"trials": 16, "startup": 5, "fit": 64, "seed": 0, "goal": 0.05,
                                   "eval_target": 24, "eval_harmless": 16,
                                   "max_new_tokens": 8, "batch_size": 48}[k]
     )  # fmt: skip

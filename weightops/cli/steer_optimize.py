@@ -40,6 +40,21 @@ def _scorer(spec: str | None):
     return fn
 
 
+def _write_study(path: Path, mode: str, baseline, trials: list, chosen: int | None) -> None:
+    rows = [
+        {
+            "number": t.number,
+            "behaviour": t.behaviour,
+            "kl": t.kl,
+            "seconds": t.seconds,
+            "point": t.point.as_dict(),
+        }
+        for t in trials
+    ]
+    record = {"mode": mode, "baseline": baseline, "chosen": chosen, "trials": rows}
+    path.write_text(json.dumps(record, indent=1))
+
+
 @steer_app.command("optimize")
 def optimize(
     model: Path = typer.Argument(..., metavar="MODEL", help="Model folder.", show_default=False),
@@ -119,11 +134,17 @@ def optimize(
         t_eval, h_eval = _prompts(target, eval_target), _prompts(harmless, eval_harmless)
         m, tok = load_model(model)
 
+        done: list = []
+
         def show(t) -> None:
             typer.echo(
                 f"trial {t.number:3d}  behaviour {t.behaviour:6.1%}  KL {t.kl:.4f}  ({t.seconds:.1f} s)",
                 err=True,
             )
+            done.append(t)
+            if study_file is not None:
+                # Written after every trial, so a stopped search keeps what it measured.
+                _write_study(study_file, mode, None, done, None)
 
         study, dirs = run(
             m,
@@ -148,26 +169,7 @@ def optimize(
             f"chosen: trial {chosen.number} (behaviour {chosen.behaviour:.1%}, KL {chosen.kl:.4f})"
         )
         if study_file is not None:
-            study_file.write_text(
-                json.dumps(
-                    {
-                        "mode": mode,
-                        "baseline": study.baseline,
-                        "chosen": chosen.number,
-                        "trials": [
-                            {
-                                "number": t.number,
-                                "behaviour": t.behaviour,
-                                "kl": t.kl,
-                                "seconds": t.seconds,
-                                "point": t.point.as_dict(),
-                            }
-                            for t in study.trials
-                        ],
-                    },
-                    indent=1,
-                )
-            )
+            _write_study(study_file, mode, study.baseline, study.trials, chosen.number)
         if output is not None:
             bake_point(
                 model, chosen.point, dirs, output, dtype=out_dtype, force=force, shard_size=size
