@@ -255,4 +255,6 @@ def ablate(
 
 
 def register(app: typer.Typer) -> None:
+    from weightops.cli import steer_optimize  # noqa: F401  (adds `steer optimize`)
+
     app.add_typer(steer_app, name="steer")

@@ -11,6 +11,9 @@
   rows (and its bias), the rows of the token and position embeddings, and GPT-2's
   Conv1D outputs. With tied embeddings the shared matrix also serves as lm_head, which
   then reads the projected stream, exactly as the hooked model does.
+- An optimized intervention (`bake_point`, from `steer optimize`): a weighted ablation
+  of the attention and MLP output projections, a weight per layer and kind, or an
+  addition with a strength per layer.
 
 Both stream the checkpoint tensor by tensor through the atomic writer; the model is
 never loaded whole.
@@ -27,6 +30,7 @@ from weightops.io.checkpoint import Checkpoint
 from weightops.io.rewrite import rewrite_checkpoint
 from weightops.steering.hooks import ablation_basis
 from weightops.steering.layers import POST_NORM_FAMILIES, SteeringError
+from weightops.steering.profile import Directions, Point, ablate
 from weightops.steering.vector import SteeringVector, _check_strength
 
 _BIAS_BY_CONFIG = {"llama": "mlp_bias"}
@@ -198,3 +202,70 @@ def _project_first(t: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Remove span(q) from the first axis (a Linear weight's output rows)."""
     x = t.double()
     return x - q @ (q.T @ x)
+
+
+def bake_point(
+    model: str | Path,
+    point: Point,
+    directions: Directions,
+    out: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    force: bool = False,
+    shard_size: int = 5 * 10**9,
+) -> Path:
+    """Write `model` with an optimized intervention (steering.profile) baked in: in
+    mode "remove" each attention and MLP output projection of block i becomes
+    W − λ r̂ r̂ᵀ W with its own weight λ; in mode "add" the per-layer additions go into
+    MLP output biases as in `bake_addition`."""
+    ckpt = Checkpoint(model)
+    cfg = text_config(ckpt.config)
+    hidden = int(cfg.get("hidden_size") or cfg.get("n_embd") or 0)
+    depth = num_layers(ckpt.config, ckpt.tensors)
+    if depth != directions.depth or hidden != directions.target_mean.shape[1]:
+        raise SteeringError(
+            f"the directions are for {directions.depth} layers of width "
+            f"{directions.target_mean.shape[1]}, but {ckpt.path} has {depth} of {hidden}"
+        )
+    dirs = directions.for_point(point)
+    weights = point.weights(depth)
+    model_type = family(ckpt.config)
+    if point.mode == "add":
+        vec = SteeringVector(
+            {i: weights[(i, "mlp")] * dirs[i] for i, _ in weights},
+            model_type=model_type,
+            hidden_size=hidden,
+            method="optimize",
+        )
+        return bake_addition(model, vec, 1.0, out, dtype=dtype, force=force, shard_size=shard_size)
+    vec = SteeringVector(dirs, model_type=model_type, hidden_size=hidden, method="optimize")
+    _check_model(vec, ckpt)
+    conv1d = model_type in _CONV1D
+    component = {"attn_o": "attn", "mlp_down": "mlp"}
+
+    def transform(name: str, tensor: torch.Tensor | None) -> torch.Tensor:
+        d = describe(name)
+        lam = weights.get((d.layer, component.get(d.role, "")))
+        if not lam:
+            return tensor
+        rows_out = name.endswith(".bias") or conv1d
+        return ablate(tensor, dirs[d.layer], lam, rows_out=rows_out)
+
+    settings = {"job": "steer optimize", "point": point.as_dict()}
+    summary = [
+        "Weighted directional ablation baked in: each attention and MLP output projection "
+        "of the blocks listed in the settings is W − λ r̂ r̂ᵀ W, its weight λ and direction "
+        "r̂ found by `weightops steer optimize`."
+    ]
+    return rewrite_checkpoint(
+        ckpt,
+        Path(out),
+        transform,
+        title=f"{ckpt.path.name} − weighted direction",
+        summary=summary,
+        settings=settings,
+        tag="steering",
+        dtype=dtype,
+        force=force,
+        shard_size=shard_size,
+    )

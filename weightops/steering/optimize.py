@@ -1,0 +1,379 @@
+"""`steer optimize`: search an intervention's shape with multi-objective TPE.
+
+Two objectives, both minimised, measured for every trial on the same prompts:
+
+- behaviour: in mode "remove", the share of target prompts whose greedy completion
+  (`max_new_tokens`, short: a refusal shows in its first words) the judge calls the
+  behaviour (default judge: `repair.evaluate.refuses`); in mode "add", the share it
+  does not. Removing refusal measures how little it takes to undo it; adding it asks
+  how much refusal a model can be given.
+- KL: the mean over harmless prompts of KL(original ‖ edited) of the next-token
+  distribution after the prompt, the first token of the answer.
+
+The search space (`suggest`) holds, per trial: the direction's source layer (fractional,
+in `source_range` × depth) or "per layer"; whether the direction is projected off the
+harmless mean; and for each writer kind (attention, MLP) a `Profile`: peak weight,
+peak position, floor as a fraction of the peak, and width. Its ranges contain those of
+heretic-llm 1.4 (peak 0.8–1.5, position 0.6–1.0 of depth, width 1–0.6 of depth), and
+go further (a peak of 0 switches a writer kind off).
+
+`Optuna`'s TPESampler (multivariate, `startup` random trials first, seeded) proposes
+points; the first trial is the plain full ablation of Arditi et al. (weight 1 at every
+layer, direction from 60 % of depth) so the search starts from the known answer.
+
+Choosing a point from the Pareto front (`choose`):
+- "target" (default): the lowest KL among trials whose behaviour share is at most
+  `target`; when none is, the lowest behaviour share (then the lowest KL).
+- "knee": the front point nearest to (0, 0) after scaling each objective by its
+  range on the front.
+- "trial:N": trial N.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from weightops.prompting import encode_prompt, render_prompt
+from weightops.repair.evaluate import refuses
+from weightops.steering.extract import hidden_states
+from weightops.steering.layers import SteeringError, find_layers
+from weightops.steering.profile import COMPONENTS, MODES, Directions, Point, Profile, applied
+
+Judge = Callable[[str, str], bool]
+
+
+def refusal_judge(prompt: str, completion: str) -> bool:
+    """The default judge: the completion reads as a refusal."""
+    return refuses(completion)
+
+
+@dataclass
+class Trial:
+    number: int
+    point: Point
+    behaviour: float
+    kl: float
+    seconds: float
+
+
+@dataclass
+class Study:
+    """Every trial of a search, with the unedited model's behaviour share."""
+
+    mode: str
+    depth: int
+    baseline: float
+    trials: list[Trial] = field(default_factory=list)
+
+    def front(self) -> list[Trial]:
+        """The Pareto front (no other trial is at least as good in both objectives and
+        better in one), ordered by behaviour share, then KL."""
+        out = []
+        for t in self.trials:
+            dominated = any(
+                o.behaviour <= t.behaviour
+                and o.kl <= t.kl
+                and (o.behaviour < t.behaviour or o.kl < t.kl)
+                for o in self.trials
+            )
+            if not dominated:
+                out.append(t)
+        return sorted(out, key=lambda t: (t.behaviour, t.kl, t.number))
+
+    def choose(self, rule: str = "target", target: float = 0.05) -> Trial:
+        """The trial a rule picks (module docstring)."""
+        if not self.trials:
+            raise SteeringError("no finished trials to choose from")
+        if rule == "target":
+            ok = [t for t in self.trials if t.behaviour <= target]
+            if ok:
+                return min(ok, key=lambda t: (t.kl, t.behaviour, t.number))
+            return min(self.trials, key=lambda t: (t.behaviour, t.kl, t.number))
+        if rule == "knee":
+            front = self.front()
+            b = [t.behaviour for t in front]
+            k = [t.kl for t in front]
+            sb = (max(b) - min(b)) or 1.0
+            sk = (max(k) - min(k)) or 1.0
+            return min(
+                front,
+                key=lambda t: ((t.behaviour - min(b)) / sb) ** 2 + ((t.kl - min(k)) / sk) ** 2,
+            )
+        if rule.startswith("trial:") and rule[6:].isdigit():
+            n = int(rule[6:])
+            for t in self.trials:
+                if t.number == n:
+                    return t
+            raise SteeringError(
+                f"--choose {rule}: there is no trial {n} (0 … {len(self.trials) - 1})"
+            )
+        raise SteeringError(f"--choose {rule!r}: give target, knee or trial:N")
+
+
+# ------------------------------------------------------------------ measuring
+
+
+def evenly(items: Sequence[str], n: int | None) -> list[str]:
+    """`n` items spread evenly over the list (all of them when n is None or larger)."""
+    if n is None or n >= len(items):
+        return list(items)
+    step = len(items) / n
+    return [items[int(k * step)] for k in range(n)]
+
+
+def _prompt_ids(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
+    return [encode_prompt(tokenizer, p)[0] for p in prompts]
+
+
+def _left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, r in enumerate(rows):
+        ids[j, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
+        mask[j, width - len(r) :] = 1
+    return ids, mask
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for attr in ("pad_token_id", "eos_token_id"):
+        v = getattr(tokenizer, attr, None)
+        if v is not None:
+            return int(v)
+    return 0
+
+
+@torch.no_grad()
+def first_token_logprobs(
+    model: torch.nn.Module, tokenizer: Any, rows: Sequence[Sequence[int]], batch_size: int = 32
+) -> torch.Tensor:
+    """[len(rows), vocab] fp32 log-probabilities of the token after each prompt."""
+    device = next(model.parameters()).device
+    out = []
+    for b in range(0, len(rows), batch_size):
+        ids, mask = _left_pad(rows[b : b + batch_size], _pad_id(tokenizer))
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        inputs = {
+            "input_ids": ids.to(device),
+            "attention_mask": mask.to(device),
+            "position_ids": pos.to(device),
+        }
+        try:
+            # Only the last position's logits: the lm_head over every position would
+            # cost a fifth of a small model's forward pass.
+            logits = model(**inputs, logits_to_keep=1).logits[:, -1]
+        except TypeError:
+            logits = model(**inputs).logits[:, -1]
+        out.append(torch.log_softmax(logits.float(), -1).cpu())
+    return torch.cat(out)
+
+
+def kl_divergence(base: torch.Tensor, new: torch.Tensor) -> float:
+    """Mean over rows of KL(base ‖ new), both given as log-probabilities."""
+    return float((base.exp() * (base - new)).sum(-1).mean())
+
+
+@torch.no_grad()
+def greedy(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    rows: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    batch_size: int = 32,
+) -> list[str]:
+    """Greedy completions (cut at the end-of-sequence token)."""
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    eos = getattr(tokenizer, "eos_token_id", None)
+    pad = _pad_id(tokenizer)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=pad,
+        eos_token_id=eos,
+    )
+    texts = []
+    for b in range(0, len(rows), batch_size):
+        ids, mask = _left_pad(rows[b : b + batch_size], pad)
+        result = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
+        )
+        for row in result[:, ids.shape[1] :].tolist():
+            if eos is not None and eos in row:
+                row = row[: row.index(eos)]
+            texts.append(tokenizer.decode(row, skip_special_tokens=True))
+    return texts
+
+
+def directions(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    target: Sequence[str],
+    harmless: Sequence[str],
+    batch_size: int = 16,
+) -> Directions:
+    """Per-layer mean block outputs at the last prompt token (prompts rendered as the
+    model is prompted: chat-templated when it has a template)."""
+    depth = len(find_layers(model).blocks)
+    layers = list(range(depth))
+
+    def means(prompts: Sequence[str]) -> torch.Tensor:
+        texts = [render_prompt(tokenizer, p) for p in prompts]
+        hs = hidden_states(model, tokenizer, texts, layers, batch_size=batch_size)
+        return torch.stack([hs[i].double().mean(0) for i in layers]).float()
+
+    return Directions(means(target), means(harmless))
+
+
+# ------------------------------------------------------------------ search
+
+
+def suggest(trial: Any, mode: str, depth: int) -> Point:
+    """A point from an Optuna trial (the search space of the module docstring)."""
+    last = depth - 1
+    scope = trial.suggest_categorical("scope", ["global", "per layer"])
+    source = trial.suggest_float("source", 0.4 * last, 0.9 * last)
+    project = trial.suggest_categorical("project", [True, False])
+    profiles = {}
+    peak_hi = 1.5 if mode == "remove" else 1.0
+    for c in COMPONENTS if mode == "remove" else ("mlp",):
+        profiles[c] = Profile(
+            peak=trial.suggest_float(f"{c}.peak", 0.0, peak_hi),
+            position=trial.suggest_float(f"{c}.position", 0.3 * last, 1.0 * last),
+            floor=trial.suggest_float(f"{c}.floor", 0.0, 1.0),
+            width=trial.suggest_float(f"{c}.width", 1.0, 0.8 * last),
+        )
+    off = Profile(0.0, 0.0, 0.0, 1.0)
+    return Point(
+        mode=mode,
+        source=None if scope == "per layer" else source,
+        project=project,
+        attn=profiles.get("attn", off),
+        mlp=profiles["mlp"],
+    )
+
+
+def classic(mode: str, depth: int) -> dict[str, Any]:
+    """The first trial: weight 1 everywhere, direction from 60 % of depth."""
+    last = depth - 1
+    params: dict[str, Any] = {"scope": "global", "source": 0.6 * last, "project": False}
+    for c in COMPONENTS if mode == "remove" else ("mlp",):
+        params |= {
+            f"{c}.peak": 1.0 if mode == "remove" else 0.5,
+            f"{c}.position": 0.6 * last,
+            f"{c}.floor": 1.0,
+            f"{c}.width": 0.8 * last,
+        }
+    return params
+
+
+def optimize(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    *,
+    target_fit: Sequence[str],
+    harmless_fit: Sequence[str],
+    target_eval: Sequence[str],
+    harmless_eval: Sequence[str],
+    mode: str = "remove",
+    trials: int = 50,
+    startup: int | None = None,
+    seed: int = 0,
+    judge: Judge | None = None,
+    max_new_tokens: int = 12,
+    batch_size: int = 32,
+    on_trial: Callable[[Trial], None] | None = None,
+) -> tuple[Study, Directions]:
+    """Search `trials` points; directions come from the *_fit prompts, objectives from
+    the *_eval prompts (module docstring)."""
+    try:
+        import optuna
+    except ImportError:
+        raise SteeringError(
+            "steer optimize needs Optuna, which is not installed",
+            hint="pip install 'weightops[search]' (or pip install optuna)",
+        ) from None
+    if mode not in MODES:
+        raise SteeringError(f"mode must be one of {', '.join(MODES)} (got {mode!r})")
+    if trials < 1:
+        raise SteeringError(f"trials must be at least 1 (got {trials})")
+    for what, ps in (("target", target_fit), ("harmless", harmless_fit)):
+        if not ps:
+            raise SteeringError(f"no {what} prompts to read the direction from")
+    for what, ps in (("target", target_eval), ("harmless", harmless_eval)):
+        if not ps:
+            raise SteeringError(f"no {what} prompts to measure trials on")
+    from weightops.steering.profile import check_family
+
+    check_family(model)
+    judge = judge or refusal_judge
+    dirs = directions(model, tokenizer, target_fit, harmless_fit)
+    target_rows = _prompt_ids(tokenizer, target_eval)
+    harmless_rows = _prompt_ids(tokenizer, harmless_eval)
+    base_lp = first_token_logprobs(model, tokenizer, harmless_rows, batch_size)
+
+    def behaviour_share() -> float:
+        texts = greedy(model, tokenizer, target_rows, max_new_tokens, batch_size)
+        shown = sum(bool(judge(p, t)) for p, t in zip(target_eval, texts, strict=True))
+        share = shown / len(texts)
+        return share if mode == "remove" else 1.0 - share
+
+    study = Study(mode=mode, depth=dirs.depth, baseline=behaviour_share())
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(
+        n_startup_trials=startup if startup is not None else max(1, round(0.3 * trials)),
+        multivariate=True,
+        seed=seed,
+    )
+    search = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
+    search.enqueue_trial(classic(mode, dirs.depth))
+
+    def objective(trial: Any) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        point = suggest(trial, mode, dirs.depth)
+        with applied(model, point, dirs):
+            kl = kl_divergence(
+                base_lp, first_token_logprobs(model, tokenizer, harmless_rows, batch_size)
+            )
+            share = behaviour_share()
+        done = Trial(trial.number, point, share, kl, time.perf_counter() - t0)
+        study.trials.append(done)
+        if on_trial is not None:
+            on_trial(done)
+        return share, kl
+
+    search.optimize(objective, n_trials=trials)
+    return study, dirs
+
+
+def front_table(study: Study, chosen: Trial | None = None) -> str:
+    """The Pareto front as a Markdown table."""
+    what = "behaviour" if study.mode == "remove" else "behaviour missing"
+    lines = [
+        f"| trial | {what} | KL | source | project | attn peak@pos (floor, width) "
+        "| mlp peak@pos (floor, width) |",
+        "|---:|---:|---:|---|---|---|---|",
+    ]
+    for t in study.front():
+        p = t.point
+        src = "per layer" if p.source is None else f"{p.source:.2f}"
+
+        def prof(q: Profile, used: bool) -> str:
+            if not used:
+                return "–"
+            return f"{q.peak:.2f}@{q.position:.1f} ({q.floor:.2f}, {q.width:.1f})"
+
+        mark = " ←" if chosen is not None and t.number == chosen.number else ""
+        lines.append(
+            f"| {t.number}{mark} | {t.behaviour:.1%} | {t.kl:.4f} | {src} | "
+            f"{'yes' if p.project else 'no'} | {prof(p.attn, p.mode == 'remove')} | "
+            f"{prof(p.mlp, True)} |"
+        )
+    return "\n".join(lines)
