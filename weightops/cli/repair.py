@@ -108,7 +108,8 @@ def prune(
     smaller ratio). The model card lists how many weights of each tensor changed.
 
     Memory: the model in --dtype (an untied output head as stored) and one batch's
-    activations; about the same time as one forward pass over the data.
+    activations, no per-token activations kept; time: about one forward pass over
+    the data.
     """
     size = parse_size(shard_size)
     with user_errors():
@@ -204,9 +205,10 @@ def restore(
     --rollback-fraction of that step's weights that matter most to the task go back to
     their fine-tuned values. The last checkpoint above the threshold is kept.
 
-    Peak memory, float32 on a bfloat16 checkpoint: about 1.3× the model's float32 size
-    at the default --layers (the first blocks and their gradients in float32, the rest
-    as stored and widened only for the task score), plus the interpreter.
+    Peak memory, float32 on a bfloat16 checkpoint: about 2.7× the model's float32
+    size at the default --layers, interpreter included (the first blocks, their
+    gradients and one batch's graph in float32; the rest as stored, widened only for
+    the task score). See docs/repair.md.
     """
     size = parse_size(shard_size)
     with user_errors():
