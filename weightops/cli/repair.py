@@ -117,7 +117,8 @@ def prune(
     smaller ratio). The model card lists how many weights of each tensor changed.
 
     Memory: the model in --dtype (an untied output head as stored) and one batch's
-    activations; about the same time as one forward pass over the data.
+    activations, no per-token activations kept; time: about one forward pass over
+    the data.
     """
     size = parse_size(shard_size)
     with user_errors():

@@ -52,10 +52,11 @@ pool's gradients and, per step, one tensor's scores at a time (`restore_select`)
 `restore_model` (and `weightops repair restore`) reduces the aligned model to h* and
 its pool values as stored before loading the fine-tune, and computes in float32 on a
 bfloat16 or float16 checkpoint without a float32 copy of the blocks it does not edit
-(`weightops.repair.precision`): its peak is about the fine-tune in float32 plus the
-pool's gradients, 1.3× the model's float32 size at L = depth/2 (1.7× for a checkpoint
-stored in float32), plus the interpreter. Both keep the fine-tuned values of the
-weights touched so far (a few percent of the pool) to roll back or restart.
+(`weightops.repair.precision`). Its peak, during a gradient pass: the widened
+embeddings and first L blocks, the rest and the aligned pool values as stored, the
+pool's gradients and one batch's graph through L blocks (docs/repair.md has the
+figures). Both keep the fine-tuned values of the weights touched so far (a few
+percent of the pool) to roll back or restart.
 """
 
 from __future__ import annotations
