@@ -131,3 +131,50 @@ def test_inverse_factor_is_recomputed_for_a_changed_hessian():
     again = inverse_factor(hessian, 0.01)
     assert torch.allclose(again, first / 2, rtol=1e-4)
     assert not torch.allclose(inverse_factor(hessian, 0.5), again)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_closed_form_2bit_search_matches_rounding_each_factor(weighted):
+    from weightops.quant import grids
+
+    g = torch.Generator().manual_seed(11)
+    groups = torch.distributions.StudentT(4.0).sample((5, 4, 64)).double().float() * 0.02
+    groups[0, 0] = -0.003  # constant: no error at any factor
+    h = torch.rand(4, 64, generator=g) + 0.1 if weighted else None
+    x, mid, r = grids._scaled_offsets(groups)
+    factor, err = grids._clip_search_2bit(x, h, grids.CLIP2)
+    for i in range(groups.shape[0]):
+        for k in range(groups.shape[1]):
+            v = groups[i, k].double()
+            wt = torch.ones(64, dtype=torch.float64) if h is None else h[k].double()
+            lo0, hi0 = v.min().item(), v.max().item()
+            m, half = (lo0 + hi0) / 2, (hi0 - lo0) / 2
+            errors = []
+            for c in grids.CLIP2:
+                a, step = m - half * c, max(2 * half * c / 3, 1e-12)
+                q = ((v - a) / step).round().clamp(0, 3)
+                errors.append(float(((q * step + a - v) ** 2 * wt).sum()))
+            best = min(errors)
+            got = grids.CLIP2.index(round(factor[i, k].item(), 3))
+            assert errors[got] <= best * (1 + 1e-4) + 1e-18, (i, k)
+            assert math.isclose(
+                err[i, k].item() * half**2, errors[got], rel_tol=1e-3, abs_tol=1e-12
+            )
+
+
+def test_refined_error_is_the_error_of_the_last_codes_and_bounds_rounding_again():
+    from weightops.quant import grids
+
+    g = torch.Generator().manual_seed(5)
+    groups = torch.randn(30, 64, generator=g).double() * 0.02
+    h = torch.rand(30, 64, generator=g).double() + 0.1
+    s0 = (groups.amax(-1) - groups.amin(-1)) / 3
+    s, lo, err = grids._refine_with_error(groups, h, s0, groups.amin(-1), 2, steps=2)
+    # The codes of the last step: rounding on the grid before the last update.
+    s1, lo1 = grids._refine(groups, h, s0, groups.amin(-1), 2, steps=1)
+    q = ((groups - lo1[:, None]) / s1[:, None]).round().clamp(0, 3)
+    direct = ((q * s[:, None] + lo[:, None] - groups) ** 2 * h).sum(-1)
+    assert torch.allclose(err, direct, rtol=1e-6, atol=1e-15)
+    again = ((groups - lo[:, None]) / s[:, None]).round().clamp(0, 3)
+    rounded = ((again * s[:, None] + lo[:, None] - groups) ** 2 * h).sum(-1)
+    assert (rounded <= err * (1 + 1e-9) + 1e-15).all()
