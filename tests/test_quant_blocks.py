@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from weightops.quant import mixed
+from weightops.quant import grids, mixed
 from weightops.quant.gptq import gptq_codes, inverse_factor
 from weightops.quant.packing import pack_codes
 
@@ -40,7 +40,7 @@ def test_clip_search_picks_the_factor_a_loop_over_factors_picks(bits, weighted):
     groups = torch.randn(6, 5, 64, generator=g) * 0.02
     groups[0, 0] = 0.01  # a constant group: every factor ties, the first one wins
     h = torch.rand(5, 64, generator=g) + 0.1 if weighted else None
-    s, lo = mixed._grid(groups, h, bits, mixed.CLIP_GRID)
+    s, lo = grids._grid(groups, h, bits, grids.CLIP_GRID)
     levels = 2**bits - 1
     for r in range(groups.shape[0]):
         for k in range(groups.shape[1]):
@@ -48,19 +48,19 @@ def test_clip_search_picks_the_factor_a_loop_over_factors_picks(bits, weighted):
             weight = torch.ones(64, dtype=torch.float64) if h is None else h[k].double()
             lo0, hi0 = x.min().item(), x.max().item()
             mid = (lo0 + hi0) / 2
-            errors, grids = [], []
-            for c in mixed.CLIP_GRID:
+            errors, candidates = [], []
+            for c in grids.CLIP_GRID:
                 a, b = mid - (mid - lo0) * c, mid + (hi0 - mid) * c
                 step = max((b - a) / levels, 1e-12)
                 q = ((x - a) / step).round().clamp(0, levels)
                 errors.append(float(((q * step + a - x) ** 2 * weight).sum()))
-                grids.append((step, a))
+                candidates.append((step, a))
             best = min(errors)
             # Factors within rounding noise of the best are equally right.
             near = [i for i, e in enumerate(errors) if e <= best * (1 + 1e-4) + 1e-18]
             assert any(
-                math.isclose(s[r, k].item(), grids[i][0], rel_tol=1e-5)
-                and math.isclose(lo[r, k].item(), grids[i][1], rel_tol=1e-5, abs_tol=1e-9)
+                math.isclose(s[r, k].item(), candidates[i][0], rel_tol=1e-5)
+                and math.isclose(lo[r, k].item(), candidates[i][1], rel_tol=1e-5, abs_tol=1e-9)
                 for i in near
             ), (r, k)
     assert torch.equal(s[0, 0], s[0, 0].new_tensor(1e-12))
@@ -135,13 +135,11 @@ def test_inverse_factor_is_recomputed_for_a_changed_hessian():
 
 @pytest.mark.parametrize("weighted", [False, True])
 def test_closed_form_2bit_search_matches_rounding_each_factor(weighted):
-    from weightops.quant import grids
-
     g = torch.Generator().manual_seed(11)
     groups = torch.distributions.StudentT(4.0).sample((5, 4, 64)).double().float() * 0.02
     groups[0, 0] = -0.003  # constant: no error at any factor
     h = torch.rand(4, 64, generator=g) + 0.1 if weighted else None
-    x, mid, r = grids._scaled_offsets(groups)
+    x, _, _ = grids._scaled_offsets(groups)
     factor, err = grids._clip_search_2bit(x, h, grids.CLIP2)
     for i in range(groups.shape[0]):
         for k in range(groups.shape[1]):
@@ -163,8 +161,6 @@ def test_closed_form_2bit_search_matches_rounding_each_factor(weighted):
 
 
 def test_refined_error_is_the_error_of_the_last_codes_and_bounds_rounding_again():
-    from weightops.quant import grids
-
     g = torch.Generator().manual_seed(5)
     groups = torch.randn(30, 64, generator=g).double() * 0.02
     h = torch.rand(30, 64, generator=g).double() + 0.1

@@ -29,6 +29,7 @@ work at 4 bits) and four refinement steps.
 from __future__ import annotations
 
 import functools
+import itertools
 
 import torch
 
@@ -151,7 +152,7 @@ def _clip_search_2bit(
     n = len(asc)
     if n > 1:
         step = asc[1] - asc[0]
-        if any(abs(b - a - step) > 1e-9 for a, b in zip(asc, asc[1:], strict=False)):
+        if any(abs(b - a - step) > 1e-9 for a, b in itertools.pairwise(asc)):
             raise ValueError(f"clip factors {clips} are not evenly spaced")
         # Bucket = how many thresholds 2c/3 lie at or below x (a weight exactly on one
         # is as far from both levels, so either bucket gives it the same error).

@@ -65,7 +65,7 @@ import torch
 
 from weightops.errors import WeightopsError
 from weightops.quant.gptq import gptq_codes
-from weightops.quant.grids import CLIP_GRID, _grid, _refine, choose_grids
+from weightops.quant.grids import CLIP_GRID, choose_grids
 from weightops.quant.packing import pack_bits as _pack_bits
 from weightops.quant.packing import pack_codes as _pack
 from weightops.quant.packing import unpack_bits as _unpack_bits
