@@ -122,6 +122,45 @@ def test_blocked_gptq_matches_the_column_loop():
     assert torch.allclose(seen, ref_seen, atol=1e-4)
 
 
+def _gptq_loop_in_order(w, u, s, lo, top, group_size, order):
+    """The column loop visiting inputs in `order`, each with its own group's grid; u is
+    the inverse factor of the Hessian permuted to that order."""
+    work = w[:, order].clone()
+    codes = torch.empty_like(w)
+    for i, col in enumerate(order.tolist()):
+        g = col // group_size
+        q = ((work[:, i] - lo[:, g]) / s[:, g]).round().clamp(min=0)
+        q = torch.minimum(q, top[:, g])
+        codes[:, col] = q
+        err = (work[:, i] - (q * s[:, g] + lo[:, g])) / u[i, i]
+        work[:, i + 1 :] -= err[:, None] * u[i, i + 1 :][None, :]
+    seen = torch.empty_like(w)
+    seen[:, order] = work
+    return codes, seen
+
+
+def test_act_order_visits_inputs_by_decreasing_hessian_diagonal():
+    g = torch.Generator().manual_seed(9)
+    out_f, in_f, gs = 16, 128, 64
+    w = torch.randn(out_f, in_f, generator=g) * 0.02
+    scales = torch.rand(in_f, generator=g) * 3
+    x = torch.randn(512, in_f, generator=g) * scales
+    hessian = x.T @ x / 512
+    wg = w.reshape(out_f, -1, gs)
+    lo = wg.amin(-1)
+    s = (wg.amax(-1) - lo) / 3
+    is4 = torch.zeros(out_f, in_f // gs, dtype=torch.bool)
+    top = torch.full_like(s, 3.0)
+    order = torch.tensor(sorted(range(in_f), key=lambda i: -float(hessian[i, i])))
+    u = _upper_inverse_factor(hessian[order][:, order], 0.01)
+    ref_codes, ref_seen = _gptq_loop_in_order(w, u, s, lo, top, gs, order)
+    codes, seen = gptq_codes(w, hessian, s, lo, is4, gs, None, 0.01, block=32, act_order=True)
+    assert (codes == ref_codes).float().mean() > 0.995
+    assert torch.allclose(seen, ref_seen, atol=1e-4)
+    plain, _ = gptq_codes(w, hessian, s, lo, is4, gs, None, 0.01, block=32)
+    assert not torch.equal(plain, codes)
+
+
 def test_inverse_factor_is_recomputed_for_a_changed_hessian():
     x = torch.randn(256, 16, generator=torch.Generator().manual_seed(0))
     hessian = x.T @ x / 256

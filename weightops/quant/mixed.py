@@ -16,7 +16,8 @@ so the error never rises above the clip search's (bench/bench_quant.py shows the
 
 With a calibration Hessian H = Σ x xᵀ of the layer's inputs, the codes are chosen
 GPTQ-style (Frantar et al. 2023) instead of by rounding each weight alone: inputs are
-quantized in order and each one's rounding error, scaled by the inverse Hessian's
+quantized one at a time, by decreasing Hessian diagonal (act-order), and each one's
+rounding error, scaled by the inverse Hessian's
 Cholesky factor, is pushed onto the inputs not yet quantized, which minimises the
 layer's output error ‖(W − Ŵ) X‖ rather than ‖W − Ŵ‖. The group grids (width, s, lo)
 are fixed from the original weights first ("static groups"), so the layout and the
@@ -216,6 +217,7 @@ def quantize_with_reference(
     refine: bool = True,
     outliers: int = 0,
     damp: float = 0.01,
+    act_order: bool = True,
 ) -> tuple[Packed, torch.Tensor]:
     """Quantize `weight` [out, in] to mixed 2/4-bit groups within `avg_bits` per weight;
     return the packed form and the dequantized matrix computed from the codes before
@@ -228,7 +230,8 @@ def quantize_with_reference(
     k4: force this many 4-bit groups per row instead of deriving it from avg_bits.
     clip / refine: the clip search and the least-squares refinement (switches to measure
     what each buys). outliers: fp16 outliers kept per row. damp: added to the Hessian's
-    diagonal, as a share of its mean, before inverting it."""
+    diagonal, as a share of its mean, before inverting it. act_order: with a Hessian,
+    feed the error back in order of decreasing Hessian diagonal (GPTQ's act-order)."""
     _check(weight, group_size)
     clips = CLIP_GRID if clip else (1.0,)
     out_f, in_f = weight.shape
@@ -284,7 +287,15 @@ def quantize_with_reference(
     lo_deq = lo_q * lo_sup[:, None]
     if hessian is not None:
         codes, seen = gptq_codes(
-            weight.detach().float(), hessian, s_deq, lo_deq, is4, group_size, outlier, damp
+            weight.detach().float(),
+            hessian,
+            s_deq,
+            lo_deq,
+            is4,
+            group_size,
+            outlier,
+            damp,
+            act_order=act_order,
         )
         codes = codes.reshape(out_f, n_groups, group_size)
     else:
