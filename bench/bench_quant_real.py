@@ -240,8 +240,14 @@ def main() -> None:
     print(f"bf16: {base:.2f}", flush=True)
     rows: list[tuple[str, float, float, float]] = []  # (label, bits, ppl, seconds)
 
+    # Each run records its rows; the table joins the rows of every run on the same text
+    # (the tools can run in separate processes, `--skip`).
+    tools = "-".join(t for t in ("weightops", "hqq", "llama") if t not in skip)
+    record = OUT / f"rows-{args.text.stem}-{tools}.json"
+
     def add(label: str, bits: float, value: float, seconds: float) -> None:
         rows.append((label, bits, value, seconds))
+        record.write_text(json.dumps({"bf16": base, "rows": rows, "command": sys.argv[1:]}))
         print(f"{label}: {bits:.3f} bits, perplexity {value:.2f} ({seconds:.0f} s)", flush=True)
 
     if "weightops" not in skip:
@@ -300,9 +306,19 @@ def main() -> None:
             )
             add(f"llama.cpp {qtype}{note}", bits, ppl(deq), seconds)
 
+    commands = []
+    for other in sorted(OUT.glob(f"rows-{args.text.stem}-*.json")):
+        if other != record:
+            saved = json.loads(other.read_text())
+            rows += [tuple(r) for r in saved["rows"]]
+            commands.append(saved["command"])
+    commands.append(sys.argv[1:])
     rows.sort(key=lambda r: r[1])
     wall = time.time() - started
-    cmd = "python " + " ".join(shlex.quote(a) for a in ["bench/bench_quant_real.py", *sys.argv[1:]])
+    cmd = "`, `".join(
+        "python " + " ".join(shlex.quote(a) for a in ["bench/bench_quant_real.py", *c])
+        for c in commands
+    )
     text_name = args.text.relative_to(REPO) if args.text.is_relative_to(REPO) else args.text
     table = "\n".join(
         f"| {label} | {bits:.3f} | {value:,.2f} | {value / base:.2f}× | {seconds:.0f} s |"
@@ -319,7 +335,7 @@ def main() -> None:
         "Calibration (weightops --calib, the IQ2_XS importance matrix): the pydantic "
         "package's METADATA, never evaluated on. Time: each quantization's wall time on "
         "the shared machine (HQQ: its three runs' average).\n\n"
-        f"- Command: `{cmd}`\n- Machine: {machine()}\n- Total wall time: {wall / 60:.1f} min\n\n"
+        f"- Commands: `{cmd}`\n- Machine: {machine()}\n- Wall time of the last run: {wall / 60:.1f} min\n\n"
         "| quantization (weights came through 4-bit) | bits/weight (block linears) "
         "| perplexity | × bf16 | time |\n|---|---|---|---|---|\n"
         f"| bf16 checkpoint | 16 | {base:.2f} | 1.00× | |\n" + table + "\n"
