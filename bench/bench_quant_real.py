@@ -217,6 +217,9 @@ def main() -> None:
     ap.add_argument("--text", type=Path, default=HELDOUT, help="evaluation text")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--skip", default="", help="comma-separated: weightops,hqq,llama")
+    ap.add_argument(
+        "--weightops-runs", default="", help="comma-separated indices into WEIGHTOPS_RUNS"
+    )
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     started = time.time()
@@ -236,13 +239,21 @@ def main() -> None:
         finally:
             model.load_state_dict(original, strict=False)
 
-    base = perplexity(model, ids, WINDOW)
+    saved_runs = sorted(OUT.glob(f"rows-{args.text.stem}-*.json"))
+    if skip >= {"weightops", "hqq", "llama"} and saved_runs:
+        # Only joining earlier runs: their bf16 perplexity, measured the same way.
+        base = json.loads(saved_runs[0].read_text())["bf16"]
+    else:
+        base = perplexity(model, ids, WINDOW)
     print(f"bf16: {base:.2f}", flush=True)
     rows: list[tuple[str, float, float, float]] = []  # (label, bits, ppl, seconds)
 
     # Each run records its rows; the table joins the rows of every run on the same text
     # (the tools can run in separate processes, `--skip`).
+    picked = [int(i) for i in args.weightops_runs.split(",") if i]
+    runs = [WEIGHTOPS_RUNS[i] for i in picked] if picked else WEIGHTOPS_RUNS
     tools = "-".join(t for t in ("weightops", "hqq", "llama") if t not in skip)
+    tools += "".join(f"-{i}" for i in picked)
     record = OUT / f"rows-{args.text.stem}-{tools}.json"
 
     def add(label: str, bits: float, value: float, seconds: float) -> None:
@@ -251,7 +262,7 @@ def main() -> None:
         print(f"{label}: {bits:.3f} bits, perplexity {value:.2f} ({seconds:.0f} s)", flush=True)
 
     if "weightops" not in skip:
-        for label, opts in WEIGHTOPS_RUNS:
+        for label, opts in runs:
             dest = OUT / "weightops"
             t0 = time.time()
             kw = {k: v for k, v in opts.items() if k != "calib"}
