@@ -41,8 +41,8 @@ from report import REPO, machine, write_section
 
 OUT = WORK / "quant-speed"
 FAMILY_BASE = WORK / "family-16L" / "base"
-# The last commit before the quantizer was reworked for speed.
-BASELINE = "c2fe832"
+# main before the closed-form clip search (weightops.quant.grids).
+BASELINE = "769cb4f"
 CALIB_PACKAGE = "pydantic"
 
 RUN = r"""
@@ -237,7 +237,7 @@ def main() -> None:
         f"- Command: `{cmd}`\n- Machine: {machine()} (shared with other jobs: times are "
         "noisy, the two sides run back to back)\n"
         f"- Total wall time: {wall / 60:.1f} min\n\n"
-        "| model | MB | baseline: wall (CPU) | this tree: wall (CPU) | speed-up: wall (CPU) "
+        "| model | MB | baseline: wall (CPU) | this tree: wall (CPU) | speed-up, baseline / this: wall (CPU) "
         "| bits/weight (baseline / this) |\n"
         "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
         f"| SmolLM2-135M, HQQ {hqq_version} 2-bit (optimize=True, group 64) | {mb:.0f} | | "

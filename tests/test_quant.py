@@ -9,12 +9,11 @@ import pytest
 import torch
 
 from weightops.compat import causal_lm
+from weightops.quant.grids import _grid, _refine
 from weightops.quant.mixed import (
     QuantError,
-    _grid,
     _pack,
     _pack_bits,
-    _refine,
     _unpack,
     _unpack_bits,
     bits_per_weight,

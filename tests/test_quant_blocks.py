@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from weightops.quant import mixed
+from weightops.quant import grids, mixed
 from weightops.quant.gptq import gptq_codes, inverse_factor
 from weightops.quant.packing import pack_codes
 
@@ -40,7 +40,7 @@ def test_clip_search_picks_the_factor_a_loop_over_factors_picks(bits, weighted):
     groups = torch.randn(6, 5, 64, generator=g) * 0.02
     groups[0, 0] = 0.01  # a constant group: every factor ties, the first one wins
     h = torch.rand(5, 64, generator=g) + 0.1 if weighted else None
-    s, lo = mixed._grid(groups, h, bits, mixed.CLIP_GRID)
+    s, lo = grids._grid(groups, h, bits, grids.CLIP_GRID)
     levels = 2**bits - 1
     for r in range(groups.shape[0]):
         for k in range(groups.shape[1]):
@@ -48,19 +48,19 @@ def test_clip_search_picks_the_factor_a_loop_over_factors_picks(bits, weighted):
             weight = torch.ones(64, dtype=torch.float64) if h is None else h[k].double()
             lo0, hi0 = x.min().item(), x.max().item()
             mid = (lo0 + hi0) / 2
-            errors, grids = [], []
-            for c in mixed.CLIP_GRID:
+            errors, candidates = [], []
+            for c in grids.CLIP_GRID:
                 a, b = mid - (mid - lo0) * c, mid + (hi0 - mid) * c
                 step = max((b - a) / levels, 1e-12)
                 q = ((x - a) / step).round().clamp(0, levels)
                 errors.append(float(((q * step + a - x) ** 2 * weight).sum()))
-                grids.append((step, a))
+                candidates.append((step, a))
             best = min(errors)
             # Factors within rounding noise of the best are equally right.
             near = [i for i, e in enumerate(errors) if e <= best * (1 + 1e-4) + 1e-18]
             assert any(
-                math.isclose(s[r, k].item(), grids[i][0], rel_tol=1e-5)
-                and math.isclose(lo[r, k].item(), grids[i][1], rel_tol=1e-5, abs_tol=1e-9)
+                math.isclose(s[r, k].item(), candidates[i][0], rel_tol=1e-5)
+                and math.isclose(lo[r, k].item(), candidates[i][1], rel_tol=1e-5, abs_tol=1e-9)
                 for i in near
             ), (r, k)
     assert torch.equal(s[0, 0], s[0, 0].new_tensor(1e-12))
@@ -122,6 +122,45 @@ def test_blocked_gptq_matches_the_column_loop():
     assert torch.allclose(seen, ref_seen, atol=1e-4)
 
 
+def _gptq_loop_in_order(w, u, s, lo, top, group_size, order):
+    """The column loop visiting inputs in `order`, each with its own group's grid; u is
+    the inverse factor of the Hessian permuted to that order."""
+    work = w[:, order].clone()
+    codes = torch.empty_like(w)
+    for i, col in enumerate(order.tolist()):
+        g = col // group_size
+        q = ((work[:, i] - lo[:, g]) / s[:, g]).round().clamp(min=0)
+        q = torch.minimum(q, top[:, g])
+        codes[:, col] = q
+        err = (work[:, i] - (q * s[:, g] + lo[:, g])) / u[i, i]
+        work[:, i + 1 :] -= err[:, None] * u[i, i + 1 :][None, :]
+    seen = torch.empty_like(w)
+    seen[:, order] = work
+    return codes, seen
+
+
+def test_act_order_visits_inputs_by_decreasing_hessian_diagonal():
+    g = torch.Generator().manual_seed(9)
+    out_f, in_f, gs = 16, 128, 64
+    w = torch.randn(out_f, in_f, generator=g) * 0.02
+    scales = torch.rand(in_f, generator=g) * 3
+    x = torch.randn(512, in_f, generator=g) * scales
+    hessian = x.T @ x / 512
+    wg = w.reshape(out_f, -1, gs)
+    lo = wg.amin(-1)
+    s = (wg.amax(-1) - lo) / 3
+    is4 = torch.zeros(out_f, in_f // gs, dtype=torch.bool)
+    top = torch.full_like(s, 3.0)
+    order = torch.tensor(sorted(range(in_f), key=lambda i: -float(hessian[i, i])))
+    u = _upper_inverse_factor(hessian[order][:, order], 0.01)
+    ref_codes, ref_seen = _gptq_loop_in_order(w, u, s, lo, top, gs, order)
+    codes, seen = gptq_codes(w, hessian, s, lo, is4, gs, None, 0.01, block=32, act_order=True)
+    assert (codes == ref_codes).float().mean() > 0.995
+    assert torch.allclose(seen, ref_seen, atol=1e-4)
+    plain, _ = gptq_codes(w, hessian, s, lo, is4, gs, None, 0.01, block=32)
+    assert not torch.equal(plain, codes)
+
+
 def test_inverse_factor_is_recomputed_for_a_changed_hessian():
     x = torch.randn(256, 16, generator=torch.Generator().manual_seed(0))
     hessian = x.T @ x / 256
@@ -131,3 +170,46 @@ def test_inverse_factor_is_recomputed_for_a_changed_hessian():
     again = inverse_factor(hessian, 0.01)
     assert torch.allclose(again, first / 2, rtol=1e-4)
     assert not torch.allclose(inverse_factor(hessian, 0.5), again)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_closed_form_2bit_search_matches_rounding_each_factor(weighted):
+    g = torch.Generator().manual_seed(11)
+    groups = torch.distributions.StudentT(4.0).sample((5, 4, 64)).double().float() * 0.02
+    groups[0, 0] = -0.003  # constant: no error at any factor
+    h = torch.rand(4, 64, generator=g) + 0.1 if weighted else None
+    x, _, _ = grids._scaled_offsets(groups)
+    factor, err = grids._clip_search_2bit(x, h, grids.CLIP2)
+    for i in range(groups.shape[0]):
+        for k in range(groups.shape[1]):
+            v = groups[i, k].double()
+            wt = torch.ones(64, dtype=torch.float64) if h is None else h[k].double()
+            lo0, hi0 = v.min().item(), v.max().item()
+            m, half = (lo0 + hi0) / 2, (hi0 - lo0) / 2
+            errors = []
+            for c in grids.CLIP2:
+                a, step = m - half * c, max(2 * half * c / 3, 1e-12)
+                q = ((v - a) / step).round().clamp(0, 3)
+                errors.append(float(((q * step + a - v) ** 2 * wt).sum()))
+            best = min(errors)
+            got = grids.CLIP2.index(round(factor[i, k].item(), 3))
+            assert errors[got] <= best * (1 + 1e-4) + 1e-18, (i, k)
+            assert math.isclose(
+                err[i, k].item() * half**2, errors[got], rel_tol=1e-3, abs_tol=1e-12
+            )
+
+
+def test_refined_error_is_the_error_of_the_last_codes_and_bounds_rounding_again():
+    g = torch.Generator().manual_seed(5)
+    groups = torch.randn(30, 64, generator=g).double() * 0.02
+    h = torch.rand(30, 64, generator=g).double() + 0.1
+    s0 = (groups.amax(-1) - groups.amin(-1)) / 3
+    s, lo, err = grids._refine_with_error(groups, h, s0, groups.amin(-1), 2, steps=2)
+    # The codes of the last step: rounding on the grid before the last update.
+    s1, lo1 = grids._refine(groups, h, s0, groups.amin(-1), 2, steps=1)
+    q = ((groups - lo1[:, None]) / s1[:, None]).round().clamp(0, 3)
+    direct = ((q * s[:, None] + lo[:, None] - groups) ** 2 * h).sum(-1)
+    assert torch.allclose(err, direct, rtol=1e-6, atol=1e-15)
+    again = ((groups - lo[:, None]) / s[:, None]).round().clamp(0, 3)
+    rounded = ((again * s[:, None] + lo[:, None] - groups) ** 2 * h).sum(-1)
+    assert (rounded <= err * (1 + 1e-9) + 1e-15).all()

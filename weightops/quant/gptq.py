@@ -55,19 +55,31 @@ def gptq_codes(
     outlier: torch.Tensor | None,
     damp: float,
     block: int = 128,
+    act_order: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes [out, in] chosen with error feedback through the inverse Hessian, and the
     weights as updated when each column was reached (the outliers' stored values).
-    s, lo, is4: [out, groups] grid of every group."""
+    s, lo, is4: [out, groups] grid of every group. act_order: quantize the inputs in
+    order of decreasing Hessian diagonal (GPTQ's act-order) instead of left to right;
+    the grids are fixed beforehand, so only the order of the error feedback changes."""
     out_f, in_f = w.shape
-    u = inverse_factor(hessian, damp)
-    pivots = u.diagonal().tolist()
-    work = w.t().contiguous()
     # Per-input copies of the group grids, one row per input: column i's grid is row i.
-    s_in = s.t().repeat_interleave(group_size, 0).contiguous()
-    lo_in = lo.t().repeat_interleave(group_size, 0).contiguous()
-    top_in = torch.where(is4, 15.0, 3.0).t().repeat_interleave(group_size, 0).contiguous()
-    out_in = None if outlier is None else outlier.t().contiguous()
+    s_in = s.t().repeat_interleave(group_size, 0)
+    lo_in = lo.t().repeat_interleave(group_size, 0)
+    top_in = torch.where(is4, 15.0, 3.0).t().repeat_interleave(group_size, 0)
+    out_in = None if outlier is None else outlier.t()
+    work = w.t()
+    if act_order:
+        perm = hessian.diagonal().argsort(descending=True, stable=True)
+        u = _inverse_factor(hessian[perm][:, perm], damp)
+        s_in, lo_in, top_in, work = s_in[perm], lo_in[perm], top_in[perm], work[perm]
+        out_in = None if out_in is None else out_in[perm]
+    else:
+        u = inverse_factor(hessian, damp)
+    s_in, lo_in, top_in = s_in.contiguous(), lo_in.contiguous(), top_in.contiguous()
+    out_in = None if out_in is None else out_in.contiguous()
+    work = work.contiguous()
+    pivots = u.diagonal().tolist()
     codes = torch.empty(in_f, out_f)
     errs = torch.empty(in_f, out_f)
     rows = work.unbind(0)
@@ -85,5 +97,8 @@ def gptq_codes(
                 work[i + 1 : b1] -= u[i, i + 1 : b1, None] * err
         if b1 < in_f:
             work[b1:] -= u[b0:b1, b1:].t() @ errs[b0:b1]
+    if act_order:
+        back = perm.argsort()
+        codes, work = codes[back], work[back]
     # Contiguous codes keep every later tensor (the reference among them) in row order.
     return codes.t().contiguous(), work.t()

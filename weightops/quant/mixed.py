@@ -6,7 +6,7 @@ consecutive inputs of one output row; most groups get 2 bits, the groups where 4
 remove the most error get 4 bits.
 
 Per group (asymmetric): w ≈ lo + q·s with q ∈ [0, 2ᵇ − 1]. The range is clipped by the
-factor (from a small grid) that minimises the group's squared error, weighted by a
+factor (from a grid) that minimises the group's squared error, weighted by a
 per-input importance h (the diagonal of the calibration Hessian, mean x²) when given.
 
 After the clip search, each group's (s, lo) is refined by alternating least squares: with
@@ -16,7 +16,8 @@ so the error never rises above the clip search's (bench/bench_quant.py shows the
 
 With a calibration Hessian H = Σ x xᵀ of the layer's inputs, the codes are chosen
 GPTQ-style (Frantar et al. 2023) instead of by rounding each weight alone: inputs are
-quantized in order and each one's rounding error, scaled by the inverse Hessian's
+quantized one at a time, by decreasing Hessian diagonal (act-order), and each one's
+rounding error, scaled by the inverse Hessian's
 Cholesky factor, is pushed onto the inputs not yet quantized, which minimises the
 layer's output error ‖(W − Ŵ) X‖ rather than ‖W − Ŵ‖. The group grids (width, s, lo)
 are fixed from the original weights first ("static groups"), so the layout and the
@@ -24,7 +25,8 @@ stored scales do not depend on the order (the loop itself is weightops.quant.gpt
 
 Everything before the codes (outliers, clip search, refinement, 4-bit choice, scales) is
 independent per row, so rows go through it in blocks of about BLOCK_VALUES values per
-thread, all clip factors at once: the working tensors stay in cache instead of streaming
+thread (weightops.quant.grids does the work, vectorised over the block's rows and groups):
+the working tensors stay in cache instead of streaming
 the whole matrix through memory once per operation. Results do not depend on the block.
 
 Optional sparse outliers: `outliers` weights per row, taken from the 2-bit groups where
@@ -64,15 +66,14 @@ import torch
 
 from weightops.errors import WeightopsError
 from weightops.quant.gptq import gptq_codes
+from weightops.quant.grids import CLIP_GRID, choose_grids
 from weightops.quant.packing import pack_bits as _pack_bits
 from weightops.quant.packing import pack_codes as _pack
 from weightops.quant.packing import unpack_bits as _unpack_bits
 from weightops.quant.packing import unpack_codes as _unpack
 
-CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
-REFINE_STEPS = 4
-# Values of one row block per thread in the clip search (× the clip factors): about a
-# megabyte of float32 working set, which stays in a core's cache.
+# Values of one row block per thread in the grid choice: two megabytes of float32 per
+# working tensor, about what a core's cache holds.
 BLOCK_VALUES = 1 << 19
 PARTS = ("q2", "q4", "gmap", "scale", "zero", "super")
 OUTLIER_PARTS = ("oidx", "oval")
@@ -161,45 +162,9 @@ def _check(weight: torch.Tensor, group_size: int) -> None:
         raise QuantError(
             f"group size {group_size} does not divide the {weight.shape[1]} inputs of a {list(weight.shape)} weight"
         )
-    # One pass: NaN carries into both extremes, an infinity into one of them.
-    if not torch.isfinite(torch.stack(weight.aminmax())).all():
+    # One pass: NaN and infinities carry into a float64 sum, which no float32 can overflow.
+    if not torch.isfinite(weight.sum(dtype=torch.float64)):
         raise QuantError("the weight has NaN or Inf entries")
-
-
-def _sq_error(
-    groups: torch.Tensor, h: torch.Tensor | None, s: torch.Tensor, lo: torch.Tensor, levels: int
-) -> torch.Tensor:
-    """Weighted squared error per group of rounding to the grid (s, lo); s and lo may carry
-    leading dimensions (one grid per clip factor) that broadcast against the groups."""
-    x = groups - lo[..., None]
-    x.div_(s[..., None]).round_().clamp_(0, levels)
-    x.mul_(s[..., None]).add_(lo[..., None]).sub_(groups).square_()
-    if h is not None:
-        x.mul_(h)
-    return x.sum(-1)
-
-
-def _grid(
-    groups: torch.Tensor, h: torch.Tensor | None, bits: int, clips: tuple[float, ...]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group (scale, low) from the clip factor with the least weighted error (h None:
-    every input counts the same); ties go to the earlier factor."""
-    levels = 2**bits - 1
-    lo0, hi0 = groups.amin(-1), groups.amax(-1)
-    mid = (lo0 + hi0) / 2
-    # All factors at once: one grid per factor along a leading dimension.
-    c = torch.tensor(clips, dtype=groups.dtype).reshape(-1, *[1] * lo0.dim())
-    lo = mid - (mid - lo0) * c
-    hi = mid + (hi0 - mid) * c
-    s = ((hi - lo) / levels).clamp_min(1e-12)
-    err = _sq_error(groups, h, s, lo, levels)
-    best_err, best_s, best_lo = err[0], s[0], lo[0]
-    for i in range(1, len(clips)):
-        better = err[i] < best_err
-        best_err = torch.where(better, err[i], best_err)
-        best_s = torch.where(better, s[i], best_s)
-        best_lo = torch.where(better, lo[i], best_lo)
-    return best_s, best_lo
 
 
 def _second_order(values: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,34 +180,6 @@ def _codes(groups: torch.Tensor, s: torch.Tensor, lo: torch.Tensor, bits: int) -
     return (groups - lo[..., None]).div_(s[..., None]).round_().clamp_(0, 2**bits - 1)
 
 
-def _refine(
-    groups: torch.Tensor, h: torch.Tensor | None, s: torch.Tensor, lo: torch.Tensor, bits: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Alternating least squares on (s, lo) for fixed codes, then codes for fixed (s, lo)
-    (h None: every input counts the same)."""
-    if h is None:
-        # Sums of ones and of small integer codes are exact in float32 in any order.
-        c = torch.full_like(s, groups.shape[-1])
-        e = groups.sum(-1)
-    else:
-        h = h.expand_as(groups)
-        c = h.sum(-1)
-        e = (h * groups).sum(-1)
-    for _ in range(REFINE_STEPS):
-        q = _codes(groups, s, lo, bits)
-        hq = q if h is None else h * q
-        a, b, d = (hq * q).sum(-1), hq.sum(-1), (hq * groups).sum(-1)
-        det = a * c - b * b
-        s_new = (c * d - b * e) / det.clamp_min(1e-30)
-        lo_new = (e - b * s_new) / c.clamp_min(1e-30)
-        # A group whose codes are all equal (or whose weights all count zero) has no
-        # unique line; a non-positive slope would flip the grid. Both keep their grid.
-        ok = (det > 1e-9 * (a * c).clamp_min(1e-30)) & (s_new > 1e-12)
-        s = torch.where(ok, s_new, s)
-        lo = torch.where(ok, lo_new, lo)
-    return s, lo
-
-
 def _pick_outliers(w: torch.Tensor, h: torch.Tensor | None, n: int) -> torch.Tensor:
     """[out, in] mask of the n entries per row farthest from their group's mean, weighted
     by importance (ties in index order)."""
@@ -256,29 +193,10 @@ def _pick_outliers(w: torch.Tensor, h: torch.Tensor | None, n: int) -> torch.Ten
     return mask.scatter_(1, idx, True)
 
 
-def _block_rows(row_values: int, clips: int) -> int:
-    """Rows per block such that the clip search's working tensors stay in cache, larger
+def _block_rows(row_values: int) -> int:
+    """Rows per block such that the grid choice's working tensors stay in cache, larger
     with more threads so each thread's share of an operation stays that size."""
-    return max(1, BLOCK_VALUES * torch.get_num_threads() // (row_values * clips))
-
-
-def _choose_grids(
-    fit: torch.Tensor, h: torch.Tensor | None, k4: int, clips: tuple[float, ...], refine: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For rows of groups [rows, G, group_size]: which groups are 4-bit (the k4 per row
-    where 4 bits remove the most error) and every group's (s, lo) at its width."""
-    grids, errs = {}, {}
-    for b in (2, 4):
-        s, lo = _grid(fit, h, b, clips)
-        grids[b] = s, lo = _refine(fit, h, s, lo, b) if refine else (s, lo)
-        errs[b] = _sq_error(fit, h, s, lo, 2**b - 1)
-    gain = errs[2] - errs[4]
-    is4 = torch.zeros(gain.shape, dtype=torch.bool)
-    if k4:
-        is4.scatter_(1, gain.topk(k4, dim=1).indices, True)
-    s = torch.where(is4, grids[4][0], grids[2][0])
-    lo = torch.where(is4, grids[4][1], grids[2][1])
-    return is4, s, lo
+    return max(1, BLOCK_VALUES * torch.get_num_threads() // row_values)
 
 
 def quantize(weight: torch.Tensor, **options: Any) -> Packed:
@@ -299,6 +217,7 @@ def quantize_with_reference(
     refine: bool = True,
     outliers: int = 0,
     damp: float = 0.01,
+    act_order: bool = True,
 ) -> tuple[Packed, torch.Tensor]:
     """Quantize `weight` [out, in] to mixed 2/4-bit groups within `avg_bits` per weight;
     return the packed form and the dequantized matrix computed from the codes before
@@ -311,7 +230,8 @@ def quantize_with_reference(
     k4: force this many 4-bit groups per row instead of deriving it from avg_bits.
     clip / refine: the clip search and the least-squares refinement (switches to measure
     what each buys). outliers: fp16 outliers kept per row. damp: added to the Hessian's
-    diagonal, as a share of its mean, before inverting it."""
+    diagonal, as a share of its mean, before inverting it. act_order: with a Hessian,
+    feed the error back in order of decreasing Hessian diagonal (GPTQ's act-order)."""
     _check(weight, group_size)
     clips = CLIP_GRID if clip else (1.0,)
     out_f, in_f = weight.shape
@@ -347,9 +267,9 @@ def quantize_with_reference(
 
     # Everything up to the codes is independent per row: rows go in blocks whose working
     # tensors stay in cache (the results do not depend on the block size).
-    rows = _block_rows(in_f, len(clips))
+    rows = _block_rows(in_f)
     blocks = [
-        _choose_grids(
+        choose_grids(
             fit[r : r + rows],
             h[r : r + rows] if h is not None and h.dim() == 3 else h,
             k4,
@@ -367,14 +287,22 @@ def quantize_with_reference(
     lo_deq = lo_q * lo_sup[:, None]
     if hessian is not None:
         codes, seen = gptq_codes(
-            weight.detach().float(), hessian, s_deq, lo_deq, is4, group_size, outlier, damp
+            weight.detach().float(),
+            hessian,
+            s_deq,
+            lo_deq,
+            is4,
+            group_size,
+            outlier,
+            damp,
+            act_order=act_order,
         )
         codes = codes.reshape(out_f, n_groups, group_size)
     else:
         # Clamping to [0, 3] or [0, 15] per group in one pass, as rounding to each width.
         top = torch.where(is4, 15.0, 3.0)[..., None]
         codes = (w - lo_deq[..., None]).div_(s_deq[..., None]).round_().clamp_(min=0)
-        codes = torch.minimum(codes, top.expand_as(codes))
+        codes = torch.minimum(codes, top, out=codes)
         seen = weight.detach().float()
     reference = (codes * s_deq[..., None] + lo_deq[..., None]).reshape(out_f, in_f)
     oidx = oval = None
