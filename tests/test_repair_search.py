@@ -155,6 +155,36 @@ def test_search_keeps_a_checkpoint_and_writes_exactly_it(llama, tmp_path):
     assert total == c.restored
 
 
+def test_search_measures_past_a_dip_in_the_task(llama):
+    # The task is lost between 20 and 60 restored weights and comes back after; the
+    # harmful answers stop at 80. A search that gave up at the dip would keep the
+    # fine-tune; measuring the whole trajectory finds the harmless point with the task.
+    ft_state = load_state(llama["ft"])
+    model, tok = load(llama["ft"])
+    aligned, _ = load(llama["base"])
+
+    def restored_now() -> int:
+        return sum(int((p.detach() != ft_state[n]).sum()) for n, p in model.named_parameters())
+
+    def judge(prompt, completion):
+        return restored_now() < 80
+
+    def task_metric(m):
+        return 0.0 if 20 <= restored_now() < 60 else 1.0
+
+    found = search_restore(
+        model, aligned, tok, HARMFUL, TASK, judge=judge, task_metric=task_metric,
+        depths=[2], fraction=0.0005, steps=40, checkpoint_every=1, progress=False,
+        rollback_fraction=0.0,
+    )  # fmt: skip
+    points = found.trajectories[0]["points"]
+    assert any(t == 0.0 for _, _, t in points)  # it went through the dip
+    assert found.chosen.harmful == 0 and found.chosen.task == 1.0
+    # It stopped at the first harmless point with the task: nothing left to gain.
+    assert points[-1][1:] == (0.0, 1.0)
+    assert [p for p in points if p[1:] == (0.0, 1.0)] == points[-1:]
+
+
 def test_search_needs_enough_examples(llama):
     model, tok = load(llama["ft"])
     aligned, _ = load(llama["base"])
@@ -213,6 +243,41 @@ def test_answers_step_restores_the_top_first_order_gains(llama):
     for n in pool:
         m = when[n] == 1
         assert torch.equal(params[n].detach()[m], ref[n].detach()[m])
+
+
+def test_answers_rollback_returns_the_steps_most_task_costly_weights(llama):
+    # Recomputed here: after the first step (checked above), the task gradient at the
+    # restored model; of that step's weights, the 25 % whose return to the fine-tuned
+    # value most lowers the task loss (−g_t ⊙ (W_ft − W_aligned), positive) go back.
+    model, tok = load(llama["ft"])
+    aligned, _ = load(llama["base"])
+    answers, task = HARMFUL[:4], TASK[:4]
+    first, _ = load(llama["ft"])
+    when1 = restore_answers(first, aligned, tok, answers, task, fraction=0.002, steps=1)
+    pool = list(when1)
+    params = dict(first.named_parameters())
+    first.zero_grad()
+    (-mean_log_likelihood(first, tok, task, grad=True)).backward()
+    ft_state = load_state(llama["ft"])
+    gains = []
+    for n in pool:
+        g = -(params[n].grad * (ft_state[n] - params[n].detach()))
+        gains.append(torch.where(when1[n] == 1, g, torch.zeros_like(g)).flatten())
+    flat = torch.cat(gains)
+    k = int(sum(int((w == 1).sum()) for w in when1.values()))
+    take = min(round(0.25 * k), int((flat > 0).sum()))
+    assert take > 0
+    expected = set(torch.topk(flat, take).indices.tolist())
+    when = restore_answers(model, aligned, tok, answers, task, fraction=0.002, steps=1,
+                           rollback_fraction=0.25)  # fmt: skip
+    back = torch.cat([(when[n] == -1).flatten() for n in pool]).nonzero().flatten().tolist()
+    assert set(back) == expected
+    now, ref = dict(model.named_parameters()), dict(aligned.named_parameters())
+    for n in pool:
+        kept, gone = when[n] == 1, when[n] == -1
+        assert torch.equal(kept | gone, when1[n] == 1)
+        assert torch.equal(now[n].detach()[kept], ref[n].detach()[kept])
+        assert torch.equal(now[n].detach()[gone], ft_state[n][gone])
 
 
 # ---------------------------------------------------------------- task-aware Antidote

@@ -274,24 +274,26 @@ def search_restore(
         if objective == "answers"
         else []
     )
-    for layers in depths:
+    for i, layers in enumerate(depths):
         if evaluations >= max_evaluations:
             break
         if objective == "answers":
             points: list[tuple[int, float, float]] = []
+            # The budget left, shared evenly by the trajectories still to run.
+            share = (max_evaluations - evaluations) // (len(depths) - i)
 
-            def checkpoint(step: int, points: list = points, before: int = evaluations) -> bool:
+            def checkpoint(step: int, points: list = points, share: int = share) -> bool:
                 harm, t = score(finetuned_model)
                 points.append((step, harm, t))
-                # More steps only restore more: stop once the task is lost or nothing is
-                # left to gain, or the budget is spent.
-                spent = before + len(points) >= max_evaluations
-                return t >= threshold and harm > 0 and not spent
+                # The task can fall and come back along a trajectory, so a checkpoint
+                # below the threshold does not end it; one with nothing left to gain does.
+                return not (harm == 0 and t >= threshold) and len(points) < max(1, share)
 
             when = restore_answers(
                 finetuned_model, aligned_model, tokenizer, answers, t_fit,
                 fraction=plan["fraction"], steps=plan["steps"], layers=layers,
-                checkpoint_every=plan["every"], on_checkpoint=checkpoint, batch_size=batch_size,
+                rollback_fraction=rollback_fraction, checkpoint_every=plan["every"],
+                on_checkpoint=checkpoint, batch_size=batch_size,
             )  # fmt: skip
             evaluations += len(points)
             records[layers] = (when, None)
