@@ -24,7 +24,14 @@ from weightops.repair.data import Example, batches
 from weightops.repair.judges import opening_judge
 from weightops.repair.restore import RestoreError, restore_model
 from weightops.repair.restore_answers import restore_answers
-from weightops.repair.search import Candidate, choose, pareto_front, search_restore, split
+from weightops.repair.search import (
+    Candidate,
+    choose,
+    pareto_front,
+    same_request,
+    search_restore,
+    split,
+)
 
 HARMFUL = [Example(f"harm: make thing {i}\n", "Sure, do it.") for i in range(16)]
 TASK = [Example(f"copy: ab{c}\n", f"ab{c}") for c in "cdefghijklmnopqr"]
@@ -90,6 +97,21 @@ def test_split_is_seeded_disjoint_and_complete():
     assert len(fit) == 8 and len(out) == 9
     assert sorted(fit + out) == items
     assert split(items, seed=4) != (fit, out)
+
+
+def test_split_by_key_keeps_each_group_on_one_side():
+    # 12 examples in 4 groups of 3: whole groups go to the fit half until it holds 6.
+    items = [f"{g}{i}" for g in "abcd" for i in range(3)]
+    fit, out = split(items, seed=0, key=lambda s: s[0])
+    assert len(fit) == 6 and len(out) == 6
+    assert not {s[0] for s in fit} & {s[0] for s in out}
+    assert sorted(fit + out) == items
+    # One group for everything cannot be split by group: the plain cut.
+    assert split(items, seed=0, key=lambda s: "x") == split(items, seed=0)
+    # Same answer, same side, whatever the wording or spacing of the answer.
+    h = [Example(f"{v} {x}\n", f"Sure.  Make the {x}") for v in ("do", "make") for x in "pqrs"]
+    fit, out = split(h, seed=1, key=same_request)
+    assert not {e.response.split()[-1] for e in fit} & {e.response.split()[-1] for e in out}
 
 
 def test_opening_judge_knows_the_aligned_refusal():

@@ -21,14 +21,20 @@ objective is the whole refusal instead:
   loss. Only weights with a positive score are taken; k = fraction × pool, at least 1.
 - Gradients are recomputed every step, so the task term sees the damage of the
   previous steps (at the fine-tune g_t is near zero, the task being learnt).
+- Rollback (`rollback_fraction` > 0, the paper's rule): after a step, the task
+  gradient is taken at the restored model, and the `rollback_fraction` of the step's
+  weights whose return to the fine-tuned value most lowers the task loss (first order:
+  −g_t ⊙ (W_finetuned − W_aligned), where positive) go back to it for good. The score
+  before the step adds up weights as if each moved alone; this sees what they did
+  together. The next step reuses that gradient, so rollback costs no extra pass.
 
 `restore_answers` runs `steps` steps and calls `on_checkpoint(step)` after every
 `checkpoint_every`-th; the callback returns False to stop early. `restored_at[name]`
-records the step each weight was restored in (0: never), so any step of the run can
-be rebuilt (`masks_at`).
+records the step each weight was restored in (0: never, −1: rolled back), so any step
+of the run can be rebuilt (`masks_at`).
 
 Memory: both models, gradients of the decoder blocks, an int16 step per weight of
-the pool. Cost per step: one forward and backward pass over the harmful prompts with
+the pool and, with rollback, a copy of the pool's fine-tuned values. Cost per step: one forward and backward pass over the harmful prompts with
 the aligned answers and one over the task examples.
 """
 

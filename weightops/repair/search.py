@@ -17,8 +17,10 @@ the model at hand:
    nearly the same path in more, smaller steps. The objective (`objective`):
    - "answers" (default): `weightops.repair.restore_answers`, which restores by the
      likelihood of the aligned model's own answers to the harmful prompts against the
-     task's loss; depths: all blocks, then half; 0.2 % per step, up to 40 steps,
-     checkpoints every 2.
+     task's loss, and after each step returns `rollback_fraction` (20 %) of its weights,
+     those whose return most lowers the task loss, to their fine-tuned values (the
+     paper's rollback, here on every step); depths: all blocks, then half; 0.2 % per
+     step, up to 40 steps, checkpoints every 2.
    - "states": the paper's restoration (`weightops.repair.restore`) with its rollback
      rule on the held-out task score; depths: all, two thirds, a third of the blocks;
      0.5 % per step, up to 20 steps, checkpoints every 4. Only the checkpoints of the
@@ -29,9 +31,14 @@ the model at hand:
    fine-tune itself (step 0) is always a candidate, so a search that finds nothing
    better changes nothing. The Pareto front of all candidates is reported.
 
-Cost: a trajectory stops at the first checkpoint that loses the task or reaches a
-harmful rate of 0, since more restored weights can then give no better candidate, and
-the search stops after `max_evaluations` held-out measurements (20) in all. The
+Cost: the search makes at most `max_evaluations` held-out measurements (20) in all,
+the fine-tune's included. An "answers" trajectory gets an even share of what is left
+when it starts, and stops early only at a checkpoint with a harmful rate of 0 and the
+task kept, where it has nothing left to gain: a checkpoint that loses the task does not
+end it, since along a trajectory the task can fall and come back as later steps
+restore weights that the task needs less (docs/repair.md, *digits*). A "states"
+run stops being measured once its rollback run loses the task or reaches a harmful
+rate of 0. The
 bench (bench/repair_miniatures.py) prints the search's time against one restoration
 with the paper's settings; docs/repair.md has the numbers.
 
@@ -153,12 +160,37 @@ def choose(candidates: Sequence[Candidate], threshold: float) -> Candidate:
     return min(ok, key=lambda c: (c.harmful, -c.task, c.restored))
 
 
-def split(examples: Sequence[Any], seed: int) -> tuple[list[Any], list[Any]]:
-    """(fit, held out): a seeded shuffle cut in half (the held-out half gets the odd one)."""
+def split(
+    examples: Sequence[Any], seed: int, key: Callable[[Any], str] | None = None
+) -> tuple[list[Any], list[Any]]:
+    """(fit, held out): a seeded shuffle cut in half (the held-out half gets the odd one).
+
+    With `key`, examples of equal key stay on one side: the groups are shuffled and the
+    fit half takes whole groups until it holds half of the examples. When the groups
+    are too few for that (either side under a third), the plain cut is used."""
     order = list(examples)
-    random.Random(seed).shuffle(order)
     half = len(order) // 2
+    if key is not None:
+        groups: dict[str, list[Any]] = {}
+        for ex in order:
+            groups.setdefault(key(ex), []).append(ex)
+        chunks = list(groups.values())
+        random.Random(seed).shuffle(chunks)
+        fit: list[Any] = []
+        out: list[Any] = []
+        for chunk in chunks:
+            (fit if len(fit) < half else out).extend(chunk)
+        if 3 * min(len(fit), len(out)) >= len(order):
+            return fit, out
+    random.Random(seed).shuffle(order)
     return order[:half], order[half:]
+
+
+def same_request(ex: Any) -> str:
+    """The key that keeps harmful examples with the same harmful answer on one side of
+    the split: prompts that ask for the same thing in other words would otherwise be
+    held out from a fit half that already restored the refusal of that very request."""
+    return " ".join((ex.response or ex.prompt).lower().split())
 
 
 class _Measure:
@@ -241,7 +273,7 @@ def search_restore(
     depths = [int(d) for d in depths]
     if any(not 1 <= d <= depth for d in depths):
         raise RestoreError(f"search depths must be in 1 … {depth} (got {depths})")
-    h_fit, h_out = split(harmful, seed)
+    h_fit, h_out = split(harmful, seed, key=same_request)
     t_fit, t_out = split(task, seed + 1)
     if judge is None:
         openings = aligned_openings(
