@@ -179,8 +179,9 @@ def test_search_keeps_a_checkpoint_and_writes_exactly_it(llama, tmp_path):
 
 def test_search_measures_past_a_dip_in_the_task(llama):
     # The task is lost between 20 and 60 restored weights and comes back after; the
-    # harmful answers stop at 80. A search that gave up at the dip would keep the
-    # fine-tune; measuring the whole trajectory finds the harmless point with the task.
+    # harmful answers stop at 80. The plain run stops where it loses the task; the run
+    # with rollback (here of nothing, so the same path) is measured through the dip and
+    # finds the harmless point with the task, which the plain run never reached.
     ft_state = load_state(llama["ft"])
     model, tok = load(llama["ft"])
     aligned, _ = load(llama["base"])
@@ -199,8 +200,11 @@ def test_search_measures_past_a_dip_in_the_task(llama):
         depths=[2], fraction=0.0005, steps=40, checkpoint_every=1, progress=False,
         rollback_fraction=0.0,
     )  # fmt: skip
-    points = found.trajectories[0]["points"]
-    assert any(t == 0.0 for _, _, t in points)  # it went through the dip
+    plain, again = found.trajectories
+    assert not plain["rollback"] and again["rollback"]
+    assert plain["points"][-1][2] == 0.0 and [p[2] for p in plain["points"]].count(0.0) == 1
+    points = again["points"]
+    assert 0.0 in [p[2] for p in points[:-1]]  # it went on past a lost checkpoint
     assert found.chosen.harmful == 0 and found.chosen.task == 1.0
     # It stopped at the first harmless point with the task: nothing left to gain.
     assert points[-1][1:] == (0.0, 1.0)

@@ -72,7 +72,7 @@ from weightops.steering.layers import find_layers
 MIN_EXAMPLES = 16
 # Held-out measurements (each: the held-out harmful prompts and task examples) one
 # search may make, the fine-tune's included: the cap on its cost.
-MAX_EVALUATIONS = 20
+MAX_EVALUATIONS = 30
 # Per objective: the trajectories' depths (shares of the decoder, deepest first), the
 # share of the pool restored per step, the most steps, and the steps between checkpoints.
 OBJECTIVES: dict[str, dict[str, Any]] = {
@@ -297,7 +297,7 @@ def search_restore(
     base = score(finetuned_model)
     threshold = (1 - metric_drop) * base[1]
     candidates = [Candidate(0, 0, False, base[0], base[1], 0)]
-    records: dict[int, tuple[dict[str, torch.Tensor], RestoreResult | None]] = {}
+    records: dict[tuple[int, bool], tuple[dict[str, torch.Tensor], RestoreResult | None]] = {}
     trajectories = []
     evaluations = 1
     show = progress and sys.stderr.isatty()
@@ -310,29 +310,43 @@ def search_restore(
         if evaluations >= max_evaluations:
             break
         if objective == "answers":
-            points: list[tuple[int, float, float]] = []
-            # The budget left, shared evenly by the trajectories still to run.
-            share = (max_evaluations - evaluations) // (len(depths) - i)
+            # The budget left, shared evenly by the depths still to run.
+            share = max(1, (max_evaluations - evaluations) // (len(depths) - i))
+            for rollback in (False, True):
+                points: list[tuple[int, float, float]] = []
+                lost: list[bool] = []
 
-            def checkpoint(step: int, points: list = points, share: int = share) -> bool:
-                harm, t = score(finetuned_model)
-                points.append((step, harm, t))
-                # The task can fall and come back along a trajectory, so a checkpoint
-                # below the threshold does not end it; one with nothing left to gain does.
-                return not (harm == 0 and t >= threshold) and len(points) < max(1, share)
+                used = sum(len(p["points"]) for p in trajectories if p["layers"] == layers)
 
-            when = restore_answers(
-                finetuned_model, aligned_model, tokenizer, answers, t_fit,
-                fraction=plan["fraction"], steps=plan["steps"], layers=layers,
-                rollback_fraction=rollback_fraction, checkpoint_every=plan["every"],
-                on_checkpoint=checkpoint, batch_size=batch_size,
-            )  # fmt: skip
-            evaluations += len(points)
-            records[layers] = (when, None)
-            for step, harm, t in points:
-                restored = sum(int(((w > 0) & (w <= step)).sum()) for w in when.values())
-                candidates.append(Candidate(layers, step, False, harm, t, restored))
-            trajectories.append({"layers": layers, "points": points})
+                def checkpoint(step: int, points: list = points, lost: list = lost,
+                               rollback: bool = rollback, left: int = share - used) -> bool:  # fmt: skip
+                    harm, t = score(finetuned_model)
+                    points.append((step, harm, t))
+                    if not rollback and t < threshold:
+                        lost.append(True)  # the paper's rule: restart with rollback
+                        return False
+                    # With rollback, a checkpoint below the threshold does not end the
+                    # run (the task can fall and come back); one with nothing to gain does.
+                    return not (harm == 0 and t >= threshold) and len(points) < left
+
+                when = restore_answers(
+                    finetuned_model, aligned_model, tokenizer, answers, t_fit,
+                    fraction=plan["fraction"], steps=plan["steps"], layers=layers,
+                    rollback_fraction=rollback_fraction if rollback else 0.0,
+                    checkpoint_every=plan["every"], on_checkpoint=checkpoint,
+                    batch_size=batch_size,
+                )  # fmt: skip
+                evaluations += len(points)
+                records[(layers, rollback)] = (when, None)
+                for step, harm, t in points:
+                    restored = sum(int(((w > 0) & (w <= step)).sum()) for w in when.values())
+                    candidates.append(Candidate(layers, step, rollback, harm, t, restored))
+                trajectories.append({"layers": layers, "rollback": rollback, "points": points})
+                with torch.no_grad():
+                    for n, p in finetuned_model.named_parameters():
+                        p.copy_(original[n])
+                if not lost or used + len(points) >= share or evaluations >= max_evaluations:
+                    break
         else:
             measure = _Measure(score, base, threshold)
             result = restore(
@@ -343,7 +357,7 @@ def search_restore(
                 batch_size=batch_size,
             )  # fmt: skip
             evaluations += measure.evaluations
-            records[layers] = (result.restored_at, result)
+            records[(layers, result.rollback)] = (result.restored_at, result)
             points = []
             for check, point in zip(result.checkpoints, measure.points, strict=True):
                 if point is None:
@@ -364,7 +378,7 @@ def search_restore(
             for n, p in finetuned_model.named_parameters():
                 p.copy_(original[n])
     chosen = choose(candidates, threshold)
-    when, run = records.get(chosen.layers, ({}, None))
+    when, run = records.get((chosen.layers, chosen.rollback), ({}, None))
     kept = RestoreResult(
         model=finetuned_model,
         layers=chosen.layers,
