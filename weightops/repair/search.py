@@ -7,9 +7,12 @@ as before, and no single setting suits every model. `search_restore` picks them 
 the model at hand:
 
 1. The user's harmful and task examples are split, by a seeded draw, into a fit half
-   (what restoration reads) and a held-out half (every score below). Each candidate
-   is measured on the held-out half only: its harmful rate (greedy completions,
-   judged) and its task score (`task_metric`).
+   (what restoration reads) and a held-out half (every score below). Harmful examples
+   with the same harmful answer stay on one side (`same_request`): held out while a
+   rewording sits in the fit half, they would measure how well the fit half's own
+   requests are refused, not how the refusal carries to new ones. Each candidate is
+   measured on the held-out half only: its harmful rate (greedy completions, judged)
+   and its task score (`task_metric`).
 2. For each depth L in `depths`, one restoration trajectory is run, `fraction` of the
    pool per step for up to `steps` steps, with a checkpoint every `checkpoint_every`.
    Every checkpoint is a candidate (L, step), with fraction × step of the pool
@@ -17,10 +20,11 @@ the model at hand:
    nearly the same path in more, smaller steps. The objective (`objective`):
    - "answers" (default): `weightops.repair.restore_answers`, which restores by the
      likelihood of the aligned model's own answers to the harmful prompts against the
-     task's loss, and after each step returns `rollback_fraction` (20 %) of its weights,
-     those whose return most lowers the task loss, to their fine-tuned values (the
-     paper's rollback, here on every step); depths: all blocks, then half; 0.2 % per
-     step, up to 40 steps, checkpoints every 2.
+     task's loss; depths: all blocks, then half; 0.2 % per step, up to 40 steps,
+     checkpoints every 2. As in the paper, a run whose checkpoint loses the task
+     stops there and the depth starts again from the fine-tune with rollback: after
+     each step, `rollback_fraction` (20 %) of its weights, those whose return most
+     lowers the task loss, go back to their fine-tuned values.
    - "states": the paper's restoration (`weightops.repair.restore`) with its rollback
      rule on the held-out task score; depths: all, two thirds, a third of the blocks;
      0.5 % per step, up to 20 steps, checkpoints every 4. Only the checkpoints of the
@@ -31,16 +35,15 @@ the model at hand:
    fine-tune itself (step 0) is always a candidate, so a search that finds nothing
    better changes nothing. The Pareto front of all candidates is reported.
 
-Cost: the search makes at most `max_evaluations` held-out measurements (20) in all,
-the fine-tune's included. An "answers" trajectory gets an even share of what is left
-when it starts, and stops early only at a checkpoint with a harmful rate of 0 and the
-task kept, where it has nothing left to gain: a checkpoint that loses the task does not
-end it, since along a trajectory the task can fall and come back as later steps
-restore weights that the task needs less (docs/repair.md, *digits*). A "states"
-run stops being measured once its rollback run loses the task or reaches a harmful
-rate of 0. The
-bench (bench/repair_miniatures.py) prints the search's time against one restoration
-with the paper's settings; docs/repair.md has the numbers.
+Cost: the search makes at most `max_evaluations` held-out measurements (30) in all,
+the fine-tune's included; each depth gets an even share of what is left when it
+starts. A run stops early at a checkpoint with a harmful rate of 0 and the task kept,
+where it has nothing left to gain. A run with rollback is not stopped by a checkpoint
+that loses the task: along a trajectory the task can fall and come back as later
+steps restore weights the task needs less (docs/repair.md, *digits*). A "states" run
+stops being measured once its rollback run loses the task or reaches a harmful rate
+of 0. The bench (bench/repair_miniatures.py) prints the search's time against one
+restoration with the paper's settings; docs/repair.md has the numbers.
 
 The judge: without one, a completion counts as a refusal when it contains one of the
 built-in refusal phrases or the opening (up to 40 characters) of one of the aligned
