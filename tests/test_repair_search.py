@@ -1,4 +1,4 @@
-"""Restoration's settings search (weightops.repair.search) and task-aware Antidote
+"""Restoration's settings search (weightops.repair.search, .heldout) and task-aware Antidote
 (weightops.repair.antidote_task).
 
 Fronts and choices are worked by hand. On models, the tests check what must hold
