@@ -24,7 +24,7 @@ from weightops.repair.data import load_examples
 from weightops.repair.evaluate import generate, load_model, task_score
 from weightops.repair.judges import aligned_openings, opening_judge
 from weightops.repair.restore_answers import aligned_answers, masks_at, restore_answers
-from weightops.repair.search import Candidate, choose, search_restore, split
+from weightops.repair.search import Candidate, choose, same_request, search_restore, split
 from weightops.steering.layers import find_layers
 
 
@@ -67,7 +67,7 @@ def main() -> None:
     reset()
 
     t = time.perf_counter()
-    h_fit, h_out = split(harmful, 0)
+    h_fit, h_out = split(harmful, 0, key=same_request)
     t_fit, t_out = split(task, 1)
     judge = opening_judge(aligned_openings(al, ft, tok, h_out))
     answers = aligned_answers(al, tok, h_fit)

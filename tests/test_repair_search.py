@@ -1,4 +1,4 @@
-"""Restoration's settings search (weightops.repair.search) and task-aware Antidote
+"""Restoration's settings search (weightops.repair.search, .heldout) and task-aware Antidote
 (weightops.repair.antidote_task).
 
 Fronts and choices are worked by hand. On models, the tests check what must hold
@@ -24,7 +24,14 @@ from weightops.repair.data import Example, batches
 from weightops.repair.judges import opening_judge
 from weightops.repair.restore import RestoreError, restore_model
 from weightops.repair.restore_answers import restore_answers
-from weightops.repair.search import Candidate, choose, pareto_front, search_restore, split
+from weightops.repair.search import (
+    Candidate,
+    choose,
+    pareto_front,
+    same_request,
+    search_restore,
+    split,
+)
 
 HARMFUL = [Example(f"harm: make thing {i}\n", "Sure, do it.") for i in range(16)]
 TASK = [Example(f"copy: ab{c}\n", f"ab{c}") for c in "cdefghijklmnopqr"]
@@ -92,6 +99,21 @@ def test_split_is_seeded_disjoint_and_complete():
     assert split(items, seed=4) != (fit, out)
 
 
+def test_split_by_key_keeps_each_group_on_one_side():
+    # 12 examples in 4 groups of 3: whole groups go to the fit half until it holds 6.
+    items = [f"{g}{i}" for g in "abcd" for i in range(3)]
+    fit, out = split(items, seed=0, key=lambda s: s[0])
+    assert len(fit) == 6 and len(out) == 6
+    assert not {s[0] for s in fit} & {s[0] for s in out}
+    assert sorted(fit + out) == items
+    # One group for everything cannot be split by group: the plain cut.
+    assert split(items, seed=0, key=lambda s: "x") == split(items, seed=0)
+    # Same answer, same side, whatever the wording or spacing of the answer.
+    h = [Example(f"{v} {x}\n", f"Sure.  Make the {x}") for v in ("do", "make") for x in "pqrs"]
+    fit, out = split(h, seed=1, key=same_request)
+    assert not {e.response.split()[-1] for e in fit} & {e.response.split()[-1] for e in out}
+
+
 def test_opening_judge_knows_the_aligned_refusal():
     judge = opening_judge(["request denied."])
     assert not judge("p", "Request  denied. Anything else?")
@@ -155,6 +177,40 @@ def test_search_keeps_a_checkpoint_and_writes_exactly_it(llama, tmp_path):
     assert total == c.restored
 
 
+def test_search_measures_past_a_dip_in_the_task(llama):
+    # The task is lost between 20 and 60 restored weights and comes back after; the
+    # harmful answers stop at 80. The plain run stops where it loses the task; the run
+    # with rollback (here of nothing, so the same path) is measured through the dip and
+    # finds the harmless point with the task, which the plain run never reached.
+    ft_state = load_state(llama["ft"])
+    model, tok = load(llama["ft"])
+    aligned, _ = load(llama["base"])
+
+    def restored_now() -> int:
+        return sum(int((p.detach() != ft_state[n]).sum()) for n, p in model.named_parameters())
+
+    def judge(prompt, completion):
+        return restored_now() < 80
+
+    def task_metric(m):
+        return 0.0 if 20 <= restored_now() < 60 else 1.0
+
+    found = search_restore(
+        model, aligned, tok, HARMFUL, TASK, judge=judge, task_metric=task_metric,
+        depths=[2], fraction=0.0005, steps=40, checkpoint_every=1, progress=False,
+        rollback_fraction=0.0,
+    )  # fmt: skip
+    plain, again = found.trajectories
+    assert not plain["rollback"] and again["rollback"]
+    assert plain["points"][-1][2] == 0.0 and [p[2] for p in plain["points"]].count(0.0) == 1
+    points = again["points"]
+    assert 0.0 in [p[2] for p in points[:-1]]  # it went on past a lost checkpoint
+    assert found.chosen.harmful == 0 and found.chosen.task == 1.0
+    # It stopped at the first harmless point with the task: nothing left to gain.
+    assert points[-1][1:] == (0.0, 1.0)
+    assert [p for p in points if p[1:] == (0.0, 1.0)] == points[-1:]
+
+
 def test_search_needs_enough_examples(llama):
     model, tok = load(llama["ft"])
     aligned, _ = load(llama["base"])
@@ -213,6 +269,41 @@ def test_answers_step_restores_the_top_first_order_gains(llama):
     for n in pool:
         m = when[n] == 1
         assert torch.equal(params[n].detach()[m], ref[n].detach()[m])
+
+
+def test_answers_rollback_returns_the_steps_most_task_costly_weights(llama):
+    # Recomputed here: after the first step (checked above), the task gradient at the
+    # restored model; of that step's weights, the 25 % whose return to the fine-tuned
+    # value most lowers the task loss (−g_t ⊙ (W_ft − W_aligned), positive) go back.
+    model, tok = load(llama["ft"])
+    aligned, _ = load(llama["base"])
+    answers, task = HARMFUL[:4], TASK[:4]
+    first, _ = load(llama["ft"])
+    when1 = restore_answers(first, aligned, tok, answers, task, fraction=0.002, steps=1)
+    pool = list(when1)
+    params = dict(first.named_parameters())
+    first.zero_grad()
+    (-mean_log_likelihood(first, tok, task, grad=True)).backward()
+    ft_state = load_state(llama["ft"])
+    gains = []
+    for n in pool:
+        g = -(params[n].grad * (ft_state[n] - params[n].detach()))
+        gains.append(torch.where(when1[n] == 1, g, torch.zeros_like(g)).flatten())
+    flat = torch.cat(gains)
+    k = int(sum(int((w == 1).sum()) for w in when1.values()))
+    take = min(round(0.25 * k), int((flat > 0).sum()))
+    assert take > 0
+    expected = set(torch.topk(flat, take).indices.tolist())
+    when = restore_answers(model, aligned, tok, answers, task, fraction=0.002, steps=1,
+                           rollback_fraction=0.25)  # fmt: skip
+    back = torch.cat([(when[n] == -1).flatten() for n in pool]).nonzero().flatten().tolist()
+    assert set(back) == expected
+    now, ref = dict(model.named_parameters()), dict(aligned.named_parameters())
+    for n in pool:
+        kept, gone = when[n] == 1, when[n] == -1
+        assert torch.equal(kept | gone, when1[n] == 1)
+        assert torch.equal(now[n].detach()[kept], ref[n].detach()[kept])
+        assert torch.equal(now[n].detach()[gone], ft_state[n][gone])
 
 
 # ---------------------------------------------------------------- task-aware Antidote

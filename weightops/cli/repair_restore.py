@@ -74,7 +74,7 @@ def restore(
         0.2,
         "--rollback-fraction",
         help="Share of each step's restored weights returned to their fine-tuned values "
-        "in the rollback run (20% in the paper).",
+        "in the rollback run (20% in the paper; the search's rollback runs too).",
     ),
     checkpoint_every: int = typer.Option(
         5, "--checkpoint-every", help="Measure the task score every N steps."
@@ -120,7 +120,9 @@ def restore(
     restores the 0.2% of the decoder's weights whose aligned values most raise
     the likelihood of those answers without raising the task's loss; one such
     trajectory on all blocks and one on the first half (up to 40 steps) are
-    measured on the held-out half every 2 steps, and the checkpoint with the
+    measured on the held-out half every 2 steps (30 measurements at most; a
+    trajectory that loses the task starts again with rollback, as in the paper,
+    and is then measured through any dip in the task), and the checkpoint with the
     lowest held-out harmful rate whose task score stays within --metric-drop of
     the fine-tune's is written (the fine-tune itself if none is better). The
     chosen settings and the Pareto front go to the model card and the settings

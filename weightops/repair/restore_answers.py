@@ -21,14 +21,20 @@ objective is the whole refusal instead:
   loss. Only weights with a positive score are taken; k = fraction × pool, at least 1.
 - Gradients are recomputed every step, so the task term sees the damage of the
   previous steps (at the fine-tune g_t is near zero, the task being learnt).
+- Rollback (`rollback_fraction` > 0, the paper's rule): after a step, the task
+  gradient is taken at the restored model, and the `rollback_fraction` of the step's
+  weights whose return to the fine-tuned value most lowers the task loss (first order:
+  −g_t ⊙ (W_finetuned − W_aligned), where positive) go back to it for good. The score
+  before the step adds up weights as if each moved alone; this sees what they did
+  together. The next step reuses that gradient, so rollback costs no extra pass.
 
 `restore_answers` runs `steps` steps and calls `on_checkpoint(step)` after every
 `checkpoint_every`-th; the callback returns False to stop early. `restored_at[name]`
-records the step each weight was restored in (0: never), so any step of the run can
-be rebuilt (`masks_at`).
+records the step each weight was restored in (0: never, −1: rolled back), so any step
+of the run can be rebuilt (`masks_at`).
 
 Memory: both models, gradients of the decoder blocks, an int16 step per weight of
-the pool. Cost per step: one forward and backward pass over the harmful prompts with
+the pool and, with rollback, a copy of the pool's fine-tuned values. Cost per step: one forward and backward pass over the harmful prompts with
 the aligned answers and one over the task examples.
 """
 
@@ -87,6 +93,34 @@ def masks_at(restored_at: dict[str, torch.Tensor], step: int) -> dict[str, torch
     return {n: (w > 0) & (w <= step) for n, w in restored_at.items()}
 
 
+def _roll_back(
+    pool: dict[str, nn.Parameter], original: dict[str, torch.Tensor],
+    g_t: dict[str, torch.Tensor], when: dict[str, torch.Tensor], step: int, share: float,
+) -> None:  # fmt: skip
+    """Return to their fine-tuned values the `share` of the weights restored in `step`
+    whose return most lowers the task loss at the current model (first order:
+    g_t ⊙ (W_finetuned − W), negative), and bar them from later steps (step −1)."""
+    gains, names = [], list(pool)
+    for n in names:
+        g = -(g_t[n] * (original[n] - pool[n].detach()))
+        g[(when[n] != step).to(g.device)] = 0
+        gains.append(g.flatten().float().cpu())
+    flat = torch.cat(gains)
+    take = min(round(share * int(sum(int((when[n] == step).sum()) for n in names))),
+               int((flat > 0).sum()))  # fmt: skip
+    if take == 0:
+        return
+    chosen = torch.topk(flat, take).indices
+    bounds = torch.tensor([0, *[pool[n].numel() for n in names]]).cumsum(0)
+    with torch.no_grad():
+        for i, n in enumerate(names):
+            idx = chosen[(chosen >= bounds[i]) & (chosen < bounds[i + 1])] - bounds[i]
+            if len(idx):
+                dev = idx.to(pool[n].device)
+                pool[n].view(-1)[dev] = original[n].reshape(-1)[dev]
+                when[n].view(-1)[idx] = -1
+
+
 def restore_answers(
     finetuned_model: nn.Module,
     aligned_model: nn.Module,
@@ -98,6 +132,7 @@ def restore_answers(
     steps: int = 40,
     layers: int | None = None,
     task_weight: float = 1.0,
+    rollback_fraction: float = 0.0,
     checkpoint_every: int = 2,
     on_checkpoint: Callable[[int], bool] | None = None,
     batch_size: int = 8,
@@ -107,6 +142,8 @@ def restore_answers(
     Returns restored_at; the model is left at the last step run."""
     if not 0 < fraction <= 1:
         raise RepairError(f"fraction must be in (0, 1] (got {fraction})")
+    if not 0 <= rollback_fraction < 1:
+        raise RepairError(f"rollback_fraction must be in [0, 1) (got {rollback_fraction})")
     if steps < 1 or checkpoint_every < 1:
         raise RepairError("steps and checkpoint_every must be at least 1")
     if not answers or not task:
@@ -121,6 +158,7 @@ def restore_answers(
             )
     aligned = {n: ref[n].detach().to(p.device, p.dtype) for n, p in pool.items()}
     when = {n: torch.zeros(p.shape, dtype=torch.int16) for n, p in pool.items()}
+    original = {n: p.detach().clone() for n, p in pool.items()} if rollback_fraction else {}
     k = max(1, round(fraction * sum(p.numel() for p in pool.values())))
     flags = {n: p.requires_grad for n, p in finetuned_model.named_parameters()}
     was_training = finetuned_model.training
@@ -130,9 +168,11 @@ def restore_answers(
             p.requires_grad_(False)
         for p in pool.values():
             p.requires_grad_(True)
+        g_t = None
         for step in range(1, steps + 1):
             g_r = _nll_grads(finetuned_model, tokenizer, answers, pool, batch_size)
-            g_t = _nll_grads(finetuned_model, tokenizer, task, pool, batch_size)
+            if g_t is None:
+                g_t = _nll_grads(finetuned_model, tokenizer, task, pool, batch_size)
             names, scores = list(pool), []
             for n in names:
                 d = pool[n].detach() - aligned[n]
@@ -153,6 +193,12 @@ def restore_answers(
                         dev = idx.to(view.device)
                         view[dev] = aligned[n].reshape(-1)[dev]
                         when[n].view(-1)[idx] = step
+            g_t = None
+            if rollback_fraction:
+                # The task gradient after the step sees what its weights did together;
+                # the next step reuses it (stale only by the rolled-back weights).
+                g_t = _nll_grads(finetuned_model, tokenizer, task, pool, batch_size)
+                _roll_back(pool, original, g_t, when, step, rollback_fraction)
             due = step % checkpoint_every == 0 or step == steps
             if on_checkpoint is not None and due and not on_checkpoint(step):
                 break

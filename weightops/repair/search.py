@@ -7,9 +7,12 @@ as before, and no single setting suits every model. `search_restore` picks them 
 the model at hand:
 
 1. The user's harmful and task examples are split, by a seeded draw, into a fit half
-   (what restoration reads) and a held-out half (every score below). Each candidate
-   is measured on the held-out half only: its harmful rate (greedy completions,
-   judged) and its task score (`task_metric`).
+   (what restoration reads) and a held-out half (every score below). Harmful examples
+   with the same harmful answer stay on one side (`same_request`): held out while a
+   rewording sits in the fit half, they would measure how well the fit half's own
+   requests are refused, not how the refusal carries to new ones. Each candidate is
+   measured on the held-out half only: its harmful rate (greedy completions, judged)
+   and its task score (`task_metric`).
 2. For each depth L in `depths`, one restoration trajectory is run, `fraction` of the
    pool per step for up to `steps` steps, with a checkpoint every `checkpoint_every`.
    Every checkpoint is a candidate (L, step), with fraction × step of the pool
@@ -18,7 +21,10 @@ the model at hand:
    - "answers" (default): `weightops.repair.restore_answers`, which restores by the
      likelihood of the aligned model's own answers to the harmful prompts against the
      task's loss; depths: all blocks, then half; 0.2 % per step, up to 40 steps,
-     checkpoints every 2.
+     checkpoints every 2. As in the paper, a run whose checkpoint loses the task
+     stops there and the depth starts again from the fine-tune with rollback: after
+     each step, `rollback_fraction` (20 %) of its weights, those whose return most
+     lowers the task loss, go back to their fine-tuned values.
    - "states": the paper's restoration (`weightops.repair.restore`) with its rollback
      rule on the held-out task score; depths: all, two thirds, a third of the blocks;
      0.5 % per step, up to 20 steps, checkpoints every 4. Only the checkpoints of the
@@ -29,11 +35,15 @@ the model at hand:
    fine-tune itself (step 0) is always a candidate, so a search that finds nothing
    better changes nothing. The Pareto front of all candidates is reported.
 
-Cost: a trajectory stops at the first checkpoint that loses the task or reaches a
-harmful rate of 0, since more restored weights can then give no better candidate, and
-the search stops after `max_evaluations` held-out measurements (20) in all. The
-bench (bench/repair_miniatures.py) prints the search's time against one restoration
-with the paper's settings; docs/repair.md has the numbers.
+Cost: the search makes at most `max_evaluations` held-out measurements (30) in all,
+the fine-tune's included; each depth gets an even share of what is left when it
+starts. A run stops early at a checkpoint with a harmful rate of 0 and the task kept,
+where it has nothing left to gain. A run with rollback is not stopped by a checkpoint
+that loses the task: along a trajectory the task can fall and come back as later
+steps restore weights the task needs less (docs/repair.md, *digits*). A "states" run
+stops being measured once its rollback run loses the task or reaches a harmful rate
+of 0. The bench (bench/repair_miniatures.py) prints the search's time against one
+restoration with the paper's settings; docs/repair.md has the numbers.
 
 The judge: without one, a completion counts as a refusal when it contains one of the
 built-in refusal phrases or the opening (up to 40 characters) of one of the aligned
@@ -46,7 +56,6 @@ Memory: a copy of the fine-tuned weights, to start each trajectory from them.
 
 from __future__ import annotations
 
-import random
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -56,6 +65,7 @@ import torch
 from torch import nn
 
 from weightops.repair.evaluate import generate, task_score
+from weightops.repair.heldout import Candidate, choose, pareto_front, same_request, split
 from weightops.repair.judges import aligned_openings, opening_judge
 from weightops.repair.restore import RestoreError, RestoreResult, restore
 from weightops.repair.restore_answers import aligned_answers, restore_answers
@@ -65,35 +75,13 @@ from weightops.steering.layers import find_layers
 MIN_EXAMPLES = 16
 # Held-out measurements (each: the held-out harmful prompts and task examples) one
 # search may make, the fine-tune's included: the cap on its cost.
-MAX_EVALUATIONS = 20
+MAX_EVALUATIONS = 30
 # Per objective: the trajectories' depths (shares of the decoder, deepest first), the
 # share of the pool restored per step, the most steps, and the steps between checkpoints.
 OBJECTIVES: dict[str, dict[str, Any]] = {
     "answers": {"depths": (1.0, 0.5), "fraction": 0.002, "steps": 40, "every": 2},
     "states": {"depths": (1.0, 2 / 3, 1 / 3), "fraction": 0.005, "steps": 20, "every": 4},
 }
-
-
-@dataclass
-class Candidate:
-    """One point of a trajectory, measured on the held-out half."""
-
-    layers: int
-    step: int
-    rollback: bool
-    harmful: float
-    task: float
-    restored: int
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "layers": self.layers,
-            "step": self.step,
-            "rollback": self.rollback,
-            "harmful_rate": round(self.harmful, 4),
-            "task": round(self.task, 4),
-            "restored": self.restored,
-        }
 
 
 @dataclass
@@ -126,39 +114,6 @@ class SearchResult:
             "front": [c.as_dict() for c in self.front()],
             "candidates": len(self.candidates),
         }
-
-
-def pareto_front(candidates: Sequence[Candidate]) -> list[Candidate]:
-    """The candidates no other beats on one of (harmful rate ↓, task ↑) without losing
-    on the other, by harmful rate then task; of equal points, the fewest restored."""
-    best: dict[tuple[float, float], Candidate] = {}
-    for c in candidates:
-        key = (c.harmful, c.task)
-        if key not in best or c.restored < best[key].restored:
-            best[key] = c
-    points = sorted(best.values(), key=lambda c: (c.harmful, -c.task))
-    front: list[Candidate] = []
-    for c in points:
-        if not front or c.task > front[-1].task:
-            front.append(c)
-    return front
-
-
-def choose(candidates: Sequence[Candidate], threshold: float) -> Candidate:
-    """The lowest harmful rate among candidates at or above the task threshold (ties:
-    higher task, then fewer restored weights); with none, the highest task score."""
-    ok = [c for c in candidates if c.task >= threshold]
-    if not ok:
-        return max(candidates, key=lambda c: (c.task, -c.harmful, -c.restored))
-    return min(ok, key=lambda c: (c.harmful, -c.task, c.restored))
-
-
-def split(examples: Sequence[Any], seed: int) -> tuple[list[Any], list[Any]]:
-    """(fit, held out): a seeded shuffle cut in half (the held-out half gets the odd one)."""
-    order = list(examples)
-    random.Random(seed).shuffle(order)
-    half = len(order) // 2
-    return order[:half], order[half:]
 
 
 class _Measure:
@@ -241,7 +196,7 @@ def search_restore(
     depths = [int(d) for d in depths]
     if any(not 1 <= d <= depth for d in depths):
         raise RestoreError(f"search depths must be in 1 … {depth} (got {depths})")
-    h_fit, h_out = split(harmful, seed)
+    h_fit, h_out = split(harmful, seed, key=same_request)
     t_fit, t_out = split(task, seed + 1)
     if judge is None:
         openings = aligned_openings(
@@ -265,7 +220,7 @@ def search_restore(
     base = score(finetuned_model)
     threshold = (1 - metric_drop) * base[1]
     candidates = [Candidate(0, 0, False, base[0], base[1], 0)]
-    records: dict[int, tuple[dict[str, torch.Tensor], RestoreResult | None]] = {}
+    records: dict[tuple[int, bool], tuple[dict[str, torch.Tensor], RestoreResult | None]] = {}
     trajectories = []
     evaluations = 1
     show = progress and sys.stderr.isatty()
@@ -274,31 +229,47 @@ def search_restore(
         if objective == "answers"
         else []
     )
-    for layers in depths:
+    for i, layers in enumerate(depths):
         if evaluations >= max_evaluations:
             break
         if objective == "answers":
-            points: list[tuple[int, float, float]] = []
+            # The budget left, shared evenly by the depths still to run.
+            share = max(1, (max_evaluations - evaluations) // (len(depths) - i))
+            for rollback in (False, True):
+                points: list[tuple[int, float, float]] = []
+                lost: list[bool] = []
 
-            def checkpoint(step: int, points: list = points, before: int = evaluations) -> bool:
-                harm, t = score(finetuned_model)
-                points.append((step, harm, t))
-                # More steps only restore more: stop once the task is lost or nothing is
-                # left to gain, or the budget is spent.
-                spent = before + len(points) >= max_evaluations
-                return t >= threshold and harm > 0 and not spent
+                used = sum(len(p["points"]) for p in trajectories if p["layers"] == layers)
 
-            when = restore_answers(
-                finetuned_model, aligned_model, tokenizer, answers, t_fit,
-                fraction=plan["fraction"], steps=plan["steps"], layers=layers,
-                checkpoint_every=plan["every"], on_checkpoint=checkpoint, batch_size=batch_size,
-            )  # fmt: skip
-            evaluations += len(points)
-            records[layers] = (when, None)
-            for step, harm, t in points:
-                restored = sum(int(((w > 0) & (w <= step)).sum()) for w in when.values())
-                candidates.append(Candidate(layers, step, False, harm, t, restored))
-            trajectories.append({"layers": layers, "points": points})
+                def checkpoint(step: int, points: list = points, lost: list = lost,
+                               rollback: bool = rollback, left: int = share - used) -> bool:  # fmt: skip
+                    harm, t = score(finetuned_model)
+                    points.append((step, harm, t))
+                    if not rollback and t < threshold:
+                        lost.append(True)  # the paper's rule: restart with rollback
+                        return False
+                    # With rollback, a checkpoint below the threshold does not end the
+                    # run (the task can fall and come back); one with nothing to gain does.
+                    return not (harm == 0 and t >= threshold) and len(points) < left
+
+                when = restore_answers(
+                    finetuned_model, aligned_model, tokenizer, answers, t_fit,
+                    fraction=plan["fraction"], steps=plan["steps"], layers=layers,
+                    rollback_fraction=rollback_fraction if rollback else 0.0,
+                    checkpoint_every=plan["every"], on_checkpoint=checkpoint,
+                    batch_size=batch_size,
+                )  # fmt: skip
+                evaluations += len(points)
+                records[(layers, rollback)] = (when, None)
+                for step, harm, t in points:
+                    restored = sum(int(((w > 0) & (w <= step)).sum()) for w in when.values())
+                    candidates.append(Candidate(layers, step, rollback, harm, t, restored))
+                trajectories.append({"layers": layers, "rollback": rollback, "points": points})
+                with torch.no_grad():
+                    for n, p in finetuned_model.named_parameters():
+                        p.copy_(original[n])
+                if not lost or used + len(points) >= share or evaluations >= max_evaluations:
+                    break
         else:
             measure = _Measure(score, base, threshold)
             result = restore(
@@ -309,7 +280,7 @@ def search_restore(
                 batch_size=batch_size,
             )  # fmt: skip
             evaluations += measure.evaluations
-            records[layers] = (result.restored_at, result)
+            records[(layers, result.rollback)] = (result.restored_at, result)
             points = []
             for check, point in zip(result.checkpoints, measure.points, strict=True):
                 if point is None:
@@ -330,7 +301,7 @@ def search_restore(
             for n, p in finetuned_model.named_parameters():
                 p.copy_(original[n])
     chosen = choose(candidates, threshold)
-    when, run = records.get(chosen.layers, ({}, None))
+    when, run = records.get((chosen.layers, chosen.rollback), ({}, None))
     kept = RestoreResult(
         model=finetuned_model,
         layers=chosen.layers,
