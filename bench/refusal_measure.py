@@ -22,9 +22,8 @@ LAST_SHARE = 0.8  # Arditi et al.'s bound on the depth: the last 20 % of layers 
 # Directions of the first quarter are not tried either: the instruction's meaning is not
 # formed there yet, and each layer tried costs a pass over the prompts on busy CPUs.
 FIRST_SHARE = 0.25
-# Refusal scores within this many log-odds of the lowest count as equally low: the KL
-# decides between them (the score of 32 prompts moves by about this much with the pick).
-SCORE_SLACK = 0.5
+# Candidates with the lowest first-token refusal scores whose greedy answers are read.
+SHORTLIST = 6
 
 
 def load(folder: Path):
@@ -114,17 +113,22 @@ def select_direction(
     tokens: Sequence[int],
     rows: list[dict],
     save: Callable[[list[dict]], None],
+    new_tokens: int,
 ) -> dict:
     """Arditi et al.'s selection over layers and post-instruction positions, with the
-    KL filter turned into a tie-break: each candidate direction (dirs[position, layer])
-    is ablated in turn (hooks) and scored by the refusal score it leaves on `harmful`,
-    and by the mean first-token KL it causes on `harmless`. Of the candidates whose
-    score is within SCORE_SLACK of the lowest, the one with the lowest KL wins. (Their
-    filter keeps only directions under a mean KL of 0.1; the aligned model puts so much
-    probability on refusal tokens for harmless prompts too that no direction whose
-    ablation removes refusals moves it that little; docs/steering.md gives the
-    numbers.) `rows` from an earlier run with the same settings are reused, and `save`
-    is called after each new candidate. Returns the winning row."""
+    refusals of greedy answers as the last word. Each candidate direction
+    (dirs[position, layer]) is ablated in turn (hooks) and scored by the refusal score
+    it leaves on `harmful` and the mean first-token KL it causes on `harmless`. The
+    first-token score misleads here: directions of the header's earlier tokens lower it
+    as much as the last token's does while the answers still refuse after another
+    opening word. So the SHORTLIST lowest-scoring candidates are ablated again for
+    greedy answers of `new_tokens` to `harmful`, and the fewest refusals win, the KL
+    breaking ties. (Arditi et al. drop directions whose ablation moves the harmless
+    first-token distribution by a mean KL over 0.1; the aligned model puts so much
+    probability on refusal tokens for harmless prompts too that no direction that
+    removes refusals moves it that little; docs/steering.md gives the numbers.) `rows`
+    from an earlier run with the same settings are reused, and `save` is called after
+    each new measurement. Returns the winning row."""
     base = next_token_logprobs(model, tok, harmless) if len(rows) < len(grid) else None
     done = {(r["layer"], r["position"]) for r in rows}
     for layer, pos in grid:
@@ -138,5 +142,13 @@ def select_direction(
         save(rows)
         print(f"  layer {layer:3d} position {pos:2d}  refusal score {score:+.2f}  KL {moved:.3f}",
               flush=True)  # fmt: skip
-    best = min(r["score"] for r in rows)
-    return min((r for r in rows if r["score"] <= best + SCORE_SLACK), key=lambda r: r["kl"])
+    for row in sorted(rows, key=lambda r: r["score"])[:SHORTLIST]:
+        if "refused" not in row:
+            d = dirs[row["position"], row["layer"]]
+            vec = SteeringVector({row["layer"]: d}, model_type="", hidden_size=dirs.shape[-1])
+            with vec.apply(model, mode="ablate"):
+                row["refused"] = refusals(model, tok, harmful, new_tokens)["rate"]
+            save(rows)
+            print(f"  layer {row['layer']:3d} position {row['position']:2d}  "
+                  f"refused {row['refused']:.0%}", flush=True)  # fmt: skip
+    return min((r for r in rows if "refused" in r), key=lambda r: (r["refused"], r["kl"]))

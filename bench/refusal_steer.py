@@ -8,9 +8,9 @@ Direction*, 2024), run end to end with weightops' CLI and API on a real model.
    at one layer. Chosen as Arditi et al. choose it (refusal_measure.select_direction):
    the candidates, every token of the header at layers a quarter to 80 % deep, read in
    one pass, are ablated in turn and scored by the refusal score (log-odds of a
-   refusal's first token) they leave on harmful training prompts the pairs do not use;
-   their KL filter becomes a tie-break on the mean first-token KL on as many harmless
-   ones. The chosen direction is then extracted as a user would, with
+   refusal's first token) they leave on harmful training prompts the pairs do not use,
+   and the mean first-token KL on as many harmless ones; the lowest-scoring few are
+   ablated again for greedy answers, and the fewest refusals win (KL breaking ties). The chosen direction is then extracted as a user would, with
    `weightops steer train --method mean_diff --layers L --position P --chat-template`.
 2. Ablation: the direction projected out of every write to the residual stream, by
    hooks (`vec.apply(model, mode="ablate")`) and baked (`weightops steer ablate`):
@@ -56,7 +56,7 @@ from bench_steer import ensure_repeng, peer_python, peer_versions
 from peers import WORK
 from real_model import smollm2_refusal
 from refusal_measure import (
-    SCORE_SLACK,
+    SHORTLIST,
     candidates,
     kl,
     load,
@@ -198,14 +198,16 @@ def experiment(
     r["refusal_tokens"] = [tok.decode([t]) for t in tokens]
     r["base_score"] = refusal_score(next_token_logprobs(model, tok, val_harmful), tokens)
     r["post_tokens"] = [tok.decode([t]) for t in encode(Example("Hello"), tok, with_response=False)[0][-n_post:]]  # fmt: skip
-    r["layer_step"], r["slack"] = layer_step, SCORE_SLACK
+    r["layer_step"], r["shortlist"] = layer_step, SHORTLIST
     print("choosing the layer and position", flush=True)
 
     def save(done: list[dict]) -> None:
         seconds = earlier + time.perf_counter() - t0
         chosen.write_text(json.dumps({"settings": settings, "rows": done, "seconds": seconds}))
 
-    pick = select_direction(model, tok, dirs, grid, val_harmful, val_harmless, tokens, rows, save)
+    pick = select_direction(
+        model, tok, dirs, grid, val_harmful, val_harmless, tokens, rows, save, NEW_TOKENS
+    )
     r["candidates"], r["layer"], r["position"] = rows, pick["layer"], pick["position"]
     r["select_seconds"] = json.loads(chosen.read_text())["seconds"]
     r["resumed"] = earlier > 0

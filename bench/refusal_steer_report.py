@@ -78,6 +78,8 @@ def _candidates(r: dict) -> list[str]:
         for p in range(-n, 0):
             c = cells.get((layer, p))
             text = "" if c is None else f"{c['score']:+.2f} / {c['kl']:.2f}"
+            if c is not None and "refused" in c:
+                text += f" / {c['refused']:.0%}"
             picked = layer == r["layer"] and p == r["position"]
             row.append(f"**{text}**" if picked else text)
         lines.append(f"| {layer} | " + " | ".join(row) + " |")
@@ -148,14 +150,20 @@ def render(r: dict) -> tuple[str, str]:
         "prompts (the mean log-odds that the answer opens with a token that opens a "
         f"training refusal, {', '.join(repr(t) for t in r['refusal_tokens'])}; "
         f"{r['base_score']:+.2f} without ablation) and by the mean KL it causes in the "
-        "harmless prompts' first-token distribution. Arditi et al. drop directions over a "
-        "KL of 0.1; no direction of this model that removes refusals moves it that little "
-        "(the aligned model puts much probability on refusal tokens for harmless prompts "
-        "too), so the KL breaks ties instead: of the candidates within "
-        f"{r['slack']:g} of the lowest refusal score, the one with the lowest KL wins: "
-        f"layer **{layer}**, token {token} (position {position}; norm of its direction "
-        f"{r['norm']:.1f}; cosine {r['cos_api_cli']:.6f} to the one `steer train` "
-        "extracted). Refusal score / KL of each candidate:",
+        "harmless prompts' first-token distribution. The first-token score alone misleads "
+        "on this model: directions of the header's earlier tokens lower it about as much "
+        "as the last token's, yet the answers still refuse after another opening word "
+        '("Awful question, but I can\'t help with it"). So the '
+        f"{r['shortlist']} lowest-scoring candidates are ablated again for greedy answers "
+        f"of {r['new_tokens']} tokens to the harmful prompts, and the fewest refusals win, "
+        "the KL breaking ties. Arditi et al. also drop directions whose ablation moves the "
+        "harmless distribution by a mean KL over 0.1; no direction of this model that "
+        "removes refusals moves it that little (the aligned model puts much probability "
+        "on refusal tokens for harmless prompts too), so the KL is reported instead. The "
+        f"winner: layer **{layer}**, token {token} (position {position}; norm of its "
+        f"direction {r['norm']:.1f}; cosine {r['cos_api_cli']:.6f} to the one "
+        "`steer train` extracted). Refusal score / KL of each candidate, and the share of "
+        "greedy answers refused for the shortlist:",
         "",
         *_candidates(r),
         "",
@@ -191,7 +199,7 @@ def render(r: dict) -> tuple[str, str]:
     bench = [
         "The refusal direction of the aligned model (Arditi et al. 2024): `mean_diff` of "
         f"{r['pairs']} (harmful, harmless) pairs at the post-instruction token and layer "
-        f"chosen by the refusal score its ablation leaves, KL breaking ties (token {token}, "
+        f"whose ablation leaves the fewest greedy refusals of a shortlist by refusal score (token {token}, "
         f"position {position}, layer {layer} of {depth}); ablated and added by hooks and "
         "baked (fp32). " + measures,
         "",
