@@ -96,9 +96,8 @@ def render(r: dict) -> tuple[str, str]:
     setup = [
         f"- Command: `{command}` ({r['seconds'] / 60:.0f} minutes"
         + (
-            f"; extracting the directions and choosing the layer and token took "
-            f"{r['select_seconds'] / 60:.0f} more in an earlier run with the same settings, "
-            "which `--resume` reused)"
+            "; the directions and the candidates' scores came from earlier runs with the "
+            "same settings, which `--resume` reused)"
             if r.get("resumed")
             else f", of which {r['select_seconds'] / 60:.0f} to extract the directions and "
             "choose the layer and token)"
