@@ -1,6 +1,6 @@
 """Measures for the refusal-direction experiment (bench/refusal_steer.py): refusal rates
 of greedy answers, first-answer-token distributions, and Arditi et al.'s choice of the
-layer whose direction to ablate."""
+layer and post-instruction token whose direction to ablate."""
 
 from __future__ import annotations
 
