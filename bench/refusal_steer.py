@@ -2,14 +2,16 @@
 induces them (Arditi et al., *Refusal in Language Models Is Mediated by a Single
 Direction*, 2024), run end to end with weightops' CLI and API on a real model.
 
-1. Direction: `weightops steer train --method mean_diff --layers all --chat-template`
-   on pairs of (harmful, harmless) training instructions: the difference of the mean
-   residual streams at the last prompt token (the end of the chat template's assistant
-   header, where the answer begins), at every layer. The layer is chosen as Arditi et
-   al. choose it, less their KL filter (refusal_measure.select_layer): of the
-   directions of layers a quarter to 80 % deep, the one whose ablation leaves the
-   lowest refusal score (log-odds of a refusal's first token) on harmful training
-   prompts the pairs do not use.
+1. Direction: mean_diff of pairs of (harmful, harmless) training instructions, each
+   wrapped in the chat template: the difference of the mean residual streams at one of
+   the post-instruction tokens (the end of the user's turn and the assistant header),
+   at one layer. Chosen as Arditi et al. choose it (refusal_measure.select_direction):
+   the candidates, every token of the header at layers a quarter to 80 % deep, read in
+   one pass, are ablated in turn and scored by the refusal score (log-odds of a
+   refusal's first token) they leave on harmful training prompts the pairs do not use,
+   and the mean first-token KL on as many harmless ones; the lowest-scoring few are
+   ablated again for greedy answers, and the fewest refusals win (KL breaking ties). The chosen direction is then extracted as a user would, with
+   `weightops steer train --method mean_diff --layers L --position P --chat-template`.
 2. Ablation: the direction projected out of every write to the residual stream, by
    hooks (`vec.apply(model, mode="ablate")`) and baked (`weightops steer ablate`):
    refusals on held-out harmful prompts before and after, and the KL divergence of the
@@ -25,11 +27,13 @@ Refusals are greedy answers of 16 new tokens matched by weightops' refusal phras
 divergence is on all held-out harmless prompts. The numbers go into docs/steering.md
 ("Refusal on a real model") and BENCHMARKS.md.
 
-    python bench/refusal_steer.py --every 4      # the aligned model (bench/real_model.py)
+    python bench/refusal_steer.py --every 4 --kl-every 2 --layer-step 4  # the aligned model
     python bench/refusal_steer.py --render       # rewrites the docs from the last results
 
-On two busy CPU cores a run takes about an hour; `--resume` reuses the layer an earlier
-run with the same settings chose (the slower half). $REFUSAL_STEER_WORK moves the work
+On two busy CPU cores a run with `--layer-step 4` takes about 20 minutes (each
+candidate direction scored costs about 15 s, so every layer adds about 20); `--resume` reuses the directions and
+the candidates' scores of an earlier run with the same settings (the slower half), and
+`--layer-step` tries fewer layers. $REFUSAL_STEER_WORK moves the work
 folder (default bench/.work/refusal-steer).
 """
 
@@ -53,24 +57,29 @@ from bench_steer import ensure_repeng, peer_python, peer_versions
 from peers import WORK
 from real_model import smollm2_refusal
 from refusal_measure import (
+    SHORTLIST,
+    candidates,
     kl,
     load,
     next_token_logprobs,
+    post_instruction_length,
+    post_instruction_states,
     refusal_score,
     refusal_tokens,
     refusals,
-    select_layer,
+    select_direction,
 )
 from refusal_steer_report import render
 from report import REPO, write_section
 
-from weightops.repair.data import Example, load_examples
+from weightops.prompting import render_prompt
+from weightops.repair.data import Example, encode, load_examples
 from weightops.steering import SteeringVector
 
 DATA = Path(__file__).parent / "data" / "refusal"
 OUT = Path(os.environ.get("REFUSAL_STEER_WORK", WORK / "refusal-steer"))
 PAIRS = 128  # as Arditi et al.'s training split
-VAL = 12  # harmful prompts for choosing the layer (and as many harmless kept out of the pairs)
+VAL = 32  # harmful and harmless prompts for choosing the direction, kept out of the pairs
 NEW_TOKENS = 16
 STRENGTH = 1.0  # the whole difference of means, as Arditi et al. add it
 
@@ -150,65 +159,81 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def experiment(
-    model_dir: Path, every: int, kl_every: int, n_pairs: int, n_val: int, resume: bool
+    model_dir: Path,
+    every: int,
+    kl_every: int,
+    n_pairs: int,
+    n_val: int,
+    layer_step: int,
+    resume: bool,
 ) -> dict:
     OUT.mkdir(parents=True, exist_ok=True)
-    pairs, val_harmful, _ = splits(n_pairs, n_val)
+    pairs, val_harmful, val_harmless = splits(n_pairs, n_val)
     pairs_file = OUT / "pairs.jsonl"
     pairs_file.write_text(
         "".join(json.dumps({"positive": p, "negative": q}) + "\n" for p, q in pairs)
     )
-    all_file, vec_file = OUT / "refusal-all.safetensors", OUT / "refusal.safetensors"
-    pca_file = OUT / "refusal-pca.safetensors"
+    vec_file, pca_file = OUT / "refusal.safetensors", OUT / "refusal-pca.safetensors"
     depth = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
     t0 = time.perf_counter()
     commands: list[str] = []
-    train_all = ("steer", "train", str(model_dir), "--pairs", str(pairs_file), "--method",
-                 "mean_diff", "--layers", "all", "--chat-template", "-o", str(all_file))  # fmt: skip
     settings = {"model": str(model_dir), "pairs": n_pairs, "val": n_val}
-    chosen = OUT / "layer.json"
     model, tok = load(model_dir)
     tokens = refusal_tokens(tok, load_examples(DATA / "harmful_train.jsonl"))
+    n_post = post_instruction_length(tok)
+    grid = candidates(depth, n_post, layer_step)
+    chosen = OUT / "candidates.json"
     saved = json.loads(chosen.read_text()) if resume and chosen.exists() else None
-    if saved and saved["settings"] == settings:
-        # The slow half (a direction per layer, and ablating each) done by an earlier run.
-        commands.append(shlex.join(train_all).replace(f"{OUT}/", ""))
-        r, rows = saved["r"], saved["r"]["layers"]
+    rows = saved["rows"] if saved and saved["settings"] == settings else []
+    earlier = saved.get("seconds", 0.0) if rows else 0.0
+    states_file = OUT / "states.pt"
+    if rows and states_file.exists():
+        dirs = torch.load(states_file)
     else:
-        cli(commands, *train_all)
-        r = {"depth": depth, "pairs": n_pairs, "val": n_val, "strength": STRENGTH}
-        r["new_tokens"] = NEW_TOKENS
-        r["refusal_tokens"] = [tok.decode([t]) for t in tokens]
-        r["base_score"] = refusal_score(next_token_logprobs(model, tok, val_harmful), tokens)
-        rows = None
-    print("choosing the layer", flush=True)
-    every_layer = SteeringVector.load(all_file)
-    r["layer"], r["layers"] = select_layer(model, tok, every_layer, val_harmful, tokens, rows)
-    if saved is None or saved["settings"] != settings:
-        r["select_seconds"] = time.perf_counter() - t0
-    r["resumed"] = "select_seconds" in (saved or {}).get("r", {})
-    chosen.write_text(json.dumps({"settings": settings, "r": r}))
-    layer = r["layer"]
+        print("reading the post-instruction states", flush=True)
+        dirs = post_instruction_states(model, tok, [p for p, _ in pairs], n_post).mean(0)
+        dirs -= post_instruction_states(model, tok, [q for _, q in pairs], n_post).mean(0)
+        torch.save(dirs, states_file)
+    r = {"depth": depth, "pairs": n_pairs, "val": n_val, "strength": STRENGTH}
+    r["new_tokens"] = NEW_TOKENS
+    r["refusal_tokens"] = [tok.decode([t]) for t in tokens]
+    r["base_score"] = refusal_score(next_token_logprobs(model, tok, val_harmful), tokens)
+    r["post_tokens"] = [tok.decode([t]) for t in encode(Example("Hello"), tok, with_response=False)[0][-n_post:]]  # fmt: skip
+    r["layer_step"], r["shortlist"] = layer_step, SHORTLIST
+    print("choosing the layer and position", flush=True)
+
+    def save(done: list[dict]) -> None:
+        seconds = earlier + time.perf_counter() - t0
+        chosen.write_text(json.dumps({"settings": settings, "rows": done, "seconds": seconds}))
+
+    pick = select_direction(
+        model, tok, dirs, grid, val_harmful, val_harmless, tokens, rows, save, NEW_TOKENS
+    )
+    r["candidates"], r["layer"], r["position"] = rows, pick["layer"], pick["position"]
+    r["select_seconds"] = json.loads(chosen.read_text())["seconds"]
+    r["resumed"] = earlier > 0
+    layer, position = r["layer"], r["position"]
+    # The chosen direction as a user extracts it: one layer, at the chosen token.
+    cli(commands, "steer", "train", str(model_dir), "--pairs", str(pairs_file), "--method",
+        "mean_diff", "--layers", str(layer), "--position", str(position), "--chat-template",
+        "-o", str(vec_file))  # fmt: skip
     # The comparisons with pca_diff and repeng run beside the measurements.
     pca = start(commands, "steer", "train", str(model_dir), "--pairs", str(pairs_file),
-                "--method", "pca_diff", "--layers", str(layer), "--chat-template",
-                "-o", str(pca_file))  # fmt: skip
+                "--method", "pca_diff", "--layers", str(layer), "--position", str(position),
+                "--chat-template", "-o", str(pca_file))  # fmt: skip
+    # repeng reads the last token: each text is cut after the chosen one.
+    cut = len(tok.decode(encode(Example("Hello"), tok, with_response=False)[0][position + 1 :])) if position < -1 else 0  # fmt: skip
     templated = [
-        tuple(
-            tok.apply_chat_template(
-                [{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True
-            )
-            for t in pair
-        )
+        tuple(render_prompt(tok, t)[: len(render_prompt(tok, t)) - cut] for t in pair)
         for pair in pairs
     ]
     peer = start_repeng(model_dir, templated, layer)
-    vec = every_layer.select([layer])
-    vec.save(vec_file)
+    vec = SteeringVector.load(vec_file)
+    r["cos_api_cli"] = cosine(vec.directions[layer], dirs[position, layer])
     r["norm"] = float(vec.directions[layer].norm())
     ablated, added = OUT / "ablated", OUT / "added"
-    cli(commands, "steer", "ablate", str(model_dir), "--vector", str(all_file), "--layer",
-        str(layer), "-o", str(ablated), "--dtype", "float32", "--force")  # fmt: skip
+    cli(commands, "steer", "ablate", str(model_dir), "--vector", str(vec_file),
+        "-o", str(ablated), "--dtype", "float32", "--force")  # fmt: skip
     cli(commands, "steer", "bake", str(model_dir), "--vector", str(vec_file), "--strength",
         f"{STRENGTH:g}", "-o", str(added), "--dtype", "float32", "--force")  # fmt: skip
     r["commands"] = [c.replace(str(model_dir), "MODEL") for c in commands]
@@ -281,8 +306,11 @@ def main() -> None:
     )
     ap.add_argument("--pairs", type=int, default=PAIRS, help="pairs for the direction")
     ap.add_argument("--val", type=int, default=VAL, help="prompts of each kind for the layer")
+    ap.add_argument("--layer-step", type=int, default=1, help="try every n-th layer's directions")
     ap.add_argument(
-        "--resume", action="store_true", help="reuse the layer an earlier run chose (same settings)"
+        "--resume",
+        action="store_true",
+        help="reuse the directions and candidate scores of an earlier run (same settings)",
     )
     args = ap.parse_args()
     results = OUT / "results.json"
@@ -292,7 +320,15 @@ def main() -> None:
         torch.manual_seed(0)
         model_dir = args.model or smollm2_refusal()
         load_start, t0 = os.getloadavg()[0], time.perf_counter()
-        r = experiment(model_dir, args.every, args.kl_every, args.pairs, args.val, args.resume)
+        r = experiment(
+            model_dir,
+            args.every,
+            args.kl_every,
+            args.pairs,
+            args.val,
+            args.layer_step,
+            args.resume,
+        )
         r["seconds"] = time.perf_counter() - t0
         r["load"] = (load_start, os.getloadavg()[0])
         r["command"] = shlex.join(["python", "bench/refusal_steer.py", *sys.argv[1:]])

@@ -64,32 +64,43 @@ def _samples(r: dict, kind: str, before: str, after: str) -> list[str]:
     return lines
 
 
-def _layers(r: dict) -> list[str]:
-    rows = sorted(r["layers"], key=lambda row: row["layer"])
-    marked = [
-        f"**{row['layer']}**" if row["layer"] == r["layer"] else str(row["layer"]) for row in rows
+def _candidates(r: dict) -> list[str]:
+    """Layers as rows, post-instruction tokens as columns: refusal score / KL."""
+    names = [repr(t).replace("|", "\\|") for t in r["post_tokens"]]
+    n = len(names)
+    cells = {(c["layer"], c["position"]): c for c in r["candidates"]}
+    lines = [
+        "| layer | " + " | ".join(f"{name} ({p - n})" for p, name in enumerate(names)) + " |",
+        "|---|" + "---:|" * n,
     ]
-    return [
-        "| layer | " + " | ".join(marked) + " |",
-        "|---|" + "---:|" * len(rows),
-        "| refusal score, ablated | " + " | ".join(f"{row['score']:+.2f}" for row in rows) + " |",
-    ]
+    for layer in sorted({c["layer"] for c in r["candidates"]}):
+        row = []
+        for p in range(-n, 0):
+            c = cells.get((layer, p))
+            text = "" if c is None else f"{c['score']:+.2f} / {c['kl']:.2f}"
+            if c is not None and "refused" in c:
+                text += f" / {c['refused']:.0%}"
+            picked = layer == r["layer"] and p == r["position"]
+            row.append(f"**{text}**" if picked else text)
+        lines.append(f"| {layer} | " + " | ".join(row) + " |")
+    return lines
 
 
 def render(r: dict) -> tuple[str, str]:
     """(docs/steering.md section body, BENCHMARKS.md section body) from the results."""
     rep, command, every = r["repeng"], r["command"], r["every"]
     layer, depth = r["layer"], r["depth"]
-    first, last = r["layers"][0]["layer"], r["layers"][-1]["layer"]
+    layers = sorted({c["layer"] for c in r["candidates"]})
+    position, n = r["position"], len(r["post_tokens"])
+    token = repr(r["post_tokens"][position])
     setup = [
         f"- Command: `{command}` ({r['seconds'] / 60:.0f} minutes"
         + (
-            f"; extracting the directions and choosing the layer took "
-            f"{r['select_seconds'] / 60:.0f} more in an earlier run with the same settings, "
-            "which `--resume` reused)"
+            "; the directions and the candidates' scores came from earlier runs with the "
+            "same settings, which `--resume` reused)"
             if r.get("resumed")
             else f", of which {r['select_seconds'] / 60:.0f} to extract the directions and "
-            "choose the layer)"
+            "choose the layer and token)"
         ),
         f"- Machine: {machine()}; 1-minute load average {r['load'][0]:.1f} at start, "
         f"{r['load'][1]:.1f} at end",
@@ -124,20 +135,36 @@ def render(r: dict) -> tuple[str, str]:
         "",
         f"`pairs.jsonl` holds {r['pairs']} pairs: a harmful training instruction as "
         "`positive`, a harmless one as `negative` (bench/data/refusal/). `--chat-template` "
-        "wraps each as a user turn, so the state is read at the last token of the prompt, "
-        "the end of the assistant header. `mean_diff` is the difference of the two means "
-        f"there; the first command writes one for each of the {depth} layers.",
+        "wraps each as a user turn; `mean_diff` is the difference of the two means of the "
+        f"residual stream at one token, here `--position {position}`, the {token} of the "
+        "assistant header that the template puts after the instruction.",
         "",
-        "Which layer's direction to remove is chosen as Arditi et al. choose it, less "
-        f"their KL filter (below), on {r['val']} harmful training prompts that the pairs do "
-        f"not use. The direction of each layer from {first} to {last} (a quarter to 80 % of "
-        "the depth) is ablated in turn (hooks), and the refusal score is measured: the "
-        "mean log-odds that the answer opens with a token that opens a training refusal "
-        f"({', '.join(repr(t) for t in r['refusal_tokens'])}); it is "
-        f"{r['base_score']:+.2f} without ablation. The lowest wins: layer **{layer}** "
-        f"(norm of its direction {r['norm']:.1f}).",
+        "Which direction to remove is chosen as Arditi et al. choose it, over layers and "
+        "the post-instruction tokens (the end of the user's turn and the assistant header, "
+        f"{n} tokens), on {r['val']} harmful and {r['val']} harmless training prompts that "
+        "the pairs do not use. The candidates are the mean differences at each of those "
+        f"tokens, at layers {', '.join(map(str, layers))} ({_every(r['layer_step'])} layer "
+        "from a quarter to 80 % of the depth), read in one pass over the pairs. Each is "
+        "ablated in turn (hooks) and scored by the refusal score it leaves on the harmful "
+        "prompts (the mean log-odds that the answer opens with a token that opens a "
+        f"training refusal, {', '.join(repr(t) for t in r['refusal_tokens'])}; "
+        f"{r['base_score']:+.2f} without ablation) and by the mean KL it causes in the "
+        "harmless prompts' first-token distribution. The first-token score alone misleads "
+        "on this model: directions of the header's earlier tokens lower it about as much "
+        "as the last token's, yet the answers still refuse after another opening word "
+        '("Awful question, but I can\'t help with it"). So the '
+        f"{r['shortlist']} lowest-scoring candidates are ablated again for greedy answers "
+        f"of {r['new_tokens']} tokens to the harmful prompts, and the fewest refusals win, "
+        "the KL breaking ties. Arditi et al. also drop directions whose ablation moves the "
+        "harmless distribution by a mean KL over 0.1; no direction of this model that "
+        "removes refusals moves it that little (the aligned model puts much probability "
+        "on refusal tokens for harmless prompts too), so the KL is reported instead. The "
+        f"winner: layer **{layer}**, token {token} (position {position}; norm of its "
+        f"direction {r['norm']:.1f}; cosine {r['cos_api_cli']:.6f} to the one "
+        "`steer train` extracted). Refusal score / KL of each candidate, and the share of "
+        "greedy answers refused for the shortlist:",
         "",
-        *_layers(r),
+        *_candidates(r),
         "",
         "Ablation projects the direction out of every write to the residual stream "
         "(embeddings, attention and MLP outputs, and the tied output head's input); addition "
@@ -169,10 +196,11 @@ def render(r: dict) -> tuple[str, str]:
         "",
     ]
     bench = [
-        "The refusal direction of the aligned model (Arditi et al. 2024): `mean_diff` at the "
-        f"last prompt token of {r['pairs']} (harmful, harmless) pairs, at the layer whose "
-        f"ablation lowers the refusal score most (layer {layer} of {depth}); ablated and "
-        "added by hooks and baked (fp32). " + measures,
+        "The refusal direction of the aligned model (Arditi et al. 2024): `mean_diff` of "
+        f"{r['pairs']} (harmful, harmless) pairs at the post-instruction token and layer "
+        f"whose ablation leaves the fewest greedy refusals of a shortlist by refusal score (token {token}, "
+        f"position {position}, layer {layer} of {depth}); ablated and added by hooks and "
+        "baked (fp32). " + measures,
         "",
         *setup,
         "",

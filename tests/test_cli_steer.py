@@ -370,3 +370,31 @@ def test_train_runs_a_bf16_checkpoint_in_fp32(pairs_file, tmp_path):
     expected = torch.stack(states[0::2]).mean(0) - torch.stack(states[1::2]).mean(0)
     got = SteeringVector.load(out).directions[1]
     torch.testing.assert_close(got, expected, atol=1e-5 * float(expected.abs().max()), rtol=0)
+
+
+def test_position_reads_an_earlier_token(llama, pairs_file, tmp_path):
+    out = tmp_path / "v.safetensors"
+    args = ["steer", "train", llama["base"], "--pairs", pairs_file, "--method", "mean_diff"]
+    r = invoke([*args, "--layers", "1", "--position", "-2", "-o", out])
+    assert r.exit_code == 0, r.output
+    model = AutoModelForCausalLM.from_pretrained(llama["base"])
+    tok = AutoTokenizer.from_pretrained(llama["base"])
+    # Independently: transformers' hidden_states[2] is block 1's output; one text at a
+    # time, so no padding is involved.
+    states = []
+    for text in [t for p in PAIRS for t in p]:
+        ids = tok(text, return_tensors="pt").input_ids
+        with torch.no_grad():
+            states.append(model(ids, output_hidden_states=True).hidden_states[2][0, -2])
+    h = torch.stack(states)
+    want = h[0::2].mean(0) - h[1::2].mean(0)
+    got = SteeringVector.load(out)
+    torch.testing.assert_close(got.directions[1], want, atol=1e-5, rtol=0)
+    last = SteeringVector.train(model, tok, PAIRS, method="mean_diff", layers=[1])
+    assert not torch.allclose(got.directions[1], last.directions[1], atol=1e-3)
+    for extra, needle in (
+        (["--position", "0"], "from the end"),
+        (["--layers", "auto", "--position", "-2"], "auto"),
+    ):
+        r = invoke([*args, *extra, "-o", out])
+        assert r.exit_code == 1 and needle in r.stderr, r.output

@@ -103,6 +103,13 @@ def train(
         help="Wrap each text as a user message in the model's chat template (read at the "
         "end of the assistant header), as for instruct models.",
     ),
+    position: int = typer.Option(
+        -1,
+        "--position",
+        help="Token of each text to read the state at, counted from the end: -1 the last, "
+        "-2 the one before (with --chat-template: a token of the assistant header). Not "
+        "with --layers auto.",
+    ),
 ) -> None:
     """Extract a steering vector from contrastive text pairs (read at the last token)."""
     with user_errors():
@@ -116,6 +123,15 @@ def train(
             raise SteeringError(f"-o {output}: the vector file must end in .safetensors or .gguf")
         if not output.parent.is_dir():
             raise SteeringError(f"-o {output}: the folder {output.parent} does not exist")
+        if position >= 0:
+            raise SteeringError(
+                f"--position {position}: count from the end of each text (-1 is the last token)"
+            )
+        if position != -1 and layers == "auto":
+            raise SteeringError(
+                "--position with --layers auto: the layer search reads the last token",
+                hint="give the layers (e.g. --layers all) with --position",
+            )
         chosen = _chosen_layers(layers, gguf)
         data = read_pairs(pairs)
         import torch
@@ -150,8 +166,9 @@ def train(
             from weightops.steering import find_layers
 
             chosen = list(range(1, len(find_layers(m).blocks)))
-        vec = SteeringVector.train(m, tok, data, method=method, layers=chosen)
-        vec.info.update(info, chat_template=chat_template)
+        at = None if position == -1 else [(position, position)] * len(data)
+        vec = SteeringVector.train(m, tok, data, method=method, layers=chosen, positions=at)
+        vec.info.update(info, chat_template=chat_template, position=position)
         if gguf:
             vec.export_gguf(output)
         else:
