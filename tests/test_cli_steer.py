@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from weightops.cli import app
+from weightops.compat import causal_lm
 from weightops.steering import SteeringVector
 
 PAIRS = [(f"I love item {i}.", f"I hate item {i}.") for i in range(8)]
@@ -357,7 +358,7 @@ def test_train_runs_a_bf16_checkpoint_in_fp32(pairs_file, tmp_path):
     assert r.exit_code == 0, r.output
     # Re-derived: block 1's output is transformers' hidden_states[2], read at the last
     # token of each text run alone in fp32.
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = causal_lm(folder, torch.float32)
     tok = AutoTokenizer.from_pretrained(folder)
     with torch.no_grad():
         states = [
