@@ -31,11 +31,12 @@ from weightops.engine.run import (
     compute_threads,
     make_observers,
     observe,
+    pad_vocab_rows,
     resolve_device,
     write_pieces,
 )
 from weightops.engine.select import find_cuts
-from weightops.engine.stream import InputStream, RunOptions, splits
+from weightops.engine.stream import RunOptions, splits
 from weightops.errors import CheckpointError
 from weightops.io.safe_read import Stamp, file_stamp
 from weightops.io.writer import Layout, ShardWriter
@@ -200,14 +201,7 @@ def run_unit(
     sub = _only(plan, unit.names)
     check_inputs(sub)
     with _compute_on(plan, options) as device:
-        if sub.vocab is not None:
-            stream = InputStream(sub, options, device, chunked=True)
-            try:
-                sub.vocab.padding_rows(
-                    sub.tasks, stream._fetch, sub.compute_dtype, options.chunk_elements
-                )
-            finally:
-                stream.close()
+        pad_vocab_rows(sub, options, device)
         cuts = find_cuts(sub, options, device)
         writer = ShardWriter(folder, layout, display=display, create=False)
         try:

@@ -268,6 +268,20 @@ def staged(plan: Plan, out: Path, options: RunOptions) -> Iterator[tuple[Path, L
         raise
 
 
+def pad_vocab_rows(plan: Plan, options: RunOptions, device: torch.device) -> None:
+    """The rows a merged vocabulary adds, from a pass over the inputs' embeddings (the
+    first step of every executor that writes re-indexed tensors)."""
+    if plan.vocab is None:
+        return
+    stream = InputStream(plan, options, device, chunked=True)
+    try:
+        plan.vocab.padding_rows(
+            plan.tasks, stream._fetch, plan.compute_dtype, options.chunk_elements
+        )
+    finally:
+        stream.close()
+
+
 def _execute(plan: Plan, out: Path, options: RunOptions, device: torch.device) -> Path:
     with staged(plan, out, options) as (folder, layout):
         if plan.align is not None:
@@ -276,14 +290,7 @@ def _execute(plan: Plan, out: Path, options: RunOptions, device: torch.device) -
             plan.permutations = match_inputs(
                 plan.align, plan.models, progress=options.progress, device=device
             )
-        if plan.vocab is not None:
-            stream = InputStream(plan, options, device, chunked=True)
-            try:
-                plan.vocab.padding_rows(
-                    plan.tasks, stream._fetch, plan.compute_dtype, options.chunk_elements
-                )
-            finally:
-                stream.close()
+        pad_vocab_rows(plan, options, device)
         stats = _statistics(plan, options, device)
         cuts = find_cuts(plan, options, device)
         writer = ShardWriter(folder, layout, display=out)
