@@ -267,6 +267,24 @@ def test_an_input_deleted_mid_run_fails_the_run(llama, llama_copy, tmp_path, mon
 # ------------------------------------------------------------------------ signals
 
 
+def test_an_error_left_by_a_swallowed_interrupt_reads_as_the_stop():
+    # A Ctrl-C landing inside a library's import can be swallowed there and leave a
+    # half-loaded module, whose next use fails with an unrelated error.
+    code = (
+        "from weightops import signals\n"
+        "signals.install()\n"
+        "import weightops.cli as cli\n"
+        "def app():\n"
+        "    signals._stopped.append(2)  # the stop a library swallowed\n"
+        "    raise AttributeError(\"module 'numpy' has no attribute 'ndarray'\")\n"
+        "cli.app = app\n"
+        "cli.main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip() == "interrupted", proc.stderr
+
+
 def test_ctrl_c_during_start_up_is_one_line(llama, tmp_path):
     recipe = ties_recipe(tmp_path / "r.yaml", llama["base"], llama["ft_a"], llama["ft_b"])
     out = tmp_path / "out"

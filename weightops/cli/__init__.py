@@ -55,15 +55,21 @@ def main() -> None:
         # A stop that came outside a command's own handling of it.
         code = 130
     except Exception as e:
-        # A failure no check foresaw: still one line, and the way to the details.
-        if _common.DEBUG:
+        if signals.stop_code() is not None and not _common.DEBUG:
+            # An interrupt some library swallowed (one landing mid-import leaves a
+            # half-loaded module behind) surfaces later as an unrelated error: the
+            # stop is what happened, and it is reported below.
+            code = 1
+        elif _common.DEBUG:
             raise
-        typer.echo(
-            f"error: internal error: {type(e).__name__}: {e} "
-            "(run with --debug for the traceback, and please report it)",
-            err=True,
-        )
-        code = 1
+        else:
+            # A failure no check foresaw: still one line, and the way to the details.
+            typer.echo(
+                f"error: internal error: {type(e).__name__}: {e} "
+                "(run with --debug for the traceback, and please report it)",
+                err=True,
+            )
+            code = 1
     stopped = signals.stop_code()
     if stopped is not None:
         # typer turns an interrupt into a silent exit 130; a stop also wins over
