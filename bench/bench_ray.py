@@ -226,6 +226,11 @@ def main() -> None:
     )
     ap.add_argument("--threads", type=int, default=1, help="OMP threads of every process")
     ap.add_argument("--repeat", type=int, default=3, help="rounds of the elementwise merges")
+    ap.add_argument(
+        "--only",
+        help="comma-separated jobs to run again (e.g. linear,task_arithmetic); the other "
+        "rows keep the last run's results",
+    )
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     if args.estimate:
@@ -250,8 +255,14 @@ def main() -> None:
         ("TSV-M", "merge", str(tsv_recipe(family, "full", root)), None),
         ("quantize --calib", "quantize", str(smollm2()), str(calibration_text())),
     ]
+    if args.only:
+        wanted = {"warm-up linear", *args.only.split(",")}
+        jobs = [job for job in jobs if job[0] in wanted]
     children = {label: Child(workers, args.threads) for label, workers in CONFIGS.items()}
     results: dict[str, dict] = {c: {"ray start": ch.start} for c, ch in children.items()}
+    if args.only:
+        last = json.loads((OUT / "results.json").read_text())["runs"]
+        results = {c: last[c] | results[c] for c in children}
     try:
         for job in jobs:
             # Elementwise merges take seconds: several rounds, the median kept.
@@ -265,10 +276,20 @@ def main() -> None:
                     print(f"{job[0]} [{config}]: {answer['seconds']:.1f} s", flush=True)
             for config in children:
                 results[config][job[0]] = statistics.median(times[config])
+                results[config][job[0] + " rounds"] = times[config]
     finally:
         for child in children.values():
             child.close()
-    (OUT / "results.json").write_text(json.dumps({"runs": results}, indent=2))
+    saved = json.loads((OUT / "results.json").read_text()) if args.only else {}
+    saved["runs"] = results
+    saved.setdefault("repeat", args.repeat)
+    if args.only:
+        saved["rerun"] = {
+            "only": args.only,
+            "repeat": args.repeat,
+            "seconds": time.perf_counter() - t_all,
+        }
+    (OUT / "results.json").write_text(json.dumps(saved, indent=2))
     finish(family, args, time.perf_counter() - t_all)
 
 
@@ -286,12 +307,13 @@ def finish(family: dict[str, Path], args: argparse.Namespace, seconds: float) ->
         write_section(
             "bench_ray",
             "Ray executor: local vs Ray with 1 and 2 workers",
-            report(results, costs, args, saved["seconds"]),
+            report(results, costs, args, saved),
         )
 
 
-def report(results: dict, costs: dict, args: argparse.Namespace, total: float) -> str:
+def report(results: dict, costs: dict, args: argparse.Namespace, saved: dict) -> str:
     local = results["local"]
+    total = saved["seconds"]
     labels = ["linear", "task_arithmetic", "TSV-M", "quantize --calib"]
     rows = []
     for label in labels:
@@ -302,6 +324,25 @@ def report(results: dict, costs: dict, args: argparse.Namespace, total: float) -
         same = len({results[c][label + " digest"] for c in CONFIGS}) == 1
         rows.append(f"| {label} | {' | '.join(cells)} | {'yes' if same else 'NO'} |")
     warm = ", ".join(f"{c} {results[c]['warm-up linear']:.1f} s" for c in CONFIGS)
+    # Seconds-long merges swing with the machine's load: every round is shown, and
+    # Ray's overhead is taken from the medians.
+    spread = ""
+    for label in ("linear", "task_arithmetic"):
+        rounds = "; ".join(
+            f"{c} " + ", ".join(f"{x:.1f}" for x in results[c].get(label + " rounds", []))
+            for c in CONFIGS
+        )
+        extra = ", ".join(
+            f"{c} {100 * (results[c][label] / local[label] - 1):+.0f} %" for c in list(CONFIGS)[1:]
+        )
+        spread += f"- {label}: Ray's time over local's {extra} (rounds: {rounds})\n"
+    rerun = saved.get("rerun")
+    if rerun:
+        spread += (
+            f"- Rows {rerun['only']} are from a later run, "
+            f"`python bench/bench_ray.py --only {rerun['only']} --repeat {rerun['repeat']}` "
+            f"({rerun['seconds'] / 60:.1f} min)\n"
+        )
     matrices = ", ".join(f"{shape} {s:.2f} s" for shape, s in costs.items())
     return (
         f"Local executor against `--executor ray` on a local Ray instance with 1 and 2 "
@@ -313,12 +354,12 @@ def report(results: dict, costs: dict, args: argparse.Namespace, total: float) -
         "over local (below 1: Ray's overhead). Ray's workers run at the driver's priority "
         "(`RAY_worker_niceness=0`; Ray's default of 15 would hand the shared machine's "
         "cores to the other jobs first).\n\n"
-        f"- Command: `python bench/bench_ray.py`\n"
+        f"- Command: `python bench/bench_ray.py --repeat {saved.get('repeat', 3)}`\n"
         f"- Machine: {machine()} (shared with other jobs: the configurations take turns "
         "job by job, so compare within a row)\n"
         f"- Total wall time: {total / 60:.1f} min\n\n"
         "| job | local | Ray, 1 worker | Ray, 2 workers | same bytes |\n"
-        "|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
+        "|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n" + spread + "\n"
         f"Warm-up (first merge of each process: Ray's workers start and import torch): "
         f"{warm}.\n\n"
         f"TSV-M of one matrix, three fine-tunes, one thread, tensors in memory: {matrices} "
