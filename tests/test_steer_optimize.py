@@ -16,7 +16,7 @@ from weightops.repair.evaluate import load_model
 from weightops.steering import SteeringError
 from weightops.steering.bake import bake_point
 from weightops.steering.optimize import Study, Trial, kl_divergence, optimize
-from weightops.steering.profile import Directions, Point, Profile, applied
+from weightops.steering.profile import Directions, Point, Profile, ablate, applied
 
 TARGET = ["how do I do a bad thing", "tell me something bad", "a bad bad thing", "bad news"]
 HARMLESS = ["what is two plus two", "name a colour", "good morning friend", "a nice day"]
@@ -93,17 +93,44 @@ def test_removal_edits_each_writer_by_its_weight_and_restores_it(llama):
         assert torch.equal(p, before[name]), name
 
 
+def test_norm_keeping_removal_closed_form():
+    # W = diag(1, 2), r = (1, 1)/√2, λ = 1. Unit rows are I; removing r leaves rows
+    # (½, −½) and (−½, ½), each of norm 1/√2; scaled back to norms 1 and 2 they are
+    # (1, −1)/√2 and (−2, 2)/√2. The plain projection gives W − r rᵀ W instead.
+    w = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    r = torch.tensor([1.0, 1.0]) / math.sqrt(2)
+    kept = torch.tensor([[1.0, -1.0], [-2.0, 2.0]], dtype=torch.float64) / math.sqrt(2)
+    plain = torch.tensor([[0.5, -1.0], [-0.5, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(ablate(w, r, 1.0, rows_out=False, keep_norms=True), kept)
+    torch.testing.assert_close(ablate(w, r, 1.0, rows_out=False), plain)
+    # GPT-2's Conv1D stores the same map transposed: the same edit, transposed.
+    torch.testing.assert_close(ablate(w.T, r, 1.0, rows_out=True, keep_norms=True), kept.T)
+    # A zero row stays zero instead of turning into NaN.
+    z = ablate(torch.zeros(2, 3), r, 1.0, rows_out=False, keep_norms=True)
+    assert torch.equal(z, torch.zeros(2, 3, dtype=torch.float64))
+
+
 @pytest.mark.parametrize(
-    ("family", "mode"), [("llama", "remove"), ("gpt2", "remove"), ("llama", "add"), ("gpt2", "add")]
+    ("family", "mode", "norms"),
+    [
+        ("llama", "remove", False),
+        ("gpt2", "remove", False),
+        ("llama", "remove", True),
+        ("gpt2", "remove", True),
+        ("llama", "add", False),
+        ("gpt2", "add", False),
+    ],
 )
-def test_baked_point_gives_the_edited_models_logits(families, tmp_path, family, mode):
+def test_baked_point_gives_the_edited_models_logits(families, tmp_path, family, mode, norms):
     folder = families[family]["base"]
     model, _ = load_model(folder)
     from weightops.steering import find_layers
 
     depth = len(find_layers(model).blocks)
     dirs = _random_directions(depth, find_layers(model).hidden_size, seed=1)
-    point = Point(mode, 0.4, True, Profile(0.9, 0.0, 0.5, 2.0), Profile(0.6, 1.0, 1.0, 1.0))
+    point = Point(
+        mode, 0.4, True, Profile(0.9, 0.0, 0.5, 2.0), Profile(0.6, 1.0, 1.0, 1.0), norms=norms
+    )
     ids = torch.tensor([[3, 5, 7, 11, 13]])
     with torch.no_grad():
         plain = model(ids).logits
@@ -115,6 +142,18 @@ def test_baked_point_gives_the_edited_models_logits(families, tmp_path, family, 
         got = baked(ids).logits
     assert (edited - plain).abs().max() > 1e-3  # the edit does something
     torch.testing.assert_close(got, edited, atol=1e-4, rtol=1e-4)
+    if norms:
+        # Every edited writer keeps the norm of each output row (a column of Conv1D).
+        axis = 0 if family == "gpt2" else 1
+        before, after = find_layers(model), find_layers(baked)
+        changed = 0
+        for i in range(depth):
+            for w0, w1 in zip(before.writers(i), after.writers(i), strict=True):
+                torch.testing.assert_close(
+                    w1.weight.norm(dim=axis), w0.weight.norm(dim=axis), atol=1e-5, rtol=1e-5
+                )
+                changed += not torch.allclose(w1.weight, w0.weight)
+        assert changed == len(point.weights(depth))
 
 
 def _trial(n: int, b: float, kl: float) -> Trial:

@@ -249,13 +249,14 @@ def bake_point(
         if not lam:
             return tensor
         rows_out = name.endswith(".bias") or conv1d
-        return ablate(tensor, dirs[d.layer], lam, rows_out=rows_out)
+        return ablate(tensor, dirs[d.layer], lam, rows_out=rows_out, keep_norms=point.norms)
 
     settings = {"job": "steer optimize", "point": point.as_dict()}
     summary = [
         "Weighted directional ablation baked in: each attention and MLP output projection "
         "of the blocks listed in the settings is W − λ r̂ r̂ᵀ W, its weight λ and direction "
-        "r̂ found by `weightops steer optimize`."
+        "r̂ found by `weightops steer optimize`"
+        + (", each row scaled back to its original norm." if point.norms else ".")
     ]
     return rewrite_checkpoint(
         ckpt,

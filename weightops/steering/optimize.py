@@ -12,7 +12,8 @@ Two objectives, both minimised, measured for every trial on the same prompts:
 
 The search space (`suggest`) holds, per trial: the direction's source layer (fractional,
 in `source_range` × depth) or "per layer"; whether the direction is projected off the
-harmless mean; and for each writer kind (attention, MLP) a `Profile`: peak weight,
+harmless mean; in mode "remove", whether the edit keeps each writer row's norm
+(`Point.norms`); and for each writer kind (attention, MLP) a `Profile`: peak weight,
 peak position, floor as a fraction of the peak, and width. Its ranges contain those of
 heretic-llm 1.4 (peak 0.8–1.5, position 0.6–1.0 of depth, width 1–0.6 of depth), and
 go further (a peak of 0 switches a writer kind off).
@@ -241,6 +242,7 @@ def suggest(trial: Any, mode: str, depth: int) -> Point:
     scope = trial.suggest_categorical("scope", ["global", "per layer"])
     source = trial.suggest_float("source", 0.4 * last, 0.9 * last)
     project = trial.suggest_categorical("project", [True, False])
+    norms = mode == "remove" and trial.suggest_categorical("norms", [True, False])
     profiles = {}
     peak_hi = 1.5 if mode == "remove" else 1.0
     for c in COMPONENTS if mode == "remove" else ("mlp",):
@@ -257,6 +259,7 @@ def suggest(trial: Any, mode: str, depth: int) -> Point:
         project=project,
         attn=profiles.get("attn", off),
         mlp=profiles["mlp"],
+        norms=norms,
     )
 
 
@@ -264,6 +267,8 @@ def classic(mode: str, depth: int) -> dict[str, Any]:
     """The first trial: weight 1 everywhere, direction from 60 % of depth."""
     last = depth - 1
     params: dict[str, Any] = {"scope": "global", "source": 0.6 * last, "project": False}
+    if mode == "remove":
+        params["norms"] = False
     for c in COMPONENTS if mode == "remove" else ("mlp",):
         params |= {
             f"{c}.peak": 1.0 if mode == "remove" else 0.5,
@@ -357,9 +362,9 @@ def front_table(study: Study, chosen: Trial | None = None) -> str:
     """The Pareto front as a Markdown table."""
     what = "behaviour" if study.mode == "remove" else "behaviour missing"
     lines = [
-        f"| trial | {what} | KL | source | project | attn peak@pos (floor, width) "
+        f"| trial | {what} | KL | source | project | norms | attn peak@pos (floor, width) "
         "| mlp peak@pos (floor, width) |",
-        "|---:|---:|---:|---|---|---|---|",
+        "|---:|---:|---:|---|---|---|---|---|",
     ]
     for t in study.front():
         p = t.point
@@ -373,7 +378,9 @@ def front_table(study: Study, chosen: Trial | None = None) -> str:
         mark = " ←" if chosen is not None and t.number == chosen.number else ""
         lines.append(
             f"| {t.number}{mark} | {t.behaviour:.1%} | {t.kl:.4f} | {src} | "
-            f"{'yes' if p.project else 'no'} | {prof(p.attn, p.mode == 'remove')} | "
+            f"{'yes' if p.project else 'no'} | "
+            f"{('kept' if p.norms else 'no') if p.mode == 'remove' else '–'} | "
+            f"{prof(p.attn, p.mode == 'remove')} | "
             f"{prof(p.mlp, True)} |"
         )
     return "\n".join(lines)

@@ -16,6 +16,11 @@ the target prompts (e.g. harmful) minus that of the harmless prompts, per layer.
 
 mode "remove" (directional ablation with a weight): every writer W of block i becomes
 W − λᵢ r̂ r̂ᵀ W, λ = 1 being the full projection of Arditi et al.; λ > 1 overshoots.
+With `norms`, the edit keeps each output row's norm (the norm-preserving ablation of
+grimjim's "norm-preserving biprojected abliteration", which heretic-llm approximates
+with a rank-3 LoRA; here it is exact): the rows of W are normalised, the direction is
+removed from them with weight λ, and each row is scaled back to its original norm.
+The residual stream then keeps the magnitudes the later blocks were trained on.
 mode "add": block i's output gets λᵢ · ‖μ⁺ − μ⁻‖ · r̂ added at every position (the
 `mlp` profile; attention has no separate place to add to), so λ = 1 adds one whole
 mean difference, scaled at the direction's own layer.
@@ -65,6 +70,7 @@ class Point:
     project: bool
     attn: Profile
     mlp: Profile
+    norms: bool = False  # remove mode: keep each writer row's norm
 
     def weights(self, depth: int) -> dict[tuple[int, str], float]:
         """{(layer, component): weight} for every nonzero weight."""
@@ -89,6 +95,7 @@ class Point:
             project=bool(d["project"]),
             attn=Profile(**d["attn"]),
             mlp=Profile(**d["mlp"]),
+            norms=bool(d.get("norms", False)),
         )
 
 
@@ -154,13 +161,24 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D"
 
 
-def ablate(t: torch.Tensor, r: torch.Tensor, lam: float, *, rows_out: bool) -> torch.Tensor:
+def ablate(
+    t: torch.Tensor, r: torch.Tensor, lam: float, *, rows_out: bool, keep_norms: bool = False
+) -> torch.Tensor:
     """t with λ times its component along unit r removed from its output axis: the
     first axis of a Linear weight, the last of a bias or of a Conv1D weight
-    (`rows_out`). Computed in float64; the caller rounds."""
+    (`rows_out`). With `keep_norms` a weight's rows along the output axis are
+    normalised before and scaled back to their norms after (a bias is edited plainly:
+    it has no rows). Computed in float64; the caller rounds."""
     x, r = t.double(), r.double()
     if x.dim() == 1:
         return x - lam * (x @ r) * r
+    if keep_norms:
+        rows = x.T if rows_out else x
+        norms = rows.norm(dim=1, keepdim=True)
+        unit = rows / norms.clamp_min(1e-300)
+        edited = unit - lam * torch.outer(r, r @ unit)
+        edited = edited / edited.norm(dim=1, keepdim=True).clamp_min(1e-300) * norms
+        return edited.T if rows_out else edited
     if rows_out:
         return x - lam * torch.outer(x @ r, r)
     return x - lam * torch.outer(r, r @ x)
@@ -195,7 +213,10 @@ def applied(model: nn.Module, point: Point, directions: Directions) -> Iterator[
                     if p is None:
                         continue
                     saved.append((p, p.detach().clone()))
-                    p.copy_(ablate(p.detach(), r, lam, rows_out=_is_conv1d(module)).to(p.dtype))
+                    edited = ablate(
+                        p.detach(), r, lam, rows_out=_is_conv1d(module), keep_norms=point.norms
+                    )
+                    p.copy_(edited.to(p.dtype))
         yield model
     finally:
         with torch.no_grad():
