@@ -269,7 +269,7 @@ def report(work: Path, paths: dict[str, Path], aligned: Path, every: int) -> str
     for key, label in ROWS.items():
         r = results.get(key)
         if r is None or "harmful_rate" not in r:
-            lines.append(f"| {label} | not run | | | |")
+            lines.append(f"| {label} | not measured | | | |")
             continue
         h, t = r["harmful_rate"], r["task_score"]
         ok = ""
@@ -282,7 +282,7 @@ def report(work: Path, paths: dict[str, Path], aligned: Path, every: int) -> str
     record = json.loads((paths["ft"] / "finetune.json").read_text())
     lines += [
         "",
-        f"Held-out: {n_harm} harmful prompts (every {every} of harmful_heldout.jsonl), "
+        f"Held-out: {n_harm} harmful prompts (one in {every} of harmful_heldout.jsonl), "
         f"{n_task} reviews of unseen words; greedy, {EVAL_TOKENS} new tokens. Repair data: "
         f"{REPAIR_HARMFUL} harmful training prompts with the original model's answers, "
         f"{REPAIR_TASK} training reviews. Fine-tune: {record['steps']} steps of "
