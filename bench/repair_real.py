@@ -302,7 +302,7 @@ def report(work: Path, paths: dict[str, Path], aligned: Path, every: int) -> str
         if cmd:
             lines.append(f"- {ROWS[key]}: `{' '.join(cmd)}`")
     lines += ["", "Sample answers (held-out):", ""]
-    for key in ("aligned", "finetuned", "restore", "paper"):
+    for key in ("aligned", "finetuned", "prune", "restore", "paper"):
         for s in results.get(key, {}).get("samples", [])[:3]:
             answer = s["answer"].replace("\n", " ").replace("|", "/")
             lines.append(f"- {ROWS[key]}: {s['prompt']!r} → {answer!r}")
