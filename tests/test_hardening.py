@@ -285,19 +285,38 @@ def test_an_error_left_by_a_swallowed_interrupt_reads_as_the_stop():
     assert proc.stderr.strip() == "interrupted", proc.stderr
 
 
+def _wait_for_imports(pid: int) -> None:
+    """Return once the process has loaded numpy's or torch's compiled code: its imports
+    are under way, after weightops took over SIGINT (its first step). Before Python
+    itself has started, a Ctrl-C is the interpreter's, not weightops' (documented in
+    docs/reliability.md), and a loaded machine can take most of a second to get there."""
+    maps = f"/proc/{pid}/maps"
+    if not os.path.exists(maps):
+        time.sleep(0.3)
+        return
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with open(maps) as f:
+                text = f.read()
+        except OSError:
+            return  # it ended already
+        if "numpy" in text or "torch" in text:
+            return
+        time.sleep(0.002)
+
+
 def test_ctrl_c_during_start_up_is_one_line(llama, tmp_path):
     recipe = ties_recipe(tmp_path / "r.yaml", llama["base"], llama["ft_a"], llama["ft_b"])
     out = tmp_path / "out"
-    # Not earlier than 0.3 s: before Python itself has started (documented in
-    # docs/reliability.md), a Ctrl-C is the interpreter's, not weightops'; a loaded
-    # machine can take a good part of 0.1 s to get there.
-    for delay in (0.3, 0.8, 1.5):
+    for delay in (0.0, 0.5, 1.2):
         proc = subprocess.Popen(
             [sys.executable, "-m", "weightops", "merge", str(recipe), "-o", str(out)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
+        _wait_for_imports(proc.pid)
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
         proc.send_signal(signal.SIGINT)
