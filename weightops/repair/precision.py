@@ -83,6 +83,22 @@ def output_head(model: nn.Module) -> list[nn.Parameter]:
     return []
 
 
+def narrow_embedding(model: nn.Module, compute: torch.dtype) -> list[nn.Parameter]:
+    """Let the input embedding keep its stored dtype and give what it looks up in
+    `compute` (exact: the rows of the widened table). Returns its weight, to leave out
+    of `widen_except`; nothing for an embedding that does more than look rows up
+    (one that scales them in its own dtype), which is widened as before."""
+    embed = model.get_input_embeddings()
+    if type(embed) is not nn.Embedding:
+        return []
+
+    def widen(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output.to(compute)
+
+    embed.register_forward_hook(widen)
+    return [embed.weight]
+
+
 def cast(params: Iterable[nn.Parameter], dtype: torch.dtype) -> None:
     """Give floating parameters `dtype` in place (their autograd flags are kept)."""
     for p in params:

@@ -73,6 +73,7 @@ from torch import nn
 from weightops.repair.precision import (
     deep_parameters,
     load_narrow,
+    narrow_embedding,
     release_freed,
     stored_dtype,
     widen_except,
@@ -86,6 +87,7 @@ from weightops.repair.restore_run import (
     aligned_reference,
     restore,
 )
+from weightops.repair.restore_values import StoredValues
 
 __all__ = [
     "AlignedReference",
@@ -177,18 +179,23 @@ def restore_model(
 
         def before_pass(model: nn.Module, n_layers: int) -> None:
             # h* is measured in `dtype`; the narrow values taken before stay the reference.
-            widen_except(model, dtype, deep_parameters(model, n_layers))
+            narrow = deep_parameters(model, n_layers) + narrow_embedding(model, dtype)
+            widen_except(model, dtype, narrow)
 
         reference = aligned_reference(
             al_model, tokenizer, harmful, layers=layers, before_pass=before_pass
         )
+        values = StoredValues(al_ckpt, reference.values)
+        reference = replace(reference, values=values)
         del al_model
-        # Own copies, so that nothing keeps the aligned checkpoint's mapped file alive.
-        reference = replace(reference, values={n: v.clone() for n, v in reference.values.items()})
         release_freed()
         ft_model = load_narrow(ft_ckpt.folder, stored_dtype(ft_ckpt, dtype), dtype, device)
         deep = deep_parameters(ft_model, reference.layers)
-        widen_except(ft_model, dtype, deep)
+        embed = narrow_embedding(ft_model, dtype)
+        widen_except(ft_model, dtype, deep + embed)
+        # A tied output head is the embedding's weight, which generation needs widened.
+        head = getattr(ft_model.get_output_embeddings(), "weight", None)
+        deep += [w for w in embed if w is head]
         if task_metric is None:
             from weightops.repair.evaluate import task_score
 
@@ -201,21 +208,22 @@ def restore_model(
             with widened(deep, dtype):
                 return inner(model)
 
-        result = restore(
-            ft_model,
-            reference,
-            tokenizer,
-            harmful,
-            task,
-            task_metric=wide_metric,
-            fraction=fraction,
-            steps=steps,
-            metric_drop=metric_drop,
-            rollback_fraction=rollback_fraction,
-            checkpoint_every=checkpoint_every,
-            seed=seed,
-            progress=progress,
-        )
+        with values:
+            result = restore(
+                ft_model,
+                reference,
+                tokenizer,
+                harmful,
+                task,
+                task_metric=wide_metric,
+                fraction=fraction,
+                steps=steps,
+                metric_drop=metric_drop,
+                rollback_fraction=rollback_fraction,
+                checkpoint_every=checkpoint_every,
+                seed=seed,
+                progress=progress,
+            )
     masks = {n: m for n, m in result.masks().items() if m.any()}
     summary = result.summary()
     # The writer reads both checkpoints tensor by tensor; the models are let go first.

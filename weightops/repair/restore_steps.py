@@ -27,31 +27,34 @@ class _Reader:
 
     def __init__(self, model: nn.Module, depth_read: int, batches: list[dict[str, Any]]):
         self.model = model
-        self.block = find_layers(model).blocks[depth_read - 1]
+        self.blocks = list(find_layers(model).blocks[:depth_read])
+        self.block = self.blocks[-1]
         self.batches = batches
         self.count = sum(len(b["last"]) for b in batches)
+
+    def _run(self, batch: dict[str, Any]) -> None:
+        self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            use_cache=False,
+        )
 
     def _states(self, batch: dict[str, Any]) -> torch.Tensor:
         seen: list[torch.Tensor] = []
 
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            seen.append(output[0] if isinstance(output, tuple) else output)
+            seen.append(_hidden(output))
             raise _Stop
 
         handle = self.block.register_forward_hook(hook)
         try:
-            self.model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"],
-                use_cache=False,
-            )
+            self._run(batch)
         except _Stop:
             pass
         finally:
             handle.remove()
-        rows = torch.arange(len(batch["last"]), device=seen[0].device)
-        return seen[0][rows, batch["last"].to(seen[0].device)].float()
+        return _last(seen[0], batch)
 
     @torch.no_grad()
     def mean(self) -> torch.Tensor:
@@ -64,13 +67,87 @@ class _Reader:
         loss = -torch.nn.functional.cosine_similarity(m, target.double(), dim=0)
         (upstream,) = torch.autograd.grad(loss, m)
         upstream = upstream.float()
-        with torch.enable_grad():
-            for b in self.batches:
-                (self._states(b).sum(0) @ upstream / self.count).backward()
+        for b in self.batches:
+            calls = self._block_inputs(b)
+            if calls is None:
+                with torch.enable_grad():
+                    (self._states(b).sum(0) @ upstream / self.count).backward()
+            else:
+                self._backward_blocks(b, calls, upstream)
         return float(-loss.detach())
+
+    def _block_inputs(self, batch: dict[str, Any]) -> list[tuple[tuple, dict]] | None:
+        """The arguments each block is called with, from a pass without gradients that
+        stops before the last block runs; None when a block's input is not the output
+        of the block before (something between them that a per-block backward would
+        not see)."""
+        calls: list[tuple[tuple, dict]] = []
+        outputs: list[torch.Tensor] = []
+
+        def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            calls.append((args, kwargs))
+            if module is self.block:
+                raise _Stop
+
+        def after(module: nn.Module, args: tuple, output: Any) -> None:
+            outputs.append(_hidden(output))
+
+        handles = [b.register_forward_pre_hook(before, with_kwargs=True) for b in self.blocks]
+        handles += [b.register_forward_hook(after) for b in self.blocks[:-1]]
+        try:
+            with torch.no_grad():
+                self._run(batch)
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        chained = all(_input(calls[i + 1]) is out for i, out in enumerate(outputs)) and len(
+            calls
+        ) == len(self.blocks)
+        return calls if chained else None
+
+    def _backward_blocks(
+        self, batch: dict[str, Any], calls: list[tuple[tuple, dict]], upstream: torch.Tensor
+    ) -> None:
+        """What `.backward()` through the whole batch's graph does, one block's graph at
+        a time: each block is run again from its saved input, last block first, and
+        the gradient at its input is handed to the block before. Every operation of the
+        whole graph runs, on the same values and in the same order, so the gradients
+        are the same bit for bit."""
+        grad = None
+        for i in range(len(self.blocks) - 1, -1, -1):
+            args, kwargs = calls[i]
+            x = _input(calls[i]).detach().requires_grad_(i > 0)
+            if args:
+                args = (x, *args[1:])
+            else:
+                kwargs = {**kwargs, "hidden_states": x}
+            with torch.enable_grad():
+                y = _hidden(self.blocks[i](*args, **kwargs))
+                if grad is None:
+                    (_last(y, batch).sum(0) @ upstream / self.count).backward()
+                else:
+                    y.backward(grad)
+            grad = x.grad
 
     def cos(self, target: torch.Tensor) -> float:
         return float(torch.nn.functional.cosine_similarity(self.mean(), target, dim=0))
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _input(call: tuple[tuple, dict]) -> torch.Tensor:
+    args, kwargs = call
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _last(states: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    """The states at each prompt's last token, in float32."""
+    rows = torch.arange(len(batch["last"]), device=states.device)
+    return states[rows, batch["last"].to(states.device)].float()
 
 
 def _pool(model: nn.Module, layers: int) -> dict[str, nn.Parameter]:
@@ -219,6 +296,7 @@ def _apply(
             else:
                 w = run.when(n).reshape(-1)[idx]
                 keep = (w > 0) & (w <= upto)
-            a = aligned[n].reshape(-1)[idx.to(aligned[n].device)].cpu()
+            values = aligned[n]  # read from the checkpoint where it is not held
+            a = values.reshape(-1)[idx.to(values.device)].cpu()
             vals = torch.where(keep, a.to(ft.dtype), ft)
             p.view(-1)[idx.to(p.device)] = vals.to(p.device, p.dtype)
