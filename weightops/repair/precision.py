@@ -106,16 +106,20 @@ def cast(params: Iterable[nn.Parameter], dtype: torch.dtype) -> None:
             p.data = p.data.to(dtype)
 
 
-def widen_except(model: nn.Module, compute: torch.dtype, narrow: Iterable[nn.Parameter]) -> None:
+def widen_except(
+    model: nn.Module, compute: torch.dtype, narrow: Iterable[nn.Parameter], *, own: bool = True
+) -> None:
     """Every floating parameter of `model` in `compute`, except those of `narrow`,
     which get memory of their own: a model loaded as stored may hold views of the
     checkpoint's mapped file, whose pages count as the process's memory while any
-    view of the file lives."""
+    view of the file lives. With `own=False` they stay as loaded, for a model used
+    once and let go: the pages of a mapped file that nothing reads cost nothing,
+    while a copy would read them all."""
     skip = {id(p) for p in narrow}
     for p in model.parameters():
         if id(p) not in skip:
             cast([p], compute)
-        elif p.is_floating_point() and p.dtype != compute:
+        elif own and p.is_floating_point() and p.dtype != compute:
             p.data = p.data.clone()
     release_freed()
 

@@ -179,8 +179,9 @@ def restore_model(
 
         def before_pass(model: nn.Module, n_layers: int) -> None:
             # h* is measured in `dtype`; the narrow values taken before stay the reference.
+            # The pass reads the embedding's rows of the prompts' tokens and nothing deeper.
             narrow = deep_parameters(model, n_layers) + narrow_embedding(model, dtype)
-            widen_except(model, dtype, narrow)
+            widen_except(model, dtype, narrow, own=False)
 
         reference = aligned_reference(
             al_model, tokenizer, harmful, layers=layers, before_pass=before_pass

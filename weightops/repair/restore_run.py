@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from weightops.errors import WeightopsError
-from weightops.repair.restore_steps import _apply, _batches, _pool, _Reader, _Run
+from weightops.repair.restore_reader import _Reader
+from weightops.repair.restore_steps import _apply, _batches, _pool, _Run
 from weightops.steering.layers import find_layers
 
 

@@ -1,6 +1,6 @@
 """The mechanics of alignment restoration (weightops.repair.restore describes the method):
-reading the mean hidden state and its gradient, the pool of weights, and one run of
-recovery and rollback steps."""
+the pool of weights and one run of recovery and rollback steps (the mean hidden state
+and its gradient are read by weightops.repair.restore_reader)."""
 
 from __future__ import annotations
 
@@ -12,142 +12,10 @@ from torch import nn
 
 from weightops.arch import describe
 from weightops.repair.precision import release_freed
+from weightops.repair.restore_reader import _Reader
 from weightops.repair.restore_select import Shortlist, split, top
-from weightops.steering.layers import find_layers
 
 _NORM_ROLES = ("norm", "qk_norm")
-
-
-class _Stop(Exception):
-    """Ends a forward pass once the block we read from has run."""
-
-
-class _Reader:
-    """Mean state at layer L (output of block L − 1) at the last prompt token."""
-
-    def __init__(self, model: nn.Module, depth_read: int, batches: list[dict[str, Any]]):
-        self.model = model
-        self.blocks = list(find_layers(model).blocks[:depth_read])
-        self.block = self.blocks[-1]
-        self.batches = batches
-        self.count = sum(len(b["last"]) for b in batches)
-
-    def _run(self, batch: dict[str, Any]) -> None:
-        self.model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=batch["position_ids"],
-            use_cache=False,
-        )
-
-    def _states(self, batch: dict[str, Any]) -> torch.Tensor:
-        seen: list[torch.Tensor] = []
-
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            seen.append(_hidden(output))
-            raise _Stop
-
-        handle = self.block.register_forward_hook(hook)
-        try:
-            self._run(batch)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        return _last(seen[0], batch)
-
-    @torch.no_grad()
-    def mean(self) -> torch.Tensor:
-        total = sum(self._states(b).sum(0) for b in self.batches)
-        return total / self.count  # type: ignore[operator]
-
-    def backward_cos(self, target: torch.Tensor) -> float:
-        """Accumulate ∇(−cos(mean, target)) into .grad; return cos(mean, target)."""
-        m = self.mean().double().requires_grad_(True)
-        loss = -torch.nn.functional.cosine_similarity(m, target.double(), dim=0)
-        (upstream,) = torch.autograd.grad(loss, m)
-        upstream = upstream.float()
-        for b in self.batches:
-            calls = self._block_inputs(b)
-            if calls is None:
-                with torch.enable_grad():
-                    (self._states(b).sum(0) @ upstream / self.count).backward()
-            else:
-                self._backward_blocks(b, calls, upstream)
-        return float(-loss.detach())
-
-    def _block_inputs(self, batch: dict[str, Any]) -> list[tuple[tuple, dict]] | None:
-        """The arguments each block is called with, from a pass without gradients that
-        stops before the last block runs; None when a block's input is not the output
-        of the block before (something between them that a per-block backward would
-        not see)."""
-        calls: list[tuple[tuple, dict]] = []
-        outputs: list[torch.Tensor] = []
-
-        def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            calls.append((args, kwargs))
-            if module is self.block:
-                raise _Stop
-
-        def after(module: nn.Module, args: tuple, output: Any) -> None:
-            outputs.append(_hidden(output))
-
-        handles = [b.register_forward_pre_hook(before, with_kwargs=True) for b in self.blocks]
-        handles += [b.register_forward_hook(after) for b in self.blocks[:-1]]
-        try:
-            with torch.no_grad():
-                self._run(batch)
-        except _Stop:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-        chained = all(_input(calls[i + 1]) is out for i, out in enumerate(outputs)) and len(
-            calls
-        ) == len(self.blocks)
-        return calls if chained else None
-
-    def _backward_blocks(
-        self, batch: dict[str, Any], calls: list[tuple[tuple, dict]], upstream: torch.Tensor
-    ) -> None:
-        """What `.backward()` through the whole batch's graph does, one block's graph at
-        a time: each block is run again from its saved input, last block first, and
-        the gradient at its input is handed to the block before. Every operation of the
-        whole graph runs, on the same values and in the same order, so the gradients
-        are the same bit for bit."""
-        grad = None
-        for i in range(len(self.blocks) - 1, -1, -1):
-            args, kwargs = calls[i]
-            x = _input(calls[i]).detach().requires_grad_(i > 0)
-            if args:
-                args = (x, *args[1:])
-            else:
-                kwargs = {**kwargs, "hidden_states": x}
-            with torch.enable_grad():
-                y = _hidden(self.blocks[i](*args, **kwargs))
-                if grad is None:
-                    (_last(y, batch).sum(0) @ upstream / self.count).backward()
-                else:
-                    y.backward(grad)
-            grad = x.grad
-
-    def cos(self, target: torch.Tensor) -> float:
-        return float(torch.nn.functional.cosine_similarity(self.mean(), target, dim=0))
-
-
-def _hidden(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
-def _input(call: tuple[tuple, dict]) -> torch.Tensor:
-    args, kwargs = call
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _last(states: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-    """The states at each prompt's last token, in float32."""
-    rows = torch.arange(len(batch["last"]), device=states.device)
-    return states[rows, batch["last"].to(states.device)].float()
 
 
 def _pool(model: nn.Module, layers: int) -> dict[str, nn.Parameter]:
@@ -193,6 +61,14 @@ class _Run:
         self.pool, self.aligned, self.saved = pool, aligned, saved
         self.events: dict[str, list[tuple[torch.Tensor, int]]] = {}
         self.gen = torch.Generator().manual_seed(seed)
+        # Where each tensor starts in the pool's order, and the tensors of each block.
+        self.offsets: dict[str, int] = {}
+        self.blocks: dict[int, list[str]] = {}
+        offset = 0
+        for n, p in pool.items():
+            self.offsets[n] = offset
+            offset += p.numel()
+            self.blocks.setdefault(describe(n).layer, []).append(n)  # type: ignore[arg-type]
 
     def when(self, name: str) -> torch.Tensor:
         """The step record of one tensor (int16, its shape): see RestoreResult.restored_at."""
@@ -208,22 +84,25 @@ class _Run:
         return free.to(device)
 
     def recover(self, step: int, reader: _Reader, h_star: torch.Tensor, k: int) -> dict:
-        reader.backward_cos(h_star)
-        names = list(self.pool)
         short = Shortlist(k)
-        offset = 0
-        for n in names:
-            # Scored one tensor at a time, its gradient freed as soon as it is read.
-            p = self.pool[n].detach()
-            g = self.pool[n].grad
-            self.pool[n].grad = None
-            if g is not None:
+
+        def score(block: int) -> None:
+            # Scored one tensor at a time as its block's gradients are complete, each
+            # gradient freed as soon as it is read.
+            for n in self.blocks.get(block, ()):
+                p = self.pool[n].detach()
+                g = self.pool[n].grad
+                self.pool[n].grad = None
+                if g is None:
+                    continue
                 diff = torch.sign(p - self.aligned[n]).view(-1)
                 g = g.view(-1)
                 cand = (diff != 0) & (diff == torch.sign(g)) & self._untouched(n, p.device)
                 where = cand.nonzero(as_tuple=True)[0]
-                short.add(g[where].abs().cpu(), where.cpu() + offset)
-            offset += p.numel()
+                short.add(g[where].abs().cpu(), where.cpu() + self.offsets[n])
+
+        reader.backward_cos(h_star, score)
+        names = list(self.pool)
         chosen = short.top(self.gen)
         picked = split(chosen, names, [self.pool[n].numel() for n in names])
         with torch.no_grad():
@@ -249,12 +128,16 @@ class _Run:
         count = round(fraction * n_restored)
         if count == 0:
             return 0
-        reader.backward_cos(b_star)
         grads = {}
-        for n, p in self.pool.items():
-            if n in picked and p.grad is not None:
-                grads[n] = p.grad.reshape(-1)[picked[n].to(p.device)].cpu()
-            p.grad = None
+
+        def gather(block: int) -> None:
+            for n in self.blocks.get(block, ()):
+                p = self.pool[n]
+                if n in picked and p.grad is not None:
+                    grads[n] = p.grad.reshape(-1)[picked[n].to(p.device)].cpu()
+                p.grad = None
+
+        reader.backward_cos(b_star, gather)
         names = list(picked)
         scores = []
         for n in names:
