@@ -11,7 +11,8 @@ one after the other, each as its own process under `/usr/bin/time -f %M` (wall t
 and peak RSS, one compute thread): a plain forward pass of the fine-tune (float32,
 logits included) over the harmful pairs, batch 8, as `repair prune` reads them; and
 each command with the revision's code and with this tree's. The outputs of the two
-trees are compared tensor by tensor.
+trees are compared tensor by tensor. With `--no-prune` only restore runs (no plain
+forward pass), and its table goes to a section of its own, bench_repair_restore.
 """
 
 from __future__ import annotations
