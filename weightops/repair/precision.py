@@ -5,7 +5,8 @@ Widening bfloat16 or float16 to float32 is exact, so a model loaded in its store
 whose parameters are widened before they are used computes bit for bit what the same
 model loaded in float32 computes. Restoration uses this to keep the parameters its
 gradient passes never reach (the blocks past the ones it edits, an untied output head)
-in the stored dtype, widening them only while the task metric runs.
+in the stored dtype, widening them only while the task metric runs, and the input
+embedding in the stored dtype throughout, widening only the rows it looks up.
 """
 
 from __future__ import annotations
