@@ -11,7 +11,8 @@ one after the other, each as its own process under `/usr/bin/time -f %M` (wall t
 and peak RSS, one compute thread): a plain forward pass of the fine-tune (float32,
 logits included) over the harmful pairs, batch 8, as `repair prune` reads them; and
 each command with the revision's code and with this tree's. The outputs of the two
-trees are compared tensor by tensor.
+trees are compared tensor by tensor. With `--no-prune` only restore runs (no plain
+forward pass), and its table goes to a section of its own, bench_repair_restore.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import WORK
-from report import machine, write_section
+from repair_report import write_report
 
 from weightops.demo import tiny_model
 from weightops.io.checkpoint import Checkpoint
@@ -83,6 +84,11 @@ def harmful_pairs(n: int) -> list[dict[str, str]]:
             }
         )
     return rows
+
+
+def tokens_per_pair(n: int) -> int:
+    """Tokens of a harmful pair on average (the character tokenizer: one per character)."""
+    return sum(len(r["prompt"] + r["response"]) for r in harmful_pairs(n)) // n
 
 
 def task_pairs(n: int) -> list[dict[str, str]]:
@@ -211,7 +217,9 @@ def main() -> None:
         help="Write the table again from the last run's measurements (results.json).",
     )
     parser.add_argument(
-        "--no-prune", action="store_true", help="Benchmark restore only (no table written)."
+        "--no-prune",
+        action="store_true",
+        help="Benchmark restore only (its table goes to the bench_repair_restore section).",
     )
     parser.add_argument("--results", type=Path, default=RESULTS, help="Where to save the runs.")
     parser.add_argument("--note", default="", help="A sentence to add to the table's text.")
@@ -238,7 +246,7 @@ def main() -> None:
             ]
             saved["args"]["earlier_argv"].append(" ".join(earlier["args"]["argv"]))
         saved["args"]["note"] = args.note
-        write_report(saved)
+        write_report(saved, tokens_per_pair(saved["args"]["prompts"]))
         return
     torch.set_num_threads(1)
     if not (FAMILY / "base" / "config.json").exists():
@@ -329,8 +337,8 @@ def main() -> None:
         "commands": commands,
     }
     args.results.write_text(json.dumps(saved, indent=1))
-    if forward is not None:
-        write_report(saved)
+    if jobs:
+        write_report(saved, tokens_per_pair(args.prompts))
 
 
 def merge_earlier(
@@ -344,132 +352,6 @@ def merge_earlier(
             if label not in [lab for lab, _ in jobs]:
                 jobs.append((label, None))
     return [t for t in ("before", "after") if t in earlier["trees"] or t in names]
-
-
-def write_report(saved: dict) -> None:
-    args = argparse.Namespace(**saved["args"])
-    results = {(label, t): r for label, t, r in saved["results"]}
-    jobs = [(label, None) for label in saved["jobs"]]
-    body = report(
-        args,
-        saved["params"],
-        saved["size_mb"],
-        saved["fp32_mib"],
-        saved["trees"],
-        jobs,
-        saved["forward"],
-        results,
-        saved["commands"],
-    )
-    write_section("bench_repair", "Repair: Antidote pruning and restoration on 150M", body)
-    print(body)
-
-
-def report(args, params, size_mb, fp32_mib, names, jobs, forward, results, commands) -> str:
-    fwd_s = forward["seconds"]
-    in_process = forward["stderr"].splitlines()[-1].split(": ", 1)[1]
-    cols = " | ".join(f"{t} wall (s) | {t} peak RSS (MiB)" for t in names)
-    lines = [
-        f"| run | {cols} | identical output |",
-        "|---|" + "---|" * (2 * len(names)) + "---|",
-        f"| plain forward of the fine-tune, float32, logits ({in_process} of it in the "
-        f"forward calls) | "
-        + " | ".join(
-            f"{fwd_s:.1f} | {forward['peak_rss_mib']:.0f}" if t == "after" else "– | –"
-            for t in names
-        )
-        + " | |",
-    ]
-
-    def mark(label: str, t: str) -> str:
-        return "†" if results[(label, t)].get("earlier") else ""
-
-    for label, _ in jobs:
-        cells = " | ".join(
-            f"{results[(label, t)]['seconds']:.1f}{mark(label, t)} | "
-            f"{results[(label, t)]['peak_rss_mib']:.0f}{mark(label, t)}"
-            for t in names
-        )
-        same = (
-            (
-                "yes"
-                if results[(label, "before")]["digest"] == results[(label, "after")]["digest"]
-                else "**no**"
-            )
-            if "before" in names
-            else ""
-        )
-        lines.append(f"| {label} | {cells} | {same} |")
-    bars = ["| bar | before | after | limit |", "|---|---|---|---|"]
-    prune_label = jobs[0][0]
-    for t in names:
-        results[(prune_label, t)]["ratio"] = results[(prune_label, t)]["seconds"] / fwd_s
-    bars.append(
-        "| repair prune wall / plain forward wall | "
-        + " | ".join(
-            f"{results[(prune_label, t)]['ratio']:.2f}×{mark(prune_label, t)}"
-            if t in names
-            else "–"
-            for t in ("before", "after")
-        )
-        + " | ≤ 1.5× |"
-    )
-    restore_label = next((lab for lab, _ in jobs if lab.startswith("restore")), None)
-    if restore_label:
-        bars.append(
-            "| repair restore peak RSS / fp32 model size "
-            f"({fp32_mib:.0f} MiB) | "
-            + " | ".join(
-                f"{results[(restore_label, t)]['peak_rss_mib'] / fp32_mib:.2f}×"
-                f"{mark(restore_label, t)}"
-                if t in names
-                else "–"
-                for t in ("before", "after")
-            )
-            + " | ≤ 2× |"
-        )
-    cmd = "python " + shlex.join(["bench/bench_repair.py", *args.argv])
-    tokens = sum(len(r["prompt"] + r["response"]) for r in harmful_pairs(args.prompts))
-    before = (
-        f" `before` is weightops at {args.before} (unpacked into bench/.work/repair-before), "
-        '`after` this tree; "identical output" compares every tensor of the two outputs '
-        "bit for bit."
-        if args.before
-        else ""
-    )
-    return (
-        f"`weightops repair` on bench/.work/family-16L (random-weight Llama, 16 layers, hidden "
-        f"768, {params / 1e6:.0f}M parameters, {size_mb:.0f} MB of bf16, {fp32_mib:.0f} MiB "
-        f"in float32): `ft_a` as the fine-tune, `base` as the aligned model, both given the "
-        f"character tokenizer of weightops.demo. {args.prompts} synthetic harmful "
-        f"prompt/response pairs (about {tokens // args.prompts} tokens each), batch 8, "
-        "computed in float32 on CPU"
-        + (f"; restore with {args.task_prompts} task examples" if restore_label else "")
-        + ". Each run is its own process (model loading and writing included), one "
-        "compute thread, wall time and peak RSS from `/usr/bin/time -f %M`; a Python "
-        "process with torch and transformers loaded holds about 240 MiB before any model."
-        + before
-        + (
-            " Cells marked † come from other invocations on the same machine the same "
-            "day: "
-            + "; ".join(f"`python bench/bench_repair.py {a}`" for a in args.earlier_argv)
-            + "."
-            if getattr(args, "earlier_argv", None)
-            else ""
-        )
-        + (f" {args.note}" if getattr(args, "note", "") else "")
-        + " The plain forward pass is the fine-tune loaded in float32 and run over the "
-        "same pairs, batched as prune batches them, logits included: the bar for prune."
-        + " The machine is shared with other jobs, so wall times vary between runs; the "
-        "runs here are one after the other in one invocation."
-        + f"\n\n- Command: `{cmd}`\n- Machine: {machine()}\n\n"
-        + "\n".join(lines)
-        + "\n\n"
-        + "\n".join(bars)
-        + "\n\nCommands (OUT: the output folder):\n\n"
-        + "\n".join(f"- {label}: `{c}`" for label, c in commands.items())
-        + "\n\n"
-    )
 
 
 if __name__ == "__main__":

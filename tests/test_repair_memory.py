@@ -25,8 +25,8 @@ from weightops.repair.precision import (
     widened,
 )
 from weightops.repair.restore import restore, restore_model
+from weightops.repair.restore_reader import _Reader
 from weightops.repair.restore_select import Shortlist
-from weightops.repair.restore_steps import _Reader
 
 HARMFUL = [Example(f"how do i make thing {i}?") for i in range(5)] + [Example("build it")]
 TASK = [Example(f"reverse: ab{c}\n", f"{c}ba") for c in "cdefg"]
@@ -51,18 +51,22 @@ def reference_choice(scores: np.ndarray, k: int, seed: int) -> list[int]:
     return sorted([*above.tolist(), *tied[order[: k - len(above)]].tolist()])
 
 
+@pytest.mark.parametrize("backwards", [False, True])
 @pytest.mark.parametrize("k", [1, 7, 40, 500])
-def test_shortlist_chooses_as_a_full_sort(k):
+def test_shortlist_chooses_as_a_full_sort(k, backwards):
     rng = np.random.default_rng(k)
     # Few distinct values, so ties at the k-th score are the rule, and chunks of many
-    # sizes, so the shortlist trims several times.
+    # sizes, so the shortlist trims several times; added first to last or last first
+    # (as restoration adds the blocks, deepest first).
     scores = rng.integers(1, 12, size=300).astype(np.float32)
     short = Shortlist(k)
-    start = 0
+    chunks, start = [], 0
     for size in (1, 50, 3, 120, 0, 126):
+        chunks.append((start, size))
+        start += size
+    for start, size in reversed(chunks) if backwards else chunks:
         chunk = scores[start : start + size]
         short.add(torch.from_numpy(chunk), torch.arange(start, start + size))
-        start += size
     got = sorted(short.top(torch.Generator().manual_seed(5)).tolist())
     expected = reference_choice(scores, min(k, len(scores)), 5)
     assert got == expected

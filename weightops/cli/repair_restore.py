@@ -129,11 +129,11 @@ def restore(
     in the safetensors metadata. --no-search, or any of --fraction, --steps,
     --layers, runs the paper's restoration with the paper's settings.
 
-    Peak memory, float32 on a bfloat16 checkpoint: about 2.7× the model's float32 size
+    Peak memory, float32 on a bfloat16 checkpoint: about 1.9× the model's float32 size
     for the paper's restoration at the default --layers, interpreter included (the first
-    blocks, their gradients and one batch's graph in float32; the rest as stored, widened
-    only for the task score); the search holds both models in float32. See
-    docs/repair.md.
+    blocks in float32, their gradients one block at a time; the rest as stored, widened
+    but for the embedding only for the task score, which is the peak); the search holds
+    both models in float32. See docs/repair.md.
     """
     size = parse_size(shard_size)
     with user_errors():

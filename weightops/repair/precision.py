@@ -5,7 +5,8 @@ Widening bfloat16 or float16 to float32 is exact, so a model loaded in its store
 whose parameters are widened before they are used computes bit for bit what the same
 model loaded in float32 computes. Restoration uses this to keep the parameters its
 gradient passes never reach (the blocks past the ones it edits, an untied output head)
-in the stored dtype, widening them only while the task metric runs.
+in the stored dtype, widening them only while the task metric runs, and the input
+embedding in the stored dtype throughout, widening only the rows it looks up.
 """
 
 from __future__ import annotations
@@ -83,6 +84,22 @@ def output_head(model: nn.Module) -> list[nn.Parameter]:
     return []
 
 
+def narrow_embedding(model: nn.Module, compute: torch.dtype) -> list[nn.Parameter]:
+    """Let the input embedding keep its stored dtype and give what it looks up in
+    `compute` (exact: the rows of the widened table). Returns its weight, to leave out
+    of `widen_except`; nothing for an embedding that does more than look rows up
+    (one that scales them in its own dtype), which is widened as before."""
+    embed = model.get_input_embeddings()
+    if type(embed) is not nn.Embedding:
+        return []
+
+    def widen(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output.to(compute)
+
+    embed.register_forward_hook(widen)
+    return [embed.weight]
+
+
 def cast(params: Iterable[nn.Parameter], dtype: torch.dtype) -> None:
     """Give floating parameters `dtype` in place (their autograd flags are kept)."""
     for p in params:
@@ -90,16 +107,20 @@ def cast(params: Iterable[nn.Parameter], dtype: torch.dtype) -> None:
             p.data = p.data.to(dtype)
 
 
-def widen_except(model: nn.Module, compute: torch.dtype, narrow: Iterable[nn.Parameter]) -> None:
+def widen_except(
+    model: nn.Module, compute: torch.dtype, narrow: Iterable[nn.Parameter], *, own: bool = True
+) -> None:
     """Every floating parameter of `model` in `compute`, except those of `narrow`,
     which get memory of their own: a model loaded as stored may hold views of the
     checkpoint's mapped file, whose pages count as the process's memory while any
-    view of the file lives."""
+    view of the file lives. With `own=False` they stay as loaded, for a model used
+    once and let go: the pages of a mapped file that nothing reads cost nothing,
+    while a copy would read them all."""
     skip = {id(p) for p in narrow}
     for p in model.parameters():
         if id(p) not in skip:
             cast([p], compute)
-        elif p.is_floating_point() and p.dtype != compute:
+        elif own and p.is_floating_point() and p.dtype != compute:
             p.data = p.data.clone()
     release_freed()
 

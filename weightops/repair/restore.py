@@ -40,21 +40,26 @@ Choices where the paper is silent, or where we differ:
   value for the rest of the run (otherwise it would be restored and rolled back again).
 - The mean state is exact over all prompts in every step, not a minibatch estimate:
   the gradient of −cos with respect to the mean is taken first (one pass without
-  gradients), then pushed through each batch in turn (a second pass), so only one
-  batch's graph is alive at a time. The forward pass stops after block L − 1.
+  gradients), then pushed back through every batch one block at a time, deepest
+  first (`weightops.repair.restore_reader`), so only one block's graph and one
+  block's gradients are alive at a time; the gradients are those of the whole graph
+  bit for bit. The forward pass stops after block L − 1.
 - If no checkpoint of the rollback run reaches the threshold, the last passing
   checkpoint of the first run is kept, else the fine-tune unchanged (step 0).
 - The task metric is taken to be "higher is better" and non-negative.
 
 Memory. Gradients are taken for the pool only (blocks 0 … L − 1, in the compute
-dtype), one batch's graph at a time. `restore` holds the two models it is given, the
-pool's gradients and, per step, one tensor's scores at a time (`restore_select`).
-`restore_model` (and `weightops repair restore`) reduces the aligned model to h* and
-its pool values as stored before loading the fine-tune, and computes in float32 on a
-bfloat16 or float16 checkpoint without a float32 copy of the blocks it does not edit
-(`weightops.repair.precision`). Its peak, during a gradient pass: the widened
-embeddings and first L blocks, the rest and the aligned pool values as stored, the
-pool's gradients and one batch's graph through L blocks (docs/repair.md has the
+dtype), one block at a time: one block's graph and gradients are alive, with the
+gradient at one block boundary for every batch, and each block's candidates are
+scored as soon as its gradients are complete (`restore_reader`, `restore_select`).
+`restore` holds the two models it is given. `restore_model` (and `weightops repair
+restore`) reduces the aligned model to h* before loading the fine-tune and reads the
+aligned pool values from the checkpoint when it uses them (`restore_values`), and
+computes in float32 on a bfloat16 or float16 checkpoint without a float32 copy of
+what it does not edit (`weightops.repair.precision`): the first L blocks are widened,
+the embedding stays as stored and widens the rows it looks up, the deeper blocks and
+an untied output head are widened only while the task metric runs. Its peak is the
+task metric's (the model in float32 but its embedding; docs/repair.md has the
 figures). Both keep the fine-tuned values of the weights touched so far (a few
 percent of the pool) to roll back or restart.
 """
@@ -73,6 +78,7 @@ from torch import nn
 from weightops.repair.precision import (
     deep_parameters,
     load_narrow,
+    narrow_embedding,
     release_freed,
     stored_dtype,
     widen_except,
@@ -86,6 +92,7 @@ from weightops.repair.restore_run import (
     aligned_reference,
     restore,
 )
+from weightops.repair.restore_values import StoredValues
 
 __all__ = [
     "AlignedReference",
@@ -133,12 +140,15 @@ def restore_model(
     (`RestoreResult.summary()` plus the output folder, and the search's summary under
     "search").
 
-    Memory without `search`: the aligned model is loaded first, reduced to its `AlignedReference` and
-    let go. A checkpoint stored in bfloat16 or float16 and computed in float32 is loaded
-    in its stored dtype: the fine-tune's embeddings and first L blocks are widened to
-    float32 (the gradient passes run there, bit for bit as on a float32 load), the rest
-    stays narrow except while the task metric runs (`weightops.repair.precision`). The
-    search needs the aligned model's answers, so it holds both models in `dtype`."""
+    Memory without `search`: the aligned model is loaded first, reduced to its
+    `AlignedReference` and let go; its pool values are read from its checkpoint when
+    used (`weightops.repair.restore_values`). A checkpoint stored in bfloat16 or
+    float16 and computed in float32 is loaded in its stored dtype: the fine-tune's
+    first L blocks are widened to float32 (the gradient passes run there, bit for bit
+    as on a float32 load), its embedding stays narrow and widens what it looks up, and
+    the rest stays narrow except while the task metric runs
+    (`weightops.repair.precision`). The search needs the aligned model's answers, so
+    it holds both models in `dtype`."""
     from transformers import AutoTokenizer
 
     from weightops.demo import quiet_transformers
@@ -177,18 +187,24 @@ def restore_model(
 
         def before_pass(model: nn.Module, n_layers: int) -> None:
             # h* is measured in `dtype`; the narrow values taken before stay the reference.
-            widen_except(model, dtype, deep_parameters(model, n_layers))
+            # The pass reads the embedding's rows of the prompts' tokens and nothing deeper.
+            narrow = deep_parameters(model, n_layers) + narrow_embedding(model, dtype)
+            widen_except(model, dtype, narrow, own=False)
 
         reference = aligned_reference(
             al_model, tokenizer, harmful, layers=layers, before_pass=before_pass
         )
+        values = StoredValues(al_ckpt, reference.values)
+        reference = replace(reference, values=values)
         del al_model
-        # Own copies, so that nothing keeps the aligned checkpoint's mapped file alive.
-        reference = replace(reference, values={n: v.clone() for n, v in reference.values.items()})
         release_freed()
         ft_model = load_narrow(ft_ckpt.folder, stored_dtype(ft_ckpt, dtype), dtype, device)
         deep = deep_parameters(ft_model, reference.layers)
-        widen_except(ft_model, dtype, deep)
+        embed = narrow_embedding(ft_model, dtype)
+        widen_except(ft_model, dtype, deep + embed)
+        # A tied output head is the embedding's weight, which generation needs widened.
+        head = getattr(ft_model.get_output_embeddings(), "weight", None)
+        deep += [w for w in embed if w is head]
         if task_metric is None:
             from weightops.repair.evaluate import task_score
 
@@ -201,21 +217,22 @@ def restore_model(
             with widened(deep, dtype):
                 return inner(model)
 
-        result = restore(
-            ft_model,
-            reference,
-            tokenizer,
-            harmful,
-            task,
-            task_metric=wide_metric,
-            fraction=fraction,
-            steps=steps,
-            metric_drop=metric_drop,
-            rollback_fraction=rollback_fraction,
-            checkpoint_every=checkpoint_every,
-            seed=seed,
-            progress=progress,
-        )
+        with values:
+            result = restore(
+                ft_model,
+                reference,
+                tokenizer,
+                harmful,
+                task,
+                task_metric=wide_metric,
+                fraction=fraction,
+                steps=steps,
+                metric_drop=metric_drop,
+                rollback_fraction=rollback_fraction,
+                checkpoint_every=checkpoint_every,
+                seed=seed,
+                progress=progress,
+            )
     masks = {n: m for n, m in result.masks().items() if m.any()}
     summary = result.summary()
     # The writer reads both checkpoints tensor by tensor; the models are let go first.

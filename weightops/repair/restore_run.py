@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from weightops.errors import WeightopsError
-from weightops.repair.restore_steps import _apply, _batches, _pool, _Reader, _Run
+from weightops.repair.restore_reader import _Reader
+from weightops.repair.restore_steps import _apply, _batches, _pool, _Run
 from weightops.steering.layers import find_layers
 
 
@@ -204,7 +205,6 @@ def restore(
         layers=n_layers,
         batch_size=batch_size,
     )
-    aligned: dict[str, torch.Tensor] = {}
     for n, p in pool.items():
         a = reference.values.get(n)
         if a is None or a.shape != p.shape:
@@ -212,7 +212,8 @@ def restore(
                 f"tensor {n!r} is missing from the aligned model or has another shape",
                 hint="both models must come from the same base",
             )
-        aligned[n] = a
+    # Looked up when used: the values may be read from the checkpoint each time.
+    aligned = reference.values
     pool_size = sum(p.numel() for p in pool.values())
     k = 0 if fraction == 0 else max(1, round(fraction * pool_size))
 

@@ -40,10 +40,10 @@ def split(chosen: torch.Tensor, names: list[str], sizes: list[int]) -> dict[str,
 
 
 class Shortlist:
-    """The candidates (positive scores, global indices given in increasing order) that
-    may be among the k largest of all those added: every one at or above the k-th
-    largest score seen so far. An entry dropped is below that, so below the final
-    k-th value as well."""
+    """The candidates (positive scores, global indices, added in any order) that may be
+    among the k largest of all those added: every one at or above the k-th largest
+    score seen so far. An entry dropped is below that, so below the final k-th value
+    as well."""
 
     def __init__(self, k: int):
         self.k = k
@@ -73,4 +73,7 @@ class Shortlist:
         if take <= 0:
             return torch.empty(0, dtype=torch.long)
         s, i = torch.cat(self.scores), torch.cat(self.index)
+        # In index order, as the full list would show the ties to the draw.
+        order = torch.argsort(i)
+        s, i = s[order], i[order]
         return i[top(s, take, gen)]

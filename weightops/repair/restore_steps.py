@@ -1,6 +1,6 @@
 """The mechanics of alignment restoration (weightops.repair.restore describes the method):
-reading the mean hidden state and its gradient, the pool of weights, and one run of
-recovery and rollback steps."""
+the pool of weights and one run of recovery and rollback steps (the mean hidden state
+and its gradient are read by weightops.repair.restore_reader)."""
 
 from __future__ import annotations
 
@@ -12,65 +12,10 @@ from torch import nn
 
 from weightops.arch import describe
 from weightops.repair.precision import release_freed
+from weightops.repair.restore_reader import _Reader
 from weightops.repair.restore_select import Shortlist, split, top
-from weightops.steering.layers import find_layers
 
 _NORM_ROLES = ("norm", "qk_norm")
-
-
-class _Stop(Exception):
-    """Ends a forward pass once the block we read from has run."""
-
-
-class _Reader:
-    """Mean state at layer L (output of block L − 1) at the last prompt token."""
-
-    def __init__(self, model: nn.Module, depth_read: int, batches: list[dict[str, Any]]):
-        self.model = model
-        self.block = find_layers(model).blocks[depth_read - 1]
-        self.batches = batches
-        self.count = sum(len(b["last"]) for b in batches)
-
-    def _states(self, batch: dict[str, Any]) -> torch.Tensor:
-        seen: list[torch.Tensor] = []
-
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            seen.append(output[0] if isinstance(output, tuple) else output)
-            raise _Stop
-
-        handle = self.block.register_forward_hook(hook)
-        try:
-            self.model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"],
-                use_cache=False,
-            )
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        rows = torch.arange(len(batch["last"]), device=seen[0].device)
-        return seen[0][rows, batch["last"].to(seen[0].device)].float()
-
-    @torch.no_grad()
-    def mean(self) -> torch.Tensor:
-        total = sum(self._states(b).sum(0) for b in self.batches)
-        return total / self.count  # type: ignore[operator]
-
-    def backward_cos(self, target: torch.Tensor) -> float:
-        """Accumulate ∇(−cos(mean, target)) into .grad; return cos(mean, target)."""
-        m = self.mean().double().requires_grad_(True)
-        loss = -torch.nn.functional.cosine_similarity(m, target.double(), dim=0)
-        (upstream,) = torch.autograd.grad(loss, m)
-        upstream = upstream.float()
-        with torch.enable_grad():
-            for b in self.batches:
-                (self._states(b).sum(0) @ upstream / self.count).backward()
-        return float(-loss.detach())
-
-    def cos(self, target: torch.Tensor) -> float:
-        return float(torch.nn.functional.cosine_similarity(self.mean(), target, dim=0))
 
 
 def _pool(model: nn.Module, layers: int) -> dict[str, nn.Parameter]:
@@ -116,6 +61,14 @@ class _Run:
         self.pool, self.aligned, self.saved = pool, aligned, saved
         self.events: dict[str, list[tuple[torch.Tensor, int]]] = {}
         self.gen = torch.Generator().manual_seed(seed)
+        # Where each tensor starts in the pool's order, and the tensors of each block.
+        self.offsets: dict[str, int] = {}
+        self.blocks: dict[int, list[str]] = {}
+        offset = 0
+        for n, p in pool.items():
+            self.offsets[n] = offset
+            offset += p.numel()
+            self.blocks.setdefault(describe(n).layer, []).append(n)  # type: ignore[arg-type]
 
     def when(self, name: str) -> torch.Tensor:
         """The step record of one tensor (int16, its shape): see RestoreResult.restored_at."""
@@ -131,22 +84,25 @@ class _Run:
         return free.to(device)
 
     def recover(self, step: int, reader: _Reader, h_star: torch.Tensor, k: int) -> dict:
-        reader.backward_cos(h_star)
-        names = list(self.pool)
         short = Shortlist(k)
-        offset = 0
-        for n in names:
-            # Scored one tensor at a time, its gradient freed as soon as it is read.
-            p = self.pool[n].detach()
-            g = self.pool[n].grad
-            self.pool[n].grad = None
-            if g is not None:
+
+        def score(block: int) -> None:
+            # Scored one tensor at a time as its block's gradients are complete, each
+            # gradient freed as soon as it is read.
+            for n in self.blocks.get(block, ()):
+                p = self.pool[n].detach()
+                g = self.pool[n].grad
+                self.pool[n].grad = None
+                if g is None:
+                    continue
                 diff = torch.sign(p - self.aligned[n]).view(-1)
                 g = g.view(-1)
                 cand = (diff != 0) & (diff == torch.sign(g)) & self._untouched(n, p.device)
                 where = cand.nonzero(as_tuple=True)[0]
-                short.add(g[where].abs().cpu(), where.cpu() + offset)
-            offset += p.numel()
+                short.add(g[where].abs().cpu(), where.cpu() + self.offsets[n])
+
+        reader.backward_cos(h_star, score)
+        names = list(self.pool)
         chosen = short.top(self.gen)
         picked = split(chosen, names, [self.pool[n].numel() for n in names])
         with torch.no_grad():
@@ -172,12 +128,16 @@ class _Run:
         count = round(fraction * n_restored)
         if count == 0:
             return 0
-        reader.backward_cos(b_star)
         grads = {}
-        for n, p in self.pool.items():
-            if n in picked and p.grad is not None:
-                grads[n] = p.grad.reshape(-1)[picked[n].to(p.device)].cpu()
-            p.grad = None
+
+        def gather(block: int) -> None:
+            for n in self.blocks.get(block, ()):
+                p = self.pool[n]
+                if n in picked and p.grad is not None:
+                    grads[n] = p.grad.reshape(-1)[picked[n].to(p.device)].cpu()
+                p.grad = None
+
+        reader.backward_cos(b_star, gather)
         names = list(picked)
         scores = []
         for n in names:
@@ -219,6 +179,7 @@ def _apply(
             else:
                 w = run.when(n).reshape(-1)[idx]
                 keep = (w > 0) & (w <= upto)
-            a = aligned[n].reshape(-1)[idx.to(aligned[n].device)].cpu()
+            values = aligned[n]  # read from the checkpoint where it is not held
+            a = values.reshape(-1)[idx.to(values.device)].cpu()
             vals = torch.where(keep, a.to(ft.dtype), ft)
             p.view(-1)[idx.to(p.device)] = vals.to(p.device, p.dtype)
