@@ -20,10 +20,10 @@ from typer.testing import CliRunner
 from weightops.cli import app
 from weightops.compat import causal_lm
 from weightops.repair.antidote_task import attributions, prune_task_aware, task_aware_masks
+from weightops.repair.crossfit import Fold, pooled
 from weightops.repair.data import Example, batches
 from weightops.repair.judges import opening_judge
 from weightops.repair.restore import RestoreError, restore_model
-from weightops.repair.crossfit import Fold, pooled
 from weightops.repair.restore_answers import aligned_answers, restore_answers
 from weightops.repair.search import (
     Candidate,
@@ -342,6 +342,51 @@ def test_answers_step_restores_the_top_first_order_gains(llama):
     for n in pool:
         m = when[n] == 1
         assert torch.equal(params[n].detach()[m], ref[n].detach()[m])
+
+
+def test_answers_step_with_groups_takes_only_weights_most_requests_gain_from(llama):
+    # Recomputed here: the refusal gradient per group (two requests of two answers,
+    # one of one), their mean over the five answers, scaled per weight by
+    # max(0, (groups gaining - groups losing) / 3) as the module docstring says.
+    model, tok = load(llama["ft"])
+    aligned, _ = load(llama["base"])
+    answers = [Example(f"harm: make thing {i}\n", r) for i, r in
+               enumerate(["Sure, do it.", "Sure, do it.", "No.", "No way.", "No way."])]  # fmt: skip
+    groups = ["a", "a", "b", "c", "c"]
+    task = TASK[:4]
+    pool = [n for n, _ in model.named_parameters() if ".layers." in n and "norm" not in n]
+    params = dict(model.named_parameters())
+    ref = dict(aligned.named_parameters())
+
+    def grad_of(data):
+        model.zero_grad()
+        (-mean_log_likelihood(model, tok, data, grad=True)).backward()
+        return {n: params[n].grad.clone() for n in pool}
+
+    per_group = {
+        g: grad_of([a for a, k in zip(answers, groups, strict=True) if k == g]) for g in "abc"
+    }
+    sizes = {"a": 2, "b": 1, "c": 2}
+    g_t = grad_of(task)
+    scores, plain_scores = [], []
+    for n in pool:
+        d = params[n].detach() - ref[n].detach()
+        mean = sum(per_group[g][n] * sizes[g] / 5 for g in "abc")
+        votes = sum(torch.sign(per_group[g][n] * d) for g in "abc")
+        for out, m in ((scores, mean * torch.clamp(votes / 3, min=0)), (plain_scores, mean)):
+            s = m * d + torch.clamp(g_t[n] * d, max=0)
+            out.append(torch.where(d != 0, s, torch.full_like(s, -1.0)).flatten())
+    flat, plain = torch.cat(scores), torch.cat(plain_scores)
+    k = round(0.001 * flat.numel())
+    assert int((flat > 0).sum()) >= k
+    expected = set(torch.topk(flat, k).indices.tolist())
+    model.zero_grad()
+    when = restore_answers(model, aligned, tok, answers, task, fraction=0.001, steps=1,
+                           groups=groups)  # fmt: skip
+    got = torch.cat([(when[n] == 1).flatten() for n in pool]).nonzero().flatten().tolist()
+    assert set(got) == expected
+    # The rule changes the choice: without groups, the mean gain alone ranks them.
+    assert set(got) != set(torch.topk(plain, k).indices.tolist())
 
 
 def test_answers_rollback_returns_the_steps_most_task_costly_weights(llama):

@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from weightops.repair.heldout import Candidate
-from weightops.repair.restore_answers import restore_answers
+from weightops.repair.heldout import Candidate, same_request
+from weightops.repair.restore_answers import aligned_answers, restore_answers
 
 Score = Callable[[nn.Module, Sequence[Any], Sequence[Any]], tuple[float, float]]
 
@@ -47,7 +47,20 @@ class Fold:
     task_fit: list[Any]
     harmful_out: list[Any]
     task_out: list[Any]
+    groups: list[str] | None = None  # per answer, its request (None: no agreement rule)
     base: tuple[float, float] = (1.0, 0.0)  # the fine-tune's (harmful, task) on the held-out
+
+
+def make_fold(
+    aligned_model: nn.Module, tokenizer: Any, harmful_fit: Sequence[Any], task_fit: Sequence[Any],
+    harmful_out: Sequence[Any], task_out: Sequence[Any], *, agreement: bool, batch_size: int = 8,
+) -> Fold:  # fmt: skip
+    """A fold: the aligned model answers its fit half's harmful prompts; with
+    `agreement`, each answer is keyed by the request it answers (`same_request`)."""
+    answers = aligned_answers(aligned_model, tokenizer, harmful_fit, batch_size)
+    request = {ex.prompt: same_request(ex) for ex in harmful_fit}
+    groups = [request[a.prompt] for a in answers] if agreement else None
+    return Fold(answers, list(task_fit), list(harmful_out), list(task_out), groups)
 
 
 def pooled(folds: Sequence[Fold], points: Sequence[tuple[float, float]]) -> tuple[float, float]:
@@ -101,12 +114,13 @@ def cross_fit_depth(
             left = (budget - used) // (len(folds) - i) if i == 0 else budget - used
             fold_floor = (1 - metric_drop) * fold.base[1]
 
-            def checkpoint(step: int, fold: Fold = fold, points: dict = points,
-                           left: int = left, floor: float = fold_floor, first: bool = i == 0) -> bool:  # fmt: skip
+            def checkpoint(step: int, fold: Fold = fold, points: dict = points, left: int = left,
+                           floor: float = fold_floor, first: bool = i == 0,
+                           plain: bool = not rollback) -> bool:  # fmt: skip
                 nonlocal lost
                 harm, t = score(model, fold.harmful_out, fold.task_out)
                 points[step] = (harm, t)
-                if not rollback and t < floor:
+                if plain and t < floor:
                     lost = True  # the paper's rule: restart with rollback
                     return False
                 if first and harm == 0 and t >= floor:
@@ -120,6 +134,7 @@ def cross_fit_depth(
                 fraction=plan["fraction"], steps=last, layers=layers,
                 rollback_fraction=rollback_fraction if rollback else 0.0,
                 checkpoint_every=plan["every"], on_checkpoint=checkpoint, batch_size=batch_size,
+                groups=fold.groups,
             )  # fmt: skip
             _reset(model, original)
             used += len(points)
@@ -156,8 +171,9 @@ def refit(
     and mode; returns restored_at of that run."""
     answers = [a for f in folds for a in f.answers]
     task = [t for f in folds for t in f.task_fit]
+    groups = None if folds[0].groups is None else [k for f in folds for k in f.groups or ()]
     return restore_answers(
         model, aligned_model, tokenizer, answers, task, fraction=fraction, steps=chosen.step,
         layers=chosen.layers, rollback_fraction=rollback_fraction if chosen.rollback else 0.0,
-        checkpoint_every=chosen.step, batch_size=batch_size,
+        checkpoint_every=chosen.step, batch_size=batch_size, groups=groups,
     )  # fmt: skip

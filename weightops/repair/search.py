@@ -72,12 +72,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from weightops.repair.crossfit import Fold, cross_fit_depth, pooled, refit
+from weightops.repair.crossfit import cross_fit_depth, make_fold, pooled, refit
 from weightops.repair.evaluate import generate, task_score
 from weightops.repair.heldout import Candidate, choose, pareto_front, same_request, split
 from weightops.repair.judges import aligned_openings, opening_judge
 from weightops.repair.restore import RestoreError, RestoreResult, restore
-from weightops.repair.restore_answers import aligned_answers
 from weightops.steering.layers import find_layers
 
 # Fewer than this many examples of either kind leave too few to hold out.
@@ -88,7 +87,7 @@ MIN_EXAMPLES = 16
 # one held-out half of the harmful prompts and task examples): the cap on its cost.
 OBJECTIVES: dict[str, dict[str, Any]] = {
     "answers": {"depths": (1.0, 0.5), "fraction": 0.002, "steps": 40, "every": 4,
-                "evaluations": 44},
+                "evaluations": 44, "agreement": True},
     "states": {"depths": (1.0, 2 / 3, 1 / 3), "fraction": 0.005, "steps": 20, "every": 4,
                "evaluations": 30},
 }  # fmt: skip
@@ -234,8 +233,14 @@ def search_restore(
     show = progress and sys.stderr.isatty()
     if objective == "answers":
         folds = [
-            Fold(aligned_answers(aligned_model, tokenizer, fit, batch_size), t_fit, h_out, t_out)
-            for fit, t_fit, h_out, t_out in ((h_a, t_a, h_b, t_b), (h_b, t_b, h_a, t_a))
+            make_fold(
+                aligned_model,
+                tokenizer,
+                *halves,
+                agreement=plan["agreement"],
+                batch_size=batch_size,
+            )
+            for halves in ((h_a, t_a, h_b, t_b), (h_b, t_b, h_a, t_a))
         ]
         for f in folds:
             f.base = score(finetuned_model, f.harmful_out, f.task_out)
