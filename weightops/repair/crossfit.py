@@ -63,6 +63,13 @@ def make_fold(
     return Fold(answers, list(task_fit), list(harmful_out), list(task_out), groups)
 
 
+def joined(folds: Sequence[Fold]) -> Fold:
+    """All the folds' fit data as one (what `refit` restores on); nothing held out."""
+    groups = None if folds[0].groups is None else [k for f in folds for k in f.groups or ()]
+    answers = [a for f in folds for a in f.answers]
+    return Fold(answers, [t for f in folds for t in f.task_fit], [], [], groups)
+
+
 def pooled(folds: Sequence[Fold], points: Sequence[tuple[float, float]]) -> tuple[float, float]:
     """(harmful rate, task score) over both held-out halves together: each fold's rates
     weighted by its number of held-out examples."""
@@ -123,7 +130,11 @@ def cross_fit_depth(
                 if plain and t < floor:
                     lost = True  # the paper's rule: restart with rollback
                     return False
-                if first and harm == 0 and t >= floor:
+                if (
+                    first
+                    and all(h == 0 and x >= floor for h, x in list(points.values())[-2:])
+                    and len(points) >= 2
+                ):
                     return False  # nothing left to gain
                 return len(points) < left
 
@@ -160,20 +171,18 @@ def refit(
     model: nn.Module,
     aligned_model: nn.Module,
     tokenizer: Any,
-    folds: Sequence[Fold],
+    everything: Fold,
     chosen: Candidate,
     *,
     fraction: float,
     rollback_fraction: float,
     batch_size: int = 8,
 ) -> dict[str, torch.Tensor]:
-    """Restore `model` (in place) on every fold's examples with the chosen depth, steps
-    and mode; returns restored_at of that run."""
-    answers = [a for f in folds for a in f.answers]
-    task = [t for f in folds for t in f.task_fit]
-    groups = None if folds[0].groups is None else [k for f in folds for k in f.groups or ()]
+    """Restore `model` (in place) on `everything` (`joined`) with the chosen depth,
+    steps and mode; returns restored_at of that run."""
     return restore_answers(
-        model, aligned_model, tokenizer, answers, task, fraction=fraction, steps=chosen.step,
+        model, aligned_model, tokenizer, everything.answers, everything.task_fit,
+        fraction=fraction, steps=chosen.step,
         layers=chosen.layers, rollback_fraction=rollback_fraction if chosen.rollback else 0.0,
-        checkpoint_every=chosen.step, batch_size=batch_size, groups=groups,
+        checkpoint_every=chosen.step, batch_size=batch_size, groups=everything.groups,
     )  # fmt: skip

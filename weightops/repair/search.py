@@ -72,7 +72,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from weightops.repair.crossfit import cross_fit_depth, make_fold, pooled, refit
+from weightops.repair.crossfit import cross_fit_depth, joined, make_fold, pooled, refit
 from weightops.repair.evaluate import generate, task_score
 from weightops.repair.heldout import Candidate, choose, pareto_front, same_request, split
 from weightops.repair.judges import aligned_openings, opening_judge
@@ -242,6 +242,7 @@ def search_restore(
             )
             for halves in ((h_a, t_a, h_b, t_b), (h_b, t_b, h_a, t_a))
         ]
+        everything = joined(folds)
         for f in folds:
             f.base = score(finetuned_model, f.harmful_out, f.task_out)
         base = pooled(folds, [f.base for f in folds])
@@ -301,7 +302,7 @@ def search_restore(
     chosen = choose(candidates, threshold)
     if objective == "answers" and chosen.step:
         when = refit(
-            finetuned_model, aligned_model, tokenizer, folds, chosen, fraction=plan["fraction"],
+            finetuned_model, aligned_model, tokenizer, everything, chosen, fraction=plan["fraction"],
             rollback_fraction=rollback_fraction, batch_size=batch_size,
         )  # fmt: skip
         records[(chosen.layers, chosen.rollback)] = (when, None)
