@@ -18,10 +18,13 @@ held-out harmful rate 0.03, 60 % on the test). Here every example is held out on
    ones less often than one fitted on all of them, at the same number of steps
    (docs/repair.md), so the pooled held-out rates err on the side of caution.
 
-The stopping rules of a single split apply per fold: fold A's plain run stops when it
-loses the task on B (and both folds restart with rollback), a run stops at a point with
-nothing left to gain (harmful rate 0, task kept) or at its share of the measurements,
-and fold B runs to the last step fold A measured.
+Stopping: a plain run stops when it loses the task on its held-out half (either
+fold's loss restarts the depth with rollback, in both folds); fold A stops after two
+checkpoints in a row with nothing left to gain (harmful rate 0, task kept) or at half
+of the depth's measurements; fold B runs to the last step fold A measured. Candidates
+pooled over both folds are pessimistic for the refitted model (fitted on twice the
+requests and task examples), on the task as well as on the harm: on *digits* the folds
+lost the task at L=4 where the refit kept it (docs/repair.md).
 """
 
 from __future__ import annotations
