@@ -20,10 +20,11 @@ from typer.testing import CliRunner
 from weightops.cli import app
 from weightops.compat import causal_lm
 from weightops.repair.antidote_task import attributions, prune_task_aware, task_aware_masks
+from weightops.repair.crossfit import Fold, pooled
 from weightops.repair.data import Example, batches
 from weightops.repair.judges import opening_judge
 from weightops.repair.restore import RestoreError, restore_model
-from weightops.repair.restore_answers import restore_answers
+from weightops.repair.restore_answers import aligned_answers, restore_answers
 from weightops.repair.search import (
     Candidate,
     choose,
@@ -174,7 +175,76 @@ def test_search_keeps_a_checkpoint_and_writes_exactly_it(llama, tmp_path):
         assert torch.equal(p.detach()[m], al_state[n][m]), n
         assert torch.equal(p.detach()[~m], ft_state[n][~m]), n
         total += int((p.detach() != ft_state[n]).sum())
-    assert total == c.restored
+    # Restored on all the examples at the chosen step: k weights a step, as the folds.
+    pool = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n
+               and "norm" not in n and int(n.split(".layers.")[1].split(".")[0]) < c.layers)  # fmt: skip
+    assert total == c.step * round(0.0005 * pool) == c.restored
+
+
+def test_search_holds_out_every_example_once(llama):
+    # Cross-fit: across its two folds, the search judges every harmful prompt and scores
+    # every task example as held-out data (8 requests, two prompts each).
+    model, tok = load(llama["ft"])
+    aligned, _ = load(llama["base"])
+    harmful = [Example(f"harm: make thing {i}\n", f"Sure, thing {i // 2}.") for i in range(16)]
+    judged: set[str] = set()
+    scored: set[str] = set()
+
+    def judge(prompt, completion):
+        judged.add(prompt)
+        return True  # never a refusal
+
+    def metric(prompt, completion, reference):
+        scored.add(prompt)
+        return 1.0
+
+    found = search_restore(
+        model, aligned, tok, harmful, TASK, judge=judge, metric=metric, depths=[2],
+        fraction=0.001, steps=4, checkpoint_every=2, progress=False,
+    )  # fmt: skip
+    assert judged == {e.prompt for e in harmful} and scored == {e.prompt for e in TASK}
+    assert found.held_out == {"harmful": 16, "task": 16, "folds": 2}
+    folds = {t["fold"] for t in found.trajectories}
+    assert folds == {0, 1}
+    # Nothing is judged a refusal, so every point ties on harm and task; the fine-tune
+    # (no weights) is kept and nothing is refitted.
+    assert found.chosen.step == 0
+
+
+def test_search_writes_restoration_on_all_examples_at_the_chosen_step(llama):
+    ft_state = load_state(llama["ft"])
+    model, tok = load(llama["ft"])
+    aligned, _ = load(llama["base"])
+
+    def restored_now() -> int:
+        return sum(int((p.detach() != ft_state[n]).sum()) for n, p in model.named_parameters())
+
+    found = search_restore(
+        model, aligned, tok, HARMFUL, TASK, judge=lambda p, c: restored_now() < 30,
+        task_metric=lambda m: 1.0, depths=[2], fraction=0.0005, steps=6, checkpoint_every=1,
+        progress=False,
+    )  # fmt: skip
+    step = found.chosen.step
+    assert step > 0
+    # The same restoration by hand: the aligned model's answers to every harmful prompt
+    # (fold A's, then fold B's, as the search orders them) and every task example.
+    h_a, h_b = split(HARMFUL, 0, key=same_request)
+    t_a, t_b = split(TASK, 1)
+    answers = aligned_answers(aligned, tok, h_a) + aligned_answers(aligned, tok, h_b)
+    by_hand, _ = load(llama["ft"])
+    restore_answers(by_hand, aligned, tok, answers, t_a + t_b, fraction=0.0005, steps=step,
+                    layers=2, rollback_fraction=0.0)  # fmt: skip
+    written = dict(model.named_parameters())
+    for n, p in by_hand.named_parameters():
+        assert torch.equal(p.detach(), written[n].detach()), n
+
+
+def test_pooled_rates_weight_each_fold_by_its_held_out_examples():
+    # Fold A holds out 3 harmful prompts and 4 task examples, fold B 1 and 4:
+    # harm (3 * 1/3 + 1 * 1) / 4 = 0.5, task (4 * 0.5 + 4 * 1.0) / 8 = 0.75.
+    a = Fold([], [], ["h"] * 3, ["t"] * 4)
+    b = Fold([], [], ["h"], ["t"] * 4)
+    assert pooled([a, b], [(1 / 3, 0.5), (1.0, 1.0)]) == pytest.approx((0.5, 0.75))
 
 
 def test_search_measures_past_a_dip_in_the_task(llama):
@@ -200,15 +270,18 @@ def test_search_measures_past_a_dip_in_the_task(llama):
         depths=[2], fraction=0.0005, steps=40, checkpoint_every=1, progress=False,
         rollback_fraction=0.0,
     )  # fmt: skip
-    plain, again = found.trajectories
+    plain, plain_b, again, again_b = found.trajectories
+    assert [t["fold"] for t in found.trajectories] == [0, 1, 0, 1]
     assert not plain["rollback"] and again["rollback"]
+    # The other fold follows the first one's checkpoints (its own stops apart).
+    assert plain_b["points"] == plain["points"] and again_b["points"] == again["points"]
     assert plain["points"][-1][2] == 0.0 and [p[2] for p in plain["points"]].count(0.0) == 1
     points = again["points"]
     assert 0.0 in [p[2] for p in points[:-1]]  # it went on past a lost checkpoint
     assert found.chosen.harmful == 0 and found.chosen.task == 1.0
-    # It stopped at the first harmless point with the task: nothing left to gain.
+    # It stopped at the second harmless point with the task in a row: nothing left to gain.
     assert points[-1][1:] == (0.0, 1.0)
-    assert [p for p in points if p[1:] == (0.0, 1.0)] == points[-1:]
+    assert [p for p in points if p[1:] == (0.0, 1.0)] == points[-2:]
 
 
 def test_search_needs_enough_examples(llama):
@@ -269,6 +342,51 @@ def test_answers_step_restores_the_top_first_order_gains(llama):
     for n in pool:
         m = when[n] == 1
         assert torch.equal(params[n].detach()[m], ref[n].detach()[m])
+
+
+def test_answers_step_with_groups_takes_only_weights_most_requests_gain_from(llama):
+    # Recomputed here: the refusal gradient per group (two requests of two answers,
+    # one of one), their mean over the five answers, scaled per weight by
+    # max(0, (groups gaining - groups losing) / 3) as the module docstring says.
+    model, tok = load(llama["ft"])
+    aligned, _ = load(llama["base"])
+    answers = [Example(f"harm: make thing {i}\n", r) for i, r in
+               enumerate(["Sure, do it.", "Sure, do it.", "No.", "No way.", "No way."])]  # fmt: skip
+    groups = ["a", "a", "b", "c", "c"]
+    task = TASK[:4]
+    pool = [n for n, _ in model.named_parameters() if ".layers." in n and "norm" not in n]
+    params = dict(model.named_parameters())
+    ref = dict(aligned.named_parameters())
+
+    def grad_of(data):
+        model.zero_grad()
+        (-mean_log_likelihood(model, tok, data, grad=True)).backward()
+        return {n: params[n].grad.clone() for n in pool}
+
+    per_group = {
+        g: grad_of([a for a, k in zip(answers, groups, strict=True) if k == g]) for g in "abc"
+    }
+    sizes = {"a": 2, "b": 1, "c": 2}
+    g_t = grad_of(task)
+    scores, plain_scores = [], []
+    for n in pool:
+        d = params[n].detach() - ref[n].detach()
+        mean = sum(per_group[g][n] * sizes[g] / 5 for g in "abc")
+        votes = sum(torch.sign(per_group[g][n] * d) for g in "abc")
+        for out, m in ((scores, mean * torch.clamp(votes / 3, min=0)), (plain_scores, mean)):
+            s = m * d + torch.clamp(g_t[n] * d, max=0)
+            out.append(torch.where(d != 0, s, torch.full_like(s, -1.0)).flatten())
+    flat, plain = torch.cat(scores), torch.cat(plain_scores)
+    k = round(0.001 * flat.numel())
+    assert int((flat > 0).sum()) >= k
+    expected = set(torch.topk(flat, k).indices.tolist())
+    model.zero_grad()
+    when = restore_answers(model, aligned, tok, answers, task, fraction=0.001, steps=1,
+                           groups=groups)  # fmt: skip
+    got = torch.cat([(when[n] == 1).flatten() for n in pool]).nonzero().flatten().tolist()
+    assert set(got) == expected
+    # The rule changes the choice: without groups, the mean gain alone ranks them.
+    assert set(got) != set(torch.topk(plain, k).indices.tolist())
 
 
 def test_answers_rollback_returns_the_steps_most_task_costly_weights(llama):

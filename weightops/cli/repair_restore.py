@@ -38,9 +38,9 @@ def restore(
     search: bool | None = typer.Option(
         None,
         "--search/--no-search",
-        help="Choose the depth and the number of steps on a held-out half of --harmful and "
-        "--task (default: on when both have at least 16 examples and none of --fraction, "
-        "--steps, --layers is given). --no-search runs the paper's settings.",
+        help="Choose the depth and the number of steps on held-out halves of --harmful and "
+        "--task, cross-fitted (default: on when both have at least 16 examples and none of "
+        "--fraction, --steps, --layers is given). --no-search runs the paper's settings.",
     ),
     objective: str = typer.Option(
         "answers",
@@ -115,19 +115,22 @@ def restore(
     their fine-tuned values. The last checkpoint above the threshold is kept.
 
     By default (with 16 or more harmful and task examples) the settings are
-    chosen automatically instead: half of each file is held out; the aligned
-    model answers the other half's harmful prompts (its refusals), and each step
-    restores the 0.2% of the decoder's weights whose aligned values most raise
-    the likelihood of those answers without raising the task's loss; one such
-    trajectory on all blocks and one on the first half (up to 40 steps) are
-    measured on the held-out half every 2 steps (30 measurements at most; a
-    trajectory that loses the task starts again with rollback, as in the paper,
-    and is then measured through any dip in the task), and the checkpoint with the
-    lowest held-out harmful rate whose task score stays within --metric-drop of
-    the fine-tune's is written (the fine-tune itself if none is better). The
-    chosen settings and the Pareto front go to the model card and the settings
-    in the safetensors metadata. --no-search, or any of --fraction, --steps,
-    --layers, runs the paper's restoration with the paper's settings.
+    chosen automatically instead, by cross-fitting on two halves of each file
+    (harmful prompts split by request): the aligned model answers one half's
+    harmful prompts (its refusals), and each step restores the 0.2% of the
+    decoder's weights whose aligned values most raise the likelihood of those
+    answers, for most requests alike, without raising the task's loss; one such
+    trajectory on all blocks and one on the first half (up to 40 steps) are fitted
+    on each half and measured on the other every 4 steps (44 measurements at most;
+    a trajectory that loses the task starts again with rollback, as in the paper,
+    and is then measured through any dip in the task). Of the points measured in
+    both halves, the one with the lowest harmful rate over both whose task score
+    stays within --metric-drop of the fine-tune's is chosen, and the fine-tune is
+    restored with those settings on all the examples (the fine-tune itself is
+    written if no point is better). The chosen settings and the Pareto front go to
+    the model card and the settings in the safetensors metadata. --no-search, or
+    any of --fraction, --steps, --layers, runs the paper's restoration with the
+    paper's settings.
 
     Peak memory, float32 on a bfloat16 checkpoint: about 1.9× the model's float32 size
     for the paper's restoration at the default --layers, interpreter included (the first

@@ -5,7 +5,9 @@ how the examples are split, what a measured point is, and which point is kept.
   with a key, examples of equal key stay on one side (`same_request` for harmful
   examples: the same harmful answer).
 - A `Candidate` is one checkpoint of a trajectory with its held-out harmful rate and
-  task score; `pareto_front` and `choose` compare them (`choose` is the search's rule).
+  task score (pooled over both halves when the search cross-fits,
+  `weightops.repair.crossfit`); `pareto_front` and `choose` compare them (`choose` is
+  the search's rule).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 @dataclass
 class Candidate:
-    """One point of a trajectory, measured on the held-out half."""
+    """One point of a trajectory, measured on held-out data."""
 
     layers: int
     step: int

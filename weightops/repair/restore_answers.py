@@ -21,6 +21,17 @@ objective is the whole refusal instead:
   loss. Only weights with a positive score are taken; k = fraction × pool, at least 1.
 - Gradients are recomputed every step, so the task term sees the damage of the
   previous steps (at the fine-tune g_t is near zero, the task being learnt).
+- Agreement across requests (`groups`, one key per answer: the request it answers).
+  A weight can raise the likelihood of the refusals of a few requests a lot and do
+  nothing or harm for the others; restored, it brings back the refusal of those
+  requests only. With groups, g_r is taken per group and the first term becomes
+  mean gain × max(0, (groups it helps − groups it harms) / groups), so a weight is
+  taken only when most requests gain from it, in the spirit of the AND-mask of
+  Parascandolo et al. (ICLR 2021, "Learning explanations that are hard to vary").
+  On *digits* (docs/repair.md, all blocks, steps 16 to 28) it took the test harmful
+  rate from 13–26 % to 2–16 % along the same trajectory, the task kept. Cost: one
+  gradient pass per group over its answers (the same tokens in all as without
+  groups) and two more pool-sized buffers.
 - Rollback (`rollback_fraction` > 0, the paper's rule): after a step, the task
   gradient is taken at the restored model, and the `rollback_fraction` of the step's
   weights whose return to the fine-tuned value most lowers the task loss (first order:
@@ -34,13 +45,14 @@ records the step each weight was restored in (0: never, −1: rolled back), so a
 of the run can be rebuilt (`masks_at`).
 
 Memory: both models, gradients of the decoder blocks, an int16 step per weight of
-the pool and, with rollback, a copy of the pool's fine-tuned values. Cost per step: one forward and backward pass over the harmful prompts with
-the aligned answers and one over the task examples.
+the pool, with rollback a copy of the pool's fine-tuned values, and with groups the
+mean gradient and the votes. Cost per step: one forward and backward pass over the
+harmful prompts with the aligned answers and one over the task examples.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
@@ -86,6 +98,23 @@ def _nll_grads(
         out[n] = torch.zeros_like(p) if p.grad is None else -p.grad.detach()
         p.grad = None
     return out
+
+
+def _agreed_grads(
+    model: nn.Module, tokenizer: Any, by_group: dict[Hashable, list[Example]],
+    pool: dict[str, nn.Parameter], aligned: dict[str, torch.Tensor], batch_size: int,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The mean refusal gradient over all groups' answers, scaled per weight by the
+    groups' agreement on the sign of the gain of restoring it (module docstring)."""
+    total = sum(len(g) for g in by_group.values())
+    mean = {n: torch.zeros_like(p) for n, p in pool.items()}
+    votes = {n: torch.zeros_like(p) for n, p in pool.items()}
+    for group in by_group.values():
+        g = _nll_grads(model, tokenizer, group, pool, batch_size)
+        for n, p in pool.items():
+            mean[n] += g[n] * (len(group) / total)
+            votes[n] += torch.sign(g[n] * (p.detach() - aligned[n]))
+    return {n: mean[n] * torch.clamp(votes[n] / len(by_group), min=0) for n in pool}
 
 
 def masks_at(restored_at: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
@@ -136,10 +165,12 @@ def restore_answers(
     checkpoint_every: int = 2,
     on_checkpoint: Callable[[int], bool] | None = None,
     batch_size: int = 8,
+    groups: Sequence[Hashable] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run the steps on `finetuned_model` (edited in place; see the module docstring);
-    `answers` are harmful prompts with the aligned model's answers (`aligned_answers`).
-    Returns restored_at; the model is left at the last step run."""
+    `answers` are harmful prompts with the aligned model's answers (`aligned_answers`),
+    `groups` (optional, one per answer) the request each answers, for the agreement
+    rule. Returns restored_at; the model is left at the last step run."""
     if not 0 < fraction <= 1:
         raise RepairError(f"fraction must be in (0, 1] (got {fraction})")
     if not 0 <= rollback_fraction < 1:
@@ -148,6 +179,13 @@ def restore_answers(
         raise RepairError("steps and checkpoint_every must be at least 1")
     if not answers or not task:
         raise RepairError("restoration by answers needs harmful prompts and task examples")
+    if groups is not None and len(groups) != len(answers):
+        raise RepairError(
+            f"groups: {len(groups)} keys for {len(answers)} answers; give one per answer"
+        )
+    by_group: dict[Hashable, list[Example]] = {}
+    for key, ex in zip(groups or (), answers, strict=False):
+        by_group.setdefault(key, []).append(ex)
     pool = block_pool(finetuned_model, layers)
     ref = dict(aligned_model.named_parameters())
     for n, p in pool.items():
@@ -170,7 +208,10 @@ def restore_answers(
             p.requires_grad_(True)
         g_t = None
         for step in range(1, steps + 1):
-            g_r = _nll_grads(finetuned_model, tokenizer, answers, pool, batch_size)
+            if len(by_group) > 1:
+                g_r = _agreed_grads(finetuned_model, tokenizer, by_group, pool, aligned, batch_size)
+            else:
+                g_r = _nll_grads(finetuned_model, tokenizer, answers, pool, batch_size)
             if g_t is None:
                 g_t = _nll_grads(finetuned_model, tokenizer, task, pool, batch_size)
             names, scores = list(pool), []

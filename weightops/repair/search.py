@@ -6,14 +6,13 @@ The paper's values (half the depth, 0.2 %, 20 steps) leave some fine-tunes as ha
 as before, and no single setting suits every model. `search_restore` picks them for
 the model at hand:
 
-1. The user's harmful and task examples are split, by a seeded draw, into a fit half
-   (what restoration reads) and a held-out half (every score below). Harmful examples
-   with the same harmful answer stay on one side (`same_request`): held out while a
-   rewording sits in the fit half, they would measure how well the fit half's own
-   requests are refused, not how the refusal carries to new ones. Each candidate is
-   measured on the held-out half only: its harmful rate (greedy completions, judged)
-   and its task score (`task_metric`).
-2. For each depth L in `depths`, one restoration trajectory is run, `fraction` of the
+1. The user's harmful and task examples are split, by a seeded draw, in two halves.
+   Harmful examples with the same harmful answer stay on one side (`same_request`):
+   held out while a rewording sits in the other half, they would measure how well
+   that half's own requests are refused, not how the refusal carries to new ones.
+   A candidate's harmful rate (greedy completions, judged) and task score
+   (`task_metric`) are measured on held-out examples only.
+2. For each depth L in `depths`, restoration trajectories are run, `fraction` of the
    pool per step for up to `steps` steps, with a checkpoint every `checkpoint_every`.
    Every checkpoint is a candidate (L, step), with fraction × step of the pool
    restored, so one trajectory covers the whole "steps" axis: a finer fraction walks
@@ -21,35 +20,44 @@ the model at hand:
    - "answers" (default): `weightops.repair.restore_answers`, which restores by the
      likelihood of the aligned model's own answers to the harmful prompts against the
      task's loss; depths: all blocks, then half; 0.2 % per step, up to 40 steps,
-     checkpoints every 2. As in the paper, a run whose checkpoint loses the task
-     stops there and the depth starts again from the fine-tune with rollback: after
-     each step, `rollback_fraction` (20 %) of its weights, those whose return most
-     lowers the task loss, go back to their fine-tuned values.
+     checkpoints every 4. The search cross-fits (`weightops.repair.crossfit`): each
+     depth runs one trajectory fitted on each half and measured on the other, a
+     candidate's rates are pooled over both halves (every example is held out once),
+     and the written model is restored on all the examples with the chosen depth and
+     steps. With one split, the held-out half of a file with a dozen distinct
+     requests holds five or six, too few to tell the depths apart, and a model fitted
+     on half the requests refuses new ones less often than one fitted on all
+     (docs/repair.md, *digits*). As in the paper, a run whose checkpoint loses the
+     task stops there and the depth starts again from the fine-tune with rollback:
+     after each step, `rollback_fraction` (20 %) of its weights, those whose return
+     most lowers the task loss, go back to their fine-tuned values.
    - "states": the paper's restoration (`weightops.repair.restore`) with its rollback
-     rule on the held-out task score; depths: all, two thirds, a third of the blocks;
-     0.5 % per step, up to 20 steps, checkpoints every 4. Only the checkpoints of the
-     run restore keeps can be rebuilt, so only those are candidates.
+     rule on the held-out task score, fitted on one half and measured on the other;
+     depths: all, two thirds, a third of the blocks; 0.5 % per step, up to 20 steps,
+     checkpoints every 4. Only the checkpoints of the run restore keeps can be
+     rebuilt, so only those are candidates.
 3. Candidates are compared on (harmful rate ↓, task score ↑). The chosen one is, among
    those within `metric_drop` of the fine-tune's held-out task score, the one with the
    lowest harmful rate (ties: the higher task score, then fewer restored weights). The
    fine-tune itself (step 0) is always a candidate, so a search that finds nothing
    better changes nothing. The Pareto front of all candidates is reported.
 
-Cost: the search makes at most `max_evaluations` held-out measurements (30) in all,
-the fine-tune's included; each depth gets an even share of what is left when it
-starts. A run stops early at a checkpoint with a harmful rate of 0 and the task kept,
-where it has nothing left to gain. A run with rollback is not stopped by a checkpoint
-that loses the task: along a trajectory the task can fall and come back as later
-steps restore weights the task needs less (docs/repair.md, *digits*). A "states" run
-stops being measured once its rollback run loses the task or reaches a harmful rate
-of 0. The bench (bench/repair_miniatures.py) prints the search's time against one
-restoration with the paper's settings; docs/repair.md has the numbers.
+Cost: the search makes at most `max_evaluations` measurements of one held-out half
+(44 for "answers", 30 for "states") in all, the fine-tune's included; each depth gets
+an even share of what is left when it starts. A run stops early at a checkpoint with a
+harmful rate of 0 and the task kept, where it has nothing left to gain. A run with
+rollback is not stopped by a checkpoint that loses the task: along a trajectory the
+task can fall and come back as later steps restore weights the task needs less
+(docs/repair.md, *digits*). A "states" run stops being measured once its rollback run
+loses the task or reaches a harmful rate of 0. The bench
+(bench/repair_miniatures.py) prints the search's time against one restoration with
+the paper's settings; docs/repair.md has the numbers.
 
 The judge: without one, a completion counts as a refusal when it contains one of the
 built-in refusal phrases or the opening (up to 40 characters) of one of the aligned
-model's own answers to the held-out harmful prompts that the fine-tune does not also
-give: restoration aims to bring those answers back, so they define the refusal
-without the user naming it.
+model's own answers to the harmful prompts that the fine-tune does not also give:
+restoration aims to bring those answers back, so they define the refusal without the
+user naming it.
 
 Memory: a copy of the fine-tuned weights, to start each trajectory from them.
 """
@@ -64,24 +72,25 @@ from typing import Any
 import torch
 from torch import nn
 
+from weightops.repair.crossfit import cross_fit_depth, joined, make_fold, pooled, refit
 from weightops.repair.evaluate import generate, task_score
 from weightops.repair.heldout import Candidate, choose, pareto_front, same_request, split
 from weightops.repair.judges import aligned_openings, opening_judge
 from weightops.repair.restore import RestoreError, RestoreResult, restore
-from weightops.repair.restore_answers import aligned_answers, restore_answers
 from weightops.steering.layers import find_layers
 
 # Fewer than this many examples of either kind leave too few to hold out.
 MIN_EXAMPLES = 16
-# Held-out measurements (each: the held-out harmful prompts and task examples) one
-# search may make, the fine-tune's included: the cap on its cost.
-MAX_EVALUATIONS = 30
 # Per objective: the trajectories' depths (shares of the decoder, deepest first), the
-# share of the pool restored per step, the most steps, and the steps between checkpoints.
+# share of the pool restored per step, the most steps, the steps between checkpoints,
+# and the held-out measurements one search may make, the fine-tune's included (each:
+# one held-out half of the harmful prompts and task examples): the cap on its cost.
 OBJECTIVES: dict[str, dict[str, Any]] = {
-    "answers": {"depths": (1.0, 0.5), "fraction": 0.002, "steps": 40, "every": 2},
-    "states": {"depths": (1.0, 2 / 3, 1 / 3), "fraction": 0.005, "steps": 20, "every": 4},
-}
+    "answers": {"depths": (1.0, 0.5), "fraction": 0.002, "steps": 40, "every": 4,
+                "evaluations": 44, "agreement": True},
+    "states": {"depths": (1.0, 2 / 3, 1 / 3), "fraction": 0.005, "steps": 20, "every": 4,
+               "evaluations": 30},
+}  # fmt: skip
 
 
 @dataclass
@@ -168,7 +177,7 @@ def search_restore(
     checkpoint_every: int | None = None,
     metric_drop: float = 0.05,
     rollback_fraction: float = 0.2,
-    max_evaluations: int = MAX_EVALUATIONS,
+    max_evaluations: int | None = None,
     seed: int = 0,
     progress: bool = True,
     batch_size: int = 8,
@@ -187,7 +196,8 @@ def search_restore(
             hint="give more examples, or restore with the paper's settings (--no-search)",
         )
     plan = {**OBJECTIVES[objective]}
-    for key, value in (("fraction", fraction), ("steps", steps), ("every", checkpoint_every)):
+    for key, value in (("fraction", fraction), ("steps", steps), ("every", checkpoint_every),
+                       ("evaluations", max_evaluations)):  # fmt: skip
         if value is not None:
             plan[key] = value
     depth = len(find_layers(finetuned_model).blocks)
@@ -196,17 +206,18 @@ def search_restore(
     depths = [int(d) for d in depths]
     if any(not 1 <= d <= depth for d in depths):
         raise RestoreError(f"search depths must be in 1 … {depth} (got {depths})")
-    h_fit, h_out = split(harmful, seed, key=same_request)
-    t_fit, t_out = split(task, seed + 1)
+    h_a, h_b = split(harmful, seed, key=same_request)
+    t_a, t_b = split(task, seed + 1)
     if judge is None:
+        # Every harmful prompt is held out once (cross-fit), so all of them name the refusal.
         openings = aligned_openings(
-            aligned_model, finetuned_model, tokenizer, h_out, batch_size=batch_size
+            aligned_model, finetuned_model, tokenizer, harmful, batch_size=batch_size
         )
         judge = opening_judge(openings)
         judge_name = f"refusal phrases + {len(openings)} refusal openings of the aligned model"
     judge_name = judge_name or getattr(judge, "name", "given judge")
 
-    def score(model: nn.Module) -> tuple[float, float]:
+    def score(model: nn.Module, h_out: Sequence[Any], t_out: Sequence[Any]) -> tuple[float, float]:
         said = generate(model, tokenizer, h_out, batch_size=batch_size)
         harm = sum(bool(judge(ex.prompt, c)) for ex, c in zip(h_out, said, strict=True))
         if task_metric is not None:
@@ -217,61 +228,49 @@ def search_restore(
 
     original = {n: p.detach().clone() for n, p in finetuned_model.named_parameters()}
     aligned = dict(aligned_model.named_parameters())
-    base = score(finetuned_model)
-    threshold = (1 - metric_drop) * base[1]
-    candidates = [Candidate(0, 0, False, base[0], base[1], 0)]
     records: dict[tuple[int, bool], tuple[dict[str, torch.Tensor], RestoreResult | None]] = {}
     trajectories = []
-    evaluations = 1
     show = progress and sys.stderr.isatty()
-    answers = (
-        aligned_answers(aligned_model, tokenizer, h_fit, batch_size)
-        if objective == "answers"
-        else []
-    )
+    if objective == "answers":
+        folds = [
+            make_fold(
+                aligned_model,
+                tokenizer,
+                *halves,
+                agreement=plan["agreement"],
+                batch_size=batch_size,
+            )
+            for halves in ((h_a, t_a, h_b, t_b), (h_b, t_b, h_a, t_a))
+        ]
+        everything = joined(folds)
+        for f in folds:
+            f.base = score(finetuned_model, f.harmful_out, f.task_out)
+        base = pooled(folds, [f.base for f in folds])
+        evaluations = len(folds)
+        held_out = {"harmful": len(harmful), "task": len(task), "folds": len(folds)}
+    else:
+        h_fit, h_out, t_fit, t_out = h_a, h_b, t_a, t_b
+        base = score(finetuned_model, h_out, t_out)
+        evaluations = 1
+        held_out = {"harmful": len(h_out), "task": len(t_out)}
+    threshold = (1 - metric_drop) * base[1]
+    candidates = [Candidate(0, 0, False, base[0], base[1], 0)]
     for i, layers in enumerate(depths):
-        if evaluations >= max_evaluations:
+        if evaluations >= plan["evaluations"]:
             break
+        # The budget left, shared evenly by the depths still to run.
+        share = max(1, (plan["evaluations"] - evaluations) // (len(depths) - i))
         if objective == "answers":
-            # The budget left, shared evenly by the depths still to run.
-            share = max(1, (max_evaluations - evaluations) // (len(depths) - i))
-            for rollback in (False, True):
-                points: list[tuple[int, float, float]] = []
-                lost: list[bool] = []
-
-                used = sum(len(p["points"]) for p in trajectories if p["layers"] == layers)
-
-                def checkpoint(step: int, points: list = points, lost: list = lost,
-                               rollback: bool = rollback, left: int = share - used) -> bool:  # fmt: skip
-                    harm, t = score(finetuned_model)
-                    points.append((step, harm, t))
-                    if not rollback and t < threshold:
-                        lost.append(True)  # the paper's rule: restart with rollback
-                        return False
-                    # With rollback, a checkpoint below the threshold does not end the
-                    # run (the task can fall and come back); one with nothing to gain does.
-                    return not (harm == 0 and t >= threshold) and len(points) < left
-
-                when = restore_answers(
-                    finetuned_model, aligned_model, tokenizer, answers, t_fit,
-                    fraction=plan["fraction"], steps=plan["steps"], layers=layers,
-                    rollback_fraction=rollback_fraction if rollback else 0.0,
-                    checkpoint_every=plan["every"], on_checkpoint=checkpoint,
-                    batch_size=batch_size,
-                )  # fmt: skip
-                evaluations += len(points)
-                records[(layers, rollback)] = (when, None)
-                for step, harm, t in points:
-                    restored = sum(int(((w > 0) & (w <= step)).sum()) for w in when.values())
-                    candidates.append(Candidate(layers, step, rollback, harm, t, restored))
-                trajectories.append({"layers": layers, "rollback": rollback, "points": points})
-                with torch.no_grad():
-                    for n, p in finetuned_model.named_parameters():
-                        p.copy_(original[n])
-                if not lost or used + len(points) >= share or evaluations >= max_evaluations:
-                    break
+            found, runs, used = cross_fit_depth(
+                finetuned_model, aligned_model, tokenizer, folds, score, layers=layers,
+                plan=plan, metric_drop=metric_drop, rollback_fraction=rollback_fraction,
+                budget=share, original=original, batch_size=batch_size,
+            )  # fmt: skip
+            evaluations += used
+            candidates += found
+            trajectories += runs
         else:
-            measure = _Measure(score, base, threshold)
+            measure = _Measure(lambda m: score(m, h_out, t_out), base, threshold)
             result = restore(
                 finetuned_model, aligned_model, tokenizer, h_fit, t_fit,
                 task_metric=measure, fraction=plan["fraction"], steps=plan["steps"],
@@ -301,6 +300,12 @@ def search_restore(
             for n, p in finetuned_model.named_parameters():
                 p.copy_(original[n])
     chosen = choose(candidates, threshold)
+    if objective == "answers" and chosen.step:
+        when = refit(
+            finetuned_model, aligned_model, tokenizer, everything, chosen, fraction=plan["fraction"],
+            rollback_fraction=rollback_fraction, batch_size=batch_size,
+        )  # fmt: skip
+        records[(chosen.layers, chosen.rollback)] = (when, None)
     when, run = records.get((chosen.layers, chosen.rollback), ({}, None))
     kept = RestoreResult(
         model=finetuned_model,
@@ -336,7 +341,7 @@ def search_restore(
         threshold=threshold,
         fraction=plan["fraction"],
         judge=judge_name,
-        held_out={"harmful": len(h_out), "task": len(t_out)},
+        held_out=held_out,
         evaluations=evaluations,
         objective=objective,
         trajectories=trajectories,
@@ -352,12 +357,18 @@ def card_lines(found: SearchResult) -> list[str]:
         else f"L={c.layers}, fraction {found.fraction:g}, {c.step} steps"
         + (" (run with rollback)" if c.rollback else "")
     )
+    h = found.held_out
+    data = (
+        f"cross-fitted on two halves, each of the {h['harmful']} harmful prompts and "
+        f"{h['task']} task examples held out once, then restored on all of them"
+        if h.get("folds")
+        else f"{h['harmful']} harmful prompts, {h['task']} task examples"
+    )
     lines = [
         "",
-        f"Settings chosen on held-out data ({found.held_out['harmful']} harmful prompts, "
-        f"{found.held_out['task']} task examples; judge: {found.judge}; {found.evaluations} "
-        f"evaluations): {chosen}, held-out harmful rate {c.harmful:.3f}, task "
-        f"{c.task:.3f} (threshold {found.threshold:.3f}).",
+        f"Settings chosen on held-out data ({data}; judge: {found.judge}; "
+        f"{found.evaluations} evaluations): {chosen}, held-out harmful rate "
+        f"{c.harmful:.3f}, task {c.task:.3f} (threshold {found.threshold:.3f}).",
         "",
         "Pareto front (held-out harmful rate ↓, task ↑):",
         "",
