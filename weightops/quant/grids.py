@@ -267,8 +267,11 @@ def _search_chunk(
         quad.square_()
     flat = sums.reshape(-1, 4 * cells)
     quad = quad.reshape(-1)
-    by_side = sums.reshape(-1, 2, 2, cells)
-    total = by_side.sum(-1)  # [groups, (Σh, Σhv'), (below, above)]
+    # Per group, (Σh, Σhv') per side over the keys of buckets up to each threshold:
+    # one matrix product, whose last column is the side's total.
+    prefix = _key_prefix_map(tuple(clips)).to(flat.dtype)
+    upto = (flat.reshape(-1, 2 * cells) @ prefix).reshape(-1, 2, 2, n + 1)
+    total = upto[..., n]  # [groups, (Σh, Σhv'), (below, above)]
     c = total[:, 0].sum(-1)
     sv = total[:, 1].sum(-1)
     # Σh·v², v = v' − cells, in units of r²·k²; Σhg and Σhg² from the same sums.
@@ -281,9 +284,8 @@ def _search_chunk(
     err_best = err_all.gather(0, best[None]).reshape(-1) if need_error else torch.zeros_like(c)
     # The first refinement step: codes 1, 0 inside and outside the chosen threshold
     # below the middle, 2, 3 above it, so their sums are sums over keys.
-    t = groups.new_tensor([sorted(clips).index(x) for x in clips])[best]
-    inner = _key_buckets(tuple(clips)) <= t[:, None, None]
-    part = (by_side * inner[:, None]).sum(-1)
+    t = torch.tensor([sorted(clips).index(x) for x in clips])[best]
+    part = upto.gather(-1, t[:, None, None, None].expand(-1, 2, 2, 1)).squeeze(-1)
     n1, n2 = part[:, 0].unbind(-1)
     n3 = total[:, 0, 1] - n2
     # Σh·v over each code's weights: Σh·v' less cells·Σh.
@@ -327,6 +329,18 @@ def _key_buckets(clips: tuple[float, ...]) -> torch.Tensor:
     cell = torch.arange(n - off + 1, dtype=torch.float32)
     # Below the middle the keys count down from the outermost cell.
     return torch.stack([cell.flip(0), cell]).add_(off).clamp_(0, n)
+
+
+@functools.cache
+def _key_prefix_map(clips: tuple[float, ...]) -> torch.Tensor:
+    """[2·cells, 2·(n + 1)]: column (side, t) sums the keys of that side in buckets ≤ t."""
+    n, _, off = _key_layout(clips)
+    cells = n - off + 1
+    bucket = _key_buckets(clips)  # [side, cell]
+    m = torch.zeros(2, cells, 2, n + 1)
+    for side in range(2):
+        m[side, :, side] = (bucket[side][:, None] <= torch.arange(n + 1)).float()
+    return m.reshape(2 * cells, 2 * (n + 1))
 
 
 @functools.cache
