@@ -415,7 +415,7 @@ def choose_grids(
     weight = group_size if h is None else h.sum(-1).expand_as(r)
     gain = err2.sub_((r * r).mul_(weight).mul_((2 / 15) ** 2 / 12))
     is4.scatter_(1, gain.topk(k4, dim=1).indices, True)
-    f4 = fit[is4]
+    f4 = fit.reshape(-1, group_size).index_select(0, is4.reshape(-1).nonzero().squeeze(1))
     h4 = None if h is None else h.expand_as(fit)[is4]
     ext4 = (extremes[0][is4], extremes[1][is4])
     s4, lo4 = _grid(f4, h4, 4, CLIP4 if clips == CLIP_GRID else clips, ext4)

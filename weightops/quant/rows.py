@@ -90,27 +90,32 @@ def round_codes(
     for rows in row_blocks(w):
         g = w[rows]
         s_b, lo_b = s[rows][..., None], lo[rows][..., None]
-        # Clamping to [0, 3] or [0, 15] per group in one pass, as rounding to each width.
-        q = torch.sub(g, lo_b, out=scratch("codes_q", tuple(g.shape), g.dtype))
-        q.div_(s_b).round_().clamp_(min=0)
+        # t: the weight in steps of its grid; its code is t rounded and clamped to
+        # [0, 3] or [0, 15] per group (one pass, as rounding to each width).
+        t = torch.sub(g, lo_b, out=scratch("codes_t", tuple(g.shape), g.dtype)).div_(s_b)
+        q = torch.round(t, out=scratch("codes_q", tuple(g.shape), g.dtype)).clamp_(min=0)
         torch.minimum(q, top[rows][..., None], out=q)
         codes[rows] = q
         if ref is not None:
             torch.mul(q, s_b, out=ref[rows]).add_(lo_b)
-            continue
-        deq = torch.mul(q, s_b, out=q).add_(lo_b).sub_(g)
-        torch.linalg.vector_norm(deq, dim=-1, out=err[rows])
-    return codes, 0.0 if ref is not None else float(err.square_().sum(dtype=torch.float64))
+        else:
+            # q·s + lo − g = (q − t)·s: the error in steps, scaled per group below.
+            torch.linalg.vector_norm(t.sub_(q), dim=-1, out=err[rows])
+    if ref is not None:
+        return codes, 0.0
+    return codes, float(err.mul_(s).square_().sum(dtype=torch.float64))
 
 
 def store_codes(parts: dict[str, torch.Tensor], codes: torch.Tensor, is4: torch.Tensor) -> None:
     """Pack codes [rows, G, group_size] into q2 and q4."""
     rows = codes.shape[0]
+    by_group = codes.reshape(-1, codes.shape[-1])
     for bits, mask in ((2, ~is4), (4, is4)):
         # Each row holds as many groups of either width, so the selected groups, in
         # row-major order, are whole rows of the packed part.
         if parts[f"q{bits}"].numel():
-            parts[f"q{bits}"].copy_(pack_codes(codes[mask].reshape(rows, -1), bits))
+            chosen = by_group.index_select(0, mask.reshape(-1).nonzero().squeeze(1))
+            parts[f"q{bits}"].copy_(pack_codes(chosen.reshape(rows, -1), bits))
 
 
 def store_outliers(
