@@ -66,6 +66,7 @@ import torch
 
 from weightops.errors import WeightopsError
 from weightops.quant import rows
+from weightops.quant.blocks import scratch
 from weightops.quant.gptq import gptq_codes
 from weightops.quant.grids import CLIP_GRID, choose_grids
 from weightops.quant.packing import unpack_bits as _unpack_bits
@@ -229,7 +230,11 @@ def _quantize(
             raise QuantError(f"importance has shape {list(h.shape)}, expected [{in_f}]")
         h = h.reshape(n_groups, group_size)
     parts = rows.empty_parts(out_f, in_f, group_size, k4, outliers)
-    w = weight.detach().float().reshape(out_f, n_groups, group_size)
+    w = weight.detach().reshape(out_f, n_groups, group_size)
+    if w.dtype != torch.float32:
+        # Into memory every matrix reuses (weightops.quant.blocks): a fresh float32 copy
+        # of each would be new pages for the kernel to map.
+        w = scratch("weight", tuple(w.shape)).copy_(w)
     fit, outlier = w, None
     if outliers:
         if not torch.isfinite(w).all():

@@ -80,10 +80,10 @@ def round_codes(
     reference: torch.Tensor | None,
 ) -> tuple[torch.Tensor, float]:
     """Each weight of w [rows, G, group_size] rounded to its group's grid: the codes
-    (uint8, same shape), and the squared error of what they dequantize to, row block by
+    (uint8, same shape, in memory the next call reuses), and the squared error of what they dequantize to, row block by
     row block; with `reference` ([rows, in]) the dequantized weights go there instead and
     the error is left to the caller (0.0)."""
-    codes = torch.empty(w.shape, dtype=torch.uint8)
+    codes = scratch("codes", tuple(w.shape), torch.uint8)
     top = torch.where(is4, 15.0, 3.0)
     err = w.new_empty(w.shape[:-1])
     ref = None if reference is None else reference.view(w.shape)
