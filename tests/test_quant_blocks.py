@@ -75,6 +75,7 @@ def test_results_do_not_depend_on_the_row_block_size(monkeypatch, options):
         options = {"importance": torch.rand(256, generator=torch.Generator().manual_seed(1))}
     whole = mixed.quantize_with_reference(w, **options)
     monkeypatch.setattr(blocks, "BLOCK_VALUES", 1)  # one row per block
+    monkeypatch.setattr(grids, "CHUNK_VALUES", 1)  # one row per clip-search chunk
     rows = mixed.quantize_with_reference(w, **options)
     assert torch.equal(whole[1], rows[1])
     for name, part in whole[0].parts().items():

@@ -23,11 +23,11 @@ layer's output error ‖(W − Ŵ) X‖ rather than ‖W − Ŵ‖. The group gr
 are fixed from the original weights first ("static groups"), so the layout and the
 stored scales do not depend on the order (the loop itself is weightops.quant.gptq).
 
-Everything before the codes (outliers, clip search, refinement, 4-bit choice, scales) is
-independent per row, so rows go through it in blocks of about BLOCK_VALUES values per
-thread (weightops.quant.grids does the work, vectorised over the block's rows and groups):
-the working tensors stay in cache instead of streaming
-the whole matrix through memory once per operation. Results do not depend on the block.
+Everything but GPTQ's codes (clip search, refinement, 4-bit choice, scales, rounding) is
+independent per row: each pass goes over the matrix in row blocks whose working tensors
+stay in cache (weightops.quant.blocks), from the stored dtype to the packed parts, and
+what it leaves per group is solved for the whole matrix at once (weightops.quant.grids;
+the steps after the grids are weightops.quant.rows). Results do not depend on the block.
 
 Optional sparse outliers: `outliers` weights per row, taken from the 2-bit groups where
 they are largest relative to their group, are stored exactly in fp16 with their column
