@@ -430,6 +430,8 @@ def choose_grids(
     h4 = None if h is None else h.expand_as(fit)[is4]
     ext4 = (extremes[0][is4], extremes[1][is4])
     s4, lo4 = _grid(f4, h4, 4, CLIP4 if clips == CLIP_GRID else clips, ext4)
-    s4, lo4 = _refine(f4, h4, s4, lo4, 4, REFINE_STEPS_4) if refine else (s4, lo4)
+    if refine:
+        totals4 = tuple(t.reshape(is4.shape)[is4] for t in totals)
+        s4, lo4, _ = _refine_with_error(f4, h4, s4, lo4, 4, REFINE_STEPS_4, totals4)
     s[is4], lo[is4] = s4, lo4
     return is4, s, lo
