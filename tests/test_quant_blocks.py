@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from weightops.quant import blocks, grids, mixed
+from weightops.quant import blocks, clipsearch, grids, mixed
 from weightops.quant.gptq import gptq_codes, inverse_factor
 from weightops.quant.packing import pack_codes
 
@@ -75,7 +75,7 @@ def test_results_do_not_depend_on_the_row_block_size(monkeypatch, options):
         options = {"importance": torch.rand(256, generator=torch.Generator().manual_seed(1))}
     whole = mixed.quantize_with_reference(w, **options)
     monkeypatch.setattr(blocks, "BLOCK_VALUES", 1)  # one row per block
-    monkeypatch.setattr(grids, "CHUNK_VALUES", 1)  # one row per clip-search chunk
+    monkeypatch.setattr(clipsearch, "CHUNK_VALUES", 1)  # one row per clip-search chunk
     rows = mixed.quantize_with_reference(w, **options)
     assert torch.equal(whole[1], rows[1])
     for name, part in whole[0].parts().items():
@@ -188,7 +188,7 @@ def test_closed_form_2bit_search_matches_rounding_each_factor(weighted):
     groups = torch.distributions.StudentT(4.0).sample((5, 4, 64)).double().float() * 0.02
     groups[0, 0] = -0.003  # constant: no error at any factor
     h = torch.rand(4, 64, generator=g) + 0.1 if weighted else None
-    factor, err, s1, lo1, *_ = grids._search_2bit(groups, h, grids.CLIP2, need_error=True)
+    factor, err, s1, lo1, *_ = clipsearch.search_2bit(groups, h, grids.CLIP2, need_error=True)
     for i in range(groups.shape[0]):
         for k in range(groups.shape[1]):
             v = groups[i, k].double()

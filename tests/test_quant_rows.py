@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from weightops.quant import blocks, grids, mixed, packing, rows
+from weightops.quant import blocks, clipsearch, grids, mixed, packing, rows
 
 
 def _weight(out_f: int, in_f: int, seed: int) -> torch.Tensor:
@@ -33,7 +33,7 @@ def test_first_argmin_is_the_first_row_of_the_least_value():
     err[:, :50] = 0.25  # all tied: the first row
     err[2:4, 50:100] = 0.01  # two tied minima: the earlier one
     err[:, 100] = 0.0
-    got = grids._first_argmin(err)
+    got = clipsearch._first_argmin(err)
     for col in range(err.shape[1]):
         values = err[:, col].tolist()
         assert got[col].item() == values.index(min(values)), col
@@ -103,7 +103,7 @@ def test_refinement_with_given_totals_equals_refinement_computing_them(weighted)
 def test_results_do_not_depend_on_the_search_chunk(monkeypatch):
     w = _weight(40, 256, 9)
     whole = mixed.quantize_with_reference(w)
-    monkeypatch.setattr(grids, "CHUNK_VALUES", 1)  # one row per chunk
+    monkeypatch.setattr(clipsearch, "CHUNK_VALUES", 1)  # one row per chunk
     monkeypatch.setattr(blocks, "BLOCK_VALUES", 64)  # one group per block
     rows_ = mixed.quantize_with_reference(w)
     assert torch.equal(whole[1], rows_[1])
