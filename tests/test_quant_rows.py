@@ -48,7 +48,8 @@ def test_rounding_gives_each_weights_nearest_code_and_the_error_of_its_value(wit
     lo = w.amin(-1) * 0.9
     s = (w.amax(-1) - lo) / torch.where(is4, 15.0, 3.0) * 0.9
     reference = torch.empty(7, 3 * 64) if with_reference else None
-    codes, sq_err = rows.round_codes(w, is4, s, lo, reference)
+    codes, sq_err, w_sq = rows.round_codes(w, is4, s, lo, reference)
+    assert w_sq == pytest.approx(float(w.double().square().sum()), rel=1e-6)
     expected_err = 0.0
     for r in range(7):
         for k in range(3):

@@ -269,15 +269,15 @@ def _quantize(
         )
         codes = codes.reshape(w.shape)
         torch.mul(codes, s_deq[..., None], out=reference.view(w.shape)).add_(lo_deq[..., None])
+        w_sq = float(torch.linalg.vector_norm(w).square())
     else:
-        codes, sq_err = rows.round_codes(w, is4, s_deq, lo_deq, reference)
+        codes, sq_err, w_sq = rows.round_codes(w, is4, s_deq, lo_deq, reference)
         seen = w
     rows.store_codes(parts, codes, is4)
     if outlier is not None:
         rows.store_outliers(parts, outlier, seen, reference)
     if reference is not None:
         sq_err = float(torch.linalg.vector_norm(reference - w.reshape(out_f, in_f)).square())
-    w_sq = float(torch.linalg.vector_norm(w).square())
     packed = Packed(shape=(out_f, in_f), group_size=group_size, k4=k4, **parts)
     return packed, reference if want_reference else None, math.sqrt(sq_err / max(w_sq, 1e-60))
 

@@ -78,18 +78,19 @@ def round_codes(
     s: torch.Tensor,
     lo: torch.Tensor,
     reference: torch.Tensor | None,
-) -> tuple[torch.Tensor, float]:
-    """Each weight of w [rows, G, group_size] rounded to its group's grid: the codes
-    (uint8, same shape, in memory the next call reuses), and the squared error of what they dequantize to, row block by
-    row block; with `reference` ([rows, in]) the dequantized weights go there instead and
-    the error is left to the caller (0.0)."""
+) -> tuple[torch.Tensor, float, float]:
+    """Each weight of w [rows, G, group_size] rounded to its group's grid, row block by
+    row block: the codes (uint8, same shape, in memory the next call reuses), the squared
+    error of what they dequantize to, and Σw². With `reference` ([rows, in]) the
+    dequantized weights go there instead, and the error is left to the caller (0.0)."""
     codes = scratch("codes", tuple(w.shape), torch.uint8)
     top = torch.where(is4, 15.0, 3.0)
-    err = w.new_empty(w.shape[:-1])
+    err, norm = w.new_empty(2, *w.shape[:-1]).unbind(0)
     ref = None if reference is None else reference.view(w.shape)
     for rows in row_blocks(w):
         g = w[rows]
         s_b, lo_b = s[rows][..., None], lo[rows][..., None]
+        torch.linalg.vector_norm(g, dim=-1, out=norm[rows])
         # t: the weight in steps of its grid; its code is t rounded and clamped to
         # [0, 3] or [0, 15] per group (one pass, as rounding to each width).
         t = torch.sub(g, lo_b, out=scratch("codes_t", tuple(g.shape), g.dtype)).div_(s_b)
@@ -101,9 +102,10 @@ def round_codes(
         else:
             # q·s + lo − g = (q − t)·s: the error in steps, scaled per group below.
             torch.linalg.vector_norm(t.sub_(q), dim=-1, out=err[rows])
+    w_sq = float(norm.square_().sum(dtype=torch.float64))
     if ref is not None:
-        return codes, 0.0
-    return codes, float(err.mul_(s).square_().sum(dtype=torch.float64))
+        return codes, 0.0, w_sq
+    return codes, float(err.mul_(s).square_().sum(dtype=torch.float64)), w_sq
 
 
 def store_codes(parts: dict[str, torch.Tensor], codes: torch.Tensor, is4: torch.Tensor) -> None:
