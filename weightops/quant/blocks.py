@@ -11,7 +11,8 @@ Results do not depend on the block size.
 The working tensors are kept here, by name and per thread: allocated afresh for every
 block, each would be a new run of pages that the kernel maps and zeroes, which costs
 about as much as the arithmetic done in it. The pool holds each name's largest size so
-far, a few blocks' worth of memory, for the life of the process.
+far for the life of the process: a few blocks, plus the float32 copy and the one-byte
+codes of the largest matrix quantized (weightops.quant.mixed, weightops.quant.rows).
 """
 
 from __future__ import annotations
