@@ -12,16 +12,16 @@ from weightops.compat import causal_lm
 from weightops.quant.grids import _grid, _refine
 from weightops.quant.mixed import (
     QuantError,
-    _pack,
-    _pack_bits,
-    _unpack,
-    _unpack_bits,
     bits_per_weight,
     choose_k4,
     dequantize,
     quantize,
     quantize_with_reference,
 )
+from weightops.quant.packing import pack_bits as _pack_bits
+from weightops.quant.packing import pack_codes as _pack
+from weightops.quant.packing import unpack_bits as _unpack_bits
+from weightops.quant.packing import unpack_codes as _unpack
 
 
 def weight(out: int = 96, inp: int = 512, seed: int = 0) -> torch.Tensor:

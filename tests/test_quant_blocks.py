@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from weightops.quant import grids, mixed
+from weightops.quant import blocks, clipsearch, grids, mixed
 from weightops.quant.gptq import gptq_codes, inverse_factor
 from weightops.quant.packing import pack_codes
 
@@ -74,7 +74,8 @@ def test_results_do_not_depend_on_the_row_block_size(monkeypatch, options):
     if options.get("importance") == "h":
         options = {"importance": torch.rand(256, generator=torch.Generator().manual_seed(1))}
     whole = mixed.quantize_with_reference(w, **options)
-    monkeypatch.setattr(mixed, "BLOCK_VALUES", 1)  # one row per block
+    monkeypatch.setattr(blocks, "BLOCK_VALUES", 1)  # one row per block
+    monkeypatch.setattr(clipsearch, "CHUNK_VALUES", 1)  # one row per clip-search chunk
     rows = mixed.quantize_with_reference(w, **options)
     assert torch.equal(whole[1], rows[1])
     for name, part in whole[0].parts().items():
@@ -172,31 +173,50 @@ def test_inverse_factor_is_recomputed_for_a_changed_hessian():
     assert not torch.allclose(inverse_factor(hessian, 0.5), again)
 
 
+def _ls_line(q, v, wt):
+    """Weighted least-squares (s, lo) of v ≈ lo + q·s, float64, by the normal equations."""
+    a, b, c = float((wt * q * q).sum()), float((wt * q).sum()), float(wt.sum())
+    d, e = float((wt * q * v).sum()), float((wt * v).sum())
+    det = a * c - b * b
+    s = (c * d - b * e) / det
+    return s, (e - b * s) / c
+
+
 @pytest.mark.parametrize("weighted", [False, True])
 def test_closed_form_2bit_search_matches_rounding_each_factor(weighted):
     g = torch.Generator().manual_seed(11)
     groups = torch.distributions.StudentT(4.0).sample((5, 4, 64)).double().float() * 0.02
     groups[0, 0] = -0.003  # constant: no error at any factor
     h = torch.rand(4, 64, generator=g) + 0.1 if weighted else None
-    x, _, _ = grids._scaled_offsets(groups)
-    factor, err = grids._clip_search_2bit(x, h, grids.CLIP2)
+    factor, err, s1, lo1, *_ = clipsearch.search_2bit(groups, h, grids.CLIP2, need_error=True)
     for i in range(groups.shape[0]):
         for k in range(groups.shape[1]):
             v = groups[i, k].double()
             wt = torch.ones(64, dtype=torch.float64) if h is None else h[k].double()
             lo0, hi0 = v.min().item(), v.max().item()
             m, half = (lo0 + hi0) / 2, (hi0 - lo0) / 2
-            errors = []
+            errors, codes = [], []
             for c in grids.CLIP2:
                 a, step = m - half * c, max(2 * half * c / 3, 1e-12)
                 q = ((v - a) / step).round().clamp(0, 3)
                 errors.append(float(((q * step + a - v) ** 2 * wt).sum()))
+                codes.append(q)
             best = min(errors)
             got = grids.CLIP2.index(round(factor[i, k].item(), 3))
             assert errors[got] <= best * (1 + 1e-4) + 1e-18, (i, k)
             assert math.isclose(
                 err[i, k].item() * half**2, errors[got], rel_tol=1e-3, abs_tol=1e-12
             )
+            # The first refinement step: the least-squares line through the codes of
+            # the chosen grid.
+            if half == 0:
+                assert s1[i, k].item() == pytest.approx(1e-12) and lo1[
+                    i, k
+                ].item() == pytest.approx(m)
+                continue
+            s_ref, lo_ref = _ls_line(codes[got], v, wt)
+            assert math.isclose(s1[i, k].item(), s_ref, rel_tol=1e-4), (i, k)
+            assert math.isclose(lo1[i, k].item(), lo_ref, rel_tol=1e-4, abs_tol=1e-6 * half)
 
 
 def test_refined_error_is_the_error_of_the_last_codes_and_bounds_rounding_again():

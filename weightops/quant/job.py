@@ -25,7 +25,7 @@ from weightops.arch import describe
 from weightops.io.checkpoint import Checkpoint
 from weightops.io.safetensors_file import FileReader
 from weightops.io.writer import Layout, ShardWriter
-from weightops.quant.mixed import Packed, quantize_with_reference
+from weightops.quant.mixed import Packed, quantize_with_error
 
 Hessians = dict[str, torch.Tensor]
 
@@ -49,11 +49,10 @@ class QuantJob:
     ) -> tuple[Packed, dict[str, Any]]:
         """One weight, packed, and its line of the manifest."""
         k4, outliers = self.plan[name]
-        packed, reference = quantize_with_reference(
+        # The error is that of what the packed form dequantizes to, without unpacking it.
+        packed, err = quantize_with_error(
             w, group_size=self.group_size, k4=k4, outliers=outliers, hessian=hessian
         )
-        # The reference is what the packed form dequantizes to, without unpacking it.
-        err = float((reference - w).norm() / w.norm().clamp_min(1e-30))
         report = {
             "shape": list(w.shape),
             "k4": packed.k4,
@@ -84,7 +83,8 @@ class QuantJob:
                     while calibration.next_layer <= layer:
                         hessians.clear()
                         hessians.update(calibration.layer(calibration.next_layer))
-                w = reader.read(self.ckpt.tensors[weight]).float()
+                # In the stored dtype: the quantizer converts one row block at a time.
+                w = reader.read(self.ckpt.tensors[weight])
                 current[weight], stats[weight] = self.quantize(
                     weight, w, hessians.pop(weight, None)
                 )
@@ -129,8 +129,7 @@ class QuantJob:
                     if name not in self.plan:
                         writer.write(name, tensor.to(dtypes[name]))
                         continue
-                    w = tensor.float()
-                    packed, stats[name] = self.quantize(name, w, (hessians or {}).get(name))
+                    packed, stats[name] = self.quantize(name, tensor, (hessians or {}).get(name))
                     prefix = name[: -len("weight")]
                     for part, value in packed.parts().items():
                         writer.write(prefix + part, value.to(dtypes[prefix + part]))

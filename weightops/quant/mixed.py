@@ -23,11 +23,11 @@ layer's output error ‖(W − Ŵ) X‖ rather than ‖W − Ŵ‖. The group gr
 are fixed from the original weights first ("static groups"), so the layout and the
 stored scales do not depend on the order (the loop itself is weightops.quant.gptq).
 
-Everything before the codes (outliers, clip search, refinement, 4-bit choice, scales) is
-independent per row, so rows go through it in blocks of about BLOCK_VALUES values per
-thread (weightops.quant.grids does the work, vectorised over the block's rows and groups):
-the working tensors stay in cache instead of streaming
-the whole matrix through memory once per operation. Results do not depend on the block.
+Everything but GPTQ's codes (clip search, refinement, 4-bit choice, scales, rounding) is
+independent per row: each pass goes over the matrix in row blocks whose working tensors
+stay in cache (weightops.quant.blocks), from the stored dtype to the packed parts, and
+what it leaves per group is solved for the whole matrix at once (weightops.quant.grids;
+the steps after the grids are weightops.quant.rows). Results do not depend on the block.
 
 Optional sparse outliers: `outliers` weights per row, taken from the 2-bit groups where
 they are largest relative to their group, are stored exactly in fp16 with their column
@@ -65,16 +65,14 @@ from typing import Any
 import torch
 
 from weightops.errors import WeightopsError
+from weightops.quant import rows
+from weightops.quant.blocks import scratch
 from weightops.quant.gptq import gptq_codes
 from weightops.quant.grids import CLIP_GRID, choose_grids
-from weightops.quant.packing import pack_bits as _pack_bits
-from weightops.quant.packing import pack_codes as _pack
 from weightops.quant.packing import unpack_bits as _unpack_bits
 from weightops.quant.packing import unpack_codes as _unpack
+from weightops.quant.rows import index_dtype
 
-# Values of one row block per thread in the grid choice: two megabytes of float32 per
-# working tensor, about what a core's cache holds.
-BLOCK_VALUES = 1 << 19
 PARTS = ("q2", "q4", "gmap", "scale", "zero", "super")
 OUTLIER_PARTS = ("oidx", "oval")
 
@@ -118,10 +116,6 @@ class Packed:
         return self.bits / (self.shape[0] * self.shape[1])
 
 
-def index_dtype(in_features: int) -> torch.dtype:
-    return torch.int16 if in_features <= 2**15 - 1 else torch.int32
-
-
 def bits_per_weight(in_features: int, group_size: int, k4: int, outliers: int = 0) -> float:
     """Stored bits per weight of a row with k4 4-bit groups and `outliers` fp16 outliers,
     everything counted (two fp16 super-scales per row amortised over the row)."""
@@ -162,51 +156,46 @@ def _check(weight: torch.Tensor, group_size: int) -> None:
         raise QuantError(
             f"group size {group_size} does not divide the {weight.shape[1]} inputs of a {list(weight.shape)} weight"
         )
-    # One pass: NaN and infinities carry into a float64 sum, which no float32 can overflow.
-    if not torch.isfinite(weight.sum(dtype=torch.float64)):
-        raise QuantError("the weight has NaN or Inf entries")
-
-
-def _second_order(values: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """8-bit integers per group against one fp16 super-scale per row."""
-    top = 127 if signed else 255
-    big = values.abs().amax(-1) if signed else values.amax(-1)
-    sup = (big / top).to(torch.float16).float().clamp_min(1e-12)
-    q = (values / sup[:, None]).round_().clamp_(-top if signed else 0, top)
-    return q, sup
-
-
-def _codes(groups: torch.Tensor, s: torch.Tensor, lo: torch.Tensor, bits: int) -> torch.Tensor:
-    return (groups - lo[..., None]).div_(s[..., None]).round_().clamp_(0, 2**bits - 1)
-
-
-def _pick_outliers(w: torch.Tensor, h: torch.Tensor | None, n: int) -> torch.Tensor:
-    """[out, in] mask of the n entries per row farthest from their group's mean, weighted
-    by importance (ties in index order)."""
-    out_f = w.shape[0]
-    score = (w - w.mean(-1, keepdim=True)).square()
-    if h is not None:
-        score = score * h
-    # A stable descending sort keeps the choice independent of the backend's topk order.
-    idx = score.reshape(out_f, -1).argsort(dim=1, descending=True, stable=True)[:, :n]
-    mask = torch.zeros(out_f, score[0].numel(), dtype=torch.bool)
-    return mask.scatter_(1, idx, True)
-
-
-def _block_rows(row_values: int) -> int:
-    """Rows per block such that the grid choice's working tensors stay in cache, larger
-    with more threads so each thread's share of an operation stays that size."""
-    return max(1, BLOCK_VALUES * torch.get_num_threads() // row_values)
+    if not weight.dtype.is_floating_point:
+        raise QuantError(f"expected a floating-point weight, got {weight.dtype}")
 
 
 def quantize(weight: torch.Tensor, **options: Any) -> Packed:
     """Quantize `weight` [out, in] to mixed 2/4-bit groups; the options and what they do
     are those of `quantize_with_reference`, which also returns the dequantized matrix."""
-    return quantize_with_reference(weight, **options)[0]
+    return _quantize(weight, False, **options)[0]
 
 
-def quantize_with_reference(
+def quantize_with_error(weight: torch.Tensor, **options: Any) -> tuple[Packed, float]:
+    """`quantize`, and the relative error ‖Ŵ − W‖ / ‖W‖ (Frobenius) of the matrix Ŵ the
+    packed form dequantizes to, summed row block by row block without building Ŵ."""
+    packed, _, err = _quantize(weight, False, **options)
+    return packed, err
+
+
+def quantize_with_reference(weight: torch.Tensor, **options: Any) -> tuple[Packed, torch.Tensor]:
+    """Quantize `weight` [out, in] to mixed 2/4-bit groups within `avg_bits` per weight;
+    return the packed form and the dequantized matrix computed from the codes before
+    packing (what a pack/unpack round trip must reproduce exactly).
+
+    Options: group_size (64), avg_bits (2.85).
+    importance: optional [in] non-negative weights of each input (e.g. mean x² of the
+    calibration activations) for the clipping search and the choice of 4-bit groups.
+    hessian: optional [in, in] Σ x xᵀ of calibration inputs: codes are then chosen with
+    GPTQ-style error feedback (its diagonal is the importance when none is given).
+    k4: force this many 4-bit groups per row instead of deriving it from avg_bits.
+    clip / refine: the clip search and the least-squares refinement (switches to measure
+    what each buys). outliers: fp16 outliers kept per row. damp: added to the Hessian's
+    diagonal, as a share of its mean, before inverting it. act_order: with a Hessian,
+    feed the error back in order of decreasing Hessian diagonal (GPTQ's act-order)."""
+    packed, reference, _ = _quantize(weight, True, **options)
+    assert reference is not None
+    return packed, reference
+
+
+def _quantize(
     weight: torch.Tensor,
+    want_reference: bool,
     *,
     group_size: int = 64,
     avg_bits: float = 2.85,
@@ -218,20 +207,8 @@ def quantize_with_reference(
     outliers: int = 0,
     damp: float = 0.01,
     act_order: bool = True,
-) -> tuple[Packed, torch.Tensor]:
-    """Quantize `weight` [out, in] to mixed 2/4-bit groups within `avg_bits` per weight;
-    return the packed form and the dequantized matrix computed from the codes before
-    packing (what a pack/unpack round trip must reproduce exactly).
-
-    importance: optional [in] non-negative weights of each input (e.g. mean x² of the
-    calibration activations) for the clipping search and the choice of 4-bit groups.
-    hessian: optional [in, in] Σ x xᵀ of calibration inputs: codes are then chosen with
-    GPTQ-style error feedback (its diagonal is the importance when none is given).
-    k4: force this many 4-bit groups per row instead of deriving it from avg_bits.
-    clip / refine: the clip search and the least-squares refinement (switches to measure
-    what each buys). outliers: fp16 outliers kept per row. damp: added to the Hessian's
-    diagonal, as a share of its mean, before inverting it. act_order: with a Hessian,
-    feed the error back in order of decreasing Hessian diagonal (GPTQ's act-order)."""
+) -> tuple[Packed, torch.Tensor | None, float]:
+    """(packed, dequantized matrix if wanted, relative error): `quantize_with_reference`."""
     _check(weight, group_size)
     clips = CLIP_GRID if clip else (1.0,)
     out_f, in_f = weight.shape
@@ -246,48 +223,41 @@ def quantize_with_reference(
         raise QuantError(f"hessian has shape {list(hessian.shape)}, expected [{in_f}, {in_f}]")
     if importance is None and hessian is not None:
         importance = hessian.diagonal()
-    w = weight.detach().float().reshape(out_f, n_groups, group_size)
     h = None
     if importance is not None:
         h = importance.detach().float().clamp_min(0)
         if h.shape != (in_f,):
             raise QuantError(f"importance has shape {list(h.shape)}, expected [{in_f}]")
         h = h.reshape(n_groups, group_size)
-
-    outlier = None
-    fit = w
+    parts = rows.empty_parts(out_f, in_f, group_size, k4, outliers)
+    w = weight.detach().reshape(out_f, n_groups, group_size)
+    if w.dtype != torch.float32:
+        # Into memory every matrix reuses (weightops.quant.blocks): a fresh float32 copy
+        # of each would be new pages for the kernel to map.
+        w = scratch("weight", tuple(w.shape)).copy_(w)
+    fit, outlier = w, None
     if outliers:
-        outlier = _pick_outliers(w, h, outliers)
-        keep = ~outlier.reshape(out_f, n_groups, group_size)
+        if not torch.isfinite(w).all():
+            raise QuantError("the weight has NaN or Inf entries")
+        outlier = rows.pick_outliers(w, h, outliers)
+        keep = ~outlier.reshape(w.shape)
         # Outliers get no say in their group's grid: zero weight in the error, and a
         # stand-in value (the mean of the rest) that cannot widen the range.
         h = keep.float() if h is None else h * keep
         rest = (w * keep).sum(-1, keepdim=True) / keep.sum(-1, keepdim=True).clamp_min(1)
         fit = torch.where(keep, w, rest)
-
-    # Everything up to the codes is independent per row: rows go in blocks whose working
-    # tensors stay in cache (the results do not depend on the block size).
-    rows = _block_rows(in_f)
-    blocks = [
-        choose_grids(
-            fit[r : r + rows],
-            h[r : r + rows] if h is not None and h.dim() == 3 else h,
-            k4,
-            clips,
-            refine,
-        )
-        for r in range(0, out_f, rows)
-    ]
-    is4, s, lo = (torch.cat(parts) for parts in zip(*blocks, strict=True))
-
+    try:
+        is4, s, lo = choose_grids(fit, h, k4, clips, refine)
+    except ValueError as e:
+        raise QuantError(str(e)) from None
     # Final scales for each group's chosen width, stored two-level, then the codes.
-    s_q, s_sup = _second_order(s, signed=False)
-    lo_q, lo_sup = _second_order(lo, signed=True)
-    s_deq = (s_q * s_sup[:, None]).clamp_min(1e-12)
-    lo_deq = lo_q * lo_sup[:, None]
+    s_deq, lo_deq = rows.store_grids(parts, is4, s, lo)
+    reference = None
+    if want_reference or hessian is not None or outlier is not None:
+        reference = torch.empty(out_f, in_f)
     if hessian is not None:
         codes, seen = gptq_codes(
-            weight.detach().float(),
+            w.reshape(out_f, in_f),
             hessian,
             s_deq,
             lo_deq,
@@ -297,42 +267,19 @@ def quantize_with_reference(
             damp,
             act_order=act_order,
         )
-        codes = codes.reshape(out_f, n_groups, group_size)
+        codes = codes.reshape(w.shape)
+        torch.mul(codes, s_deq[..., None], out=reference.view(w.shape)).add_(lo_deq[..., None])
+        w_sq = float(torch.linalg.vector_norm(w).square())
     else:
-        # Clamping to [0, 3] or [0, 15] per group in one pass, as rounding to each width.
-        top = torch.where(is4, 15.0, 3.0)[..., None]
-        codes = (w - lo_deq[..., None]).div_(s_deq[..., None]).round_().clamp_(min=0)
-        codes = torch.minimum(codes, top, out=codes)
-        seen = weight.detach().float()
-    reference = (codes * s_deq[..., None] + lo_deq[..., None]).reshape(out_f, in_f)
-    oidx = oval = None
+        codes, sq_err, w_sq = rows.round_codes(w, is4, s_deq, lo_deq, reference)
+        seen = w
+    rows.store_codes(parts, codes, is4)
     if outlier is not None:
-        cols = outlier.nonzero()[:, 1].reshape(out_f, outliers)
-        oval = seen.gather(1, cols).half()
-        oidx = cols.to(index_dtype(in_f))
-        reference.scatter_(1, cols, oval.float())
-    packed = Packed(
-        shape=(out_f, in_f),
-        group_size=group_size,
-        k4=k4,
-        q2=_pack(_groups_of(codes, ~is4), 2),
-        q4=_pack(_groups_of(codes, is4), 4),
-        gmap=_pack_bits(is4),
-        scale=s_q.to(torch.uint8),
-        zero=lo_q.to(torch.int8),
-        super=torch.stack([s_sup, lo_sup], dim=1).to(torch.float16),
-        oidx=oidx,
-        oval=oval,
-    )
-    return packed, reference
-
-
-def _groups_of(codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[out, n·group_size]: each row's groups where `mask` is set (the same count in every
-    row), in group order."""
-    out_f, _, group_size = codes.shape
-    idx = mask.nonzero()[:, 1].reshape(out_f, -1)
-    return codes.gather(1, idx[..., None].expand(-1, -1, group_size)).reshape(out_f, -1)
+        rows.store_outliers(parts, outlier, seen, reference)
+    if reference is not None:
+        sq_err = float(torch.linalg.vector_norm(reference - w.reshape(out_f, in_f)).square())
+    packed = Packed(shape=(out_f, in_f), group_size=group_size, k4=k4, **parts)
+    return packed, reference if want_reference else None, math.sqrt(sq_err / max(w_sq, 1e-60))
 
 
 def dequantize(p: Packed) -> torch.Tensor:
