@@ -123,7 +123,7 @@ def test_opening_judge_knows_the_aligned_refusal():
     assert judge("p", "Sure. Mix the parts.")
 
 
-@pytest.mark.parametrize("objective", ["answers", "states"])
+@pytest.mark.parametrize("objective", ["answers", pytest.param("states", marks=pytest.mark.slow)])
 def test_search_with_nothing_to_gain_changes_nothing(llama, tmp_path, objective):
     # No completion is judged harmful and the task never moves: no candidate beats the
     # fine-tune, which has the fewest restored weights (and each trajectory stops at its

@@ -211,6 +211,7 @@ def test_narrow_embedding_computes_as_a_float32_load(bf16, family):
         assert torch.equal(plain(input_ids=ids).logits, lean(input_ids=ids).logits)
 
 
+@pytest.mark.slow  # ~30 s: two whole restorations
 def test_restore_model_with_a_tied_head_ends_where_restore_on_float32_models_ends(bf16, tmp_path):
     folders = bf16["qwen2"]
 
