@@ -127,7 +127,7 @@ def reader_grads(model, batch_list, target, layers):
     return grads, alive
 
 
-def setup(families, family):
+def _prepared(families, family):
     folder = families[family]["ft"]
     model = causal_lm(folder, torch.float32).eval()
     batch_list = list(batches(HARMFUL, tokenizer(folder), batch_size=4, with_response=False))
@@ -137,7 +137,7 @@ def setup(families, family):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_blockwise_gradients_are_the_whole_graph_gradients(bf16, family):
-    model, batch_list, target = setup(bf16, family)
+    model, batch_list, target = _prepared(bf16, family)
     expected = whole_graph_grads(model, batch_list, target, LAYERS)
     order = block_order(model, LAYERS)
     got, alive = reader_grads(model, batch_list, target, LAYERS)
@@ -150,7 +150,7 @@ def test_blockwise_gradients_are_the_whole_graph_gradients(bf16, family):
 
 
 def test_blocks_that_do_not_chain_take_the_whole_graph_pass(bf16):
-    model, batch_list, target = setup(bf16, "llama")
+    model, batch_list, target = _prepared(bf16, "llama")
 
     def detour(module, args):
         # Block 1 is given a copy of block 0's output: equal values, another tensor.
