@@ -12,6 +12,7 @@ def main() -> None:
     try:
         from weightops.cli import main as run
 
+        signals.arm()
         run()  # exits the process itself
     except KeyboardInterrupt:
         pass

@@ -14,12 +14,23 @@ import _signal
 
 _stopped: list[int] = []
 _told: list[bool] = []  # whether the user was already told of the stop
+# Whether a stop raises at once. Not while the start-up imports run: an exception
+# raised there can land inside a C++ extension's import callback, where it cannot
+# propagate and the process aborts; the stop is acted on when the imports are done.
+_armed: list[bool] = []
 
 
 def _handler(signum: int, frame: object) -> None:
     _stopped.append(signum)
-    if len(_stopped) == 1:
+    if len(_stopped) == 1 and _armed:
         raise KeyboardInterrupt
+
+
+def arm() -> None:
+    """From now on a stop raises KeyboardInterrupt at once; one that came before
+    (during the imports) raises it here."""
+    _armed.append(True)
+    raise_if_stopped()
 
 
 def install() -> None:
