@@ -139,6 +139,15 @@ def _roll_back(
                int((flat > 0).sum()))  # fmt: skip
     if take == 0:
         return
+    _set_largest(pool, names, flat, take, original, when, -1)
+
+
+def _set_largest(
+    pool: dict[str, nn.Parameter], names: list[str], flat: torch.Tensor, take: int,
+    source: dict[str, torch.Tensor], when: dict[str, torch.Tensor], mark: int,
+) -> None:  # fmt: skip
+    """Give the `take` weights with the largest scores in `flat` (the pool's tensors
+    in `names` order, flattened and joined) their values in `source`; mark them."""
     chosen = torch.topk(flat, take).indices
     bounds = torch.tensor([0, *[pool[n].numel() for n in names]]).cumsum(0)
     with torch.no_grad():
@@ -146,8 +155,8 @@ def _roll_back(
             idx = chosen[(chosen >= bounds[i]) & (chosen < bounds[i + 1])] - bounds[i]
             if len(idx):
                 dev = idx.to(pool[n].device)
-                pool[n].view(-1)[dev] = original[n].reshape(-1)[dev]
-                when[n].view(-1)[idx] = -1
+                pool[n].view(-1)[dev] = source[n].reshape(-1)[dev]
+                when[n].view(-1)[idx] = mark
 
 
 def restore_answers(
@@ -224,16 +233,7 @@ def restore_answers(
             take = min(k, int((flat > 0).sum()))
             if take == 0:
                 break
-            chosen = torch.topk(flat, take).indices
-            bounds = torch.tensor([0, *[pool[n].numel() for n in names]]).cumsum(0)
-            with torch.no_grad():
-                for i, n in enumerate(names):
-                    idx = chosen[(chosen >= bounds[i]) & (chosen < bounds[i + 1])] - bounds[i]
-                    if len(idx):
-                        view = pool[n].view(-1)
-                        dev = idx.to(view.device)
-                        view[dev] = aligned[n].reshape(-1)[dev]
-                        when[n].view(-1)[idx] = step
+            _set_largest(pool, names, flat, take, aligned, when, step)
             g_t = None
             if rollback_fraction:
                 # The task gradient after the step sees what its weights did together;
