@@ -22,7 +22,8 @@ from test_engine import dump, recipe_for
 from typer.testing import CliRunner
 
 from weightops.cli import app
-from weightops.engine.distributed import plan_units
+from weightops.engine import distributed
+from weightops.engine.distributed import UNITS_PER_SLOT, plan_units
 from weightops.engine.plan import build_plan
 from weightops.engine.run import RunOptions, execute
 from weightops.errors import CheckpointError, MergeError
@@ -39,6 +40,14 @@ def ray_session():
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def finest_units(monkeypatch):
+    """Units as small as the row blocks allow, as on a large cluster: on the two-CPU
+    test instance the linear-time ones would grow to a few whole-tensor batches
+    (plan_units' `slots`), and no row range would run. Tests of that growth undo it."""
+    monkeypatch.setattr(distributed, "UNITS_PER_SLOT", 10**9)
 
 
 def run(text: str, out: Path, executor: str, **options) -> Path:
@@ -70,10 +79,12 @@ def leftovers(out: Path) -> list[Path]:
 # ------------------------------------------------------------------ work units
 
 
-def test_units_cover_every_tensor_once(llama):
+@pytest.mark.parametrize("slots", [None, 1])
+def test_units_cover_every_tensor_once(llama, slots, monkeypatch):
+    monkeypatch.setattr(distributed, "UNITS_PER_SLOT", UNITS_PER_SLOT)
     text = dump(recipe_for(all_methods()["ties"], llama))
     plan = build_plan(parse_recipe(text))
-    units = plan_units(plan, RunOptions(chunk_elements=CHUNK))
+    units = plan_units(plan, RunOptions(chunk_elements=CHUNK), slots=slots)
     rows: dict[str, list[tuple[int, int]]] = {}
     for unit in units:
         if unit.rows is not None:
@@ -84,9 +95,12 @@ def test_units_cover_every_tensor_once(llama):
     # ties cuts each task vector at a rank over the whole tensor: never split.
     assert not rows
     lin = build_plan(parse_recipe(dump(recipe_for(all_methods()["linear"], llama))))
-    units = plan_units(lin, RunOptions(chunk_elements=CHUNK))
+    units = plan_units(lin, RunOptions(chunk_elements=CHUNK), slots=slots)
     split = [u for u in units if u.rows is not None]
-    assert split, "no tensor of the tiny model was split: the test would prove nothing"
+    if slots:
+        # Linear-time units grown to about UNITS_PER_SLOT per slot, never fewer.
+        assert UNITS_PER_SLOT <= len(units) < len(plan_units(lin, RunOptions(chunk_elements=CHUNK)))
+    assert split or slots, "no tensor of the tiny model was split: the test would prove nothing"
     shapes = {t.name: t.shape for t in lin.tasks}
     for name in {u.names[0] for u in split}:
         ranges = sorted(u.rows for u in split if u.names[0] == name)
@@ -99,6 +113,17 @@ def test_units_cover_every_tensor_once(llama):
 
 
 # ------------------------------------------------------------------ bit identity
+
+
+def test_units_grown_for_a_small_cluster_write_the_local_bytes(
+    ray_session, llama, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(distributed, "UNITS_PER_SLOT", UNITS_PER_SLOT)
+    text = dump(recipe_for(all_methods()["task_arithmetic"], llama))
+    plan = build_plan(parse_recipe(text))
+    options = RunOptions(chunk_elements=CHUNK)
+    assert len(plan_units(plan, options, slots=2)) < len(plan_units(plan, options))
+    assert_same_output(text, tmp_path)
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -178,11 +178,15 @@ def _print_plan(plan, out: Path | str, options) -> None:
     if any(m.observer for m in plan.methods.values()):
         echo("passes      2 (statistics, then merge)")
     if options.executor == "ray":
-        from weightops.engine.distributed import plan_units
+        from weightops.engine.distributed import UNITS_PER_SLOT, plan_units
 
         units = plan_units(plan, options)
         largest = max(u.peak_bytes for u in units) / 1e9
-        echo(f"executor    ray: {len(units)} tasks, the largest asking for {largest:.3f} GB")
+        echo(
+            f"executor    ray: {len(units)} tasks, the largest asking for {largest:.3f} GB "
+            f"(on a cluster of few CPUs the linear-time ones are merged into about "
+            f"{UNITS_PER_SLOT} per task slot)"
+        )
     template = plan.recipe.chat_template
     if template is not None:
         named = template if len(template) < 20 else "given in the recipe"

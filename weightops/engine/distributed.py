@@ -47,6 +47,10 @@ from weightops.merge.registry import Observer
 # the heaviest elementwise method against milliseconds of scheduling, and small enough
 # that the workers share a model's few huge tensors evenly.
 UNIT_CHUNKS = 16
+# Linear-time units per slot a cluster of few slots gets at least: each unit refills and
+# drains the reader/writer pipeline, which a local run does once, so on a small cluster
+# units grow until each slot has this many (enough to even out the slots' ends).
+UNITS_PER_SLOT = 4
 
 
 @dataclass(frozen=True)
@@ -91,12 +95,16 @@ def _linear_time(plan: Plan, task: TensorTask) -> bool:
     return task.copy or method.elementwise or method.ranks is not None
 
 
-def plan_units(plan: Plan, options: RunOptions) -> list[Unit]:
+def plan_units(plan: Plan, options: RunOptions, slots: int | None = None) -> list[Unit]:
     """The plan's tasks as units. Linear-time tensors are batched up to a row range's
-    entries; any other tensor of a row block or more is a unit of its own (batching
-    SVD-heavy matrices would leave workers idle while one works through many), and the
-    smaller ones are batched up to a row block."""
+    entries (UNIT_CHUNKS row blocks, or more on a cluster of `slots` slots, so that each
+    gets about UNITS_PER_SLOT of them); any other tensor of a row block or more is a
+    unit of its own (batching SVD-heavy matrices would leave workers idle while one
+    works through many), and the smaller ones are batched up to a row block."""
     target = UNIT_CHUNKS * options.chunk_elements
+    if slots:
+        linear = sum(t.numel for t in plan.tasks if _linear_time(plan, t))
+        target = max(target, linear // (slots * UNITS_PER_SLOT))
     units: list[Unit] = []
     # By linear time or not: the entries a batch of each kind is closed at.
     limits = {True: target, False: options.chunk_elements}

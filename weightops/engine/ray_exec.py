@@ -338,7 +338,7 @@ def execute_on_ray(plan: Plan, out: Path, options: RunOptions) -> Path:
         box = [ray.put((plan, layout))]
         stats = _statistics(plan, box, remote_options, runner)
         stats_ref = ray.put(stats)
-        units = plan_units(plan, options)
+        units = plan_units(plan, options, slots=cluster.slots(1))
         writer = ShardWriter(folder, layout, display=out)
         try:
             writer.presize()
