@@ -503,6 +503,24 @@ def test_disk_full_while_writing_names_output_folder(llama, tmp_path, monkeypatc
     assert "weightops-tmp" not in err
 
 
+@pytest.mark.parametrize("job", ["quantize", "steer-ablate"])
+def test_disk_full_while_rewriting_a_model(job, llama, tmp_path, monkeypatch):
+    # Jobs that write one modified model hand the writes to a thread: its error still
+    # ends the run cleanly, with nothing left at the destination.
+    calls = _enospc_after_first_call(monkeypatch)
+    out = tmp_path / "out"
+    if job == "quantize":
+        args = ["quantize", llama["base"], "-o", out, "--group-size", "16", "--bits", "4"]
+    else:
+        from weightops.steering.vector import SteeringVector
+
+        vec = SteeringVector({1: torch.ones(64)}, "llama", 64).save(tmp_path / "v.safetensors")
+        args = ["steer", "ablate", llama["base"], "--vector", vec, "-o", out, "--layer", "1"]
+    err = assert_clean_failure(invoke(args), out, "disk full")
+    assert calls[0] >= 2
+    assert len(err.strip().splitlines()) == 1
+
+
 # ------------------------------------------------------------------------ 11. Ctrl-C
 
 

@@ -22,6 +22,7 @@ import weightops.engine.run as run_mod
 from weightops.errors import CheckpointError
 from weightops.io.checkpoint import Checkpoint
 from weightops.io.jsonl import JsonlError, read_jsonl
+from weightops.io.safe_read import MAX_DEPTH, MAX_NODES, parse_json
 from weightops.io.safetensors_file import read_header
 from weightops.io.writer import StagingFolder
 
@@ -89,6 +90,35 @@ def test_bad_headers_are_refused(tmp_path, blob, words):
     path.write_bytes(blob)
     with pytest.raises(CheckpointError, match=words):
         read_header(path)
+
+
+def _nested(depth: int) -> str:
+    """A JSON document whose deepest value (a scalar) sits at `depth`, the root at 1."""
+    return "[" * (depth - 1) + "0" + "]" * (depth - 1)
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        (_nested(MAX_DEPTH + 1), "nested"),
+        ('{"a": ' + _nested(MAX_DEPTH) + "}", "nested"),
+        ('{"a": [1, "\\udc00"]}', "surrogate"),
+        ('["ok", {"b": {"\\uD9FF": 1}}]', "surrogate"),
+        ("[" + ",".join(["0"] * MAX_NODES) + "]", "values"),
+    ],
+    ids=["scalar-too-deep", "under-a-key", "escape-in-list", "escape-in-key", "too-many"],
+)
+def test_json_bounds_are_enforced(text, words):
+    with pytest.raises(CheckpointError, match=words):
+        parse_json(text, "f", "the file")
+
+
+def test_json_at_the_bounds_is_read():
+    assert parse_json(_nested(MAX_DEPTH), "f", "the file") is not None
+    assert len(parse_json("[" + ",".join(["0"] * (MAX_NODES - 1)) + "]", "f", "x")) == MAX_NODES - 1
+    # A lone surrogate in the text itself (not from an escape) is refused too.
+    with pytest.raises(CheckpointError, match="surrogate"):
+        parse_json('{"a": "\ud800"}', "f", "the file")
 
 
 def test_header_length_inside_the_padding_is_refused(tmp_path):

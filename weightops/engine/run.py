@@ -11,11 +11,9 @@ bytes, so memory is a few pieces, never the depth or width of the model.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -36,6 +34,7 @@ from weightops.engine.stream import (
     release_free_memory,
 )
 from weightops.errors import MergeError, WeightopsError
+from weightops.io.background import BackgroundWrites
 from weightops.io.writer import (
     Layout,
     ShardWriter,
@@ -302,9 +301,6 @@ def _execute(plan: Plan, out: Path, options: RunOptions, device: torch.device) -
     return out
 
 
-_PENDING_WRITE_BYTES = 64 * 2**20
-
-
 _TRIM_EVERY = 64 * 2**20
 
 
@@ -321,8 +317,7 @@ def write_pieces(
     """Compute every piece of the plan (of `rows` only, for a one-task plan) and hand
     it to `writer` at its offset."""
     stream = InputStream(plan, options, device, chunked=True, rows=rows)
-    write_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightops-write")
-    pending: collections.deque[tuple[Future[None], int]] = collections.deque()
+    writes = BackgroundWrites(writer)
     progress = Progress(len(plan.tasks), plan.output_bytes, "merge", enabled=options.progress)
     draws = BlockDraws(plan, device)
     since_trim = 0
@@ -330,27 +325,16 @@ def write_pieces(
         for piece, box in stream:
             signals.raise_if_stopped()
             result = _compute(plan, piece, box.pop(), device, stats, cuts, draws)
-            size = result.numel() * result.element_size()
-            pending.append(
-                (write_pool.submit(writer.write, piece.task.name, result, piece.out_offset), size)
-            )
+            writes.write(piece.task.name, result, piece.out_offset)
             del result
-            # Keep at most a few results waiting for the disk, bounded in bytes.
-            while pending and (
-                pending[0][0].done()
-                or len(pending) > 2
-                or sum(s for _, s in pending) > _PENDING_WRITE_BYTES
-            ):
-                pending.popleft()[0].result()
             if piece.rows is None or piece.rows[1] == piece.task.shape[0]:
                 progress.update(piece.task.out_bytes, piece.task.name)
                 since_trim += piece.task.out_bytes
                 if since_trim >= _TRIM_EVERY:
                     release_free_memory()
                     since_trim = 0
-        while pending:
-            pending.popleft()[0].result()
+        writes.drain()
     finally:
-        write_pool.shutdown(wait=True, cancel_futures=True)
+        writes.close()
         stream.close()
         progress.close()

@@ -18,6 +18,7 @@ import torch
 
 from weightops import __version__
 from weightops.io import sidefiles
+from weightops.io.background import BackgroundWrites
 from weightops.io.checkpoint import Checkpoint
 from weightops.io.safetensors_file import FileReader
 from weightops.io.writer import (
@@ -101,14 +102,17 @@ def write_model(
     with staged_model(source, out, entries, **staging) as (folder, layout):
         writer = ShardWriter(folder, layout, display=out)
         try:
-            with FileReader() as reader:
+            # Finished tensors wait for the disk while the next are made: two at most,
+            # of at most PENDING_BYTES (weightops.io.background) beyond the oldest.
+            with FileReader() as reader, BackgroundWrites(writer) as writes:
                 for name, shape, dtype in entries:
                     result = produce(name, reader)
                     if tuple(result.shape) != tuple(shape):
                         raise ValueError(
                             f"{name}: produced shape {list(result.shape)}, planned {list(shape)}"
                         )
-                    writer.write(name, result.to(dtype))
+                    writes.write(name, result.to(dtype))
+                writes.drain()
             writer.finish()
         finally:
             writer.close()

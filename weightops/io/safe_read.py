@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -160,31 +161,62 @@ def parse_json(
         raise error(f"{where}: {what} is nested too deeply", hint="the file is corrupted") from None
     except ValueError as e:
         raise error(f"{where}: {what} is not valid JSON: {e}") from None
-    check_tree(value, where, what, error=error)
+    check_tree(value, where, what, error=error, text=_may_hold_surrogates(text))
     return value
 
 
-def check_tree(value: Any, where: str, what: str, *, error: ErrorFactory = CheckpointError) -> None:
+def check_tree(
+    value: Any, where: str, what: str, *, error: ErrorFactory = CheckpointError, text: bool = True
+) -> None:
     """Bound the depth and size of a parsed document and refuse strings that are not
-    valid Unicode (lone surrogates from `\\ud800` escapes cannot be written as UTF-8)."""
+    valid Unicode (lone surrogates from `\\ud800` escapes cannot be written as UTF-8);
+    `text=False` skips the strings, for a document whose source holds no such escape.
+    A value at depth d counts as a node at depth d, scalars included."""
+    if isinstance(value, str) and text:
+        _check_text(value, where, what, error)
     stack = [(value, 1)]
-    nodes = 0
+    nodes = 1
+    # Only containers are walked: a tokenizer's vocabulary is mostly scalars, and
+    # pushing each of them cost more than the parse.
     while stack:
         node, depth = stack.pop()
-        nodes += 1
         if depth > MAX_DEPTH:
             raise error(f"{where}: {what} is nested more than {MAX_DEPTH} levels deep")
+        if isinstance(node, dict):
+            items = node.values()
+            if text:
+                for k in node:
+                    if isinstance(k, str):
+                        _check_text(k, where, what, error)
+        elif isinstance(node, (list, tuple)):
+            items = node
+        else:
+            continue
+        nodes += len(node)
         if nodes > MAX_NODES:
             raise error(f"{where}: {what} has more than {MAX_NODES:,} values")
-        if isinstance(node, dict):
-            for k, v in node.items():
-                if isinstance(k, str):
-                    _check_text(k, where, what, error)
+        if node and depth + 1 > MAX_DEPTH:
+            raise error(f"{where}: {what} is nested more than {MAX_DEPTH} levels deep")
+        for v in items:
+            if isinstance(v, (dict, list, tuple)):
                 stack.append((v, depth + 1))
-        elif isinstance(node, (list, tuple)):
-            stack.extend((v, depth + 1) for v in node)
-        elif isinstance(node, str):
-            _check_text(node, where, what, error)
+            elif text and isinstance(v, str):
+                _check_text(v, where, what, error)
+
+
+# A lone surrogate in parsed JSON comes from a \uD800–\uDFFF escape or from the text
+# itself (never from text decoded as strict UTF-8).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _may_hold_surrogates(text: str) -> bool:
+    if _SURROGATE_ESCAPE.search(text):
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _check_text(s: str, where: str, what: str, error: ErrorFactory) -> None:
