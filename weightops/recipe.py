@@ -24,9 +24,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, PositiveInt, PrivateAttr, ValidationError
 
 from weightops.errors import RecipeError
-from weightops.io.lora import read_config, split_reference
 from weightops.io.safe_read import load_yaml, read_recipe_text
 from weightops.merge.registry import MethodSpec, all_methods, unknown_method_message
+from weightops.recipe_refs import model_refs, reference_problems
 from weightops.vocab.config import TokenizerSettings, check_tokenizer
 
 Scalar = bool | int | float | str
@@ -290,9 +290,9 @@ def check_mapping(
         if recipe_dir is not None:
             missing = [
                 (where, msg)
-                for where, ref in _model_refs(recipe)
+                for where, ref in model_refs(recipe)
                 if ref not in outputs
-                for msg in _reference_problems(ref, recipe_dir)
+                for msg in reference_problems(ref, recipe_dir)
             ]
             if missing or recipe.modules is None:
                 problems += missing or check_table_depth(recipe, recipe_dir)
@@ -326,55 +326,6 @@ def load_recipe(path: str | Path, *, check_paths: bool = True, strict: bool = Fa
         recipe_dir=path.parent if check_paths else None,
         strict=strict,
     )
-
-
-def resolve_model(ref: str, recipe_dir: Path | None = None) -> Path | None:
-    """A model reference as a local path: relative to the working directory first (as
-    mergekit does), then to the recipe's folder."""
-    try:
-        candidates = [Path(ref).expanduser()]
-        if recipe_dir is not None and not Path(ref).is_absolute():
-            candidates.append(recipe_dir / ref)
-        return next((c for c in candidates if c.exists()), None)
-    except (OSError, ValueError, RuntimeError):  # a name too long, a NUL, ~nobody
-        return None
-
-
-def _reference_problems(ref: str, recipe_dir: Path) -> list[str]:
-    """Why a model reference (MODEL, or MODEL+LORA_ADAPTER) cannot be used; [] if it can."""
-    try:
-        model, adapter = split_reference(ref)
-    except ValueError as e:
-        return [str(e)]
-    if resolve_model(model, recipe_dir) is None:
-        return [f"model {model!r} not found (no such folder or file)"]
-    if adapter is None:
-        return []
-    folder = resolve_model(adapter, recipe_dir)
-    if folder is None:
-        return [f"LoRA adapter {adapter!r} not found (no such folder)"]
-    return read_config(folder)[1]
-
-
-def _model_refs(recipe: Recipe) -> list[tuple[str, str]]:
-    refs = []
-    if recipe.base_model:
-        refs.append(("base_model", recipe.base_model))
-    parts: list[tuple[str, Recipe | ModuleRecipe]] = [("", recipe)]
-    parts += [(f"modules.{name}.", m) for name, m in (recipe.modules or {}).items()]
-    for at, part in parts:
-        if at and part.base_model:
-            refs.append((f"{at}base_model", part.base_model))
-        for i, m in enumerate(part.models or []):
-            refs.append((f"{at}models[{i}].model", m.model))
-        for i, s in enumerate(part.slices or []):
-            if s.base_model:
-                refs.append((f"{at}slices[{i}].base_model", s.base_model))
-            for j, src in enumerate(s.sources):
-                refs.append((f"{at}slices[{i}].sources[{j}].model", src.model))
-    if recipe.align is not None:
-        refs.append(("align.to", recipe.align.to))
-    return refs
 
 
 def check_recipe(

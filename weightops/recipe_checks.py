@@ -24,8 +24,8 @@ from weightops.recipe import (
     Setting,
     _is_table,
     _literals,
-    resolve_model,
 )
+from weightops.recipe_refs import resolve_model
 
 
 def closest(key: str, valid: Iterable[str]) -> str:

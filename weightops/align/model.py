@@ -15,7 +15,8 @@ from weightops.errors import WeightopsError
 from weightops.io.checkpoint import Checkpoint
 from weightops.io.rewrite import rewrite_checkpoint
 from weightops.io.writer import StagingFolder
-from weightops.recipe import AlignSettings, resolve_model
+from weightops.recipe import AlignSettings
+from weightops.recipe_refs import resolve_model
 
 _MAX_LISTED = 6
 

@@ -26,7 +26,8 @@ from weightops.io.checkpoint import Checkpoint
 from weightops.io.lora import LoraAdapter, open_adapter, split_reference
 from weightops.io.safetensors_file import TensorInfo
 from weightops.merge.registry import MethodSpec
-from weightops.recipe import Recipe, Setting, evaluate, resolve_model
+from weightops.recipe import Recipe, Setting, evaluate
+from weightops.recipe_refs import resolve_model
 from weightops.vocab.plan import is_vocab_tensor
 
 

@@ -20,7 +20,8 @@ import torch
 
 from weightops.arch import describe, embedding_name, text_config
 from weightops.io.checkpoint import Checkpoint
-from weightops.recipe import Recipe, resolve_model
+from weightops.recipe import Recipe
+from weightops.recipe_refs import resolve_model
 from weightops.vocab.build import Vocabulary, build_vocabulary
 from weightops.vocab.config import effective
 from weightops.vocab.rows import Fetch, Reindex, build_reindex
