@@ -203,8 +203,11 @@ def test_optimize_records_every_trial_starting_from_the_full_ablation(llama):
         harmless_eval=HARMLESS, trials=4, startup=2, judge=even_length, max_new_tokens=3,
     )  # fmt: skip
     assert [t.number for t in study.trials] == [0, 1, 2, 3]
-    first = study.trials[0].point
+    first, second = study.trials[0].point, study.trials[1].point
     assert first.attn == first.mlp and first.attn.peak == 1.0 and first.attn.floor == 1.0
+    # The same full ablation, then with the rows' norms kept.
+    assert second.attn == first.attn and second.mlp == first.mlp
+    assert (first.norms, second.norms) == (False, True)
     for t in study.trials:
         assert t.behaviour in (0.0, 0.25, 0.5, 0.75, 1.0)
         assert t.kl >= -1e-6
@@ -212,6 +215,34 @@ def test_optimize_records_every_trial_starting_from_the_full_ablation(llama):
     with pytest.raises(SteeringError, match="mode"):
         optimize(model, tok, target_fit=TARGET, harmless_fit=HARMLESS, target_eval=TARGET,
                  harmless_eval=HARMLESS, mode="flip")  # fmt: skip
+
+
+def test_a_goal_makes_every_trial_above_it_infeasible_to_the_sampler(llama, monkeypatch):
+    import optuna
+
+    made = []
+    real = optuna.create_study
+
+    def create_study(**kw):
+        made.append(real(**kw))
+        return made[-1]
+
+    monkeypatch.setattr(optuna, "create_study", create_study)
+    model, tok = load_model(llama["base"])
+    study, _ = optimize(
+        model, tok, target_fit=TARGET, harmless_fit=HARMLESS, target_eval=TARGET,
+        harmless_eval=HARMLESS, trials=3, startup=2, judge=even_length, max_new_tokens=3,
+        goal=0.25,
+    )  # fmt: skip
+    # TPE records each trial's constraint (feasible when ≤ 0): its share less the goal
+    # (Optuna 5: by name; Optuna 4: the constraints function's list).
+    recorded = [
+        list(t.constraints.values())
+        if hasattr(t, "constraints")
+        else list(t.system_attrs["constraints"])
+        for t in made[0].trials
+    ]
+    assert recorded == [[t.behaviour - 0.25] for t in study.trials]
 
 
 def test_cli_optimize_prints_the_front_writes_the_study_and_bakes(llama, tmp_path, monkeypatch):

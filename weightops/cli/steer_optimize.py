@@ -161,6 +161,7 @@ def optimize(
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
             on_trial=show,
+            goal=goal if choose == "target" else None,
         )
         chosen = study.choose(choose, goal)
         typer.echo(f"unedited: behaviour {study.baseline:.1%}")

@@ -20,7 +20,16 @@ go further (a peak of 0 switches a writer kind off).
 
 `Optuna`'s TPESampler (multivariate, `startup` random trials first, seeded) proposes
 points; the first trial is the plain full ablation of Arditi et al. (weight 1 at every
-layer, direction from 60 % of depth) so the search starts from the known answer.
+layer, direction from 60 % of depth) so the search starts from the known answer, and in
+mode "remove" the second is the same ablation keeping the rows' norms.
+
+With a `goal` (the "target" rule's share), the sampler is told that a trial is feasible
+only when its behaviour share is at most the goal (TPE's `constraints_func`): until one
+is, it proposes near the trials closest to the goal; then it looks for lower KL among
+the feasible ones. Without it, the two objectives pull the proposals apart along the
+front, and with a few dozen trials most of them go to edits too weak to matter (on
+the aligned SmolLM2, 13 of 16 trials kept refusing ≥ 75 % of the prompts:
+docs/steer_optimize.md).
 
 Choosing a point from the Pareto front (`choose`):
 - "target" (default): the lowest KL among trials whose behaviour share is at most
@@ -263,12 +272,11 @@ def suggest(trial: Any, mode: str, depth: int) -> Point:
     )
 
 
-def classic(mode: str, depth: int) -> dict[str, Any]:
-    """The first trial: weight 1 everywhere, direction from 60 % of depth."""
+def classic(mode: str, depth: int) -> list[dict[str, Any]]:
+    """The first trials: weight 1 everywhere, direction from 60 % of depth; in mode
+    "remove" also with the rows' norms kept."""
     last = depth - 1
     params: dict[str, Any] = {"scope": "global", "source": 0.6 * last, "project": False}
-    if mode == "remove":
-        params["norms"] = False
     for c in COMPONENTS if mode == "remove" else ("mlp",):
         params |= {
             f"{c}.peak": 1.0 if mode == "remove" else 0.5,
@@ -276,7 +284,9 @@ def classic(mode: str, depth: int) -> dict[str, Any]:
             f"{c}.floor": 1.0,
             f"{c}.width": 0.8 * last,
         }
-    return params
+    if mode != "remove":
+        return [params]
+    return [params | {"norms": False}, params | {"norms": True}]
 
 
 def optimize(
@@ -295,9 +305,11 @@ def optimize(
     max_new_tokens: int = 12,
     batch_size: int = 32,
     on_trial: Callable[[Trial], None] | None = None,
+    goal: float | None = None,
 ) -> tuple[Study, Directions]:
     """Search `trials` points; directions come from the *_fit prompts, objectives from
-    the *_eval prompts (module docstring)."""
+    the *_eval prompts; `goal`: the behaviour share a trial must reach to count as
+    feasible (module docstring)."""
     try:
         import optuna
     except ImportError:
@@ -332,13 +344,24 @@ def optimize(
 
     study = Study(mode=mode, depth=dirs.depth, baseline=behaviour_share())
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Optuna 5 takes a trial's constraint from the objective (set_constraint) and
+    # deprecates the sampler's constraints_func, which Optuna 4 needs.
+    set_constraint = hasattr(optuna.trial.Trial, "set_constraint")
+    constraints = None
+    if goal is not None and not set_constraint:
+
+        def constraints(trial: Any) -> list[float]:
+            return [trial.user_attrs["behaviour"] - goal]
+
     sampler = optuna.samplers.TPESampler(
         n_startup_trials=startup if startup is not None else max(1, round(0.3 * trials)),
         multivariate=True,
         seed=seed,
+        constraints_func=constraints,
     )
     search = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
-    search.enqueue_trial(classic(mode, dirs.depth))
+    for params in classic(mode, dirs.depth):
+        search.enqueue_trial(params)
 
     def objective(trial: Any) -> tuple[float, float]:
         t0 = time.perf_counter()
@@ -348,6 +371,9 @@ def optimize(
                 base_lp, first_token_logprobs(model, tokenizer, harmless_rows, batch_size)
             )
             share = behaviour_share()
+        trial.set_user_attr("behaviour", share)
+        if goal is not None and set_constraint:
+            trial.set_constraint("behaviour", share - goal)
         done = Trial(trial.number, point, share, kl, time.perf_counter() - t0)
         study.trials.append(done)
         if on_trial is not None:
