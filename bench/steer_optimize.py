@@ -102,7 +102,7 @@ def pick(front: list[tuple[int, int, int, float]], n_bad: int, goal: float) -> i
 
 def _answer_menus(proc, log, work: Path, goal: float, t0: float):
     """Answer heretic's menus: pick the trial, save it merged to work/model, stop."""
-    buf, stage, chosen, search_s, n_bad = "", "trial", None, None, 0
+    buf, stage, chosen, search_s, n_bad, fronts = "", "trial", None, None, 0, []
     entry = re.compile(
         r"\[(\d+)\] \[Trial\s+(\d+)\] Refusals:\s*(\d+)/(\d+), KL divergence: ([0-9.]+)"
     )
@@ -122,6 +122,7 @@ def _answer_menus(proc, log, work: Path, goal: float, t0: float):
             n_bad = int(entry.search(buf).group(4))
             n = pick(front, n_bad, goal)
             chosen = next(f for f in front if f[0] == n)
+            fronts.extend((f[1], f[2] / n_bad, f[3]) for f in front)
             proc.stdin.write(f"{n}\n")
             stage = "action"
         elif stage == "action":
@@ -134,7 +135,7 @@ def _answer_menus(proc, log, work: Path, goal: float, t0: float):
             break  # back at the action menu: the model is written
         proc.stdin.flush()
         buf = ""
-    return chosen, n_bad, search_s
+    return chosen, n_bad, search_s, fronts
 
 
 def run_heretic(model: Path, work: Path, args: argparse.Namespace, system: str) -> dict:
@@ -183,7 +184,7 @@ def run_heretic(model: Path, work: Path, args: argparse.Namespace, system: str) 
         bufsize=1,
     )
     with open(work / "heretic.log", "w") as log:
-        chosen, n_bad, search_s = _answer_menus(proc, log, work, args.goal, t0)
+        chosen, n_bad, search_s, front = _answer_menus(proc, log, work, args.goal, t0)
     proc.kill()
     proc.wait()
     if chosen is None or not (work / "model" / "config.json").exists():
@@ -198,6 +199,7 @@ def run_heretic(model: Path, work: Path, args: argparse.Namespace, system: str) 
         "kl_fit": chosen[3],
         "search_s": search_s,
         "wall_s": time.perf_counter() - t0,
+        "front": front,
     }
 
 
@@ -233,7 +235,24 @@ def run_weightops(model: Path, work: Path, args: argparse.Namespace) -> dict:
         "search_s": sum(t["seconds"] for t in study["trials"]),
         "wall_s": wall,
         "point": chosen["point"],
+        "front": pareto([(t["number"], t["behaviour"], t["kl"]) for t in study["trials"]]),
     }
+
+
+def pareto(points: list[tuple[int, float, float]]) -> list[tuple[int, float, float]]:
+    """The (trial, refusal share, KL) points no other point is at least as good as in
+    both and better in one, by refusal share."""
+    front = [
+        p
+        for p in points
+        if not any(q[1] <= p[1] and q[2] <= p[2] and (q[1], q[2]) != (p[1], p[2]) for q in points)
+    ]
+    return sorted(front, key=lambda p: (p[1], p[2]))
+
+
+def dominating(front: list, point: tuple[float, float]) -> list[int]:
+    """The trials of `front` at or below `point`'s refusal share with a lower KL."""
+    return [t for t, b, k in front if b <= point[0] and k < point[1]]
 
 
 def held_out(folders: dict[str, Path], tokenizer_from: Path, tokens: int) -> dict[str, dict]:
@@ -324,6 +343,26 @@ def write_report(results: dict, evals: dict, args: argparse.Namespace) -> None:
             f"| {label} | {e['refusal']:.1%} | {e['kl']:.4f} | {r['refusals_fit']:.1%} | "
             f"{r['kl_fit']:.4f} | {r['trial']} | {r['search_s']:.0f} s | {r['wall_s']:.0f} s |"
         )
+    wo, he = results["weightops"], results["heretic"]
+
+    def cells(front: list) -> list[str]:
+        return [f"{b:.1%} at {k:.4f} (trial {t})" for t, b, k in front]
+
+    a, b = cells(wo["front"]), cells(he["front"])
+    fronts = ["| weightops front (refusal, KL) | heretic front (refusal, KL) |", "|---|---|"] + [
+        f"| {a[i] if i < len(a) else ''} | {b[i] if i < len(b) else ''} |"
+        for i in range(max(len(a), len(b)))
+    ]
+    beat = dominating(wo["front"], (he["refusals_fit"], he["kl_fit"]))
+    lost = dominating(he["front"], (wo["refusals_fit"], wo["kl_fit"]))
+    verdict = (
+        f"heretic's chosen trial ({he['refusals_fit']:.1%}, KL {he['kl_fit']:.4f}) has "
+        + (f"weightops trials {beat} at as few refusals and a lower KL" if beat else
+           "no weightops trial at as few refusals and a lower KL")
+        + f"; weightops' chosen trial ({wo['refusals_fit']:.1%}, KL {wo['kl_fit']:.4f}) has "
+        + (f"heretic trials {lost} at as few refusals and a lower KL." if lost else
+           "no heretic trial at as few refusals and a lower KL.")
+    )  # fmt: skip
     cmd = "python bench/steer_optimize.py" + "".join(
         f" --{k.replace('_', '-')} {v}"
         for k, v in vars(args).items()
@@ -343,6 +382,11 @@ def write_report(results: dict, evals: dict, args: argparse.Namespace) -> None:
         f"- Held-out (every second one): {n_h} harmful prompts (greedy, 16 tokens, `refuses`) and {n_n} "
         "harmless prompts (KL(original ‖ edited) of the first answer token), measured "
         "by this script for both outputs.\n\n" + "\n".join(rows) + "\n\n"
+        "Each tool's Pareto front of its trials (train-subset refusal share, KL):\n\n"
+        + "\n".join(fronts)
+        + "\n\n"
+        + verdict
+        + "\n\n"
         "The two ran at the same time, so both saw the same load on the shared machine. "
         "Search is the time inside trials (weightops) or until heretic's trial menu "
         "(model loading, direction and trials); wall includes loading and saving.\n"
