@@ -28,7 +28,7 @@ only when its behaviour share is at most the goal (TPE's `constraints_func`): un
 is, it proposes near the trials closest to the goal; then it looks for lower KL among
 the feasible ones. Without it, the two objectives pull the proposals apart along the
 front, and with a few dozen trials most of them go to edits too weak to matter (on
-the aligned SmolLM2, 13 of 16 trials kept refusing ≥ 75 % of the prompts:
+the aligned SmolLM2, 14 of 16 trials kept refusing ≥ 75 % of the prompts:
 docs/steer_optimize.md).
 
 Choosing a point from the Pareto front (`choose`):
