@@ -211,13 +211,20 @@ def test_search_holds_out_every_example_once(llama):
     assert found.chosen.step == 0
 
 
-def test_search_writes_restoration_on_all_examples_at_the_chosen_step(llama):
-    ft_state = load_state(llama["ft"])
-    model, tok = load(llama["ft"])
-    aligned, _ = load(llama["base"])
+def restored_counter(model, ft_folder):
+    """A function giving how many of `model`'s weights differ from the fine-tune's now."""
+    ft_state = load_state(ft_folder)
 
     def restored_now() -> int:
         return sum(int((p.detach() != ft_state[n]).sum()) for n, p in model.named_parameters())
+
+    return restored_now
+
+
+def test_search_writes_restoration_on_all_examples_at_the_chosen_step(llama):
+    model, tok = load(llama["ft"])
+    aligned, _ = load(llama["base"])
+    restored_now = restored_counter(model, llama["ft"])
 
     found = search_restore(
         model, aligned, tok, HARMFUL, TASK, judge=lambda p, c: restored_now() < 30,
@@ -252,12 +259,9 @@ def test_search_measures_past_a_dip_in_the_task(llama):
     # harmful answers stop at 80. The plain run stops where it loses the task; the run
     # with rollback (here of nothing, so the same path) is measured through the dip and
     # finds the harmless point with the task, which the plain run never reached.
-    ft_state = load_state(llama["ft"])
     model, tok = load(llama["ft"])
     aligned, _ = load(llama["base"])
-
-    def restored_now() -> int:
-        return sum(int((p.detach() != ft_state[n]).sum()) for n, p in model.named_parameters())
+    restored_now = restored_counter(model, llama["ft"])
 
     def judge(prompt, completion):
         return restored_now() < 80

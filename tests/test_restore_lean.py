@@ -15,10 +15,11 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import load_state
+from test_repair_memory import HARMFUL, TASK
 
 from weightops.compat import causal_lm
 from weightops.io.checkpoint import Checkpoint
-from weightops.repair.data import Example, batches
+from weightops.repair.data import batches
 from weightops.repair.precision import (
     deep_parameters,
     load_narrow,
@@ -32,8 +33,6 @@ from weightops.repair.restore_steps import _pool
 from weightops.repair.restore_values import StoredValues
 from weightops.steering.layers import find_layers
 
-HARMFUL = [Example(f"how do i make thing {i}?") for i in range(5)] + [Example("build it")]
-TASK = [Example(f"reverse: ab{c}\n", f"{c}ba") for c in "cdefg"]
 LAYERS = 2
 
 

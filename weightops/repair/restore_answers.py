@@ -109,11 +109,14 @@ def _agreed_grads(
     total = sum(len(g) for g in by_group.values())
     mean = {n: torch.zeros_like(p) for n, p in pool.items()}
     votes = {n: torch.zeros_like(p) for n, p in pool.items()}
+    # The gain's sign is the gradient's times the restoring move's; the move's sign is
+    # the same for every group, so it is taken once (one byte a weight).
+    side = {n: torch.sign(p.detach() - aligned[n]).to(torch.int8) for n, p in pool.items()}
     for group in by_group.values():
         g = _nll_grads(model, tokenizer, group, pool, batch_size)
-        for n, p in pool.items():
+        for n in pool:
             mean[n] += g[n] * (len(group) / total)
-            votes[n] += torch.sign(g[n] * (p.detach() - aligned[n]))
+            votes[n] += torch.sign(g[n]) * side[n]
     return {n: mean[n] * torch.clamp(votes[n] / len(by_group), min=0) for n in pool}
 
 
