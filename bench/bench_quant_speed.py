@@ -105,6 +105,11 @@ def quantize(root: Path, model: Path, dest: Path, calib: Path | None, threads: i
     return json.loads(proc.stdout.decode().strip().splitlines()[-1])
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run of median wall time (its CPU time and errors with it)."""
+    return sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
+
+
 def linear_mb(model: Path) -> float:
     total = 0
     for shard in sorted(model.glob("*.safetensors")):
@@ -189,6 +194,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--baseline", default=BASELINE, help="revision of the old code path")
     ap.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per side (medians reported)")
     ap.add_argument("--skip-calib", action="store_true")
     ap.add_argument("--skip-hqq", action="store_true")
     ap.add_argument("--no-write", action="store_true")
@@ -205,11 +211,18 @@ def main() -> None:
     rows, checks = [], []
     for label, model, text in jobs:
         mb = linear_mb(model)
-        results, dests = {}, {}
-        for side, root in sides.items():
-            dests[side] = OUT / f"{label.replace('/', '-').replace(' ', '')}-{len(dests)}"
-            results[side] = r = quantize(root, model, dests[side], text, args.threads)
-            print(f"{label} [{side}]: {r['seconds']:.1f} s, CPU {r['cpu']:.1f} s", flush=True)
+        runs: dict[str, list[dict]] = {side: [] for side in sides}
+        dests = {
+            side: OUT / f"{label.replace('/', '-').replace(' ', '')}-{i}"
+            for i, side in enumerate(sides)
+        }
+        # The sides take turns, so a change in the machine's load falls on both.
+        for _ in range(args.repeat):
+            for side, root in sides.items():
+                r = quantize(root, model, dests[side], text, args.threads)
+                runs[side].append(r)
+                print(f"{label} [{side}]: {r['seconds']:.1f} s, CPU {r['cpu']:.1f} s", flush=True)
+        results = {side: median_run(rs) for side, rs in runs.items()}
         old, new = results.values()
         rows.append(
             f"| {label} | {mb:.0f} | {_cell(mb, old)} | {_cell(mb, new)} | "
@@ -239,7 +252,8 @@ def main() -> None:
         "block-linear weights in) and calibrated (`--calib`: the "
         f"{CALIB_PACKAGE} package's METADATA, its first 8192 tokens), at revision "
         f"{args.baseline} and at this tree, measured in the same run, each in a fresh "
-        f"process with {args.threads} torch thread(s). CPU is the process's user + system "
+        f"process with {args.threads} torch thread(s), the median of {args.repeat} "
+        "run(s) per side, the sides taking turns. CPU is the process's user + system "
         "time, which other jobs on the machine disturb less than wall time. Times include reading, "
         "calibration forward passes and writing. family-16L/base is bench/make_family.py's "
         "random 16-layer Llama (hidden 768, intermediate 2048).\n\n"

@@ -78,3 +78,28 @@ def valid_value(spec):
     else:
         v = 0.5
     return round(v) if spec.kind is int else v
+
+
+@pytest.fixture(scope="session")
+def small_llama(tmp_path_factory: pytest.TempPathFactory):
+    """A two-block Llama whose linears the quantizer takes (inputs 256 and 512), saved
+    with the demo tokenizer; (folder, model)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from weightops.demo import _tokenizer
+
+    folder = tmp_path_factory.mktemp("q") / "m"
+    cfg = AutoConfig.for_model(
+        "llama",
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=320,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(folder)
+    _tokenizer(folder)
+    return folder, model

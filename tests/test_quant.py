@@ -216,29 +216,6 @@ def test_constant_groups_survive():
 # ---------------------------------------------------------------- whole models
 
 
-@pytest.fixture(scope="module")
-def small_llama(tmp_path_factory: pytest.TempPathFactory):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from weightops.demo import _tokenizer
-
-    folder = tmp_path_factory.mktemp("q") / "m"
-    cfg = AutoConfig.for_model(
-        "llama",
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=320,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg)
-    model.save_pretrained(folder)
-    _tokenizer(folder)
-    return folder, model
-
-
 def test_quantized_model_loads_and_runs_on_the_packed_weights(small_llama, tmp_path):
     from weightops.quant.model import MANIFEST, QuantLinear, load, quantize_model
 

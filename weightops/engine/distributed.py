@@ -41,6 +41,7 @@ from weightops.errors import CheckpointError
 from weightops.io.safe_read import Stamp, file_stamp
 from weightops.io.writer import Layout, ShardWriter
 from weightops.merge.registry import Observer
+from weightops.threads import intra_op_threads
 
 # A row range covers this many row blocks (of RunOptions.chunk_elements entries): with
 # the default 2^20, 16 blocks are 64 MB of fp32 per input, a second or so of work for
@@ -183,14 +184,8 @@ def check_files(stamps: dict[Path, Stamp | None], files: Iterable[Path]) -> None
 def _compute_on(plan: Plan, options: RunOptions) -> Iterator[torch.device]:
     """This worker's device, with the thread count a local run would use."""
     device = resolve_device(options.device)
-    threads = torch.get_num_threads()
-    count = compute_threads(plan, options, device)
-    if count:
-        torch.set_num_threads(count)
-    try:
+    with intra_op_threads(compute_threads(plan, options, device)):
         yield device
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run_unit(

@@ -45,6 +45,7 @@ from weightops.io.writer import (
     write_index,
 )
 from weightops.merge.registry import Observer
+from weightops.threads import intra_op_threads
 
 __all__ = [
     "CHUNK_ELEMENTS",
@@ -211,14 +212,8 @@ def execute(plan: Plan, out: Path, options: RunOptions | None = None) -> Path:
         raise MergeError(
             f"--executor {options.executor}: unknown executor", hint="use local or ray"
         )
-    threads = torch.get_num_threads()
-    count = compute_threads(plan, options, device)
-    if count:
-        torch.set_num_threads(count)
-    try:
+    with intra_op_threads(compute_threads(plan, options, device)):
         return _execute(plan, out, options, device)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _ray_executor() -> Callable[[Plan, Path, RunOptions], Path]:

@@ -1,0 +1,20 @@
+"""torch's intra-op thread count, set for one piece of work and restored after it."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+
+@contextlib.contextmanager
+def intra_op_threads(count: int | None) -> Iterator[None]:
+    """Run the block with torch's intra-op thread count at `count` (None: as it is)."""
+    threads = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
