@@ -41,14 +41,10 @@ def align(
     """
     size = parse_size(shard_size)
     with user_errors():
-        import torch
-
         from weightops.align.model import align_model, describe_result
+        from weightops.threads import intra_op_threads
 
-        before = torch.get_num_threads()
-        if threads:
-            torch.set_num_threads(threads)
-        try:
+        with intra_op_threads(threads):
             result = align_model(
                 model,
                 to,
@@ -60,8 +56,6 @@ def align(
                 shard_size=size,
                 progress=progress,
             )
-        finally:
-            torch.set_num_threads(before)
         moved = sum(1 for v in result.moved.values() if v)
         typer.echo(
             f"wrote {output} ({moved} of {len(result.perms)} permutations changed)", err=True
