@@ -64,3 +64,20 @@ def test_workers_are_bounded_by_threads_and_memory():
     # One matrix larger than the whole allowance still gets one worker.
     assert quant_workers(16, 2**30) == 1
     assert quant_workers(1, 10) == 1
+
+
+def test_the_cli_threads_option_gives_the_same_model_and_restores_torch(
+    small_llama, tmp_path, threads
+):
+    from typer.testing import CliRunner
+
+    from weightops.cli import app
+
+    threads(1)
+    quantize_model(small_llama[0], tmp_path / "lib")
+    r = CliRunner().invoke(
+        app, ["quantize", str(small_llama[0]), "-o", str(tmp_path / "cli"), "--threads", "2"]
+    )
+    assert r.exit_code == 0, r.output
+    assert torch.get_num_threads() == 1
+    assert folder_bytes(tmp_path / "lib") == folder_bytes(tmp_path / "cli")

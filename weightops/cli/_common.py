@@ -16,6 +16,9 @@ DEBUG = False
 # Options every command that writes a checkpoint folder takes, declared once.
 FORCE = typer.Option(False, "--force", help="Replace an existing non-empty output folder.")
 SHARD_SIZE = typer.Option("5GB", "--shard-size", help="Largest shard, e.g. 2GB or 500MiB.")
+THREADS = typer.Option(
+    None, "--threads", min=1, help="CPU threads for compute (default: torch's, one per core)."
+)
 STRICT = typer.Option(
     False,
     "--strict",

@@ -25,7 +25,7 @@ def align(
     ),
     force: bool = _common.FORCE,
     shard_size: str = _common.SHARD_SIZE,
-    threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads for compute."),
+    threads: int | None = _common.THREADS,
     progress: bool | None = typer.Option(
         None, "--progress/--no-progress", help="Progress bar (default: only on a terminal)."
     ),

@@ -23,7 +23,7 @@ def merge(
     device: str = typer.Option(
         "auto", "--device", help="auto, cpu or cuda[:N] (where the tensors are computed)."
     ),
-    threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads for compute."),
+    threads: int | None = _common.THREADS,
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print the plan, output size and peak memory; write nothing."
     ),

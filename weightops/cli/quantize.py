@@ -65,6 +65,7 @@ def run(
     bits: int = typer.Option(
         2, "--bits", help="2: 2-bit groups plus 4-bit ones within --avg-bits; 4: all 4-bit."
     ),
+    threads: int | None = _common.THREADS,
     force: bool = _common.FORCE,
     shard_size: str = _common.SHARD_SIZE,
     executor: str = _common.EXECUTOR,
@@ -72,26 +73,29 @@ def run(
 ) -> None:
     """Quantize every linear weight of the decoder blocks to 2-bit groups, the groups
     that gain most from it to 4 bits (the same number in every row), within the
-    average bit budget; embeddings, norms and lm_head stay 16-bit."""
+    average bit budget; embeddings, norms and lm_head stay 16-bit. Without --calib the
+    threads quantize whole matrices side by side (one each, as memory allows)."""
     size = parse_size(shard_size)
     with user_errors():
         from weightops.quant.model import quantize_model
+        from weightops.threads import intra_op_threads
 
-        manifest = quantize_model(
-            model,
-            output,
-            group_size=group_size,
-            avg_bits=avg_bits,
-            bits=bits,
-            calib=calib,
-            outliers=outliers,
-            lm_head=lm_head,
-            keep_dtype=_keep_dtype(keep),
-            force=force,
-            shard_size=size,
-            executor=executor,
-            ray_address=ray_address,
-        )
+        with intra_op_threads(threads):
+            manifest = quantize_model(
+                model,
+                output,
+                group_size=group_size,
+                avg_bits=avg_bits,
+                bits=bits,
+                calib=calib,
+                outliers=outliers,
+                lm_head=lm_head,
+                keep_dtype=_keep_dtype(keep),
+                force=force,
+                shard_size=size,
+                executor=executor,
+                ray_address=ray_address,
+            )
         typer.echo(
             f"wrote {output}: {manifest['quantized_bits_per_weight']:.3f} bits per quantized weight "
             f"over {len(manifest['tensors'])} matrices",
