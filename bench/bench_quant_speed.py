@@ -14,7 +14,8 @@ both sides see the same inputs, machine and thread count. Measured:
   virtualenv (bench_quant.ensure_hqq), on the same threads;
 - per tensor, whether the two sides wrote identical tensors, and their relative errors.
 
-    python bench/bench_quant_speed.py [--baseline REV] [--threads 1] [--skip-calib] [--skip-hqq]
+    python bench/bench_quant_speed.py [--baseline REV] [--threads 1,2] [--repeat N]
+        [--skip-calib] [--skip-hqq]
 
 --skip-hqq leaves out the HQQ row (its virtualenv is built from the package index).
 """
@@ -193,7 +194,12 @@ def _cell(mb: float, r: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--baseline", default=BASELINE, help="revision of the old code path")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
+    ap.add_argument(
+        "--threads",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[1],
+        help="torch thread counts, comma-separated; both sides run at each",
+    )
     ap.add_argument("--repeat", type=int, default=1, help="runs per side (medians reported)")
     ap.add_argument("--skip-calib", action="store_true")
     ap.add_argument("--skip-hqq", action="store_true")
@@ -208,41 +214,61 @@ def main() -> None:
     if not args.skip_calib:
         jobs.append(("SmolLM2-135M --calib", smol, calib))
 
-    rows, checks = [], []
+    rows, checks, best = [], [], []
     for label, model, text in jobs:
         mb = linear_mb(model)
-        runs: dict[str, list[dict]] = {side: [] for side in sides}
-        dests = {
-            side: OUT / f"{label.replace('/', '-').replace(' ', '')}-{i}"
-            for i, side in enumerate(sides)
-        }
-        # The sides take turns, so a change in the machine's load falls on both.
-        for _ in range(args.repeat):
-            for side, root in sides.items():
-                r = quantize(root, model, dests[side], text, args.threads)
-                runs[side].append(r)
-                print(f"{label} [{side}]: {r['seconds']:.1f} s, CPU {r['cpu']:.1f} s", flush=True)
-        results = {side: median_run(rs) for side, rs in runs.items()}
-        old, new = results.values()
-        rows.append(
-            f"| {label} | {mb:.0f} | {_cell(mb, old)} | {_cell(mb, new)} | "
-            f"{old['seconds'] / new['seconds']:.2f}× ({old['cpu'] / new['cpu']:.2f}×) | "
-            f"{old['bpw']:.3f} / {new['bpw']:.3f} |"
-        )
-        checks.append(error_line(label, old, new, identical_tensors(*dests.values())))
-        for dest in dests.values():
-            shutil.rmtree(dest, ignore_errors=True)
+        fastest: dict[str, tuple[float, int]] = {}
+        for threads in args.threads:
+            runs: dict[str, list[dict]] = {side: [] for side in sides}
+            dests = {
+                side: OUT / f"{label.replace('/', '-').replace(' ', '')}-{i}"
+                for i, side in enumerate(sides)
+            }
+            # The sides take turns, so a change in the machine's load falls on both.
+            for _ in range(args.repeat):
+                for side, root in sides.items():
+                    r = quantize(root, model, dests[side], text, threads)
+                    runs[side].append(r)
+                    print(
+                        f"{label} [{side}, {threads} thread(s)]: {r['seconds']:.1f} s, "
+                        f"CPU {r['cpu']:.1f} s",
+                        flush=True,
+                    )
+            results = {side: median_run(rs) for side, rs in runs.items()}
+            for side, r in results.items():
+                if side not in fastest or r["seconds"] < fastest[side][0]:
+                    fastest[side] = (r["seconds"], threads)
+            old, new = results.values()
+            rows.append(
+                f"| {label} | {threads} | {mb:.0f} | {_cell(mb, old)} | {_cell(mb, new)} | "
+                f"{old['seconds'] / new['seconds']:.2f}× ({old['cpu'] / new['cpu']:.2f}×) | "
+                f"{old['bpw']:.3f} / {new['bpw']:.3f} |"
+            )
+            checks.append(
+                error_line(
+                    f"{label}, {threads} thread(s)", old, new, identical_tensors(*dests.values())
+                )
+            )
+            for dest in dests.values():
+                shutil.rmtree(dest, ignore_errors=True)
+        if len(args.threads) > 1:
+            (t_old, n_old), (t_new, n_new) = fastest.values()
+            best.append(
+                f"- {label}, each side at its fastest thread count: baseline {t_old:.1f} s "
+                f"({n_old} thread(s)), this tree {t_new:.1f} s ({n_new}): {t_old / t_new:.2f}×"
+            )
 
-    hqq_row = ""
+    hqq_rows = ""
     if not args.skip_hqq:
         hqq_version = ensure_hqq()
-        hqq = hqq_seconds(smol, args.threads)
         mb = linear_mb(smol)
-        print(f"HQQ {hqq_version}: {hqq['seconds']:.1f} s, CPU {hqq['cpu']:.1f} s", flush=True)
-        hqq_row = (
-            f"| SmolLM2-135M, HQQ {hqq_version} 2-bit (optimize=True, group 64) | {mb:.0f} | | "
-            f"{_cell(mb, hqq)} | | |\n"
-        )
+        for threads in args.threads:
+            hqq = hqq_seconds(smol, threads)
+            print(f"HQQ {hqq_version}, {threads} thread(s): {hqq['seconds']:.1f} s", flush=True)
+            hqq_rows += (
+                f"| SmolLM2-135M, HQQ {hqq_version} 2-bit (optimize=True, group 64) | {threads} "
+                f"| {mb:.0f} | | {_cell(mb, hqq)} | | |\n"
+            )
     wall = time.perf_counter() - t_all
     cmd = "python " + " ".join(
         shlex.quote(a) for a in ["bench/bench_quant_speed.py", *sys.argv[1:]]
@@ -252,7 +278,7 @@ def main() -> None:
         "block-linear weights in) and calibrated (`--calib`: the "
         f"{CALIB_PACKAGE} package's METADATA, its first 8192 tokens), at revision "
         f"{args.baseline} and at this tree, measured in the same run, each in a fresh "
-        f"process with {args.threads} torch thread(s), the median of {args.repeat} "
+        f"process at each thread count, the median of {args.repeat} "
         "run(s) per side, the sides taking turns. CPU is the process's user + system "
         "time, which other jobs on the machine disturb less than wall time. Times include reading, "
         "calibration forward passes and writing. family-16L/base is bench/make_family.py's "
@@ -260,14 +286,14 @@ def main() -> None:
         f"- Command: `{cmd}`\n- Machine: {machine()} (shared with other jobs: times are "
         "noisy, the two sides run back to back)\n"
         f"- Total wall time: {wall / 60:.1f} min\n\n"
-        "| model | MB | baseline: wall (CPU) | this tree: wall (CPU) | speed-up, baseline / this: wall (CPU) "
-        "| bits/weight (baseline / this) |\n"
-        "|---|---|---|---|---|---|\n"
+        "| model | threads | MB | baseline: wall (CPU) | this tree: wall (CPU) | speed-up, "
+        "baseline / this: wall (CPU) | bits/weight (baseline / this) |\n"
+        "|---|---|---|---|---|---|---|\n"
         + "\n".join(rows)
         + "\n"
-        + hqq_row
+        + hqq_rows
         + "\n"
-        + "\n".join(checks)
+        + "\n".join(best + checks)
         + "\n"
     )
     print(body)
