@@ -72,6 +72,8 @@ WEIGHTOPS_RUNS = [
     ("--calib (default budget)", {"calib": True}),
     ("--calib, --avg-bits 3.3", {"avg_bits": 3.3, "calib": True}),
     ("--calib, --bits 4", {"bits": 4, "calib": True}),
+    ("--calib, --avg-bits 3.0", {"avg_bits": 3.0, "calib": True}),
+    ("--calib, --avg-bits 3.95", {"avg_bits": 3.95, "calib": True}),
 ]
 
 HQQ_RUN = r"""

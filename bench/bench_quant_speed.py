@@ -224,8 +224,9 @@ def main() -> None:
                 side: OUT / f"{label.replace('/', '-').replace(' ', '')}-{i}"
                 for i, side in enumerate(sides)
             }
-            # The sides take turns, so a change in the machine's load falls on both.
-            for _ in range(args.repeat):
+            # The sides take turns, so a change in the machine's load falls on both. A
+            # calibrated run is long enough that one per side is not lost in the noise.
+            for _ in range(1 if text else args.repeat):
                 for side, root in sides.items():
                     r = quantize(root, model, dests[side], text, threads)
                     runs[side].append(r)
@@ -279,7 +280,7 @@ def main() -> None:
         f"{CALIB_PACKAGE} package's METADATA, its first 8192 tokens), at revision "
         f"{args.baseline} and at this tree, measured in the same run, each in a fresh "
         f"process at each thread count, the median of {args.repeat} "
-        "run(s) per side, the sides taking turns. CPU is the process's user + system "
+        "run(s) per side (calibrated: one), the sides taking turns. CPU is the process's user + system "
         "time, which other jobs on the machine disturb less than wall time. Times include reading, "
         "calibration forward passes and writing. family-16L/base is bench/make_family.py's "
         "random 16-layer Llama (hidden 768, intermediate 2048).\n\n"
