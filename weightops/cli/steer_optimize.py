@@ -17,7 +17,7 @@ from weightops.cli.steer import DTYPE, _dtype, steer_app
 def _prompts(path: Path, limit: int | None) -> list[str]:
     """The prompts of a JSONL file of {"prompt": …}; `limit` evenly spaced ones."""
     from weightops.repair.data import load_examples
-    from weightops.steering.optimize import evenly
+    from weightops.steering.measure import evenly
 
     return evenly([ex.prompt for ex in load_examples(path)], limit)
 
