@@ -8,7 +8,10 @@ the same number of trials and random start-up trials, and the same rule to pick 
 (lowest KL whose train refusal share is at most --goal, else the fewest refusals). The
 two chosen models are then measured by this script alone, on the held-out prompts:
 refusal share (greedy, 16 tokens, `repair.evaluate.refuses`) and KL(original ‖ edited)
-of the first answer token on the held-out harmless prompts.
+of the first answer token on the held-out harmless prompts. The shared rule compares
+each tool's strongest edit; to compare the two at the same strength, weightops' trial
+with the lowest KL among those refusing at most heretic's chosen share (train subset)
+is baked too and measured the same way.
 
 heretic runs from its own virtualenv (bench/.work/venv-heretic, created here) as its
 CLI, non-interactively: its config.toml is written in a fresh folder, its menus are

@@ -113,7 +113,11 @@ def optimize(
 ) -> None:
     """Search which layers, weight profile over depth, direction source and writers
     (attention, MLP) remove or add a behaviour at the least KL on harmless prompts,
-    with multi-objective TPE; print the Pareto front and bake the chosen point."""
+    with multi-objective TPE; print the Pareto front and bake the chosen point.
+
+    In mode remove the last layer's direction is read after the final norm, as the
+    output head sees it, and the first two trials are the full ablation and the late
+    ablation (weight 1 on the last 40 % of layers, each its own direction)."""
     size = parse_size(shard_size)
     with user_errors():
         from weightops.repair.evaluate import load_model
