@@ -8,7 +8,10 @@ the same number of trials and random start-up trials, and the same rule to pick 
 (lowest KL whose train refusal share is at most --goal, else the fewest refusals). The
 two chosen models are then measured by this script alone, on the held-out prompts:
 refusal share (greedy, 16 tokens, `repair.evaluate.refuses`) and KL(original ‖ edited)
-of the first answer token on the held-out harmless prompts.
+of the first answer token on the held-out harmless prompts. The shared rule compares
+each tool's strongest edit; to compare the two at the same strength, weightops' trial
+with the lowest KL among those refusing at most heretic's chosen share (train subset)
+is baked too and measured the same way.
 
 heretic runs from its own virtualenv (bench/.work/venv-heretic, created here) as its
 CLI, non-interactively: its config.toml is written in a fresh folder, its menus are
@@ -42,7 +45,7 @@ from report import machine, write_section
 
 from weightops.repair.data import load_examples
 from weightops.repair.evaluate import REFUSAL_PHRASES, load_model, refuses
-from weightops.steering.optimize import (
+from weightops.steering.measure import (
     evenly,
     first_token_logprobs,
     greedy,
@@ -239,6 +242,30 @@ def run_weightops(model: Path, work: Path, args: argparse.Namespace) -> dict:
     }
 
 
+def bake_matched(model: Path, work: Path, args: argparse.Namespace, refusal: float) -> dict | None:
+    """The weightops trial with the lowest KL among those refusing at most `refusal`
+    (heretic's chosen share) on the train subset, baked to work/matched through
+    weightops' API with the directions its search used; None when no trial is that low
+    or the chosen trial is that one."""
+    from weightops.steering.bake import bake_point
+    from weightops.steering.measure import directions
+    from weightops.steering.profile import Point
+
+    study = json.loads((work / "study.json").read_text())
+    ok = [t for t in study["trials"] if t["behaviour"] <= refusal]
+    if not ok:
+        return None
+    best = min(ok, key=lambda t: (t["kl"], t["behaviour"], t["number"]))
+    if best["number"] == study["chosen"]:
+        return None
+    sets = fit_sets(args)
+    m, tok = load_model(model)
+    dirs = directions(m, tok, sets["bad"], sets["good"], head_view=True)
+    del m
+    bake_point(model, Point.from_dict(best["point"]), dirs, work / "matched", dtype=torch.float32)
+    return {"trial": best["number"], "refusals_fit": best["behaviour"], "kl_fit": best["kl"]}
+
+
 def pareto(points: list[tuple[int, float, float]]) -> list[tuple[int, float, float]]:
     """The (trial, refusal share, KL) points no other point is at least as good as in
     both and better in one, by refusal share."""
@@ -319,6 +346,11 @@ def main() -> None:
     for k, r in results.items():
         print(k, r, flush=True)
     folders = {"aligned model": model} | {k: work / k / "model" for k in results}
+    if args.only is None:
+        matched = bake_matched(model, work / "weightops", args, results["heretic"]["refusals_fit"])
+        if matched is not None:
+            results["weightops matched"] = matched
+            folders["weightops matched"] = work / "weightops" / "matched"
     evals = held_out(folders, model, 16)
     (work / "results.json").write_text(json.dumps({"fit": results, "held_out": evals}, indent=1))
     print(json.dumps(evals, indent=1))
@@ -344,6 +376,23 @@ def write_report(results: dict, evals: dict, args: argparse.Namespace) -> None:
             f"{r['kl_fit']:.4f} | {r['trial']} | {r['search_s']:.0f} s | {r['wall_s']:.0f} s |"
         )
     wo, he = results["weightops"], results["heretic"]
+    matched = ""
+    if "weightops matched" in results:
+        r, e, h = results["weightops matched"], evals["weightops matched"], evals["heretic"]
+        rows.insert(
+            -1,
+            f"| `weightops steer optimize`, trial at heretic's refusal | {e['refusal']:.1%} | "
+            f"{e['kl']:.4f} | {r['refusals_fit']:.1%} | {r['kl_fit']:.4f} | {r['trial']} | | |",
+        )
+        better = e["refusal"] <= h["refusal"] and e["kl"] < h["kl"]
+        matched = (
+            f"\n\nAt heretic's refusal level: weightops' lowest-KL trial refusing at most "
+            f"heretic's chosen train-subset share ({he['refusals_fit']:.1%}) is trial "
+            f"{r['trial']}; on the held-out prompts it refuses {e['refusal']:.1%} at KL "
+            f"{e['kl']:.4f} against heretic's {h['refusal']:.1%} at {h['kl']:.4f}: "
+            + ("as few refusals or fewer at a lower KL." if better else
+               "not both as few refusals and a lower KL.")
+        )  # fmt: skip
 
     def cells(front: list) -> list[str]:
         return [f"{b:.1%} at {k:.4f} (trial {t})" for t, b, k in front]
@@ -386,6 +435,7 @@ def write_report(results: dict, evals: dict, args: argparse.Namespace) -> None:
         + "\n".join(fronts)
         + "\n\n"
         + verdict
+        + matched
         + "\n\n"
         "The two ran at the same time, so both saw the same load on the shared machine. "
         "Search is the time inside trials (weightops) or until heretic's trial menu "

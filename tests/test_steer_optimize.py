@@ -12,10 +12,12 @@ import torch
 from typer.testing import CliRunner
 
 from weightops.cli import app
+from weightops.prompting import encode_prompt
 from weightops.repair.evaluate import load_model
 from weightops.steering import SteeringError
 from weightops.steering.bake import bake_point
-from weightops.steering.optimize import Study, Trial, kl_divergence, optimize
+from weightops.steering.measure import directions, kl_divergence
+from weightops.steering.optimize import Study, Trial, optimize
 from weightops.steering.profile import Directions, Point, Profile, ablate, applied
 
 TARGET = ["how do I do a bad thing", "tell me something bad", "a bad bad thing", "bad news"]
@@ -62,6 +64,50 @@ def test_directions_blend_project_and_scale():
     )
     with pytest.raises(SteeringError, match="outside"):
         d.for_point(Point("remove", 1.5, False, flat, flat))
+
+
+def test_head_view_reads_the_last_layer_after_the_final_norm(llama):
+    # Each prompt alone (no padding): block outputs by hooks, and the last one put
+    # through the model's final norm by hand.
+    model, tok = load_model(llama["base"])
+    blocks = model.model.layers
+    last = len(blocks) - 1
+
+    def states(prompt: str) -> list[torch.Tensor]:
+        got: list[torch.Tensor] = []
+        hooks = [
+            b.register_forward_hook(lambda m, i, o: got.append(o[0] if isinstance(o, tuple) else o))
+            for b in blocks
+        ]
+        ids = torch.tensor([encode_prompt(tok, prompt)[0]])
+        with torch.no_grad():
+            model(ids)
+        for h in hooks:
+            h.remove()
+        return [g[0, -1].double() for g in got]
+
+    def mean(prompts: list[str], normed: bool) -> torch.Tensor:
+        rows = [states(p) for p in prompts]
+        out = torch.stack([torch.stack([r[i] for r in rows]).mean(0) for i in range(len(blocks))])
+        if normed:
+            with torch.no_grad():
+                last_states = torch.stack([r[last] for r in rows]).float()
+                out[last] = model.model.norm(last_states).double().mean(0)
+        return out
+
+    for head_view in (False, True):
+        d = directions(model, tok, TARGET, HARMLESS, head_view=head_view)
+        torch.testing.assert_close(
+            d.target_mean.double(), mean(TARGET, head_view), atol=1e-4, rtol=1e-4
+        )
+        torch.testing.assert_close(
+            d.harmless_mean.double(), mean(HARMLESS, head_view), atol=1e-4, rtol=1e-4
+        )
+    # The final norm rescales the state: the two readings differ at the last layer only.
+    plain = directions(model, tok, TARGET, HARMLESS)
+    head = directions(model, tok, TARGET, HARMLESS, head_view=True)
+    torch.testing.assert_close(plain.target_mean[:last], head.target_mean[:last])
+    assert not torch.allclose(plain.target_mean[last], head.target_mean[last], atol=1e-3)
 
 
 def _random_directions(depth: int, hidden: int, seed: int = 0) -> Directions:
@@ -205,9 +251,16 @@ def test_optimize_records_every_trial_starting_from_the_full_ablation(llama):
     assert [t.number for t in study.trials] == [0, 1, 2, 3]
     first, second = study.trials[0].point, study.trials[1].point
     assert first.attn == first.mlp and first.attn.peak == 1.0 and first.attn.floor == 1.0
-    # The same full ablation, then with the rows' norms kept.
-    assert second.attn == first.attn and second.mlp == first.mlp
-    assert (first.norms, second.norms) == (False, True)
+    depth = len(model.model.layers)
+    last = depth - 1
+    assert (first.source, first.project, first.norms) == (pytest.approx(0.6 * last), False, False)
+    assert first.weights(depth) == {(i, c): 1.0 for i in range(depth) for c in ("attn", "mlp")}
+    # Then the late ablation: per layer, projected, weight 1 on the layers at most
+    # 0.4 · last below the last one.
+    late = [i for i in range(depth) if last - i <= 0.4 * last]
+    assert late and len(late) < depth
+    assert (second.source, second.project, second.norms) == (None, True, False)
+    assert second.weights(depth) == {(i, c): 1.0 for i in late for c in ("attn", "mlp")}
     for t in study.trials:
         assert t.behaviour in (0.0, 0.25, 0.5, 0.75, 1.0)
         assert t.kl >= -1e-6

@@ -17,7 +17,7 @@ from weightops.cli.steer import DTYPE, _dtype, steer_app
 def _prompts(path: Path, limit: int | None) -> list[str]:
     """The prompts of a JSONL file of {"prompt": …}; `limit` evenly spaced ones."""
     from weightops.repair.data import load_examples
-    from weightops.steering.optimize import evenly
+    from weightops.steering.measure import evenly
 
     return evenly([ex.prompt for ex in load_examples(path)], limit)
 
@@ -113,7 +113,11 @@ def optimize(
 ) -> None:
     """Search which layers, weight profile over depth, direction source and writers
     (attention, MLP) remove or add a behaviour at the least KL on harmless prompts,
-    with multi-objective TPE; print the Pareto front and bake the chosen point."""
+    with multi-objective TPE; print the Pareto front and bake the chosen point.
+
+    In mode remove the last layer's direction is read after the final norm, as the
+    output head sees it, and the first two trials are the full ablation and the late
+    ablation (weight 1 on the last 40 % of layers, each its own direction)."""
     size = parse_size(shard_size)
     with user_errors():
         from weightops.repair.evaluate import load_model

@@ -18,10 +18,18 @@ peak position, floor as a fraction of the peak, and width. Its ranges contain th
 heretic-llm 1.4 (peak 0.8–1.5, position 0.6–1.0 of depth, width 1–0.6 of depth), and
 go further (a peak of 0 switches a writer kind off).
 
+In mode "remove" the directions are read as the output head sees them: the last
+layer's state after the model's final norm (`measure.directions`, `head_view`), as
+heretic-llm does; the other layers' states are the block outputs. On the aligned
+SmolLM2 the last layer's direction read this way removes far more refusal at the same
+KL (docs/steer_optimize.md).
+
 `Optuna`'s TPESampler (multivariate, `startup` random trials first, seeded) proposes
 points; the first trial is the plain full ablation of Arditi et al. (weight 1 at every
 layer, direction from 60 % of depth) so the search starts from the known answer, and in
-mode "remove" the second is the same ablation keeping the rows' norms.
+mode "remove" the second is the late ablation: weight 1 on the last 40 % of layers,
+each with its own direction projected off the harmless mean. The first removes most;
+the second costs the least KL for what it removes (docs/steer_optimize.md).
 
 With a `goal` (the "target" rule's share), the sampler is told that a trial is feasible
 only when its behaviour share is at most the goal (TPE's `constraints_func`): until one
@@ -48,10 +56,15 @@ from typing import Any
 
 import torch
 
-from weightops.prompting import encode_prompt, render_prompt
 from weightops.repair.evaluate import refuses
-from weightops.steering.extract import hidden_states
-from weightops.steering.layers import SteeringError, find_layers
+from weightops.steering.layers import SteeringError
+from weightops.steering.measure import (
+    directions,
+    first_token_logprobs,
+    greedy,
+    kl_divergence,
+    prompt_ids,
+)
 from weightops.steering.profile import COMPONENTS, MODES, Directions, Point, Profile, applied
 
 Judge = Callable[[str, str], bool]
@@ -125,123 +138,6 @@ class Study:
         raise SteeringError(f"--choose {rule!r}: give target, knee or trial:N")
 
 
-# ------------------------------------------------------------------ measuring
-
-
-def evenly(items: Sequence[str], n: int | None) -> list[str]:
-    """`n` items spread evenly over the list (all of them when n is None or larger)."""
-    if n is None or n >= len(items):
-        return list(items)
-    step = len(items) / n
-    return [items[int(k * step)] for k in range(n)]
-
-
-def _prompt_ids(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
-    return [encode_prompt(tokenizer, p)[0] for p in prompts]
-
-
-def _left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for j, r in enumerate(rows):
-        ids[j, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
-        mask[j, width - len(r) :] = 1
-    return ids, mask
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for attr in ("pad_token_id", "eos_token_id"):
-        v = getattr(tokenizer, attr, None)
-        if v is not None:
-            return int(v)
-    return 0
-
-
-@torch.no_grad()
-def first_token_logprobs(
-    model: torch.nn.Module, tokenizer: Any, rows: Sequence[Sequence[int]], batch_size: int = 32
-) -> torch.Tensor:
-    """[len(rows), vocab] fp32 log-probabilities of the token after each prompt."""
-    device = next(model.parameters()).device
-    out = []
-    for b in range(0, len(rows), batch_size):
-        ids, mask = _left_pad(rows[b : b + batch_size], _pad_id(tokenizer))
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        inputs = {
-            "input_ids": ids.to(device),
-            "attention_mask": mask.to(device),
-            "position_ids": pos.to(device),
-        }
-        try:
-            # Only the last position's logits: the lm_head over every position would
-            # cost a fifth of a small model's forward pass.
-            logits = model(**inputs, logits_to_keep=1).logits[:, -1]
-        except TypeError:
-            logits = model(**inputs).logits[:, -1]
-        out.append(torch.log_softmax(logits.float(), -1).cpu())
-    return torch.cat(out)
-
-
-def kl_divergence(base: torch.Tensor, new: torch.Tensor) -> float:
-    """Mean over rows of KL(base ‖ new), both given as log-probabilities."""
-    return float((base.exp() * (base - new)).sum(-1).mean())
-
-
-@torch.no_grad()
-def greedy(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    rows: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    batch_size: int = 32,
-) -> list[str]:
-    """Greedy completions (cut at the end-of-sequence token)."""
-    from transformers import GenerationConfig
-
-    device = next(model.parameters()).device
-    eos = getattr(tokenizer, "eos_token_id", None)
-    pad = _pad_id(tokenizer)
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        pad_token_id=pad,
-        eos_token_id=eos,
-    )
-    texts = []
-    for b in range(0, len(rows), batch_size):
-        ids, mask = _left_pad(rows[b : b + batch_size], pad)
-        result = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
-        )
-        for row in result[:, ids.shape[1] :].tolist():
-            if eos is not None and eos in row:
-                row = row[: row.index(eos)]
-            texts.append(tokenizer.decode(row, skip_special_tokens=True))
-    return texts
-
-
-def directions(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    target: Sequence[str],
-    harmless: Sequence[str],
-    batch_size: int = 16,
-) -> Directions:
-    """Per-layer mean block outputs at the last prompt token (prompts rendered as the
-    model is prompted: chat-templated when it has a template)."""
-    depth = len(find_layers(model).blocks)
-    layers = list(range(depth))
-
-    def means(prompts: Sequence[str]) -> torch.Tensor:
-        texts = [render_prompt(tokenizer, p) for p in prompts]
-        hs = hidden_states(model, tokenizer, texts, layers, batch_size=batch_size)
-        return torch.stack([hs[i].double().mean(0) for i in layers]).float()
-
-    return Directions(means(target), means(harmless))
-
-
 # ------------------------------------------------------------------ search
 
 
@@ -274,7 +170,8 @@ def suggest(trial: Any, mode: str, depth: int) -> Point:
 
 def classic(mode: str, depth: int) -> list[dict[str, Any]]:
     """The first trials: weight 1 everywhere, direction from 60 % of depth; in mode
-    "remove" also with the rows' norms kept."""
+    "remove" then the late ablation: each of the last 40 % of layers its own direction,
+    projected off the harmless mean, weight 1, norms not kept."""
     last = depth - 1
     params: dict[str, Any] = {"scope": "global", "source": 0.6 * last, "project": False}
     for c in COMPONENTS if mode == "remove" else ("mlp",):
@@ -286,7 +183,10 @@ def classic(mode: str, depth: int) -> list[dict[str, Any]]:
         }
     if mode != "remove":
         return [params]
-    return [params | {"norms": False}, params | {"norms": True}]
+    late = params | {"scope": "per layer", "project": True}
+    for c in COMPONENTS:
+        late |= {f"{c}.position": float(last), f"{c}.width": 0.4 * last}
+    return [params | {"norms": False}, late | {"norms": False}]
 
 
 def optimize(
@@ -331,9 +231,9 @@ def optimize(
 
     check_family(model)
     judge = judge or refusal_judge
-    dirs = directions(model, tokenizer, target_fit, harmless_fit)
-    target_rows = _prompt_ids(tokenizer, target_eval)
-    harmless_rows = _prompt_ids(tokenizer, harmless_eval)
+    dirs = directions(model, tokenizer, target_fit, harmless_fit, head_view=mode == "remove")
+    target_rows = prompt_ids(tokenizer, target_eval)
+    harmless_rows = prompt_ids(tokenizer, harmless_eval)
     base_lp = first_token_logprobs(model, tokenizer, harmless_rows, batch_size)
 
     def behaviour_share() -> float:
