@@ -29,9 +29,10 @@ objective is the whole refusal instead:
   taken only when most requests gain from it, in the spirit of the AND-mask of
   Parascandolo et al. (ICLR 2021, "Learning explanations that are hard to vary").
   On *digits* (docs/repair.md, all blocks, steps 16 to 28) it took the test harmful
-  rate from 13–26 % to 2–16 % along the same trajectory, the task kept. Cost: one
-  gradient pass per group over its answers (the same tokens in all as without
-  groups) and two more pool-sized buffers.
+  rate from 13–26 % to 2–16 % along the same trajectory, the task kept. Cost: the
+  same batched passes over the answers as without groups, each group's weight
+  gradients taken layer by layer from them, and three more pool-sized buffers
+  (`weightops.repair.agreement`).
 - Rollback (`rollback_fraction` > 0, the paper's rule): after a step, the task
   gradient is taken at the restored model, and the `rollback_fraction` of the step's
   weights whose return to the fine-tuned value most lowers the task loss (first order:
@@ -45,8 +46,9 @@ records the step each weight was restored in (0: never, −1: rolled back), so a
 of the run can be rebuilt (`masks_at`).
 
 Memory: both models, gradients of the decoder blocks, an int16 step per weight of
-the pool, with rollback a copy of the pool's fine-tuned values, and with groups the
-mean gradient and the votes. Cost per step: one forward and backward pass over the
+the pool, the step's scores as one float32 vector of the pool, with rollback a copy
+of the pool's fine-tuned values, and with groups the mean gradient, the votes (int16)
+and the restoring move's sign (int8). Cost per step: one forward and backward pass over the
 harmful prompts with the aligned answers and one over the task examples.
 """
 
