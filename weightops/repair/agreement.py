@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from weightops.repair.antidote_task import _mean_log_likelihood_grad, response_nll
 from weightops.repair.data import Example, batches, context_length
 
 
@@ -45,8 +46,6 @@ def nll_grads(
 ) -> dict[str, torch.Tensor]:  # fmt: skip
     """∇ of the mean negative log-likelihood of the examples' response tokens, per
     pool tensor (zeros where it has none)."""
-    from weightops.repair.antidote_task import _mean_log_likelihood_grad
-
     _mean_log_likelihood_grad(model, tokenizer, examples, batch_size)
     out = {}
     for n, p in pool.items():
@@ -122,13 +121,12 @@ def _packed_pass(
     examples = [ex for g in groups for ex in g]
     (b,) = batches(examples, tokenizer, batch_size=len(examples), with_response=True,
                    max_length=context_length(model), device=device)  # fmt: skip
-    labels = b["labels"][:, 1:]
     rows, start = [], 0
     for g in groups:
         rows.append(slice(start, start + len(g)))
         start += len(g)
     # Each row's tokens weigh 1 / (its group's response tokens): the group's mean.
-    counts = (labels != -100).sum(-1)
+    counts = (b["labels"][:, 1:] != -100).sum(-1)
     weight = torch.empty(len(examples), device=device)
     for r in rows:
         weight[r] = 1.0 / counts[r].sum().clamp(min=1)
@@ -159,13 +157,8 @@ def _packed_pass(
     hooks = [m.register_forward_hook(on_forward) for m in owners]
     hooks.append(model.get_input_embeddings().register_forward_hook(carry))
     try:
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                       position_ids=b["position_ids"], use_cache=False).logits[:, :-1]  # fmt: skip
-        nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-            ignore_index=-100, reduction="none",
-        ).view(labels.shape)  # fmt: skip
-        (nll.sum(-1) * weight).sum().backward()
+        nll, rows_of = response_nll(model, b)
+        (nll * weight[rows_of]).sum().backward()
     finally:
         for h in hooks:
             h.remove()
