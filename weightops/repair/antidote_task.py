@@ -45,12 +45,49 @@ from weightops.repair.data import Example, RepairError, as_examples, batches, co
 DEFAULT_RATIO = 0.05
 
 
+def response_nll(
+    model: nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The negative log-likelihood of each response token of `batch` (one of
+    `batches`), and the row it is in. The output head is handed only the positions
+    that predict a response token (a pre-hook, where its input is [batch, position,
+    hidden]): after a chat template's long prompt, most of its logits would go unread,
+    and the head of a small model is a fifth of its weights."""
+    labels = batch["labels"]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != -100
+    fired = []
+
+    def only_kept(module: nn.Module, args: tuple) -> tuple | None:
+        if args[0].shape[:2] != keep.shape:
+            return None
+        fired.append(True)
+        return (args[0][keep].unsqueeze(0), *args[1:])
+
+    head = model.get_output_embeddings()
+    hook = head.register_forward_pre_hook(only_kept) if head is not None else None
+    try:
+        logits = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            use_cache=False,
+        ).logits
+    finally:
+        if hook is not None:
+            hook.remove()
+    logits = logits[0] if fired else logits[keep]
+    nll = torch.nn.functional.cross_entropy(
+        logits.float(), labels[:, 1:][keep[:, :-1]], reduction="none"
+    )
+    return nll, keep.nonzero()[:, 0]
+
+
 def _mean_log_likelihood_grad(
     model: nn.Module, tokenizer: Any, examples: Sequence[Example], batch_size: int
 ) -> None:
     """Accumulate ∇ of the mean response-token log-likelihood into .grad."""
     device = next(model.parameters()).device
-    total = 0
     chunks = list(
         batches(
             examples,
@@ -61,25 +98,12 @@ def _mean_log_likelihood_grad(
             device=device,
         )
     )
-    for b in chunks:
-        total += int((b["labels"][:, 1:] != -100).sum())
+    total = sum(int((b["labels"][:, 1:] != -100).sum()) for b in chunks)
     if total == 0:
         raise RepairError("no response tokens to score: the examples need responses")
     for b in chunks:
-        logits = model(
-            input_ids=b["input_ids"],
-            attention_mask=b["attention_mask"],
-            position_ids=b["position_ids"],
-            use_cache=False,
-        ).logits[:, :-1]
-        labels = b["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(),
-            labels.reshape(-1),
-            ignore_index=-100,
-            reduction="sum",
-        )
-        (-nll / total).backward()
+        nll, _ = response_nll(model, b)
+        (-nll.sum() / total).backward()
 
 
 def attributions(

@@ -29,9 +29,10 @@ objective is the whole refusal instead:
   taken only when most requests gain from it, in the spirit of the AND-mask of
   Parascandolo et al. (ICLR 2021, "Learning explanations that are hard to vary").
   On *digits* (docs/repair.md, all blocks, steps 16 to 28) it took the test harmful
-  rate from 13–26 % to 2–16 % along the same trajectory, the task kept. Cost: one
-  gradient pass per group over its answers (the same tokens in all as without
-  groups) and two more pool-sized buffers.
+  rate from 13–26 % to 2–16 % along the same trajectory, the task kept. Cost: the
+  same batched passes over the answers as without groups, each group's weight
+  gradients taken layer by layer from them, and three more pool-sized buffers
+  (`weightops.repair.agreement`).
 - Rollback (`rollback_fraction` > 0, the paper's rule): after a step, the task
   gradient is taken at the restored model, and the `rollback_fraction` of the step's
   weights whose return to the fine-tuned value most lowers the task loss (first order:
@@ -45,8 +46,9 @@ records the step each weight was restored in (0: never, −1: rolled back), so a
 of the run can be rebuilt (`masks_at`).
 
 Memory: both models, gradients of the decoder blocks, an int16 step per weight of
-the pool, with rollback a copy of the pool's fine-tuned values, and with groups the
-mean gradient and the votes. Cost per step: one forward and backward pass over the
+the pool, the step's scores as one float32 vector of the pool, with rollback a copy
+of the pool's fine-tuned values, and with groups the mean gradient, the votes (int16)
+and the restoring move's sign (int8). Cost per step: one forward and backward pass over the
 harmful prompts with the aligned answers and one over the task examples.
 """
 
@@ -59,6 +61,7 @@ import torch
 from torch import nn
 
 from weightops.arch import describe
+from weightops.repair.agreement import agreed_grads, nll_grads
 from weightops.repair.data import Example, RepairError
 from weightops.repair.evaluate import generate
 
@@ -86,40 +89,6 @@ def aligned_answers(
     return [Example(ex.prompt, a) for ex, a in zip(harmful, said, strict=True) if a.strip()]
 
 
-def _nll_grads(
-    model: nn.Module, tokenizer: Any, examples: Sequence[Example], pool: dict[str, nn.Parameter],
-    batch_size: int,
-) -> dict[str, torch.Tensor]:  # fmt: skip
-    from weightops.repair.antidote_task import _mean_log_likelihood_grad
-
-    _mean_log_likelihood_grad(model, tokenizer, examples, batch_size)
-    out = {}
-    for n, p in pool.items():
-        out[n] = torch.zeros_like(p) if p.grad is None else -p.grad.detach()
-        p.grad = None
-    return out
-
-
-def _agreed_grads(
-    model: nn.Module, tokenizer: Any, by_group: dict[Hashable, list[Example]],
-    pool: dict[str, nn.Parameter], aligned: dict[str, torch.Tensor], batch_size: int,
-) -> dict[str, torch.Tensor]:  # fmt: skip
-    """The mean refusal gradient over all groups' answers, scaled per weight by the
-    groups' agreement on the sign of the gain of restoring it (module docstring)."""
-    total = sum(len(g) for g in by_group.values())
-    mean = {n: torch.zeros_like(p) for n, p in pool.items()}
-    votes = {n: torch.zeros_like(p) for n, p in pool.items()}
-    # The gain's sign is the gradient's times the restoring move's; the move's sign is
-    # the same for every group, so it is taken once (one byte a weight).
-    side = {n: torch.sign(p.detach() - aligned[n]).to(torch.int8) for n, p in pool.items()}
-    for group in by_group.values():
-        g = _nll_grads(model, tokenizer, group, pool, batch_size)
-        for n in pool:
-            mean[n] += g[n] * (len(group) / total)
-            votes[n] += torch.sign(g[n]) * side[n]
-    return {n: mean[n] * torch.clamp(votes[n] / len(by_group), min=0) for n in pool}
-
-
 def masks_at(restored_at: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
     """Per tensor, the weights that hold their aligned value after `step` steps."""
     return {n: (w > 0) & (w <= step) for n, w in restored_at.items()}
@@ -132,26 +101,43 @@ def _roll_back(
     """Return to their fine-tuned values the `share` of the weights restored in `step`
     whose return most lowers the task loss at the current model (first order:
     g_t ⊙ (W_finetuned − W), negative), and bar them from later steps (step −1)."""
-    gains, names = [], list(pool)
+    names = list(pool)
+    flat = torch.empty(sum(p.numel() for p in pool.values()))
+    offset = 0
     for n in names:
         g = -(g_t[n] * (original[n] - pool[n].detach()))
         g[(when[n] != step).to(g.device)] = 0
-        gains.append(g.flatten().float().cpu())
-    flat = torch.cat(gains)
-    take = min(round(share * int(sum(int((when[n] == step).sum()) for n in names))),
-               int((flat > 0).sum()))  # fmt: skip
-    if take == 0:
-        return
-    _set_largest(pool, names, flat, take, original, when, -1)
+        flat[offset : offset + g.numel()] = g.view(-1)
+        offset += g.numel()
+    count = round(share * int(sum(int(torch.count_nonzero(when[n] == step)) for n in names)))
+    if count:
+        _set(pool, names, _largest_positive(flat, count), original, when, -1)
 
 
-def _set_largest(
-    pool: dict[str, nn.Parameter], names: list[str], flat: torch.Tensor, take: int,
+def _largest_positive(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest positive entries of `flat` (all of them when fewer are
+    positive), as torch.topk would choose them. torch.topk over the whole pool (10⁸
+    scores) is slow; here it ranks only the entries at or above a threshold read from
+    a strided sample, set to hold about twice k, and falls back to every positive entry
+    when the threshold lets fewer than k through."""
+    n = flat.numel()
+    sample = flat[:: max(1, n // (1 << 20))]
+    rank = min(len(sample), max(64, 2 * k * len(sample) // n))
+    cut = float(torch.topk(sample, rank).values[-1])
+    chosen = (flat >= cut).nonzero().squeeze(1) if cut > 0 else torch.empty(0, dtype=torch.long)
+    if len(chosen) < k:
+        chosen = (flat > 0).nonzero().squeeze(1)
+    if len(chosen) <= k:
+        return chosen
+    return chosen[torch.topk(flat[chosen], k).indices]
+
+
+def _set(
+    pool: dict[str, nn.Parameter], names: list[str], chosen: torch.Tensor,
     source: dict[str, torch.Tensor], when: dict[str, torch.Tensor], mark: int,
 ) -> None:  # fmt: skip
-    """Give the `take` weights with the largest scores in `flat` (the pool's tensors
-    in `names` order, flattened and joined) their values in `source`; mark them."""
-    chosen = torch.topk(flat, take).indices
+    """Give the weights at `chosen` (indices into the pool's tensors in `names` order,
+    flattened and joined) their values in `source`; mark them."""
     bounds = torch.tensor([0, *[pool[n].numel() for n in names]]).cumsum(0)
     with torch.no_grad():
         for i, n in enumerate(names):
@@ -221,27 +207,29 @@ def restore_answers(
         g_t = None
         for step in range(1, steps + 1):
             if len(by_group) > 1:
-                g_r = _agreed_grads(finetuned_model, tokenizer, by_group, pool, aligned, batch_size)
+                g_r = agreed_grads(finetuned_model, tokenizer, by_group, pool, aligned, batch_size)
             else:
-                g_r = _nll_grads(finetuned_model, tokenizer, answers, pool, batch_size)
+                g_r = nll_grads(finetuned_model, tokenizer, answers, pool, batch_size)
             if g_t is None:
-                g_t = _nll_grads(finetuned_model, tokenizer, task, pool, batch_size)
-            names, scores = list(pool), []
+                g_t = nll_grads(finetuned_model, tokenizer, task, pool, batch_size)
+            names, offset = list(pool), 0
+            flat = torch.empty(sum(p.numel() for p in pool.values()))
             for n in names:
                 d = pool[n].detach() - aligned[n]
-                s = g_r[n] * d + task_weight * torch.clamp(g_t[n] * d, max=0)
+                s = g_r[n] * d
+                s += task_weight * torch.clamp(g_t[n] * d, max=0)
                 s[(when[n] != 0).to(s.device) | (d == 0)] = -1
-                scores.append(s.flatten().float().cpu())
-            flat = torch.cat(scores)
-            take = min(k, int((flat > 0).sum()))
-            if take == 0:
+                flat[offset : offset + s.numel()] = s.view(-1)
+                offset += s.numel()
+            chosen = _largest_positive(flat, k)
+            if len(chosen) == 0:
                 break
-            _set_largest(pool, names, flat, take, aligned, when, step)
+            _set(pool, names, chosen, aligned, when, step)
             g_t = None
             if rollback_fraction:
                 # The task gradient after the step sees what its weights did together;
                 # the next step reuses it (stale only by the rolled-back weights).
-                g_t = _nll_grads(finetuned_model, tokenizer, task, pool, batch_size)
+                g_t = nll_grads(finetuned_model, tokenizer, task, pool, batch_size)
                 _roll_back(pool, original, g_t, when, step, rollback_fraction)
             due = step % checkpoint_every == 0 or step == steps
             if on_checkpoint is not None and due and not on_checkpoint(step):
