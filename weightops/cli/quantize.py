@@ -73,8 +73,7 @@ def run(
 ) -> None:
     """Quantize every linear weight of the decoder blocks to 2-bit groups, the groups
     that gain most from it to 4 bits (the same number in every row), within the
-    average bit budget; embeddings, norms and lm_head stay 16-bit. Without --calib the
-    threads quantize whole matrices side by side (one each, as memory allows)."""
+    average bit budget; embeddings, norms and lm_head stay 16-bit."""
     size = parse_size(shard_size)
     with user_errors():
         from weightops.quant.model import quantize_model

@@ -14,9 +14,7 @@ the same bytes however it is spread.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,21 +28,6 @@ from weightops.io.writer import Layout, ShardWriter
 from weightops.quant.mixed import Packed, quantize_with_error
 
 Hessians = dict[str, torch.Tensor]
-
-# Bytes a worker holds per weight of the matrix it quantizes: the stored 16-bit copy, the
-# float32 one, the one-byte codes and the packed parts, with room to spare.
-WORKER_BYTES_PER_WEIGHT = 8
-# What the workers' matrices may hold together.
-WORKERS_BYTES = 2 << 30
-
-
-def quant_workers(threads: int, largest: int) -> int:
-    """How many weights `threads` threads quantize at once, the largest holding `largest`
-    values: one per thread while their working memory stays within WORKERS_BYTES. A
-    matrix's passes go in row blocks small enough that intra-op threads spend much of
-    their time meeting at the end of each operation; whole matrices on separate threads
-    never meet."""
-    return max(1, min(threads, WORKERS_BYTES // (WORKER_BYTES_PER_WEIGHT * max(1, largest))))
 
 
 def layer_of(name: str) -> int:
@@ -79,47 +62,13 @@ class QuantJob:
         }
         return packed, report
 
-    @contextlib.contextmanager
-    def producer(
-        self, stats: dict[str, dict[str, Any]], workers: int = 1
-    ) -> Iterator[Callable[[str, FileReader], torch.Tensor]]:
+    def producer(self, stats: dict[str, dict[str, Any]]) -> Callable[[str, Any], torch.Tensor]:
         """produce(name, reader) for weightops.io.rewrite.write_model, output name by
         output name in block order; the calibration (if any) starts now, so a bad text
-        fails before anything is written. Without calibration, `workers` threads
-        quantize the next weights while the current one is written (`quant_workers`)."""
+        fails before anything is written."""
         calibration = self.start_calibration() if self.texts is not None else None
         hessians: Hessians = {}
         current: dict[str, Packed] = {}
-        order = [n for n in self.names if n in self.plan]
-        position = {n: i for i, n in enumerate(order)}
-        pending: dict[str, Future[tuple[Packed, dict[str, Any]]]] = {}
-        pool = None if calibration is not None or workers < 2 else ThreadPoolExecutor(workers)
-        # The workers' own reader: the writer's may close before they are stopped.
-        ahead_reader = FileReader()
-
-        def start_from(i: int) -> None:
-            # Each worker holds one weight beyond the one asked for.
-            for ahead in order[i : i + workers + 1]:
-                if ahead not in pending and pool is not None:
-                    pending[ahead] = pool.submit(quantized_alone, ahead)
-
-        def quantized(weight: str, reader: FileReader) -> tuple[Packed, dict[str, Any]]:
-            if pool is not None:
-                start_from(position[weight])
-                return pending.pop(weight).result()
-            layer = describe(weight).layer
-            # An lm_head (outside the blocks) is quantized without calibration.
-            if calibration is not None and layer is not None:
-                while calibration.next_layer <= layer:
-                    hessians.clear()
-                    hessians.update(calibration.layer(calibration.next_layer))
-            return self.quantize(
-                weight, reader.read(self.ckpt.tensors[weight]), hessians.pop(weight, None)
-            )
-
-        def quantized_alone(weight: str) -> tuple[Packed, dict[str, Any]]:
-            # In the stored dtype: the quantizer converts one row block at a time.
-            return self.quantize(weight, ahead_reader.read(self.ckpt.tensors[weight]), None)
 
         def produce(name: str, reader: FileReader) -> torch.Tensor:
             if name in self.ckpt.tensors:
@@ -128,18 +77,20 @@ class QuantJob:
             weight = prefix + ".weight"
             if weight not in current:
                 current.clear()
-                current[weight], stats[weight] = quantized(weight, reader)
+                layer = describe(weight).layer
+                # An lm_head (outside the blocks) is quantized without calibration.
+                if calibration is not None and layer is not None:
+                    while calibration.next_layer <= layer:
+                        hessians.clear()
+                        hessians.update(calibration.layer(calibration.next_layer))
+                # In the stored dtype: the quantizer converts one row block at a time.
+                w = reader.read(self.ckpt.tensors[weight])
+                current[weight], stats[weight] = self.quantize(
+                    weight, w, hessians.pop(weight, None)
+                )
             return getattr(current[weight], part)
 
-        try:
-            # The first weights are quantized while the writer checks and copies the side
-            # files.
-            start_from(0)
-            yield produce
-        finally:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-            ahead_reader.close()
+        return produce
 
     def blocks(self) -> list[tuple[int, list[str]]]:
         """(block, its source tensors) in order; block -1 holds those outside blocks."""

@@ -27,9 +27,8 @@ from weightops.compat import causal_lm_from_config
 from weightops.io.checkpoint import Checkpoint
 from weightops.io.rewrite import Entry, ordered_names, staged_model, write_model
 from weightops.io.safetensors_file import FileReader
-from weightops.quant.job import QuantJob, quant_workers
+from weightops.quant.job import QuantJob
 from weightops.quant.mixed import Packed, QuantError, choose_k4, index_dtype
-from weightops.threads import intra_op_threads
 
 # Version 2 added the optional outlier parts; version 1 folders are version 2 folders
 # without outliers, so both are read.
@@ -194,11 +193,7 @@ def quantize_model(
     if executor == "ray":
         _quantize_on_ray(job, Path(out), entries, staging, stats, ray_address)
     elif executor == "local":
-        threads = torch.get_num_threads()
-        largest = max(math.prod(ckpt.tensors[n].shape) for n in plan)
-        workers = 1 if texts is not None else quant_workers(threads, largest)
-        with job.producer(stats, workers) as produce, intra_op_threads(threads // workers):
-            write_model(ckpt, Path(out), entries, produce, **staging)
+        write_model(ckpt, Path(out), entries, job.producer(stats), **staging)
     else:
         raise QuantError(f"--executor {executor}: unknown executor", hint="use local or ray")
     return manifest
