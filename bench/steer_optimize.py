@@ -43,12 +43,12 @@ from peers import TORCH_VERSION, WORK
 from real_model import smollm2_refusal
 from report import machine, write_section
 
+from weightops.prompting import greedy_completions
 from weightops.repair.data import load_examples
 from weightops.repair.evaluate import REFUSAL_PHRASES, load_model, refuses
 from weightops.steering.measure import (
     evenly,
     first_token_logprobs,
-    greedy,
     kl_divergence,
 )
 
@@ -297,7 +297,7 @@ def held_out(folders: dict[str, Path], tokenizer_from: Path, tokens: int) -> dic
         model, _ = load_model(folder)
         lp = first_token_logprobs(model, tok, harmless)
         base = lp if base is None else base
-        texts = greedy(model, tok, harmful, tokens)
+        texts = greedy_completions(model, tok, harmful, tokens, 32)
         out[name] = {
             "refusal": sum(map(refuses, texts)) / len(texts),
             "kl": kl_divergence(base, lp),

@@ -166,3 +166,47 @@ def pad(
         ids[i, at] = torch.tensor(list(row), dtype=torch.long)
         mask[i, at] = 1
     return ids, mask
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id written into padding (masked out everywhere, so any valid id will do)."""
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+@torch.no_grad()
+def greedy_completions(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    rows: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    batch_size: int,
+) -> list[str]:
+    """The greedy completion of each encoded prompt, cut at the end-of-sequence token.
+    Rows are padded on the left, so that every row's next token comes at one index."""
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    pad_value = pad_id(tokenizer)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=pad_value,
+        eos_token_id=eos,
+    )
+    texts = []
+    for start in range(0, len(rows), batch_size):
+        ids, mask = pad(rows[start : start + batch_size], pad_value, "left")
+        result = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
+        )
+        for row in result[:, ids.shape[1] :].tolist():
+            if eos is not None and eos in row:
+                row = row[: row.index(eos)]
+            texts.append(tokenizer.decode(row, skip_special_tokens=True))
+    return texts

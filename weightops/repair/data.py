@@ -29,7 +29,7 @@ import torch
 
 from weightops.errors import WeightopsError
 from weightops.io.jsonl import JsonlError, read_jsonl
-from weightops.prompting import PromptError, encode_prompt, render_prompt
+from weightops.prompting import PromptError, encode_prompt, pad_id, render_prompt
 
 KEYS = ("prompt", "response")
 IGNORE_INDEX = -100
@@ -133,15 +133,6 @@ def encode(example: Example, tokenizer: Any, *, with_response: bool) -> tuple[li
         return encode_prompt(tokenizer, example.prompt, response)
     except PromptError as e:
         raise DataError(e.message, hint=e.hint) from e
-
-
-def pad_id(tokenizer: Any) -> int:
-    """The id written into padding (masked out everywhere, so any valid id will do)."""
-    for attr in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if isinstance(value, int):
-            return value
-    return 0
 
 
 def context_length(model_or_config: Any) -> int | None:

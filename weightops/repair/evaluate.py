@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from weightops.compat import causal_lm
+from weightops.prompting import greedy_completions
 from weightops.repair.data import (
     DataError,
     DataLineError,
@@ -32,7 +33,6 @@ from weightops.repair.data import (
     context_length,
     describe_example,
     encode,
-    pad_id,
 )
 
 Judge = Callable[[str, str], bool]
@@ -103,11 +103,8 @@ def generate(
     batch_size: int = 8,
 ) -> list[str]:
     """The greedy completion of each example's prompt (encoded as in `encode`)."""
-    from transformers import GenerationConfig
-
     if max_new_tokens < 1:
         raise RepairError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
-    device = next(model.parameters()).device
     limit = context_length(model)
     prompts = []
     for i, ex in enumerate(examples):
@@ -118,40 +115,12 @@ def generate(
                 f"the prompt is {len(ids)} tokens, longer than the model's context of {limit}",
             )
         prompts.append(ids)
-    pad = pad_id(tokenizer)
-    eos = getattr(tokenizer, "eos_token_id", None)
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        pad_token_id=pad,
-        eos_token_id=eos,
-    )
     was_training = model.training
     model.eval()
-    out: list[str] = []
     try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            width = max(map(len, chunk))
-            # Left padding, so that every row's next token comes at the same index.
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for j, p in enumerate(chunk):
-                ids[j, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-                mask[j, width - len(p) :] = 1
-            result = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                generation_config=config,
-            )
-            for row in result[:, width:].tolist():
-                if eos is not None and eos in row:
-                    row = row[: row.index(eos)]
-                out.append(tokenizer.decode(row, skip_special_tokens=True))
+        return greedy_completions(model, tokenizer, prompts, max_new_tokens, batch_size)
     finally:
         model.train(was_training)
-    return out
 
 
 def _check_examples(examples: Sequence[Example], what: str) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from weightops.prompting import encode_prompt, render_prompt
+from weightops.prompting import encode_prompt, pad, pad_id, render_prompt
 from weightops.steering.extract import hidden_states
 from weightops.steering.layers import find_layers
 from weightops.steering.profile import Directions
@@ -27,24 +27,6 @@ def prompt_ids(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
     return [encode_prompt(tokenizer, p)[0] for p in prompts]
 
 
-def _left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for j, r in enumerate(rows):
-        ids[j, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
-        mask[j, width - len(r) :] = 1
-    return ids, mask
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for attr in ("pad_token_id", "eos_token_id"):
-        v = getattr(tokenizer, attr, None)
-        if v is not None:
-            return int(v)
-    return 0
-
-
 @torch.no_grad()
 def first_token_logprobs(
     model: torch.nn.Module, tokenizer: Any, rows: Sequence[Sequence[int]], batch_size: int = 32
@@ -53,7 +35,7 @@ def first_token_logprobs(
     device = next(model.parameters()).device
     out = []
     for b in range(0, len(rows), batch_size):
-        ids, mask = _left_pad(rows[b : b + batch_size], _pad_id(tokenizer))
+        ids, mask = pad(rows[b : b + batch_size], pad_id(tokenizer), "left")
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         inputs = {
             "input_ids": ids.to(device),
@@ -73,40 +55,6 @@ def first_token_logprobs(
 def kl_divergence(base: torch.Tensor, new: torch.Tensor) -> float:
     """Mean over rows of KL(base ‖ new), both given as log-probabilities."""
     return float((base.exp() * (base - new)).sum(-1).mean())
-
-
-@torch.no_grad()
-def greedy(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    rows: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    batch_size: int = 32,
-) -> list[str]:
-    """Greedy completions (cut at the end-of-sequence token)."""
-    from transformers import GenerationConfig
-
-    device = next(model.parameters()).device
-    eos = getattr(tokenizer, "eos_token_id", None)
-    pad = _pad_id(tokenizer)
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        pad_token_id=pad,
-        eos_token_id=eos,
-    )
-    texts = []
-    for b in range(0, len(rows), batch_size):
-        ids, mask = _left_pad(rows[b : b + batch_size], pad)
-        result = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
-        )
-        for row in result[:, ids.shape[1] :].tolist():
-            if eos is not None and eos in row:
-                row = row[: row.index(eos)]
-            texts.append(tokenizer.decode(row, skip_special_tokens=True))
-    return texts
 
 
 def directions(

@@ -56,12 +56,12 @@ from typing import Any
 
 import torch
 
+from weightops.prompting import greedy_completions
 from weightops.repair.evaluate import refuses
 from weightops.steering.layers import SteeringError
 from weightops.steering.measure import (
     directions,
     first_token_logprobs,
-    greedy,
     kl_divergence,
     prompt_ids,
 )
@@ -237,7 +237,7 @@ def optimize(
     base_lp = first_token_logprobs(model, tokenizer, harmless_rows, batch_size)
 
     def behaviour_share() -> float:
-        texts = greedy(model, tokenizer, target_rows, max_new_tokens, batch_size)
+        texts = greedy_completions(model, tokenizer, target_rows, max_new_tokens, batch_size)
         shown = sum(bool(judge(p, t)) for p, t in zip(target_eval, texts, strict=True))
         share = shown / len(texts)
         return share if mode == "remove" else 1.0 - share
