@@ -4,6 +4,7 @@ a killed run, and Ctrl-C at start-up."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -372,3 +373,19 @@ def test_steer_train_refuses_pickled_weights(tmp_path):
     result = invoke(["steer", "train", folder, "--pairs", pairs, "-o", tmp_path / "v.safetensors"])
     assert result.exit_code == 1
     assert "pickled" in result.stderr
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_parse_json_leaves_the_collector_as_it_found_it(enabled):
+    # The parse runs with the collector paused; a good or a bad document must not leave
+    # it off (or turn it on for a caller who had it off).
+    was = gc.isenabled()
+    try:
+        gc.enable() if enabled else gc.disable()
+        assert parse_json('{"a": [1, 2]}', "f", "x") == {"a": [1, 2]}
+        assert gc.isenabled() is enabled
+        with pytest.raises(CheckpointError):
+            parse_json('{"a": 1, "a": 2}', "f", "x")
+        assert gc.isenabled() is enabled
+    finally:
+        gc.enable() if was else gc.disable()
