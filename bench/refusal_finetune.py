@@ -14,7 +14,8 @@ held-out splits whose topics training never saw:
 Training is a full fine-tune in fp32 of the top `--layers` decoder layers and the
 final norm; the embeddings (tied to the output head) and the lower layers stay
 frozen, so the backward pass stops early and a run fits in minutes on two CPU cores.
-The loss is on the response tokens only (the chat template renders the prompt, as in
+The loss is on the first `--response-tokens` answer tokens only (where the decision to
+refuse, and what about, is made; the chat template renders the prompt, as in
 weightops.repair.data.encode), and only those positions go through the output head.
 Each step is half harmful, half harmless examples, drawn with a fixed seed (a rerun
 draws the same batches; not checked for bit-identical weights).
@@ -23,7 +24,7 @@ The result is saved in bf16 with the tokenizer to $WEIGHTOPS_CACHE/smollm2-135m-
 (default ~/.cache/weightops), with the measurements in `smollm2-135m-refusal-eval.json` beside it.
 
     python bench/refusal_data.py         # (re)writes the data
-    python bench/refusal_finetune.py     # trains, saves, measures (34 + 2x22 minutes on two busy CPU cores)
+    python bench/refusal_finetune.py     # trains, saves, measures (79 + 2x20 minutes on two busy CPU cores)
     python bench/refusal_finetune.py --out DIR --models aligned   # a trial elsewhere
     python bench/refusal_finetune.py --eval-only --models original   # measures only
 """
@@ -173,13 +174,16 @@ def _record(results: Path, update: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--layers", type=int, default=8, help="top decoder layers trained")
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--layers", type=int, default=16, help="top decoder layers trained")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
-        "--response-tokens", type=int, default=None, help="train on the first n answer tokens"
+        "--response-tokens",
+        type=int,
+        default=10,
+        help="train on the first n answer tokens (0: the whole answer)",
     )
     ap.add_argument("--out", type=Path, default=OUT, help="where the aligned model goes")
     ap.add_argument("--max-new-tokens", type=int, default=16)
@@ -204,7 +208,7 @@ def main() -> None:
             lr=args.lr,
             layers=args.layers,
             seed=args.seed,
-            response_tokens=args.response_tokens,
+            response_tokens=args.response_tokens or None,
         )
         seconds = round(time.perf_counter() - t0, 1)
         print(f"trained in {seconds} s", flush=True)
