@@ -10,6 +10,20 @@ BAR = 0.10  # ablation must leave at most this share of the baseline's refusals
 SAMPLES = 3
 
 
+def _kl_filter(r: dict) -> str:
+    """Whether Arditi et al.'s KL filter would have left a direction that removes
+    refusals (one that leaves at most half the shortlist's prompts refused)."""
+    removing = [c for c in r["candidates"] if c.get("refused", 1.0) <= 0.5]
+    cheapest = min((c["kl"] for c in removing), default=None)
+    if cheapest is None or cheapest <= 0.1:
+        return "the KL is reported here rather than used as a filter."
+    return (
+        "no direction of this model that removes refusals moves it that little (the "
+        f"cheapest of those that leave at most half refused: {cheapest:.2f}), so the KL "
+        "is reported instead."
+    )
+
+
 def _every(n: int) -> str:
     return {1: "every", 2: "every second", 3: "every third"}.get(n, f"every {n}th")
 
@@ -149,16 +163,13 @@ def render(r: dict) -> tuple[str, str]:
         "prompts (the mean log-odds that the answer opens with a token that opens a "
         f"training refusal, {', '.join(repr(t) for t in r['refusal_tokens'])}; "
         f"{r['base_score']:+.2f} without ablation) and by the mean KL it causes in the "
-        "harmless prompts' first-token distribution. The first-token score alone misleads "
-        "on this model: directions of the header's earlier tokens lower it about as much "
-        "as the last token's, yet the answers still refuse after another opening word "
-        '("Awful question, but I can\'t help with it"). So the '
+        "harmless prompts' first-token distribution. The first-token score alone can "
+        "mislead: a direction that lowers it may leave answers that refuse after another "
+        'opening word ("Awful question, but I can\'t help with it"). So the '
         f"{r['shortlist']} lowest-scoring candidates are ablated again for greedy answers "
         f"of {r['new_tokens']} tokens to the harmful prompts, and the fewest refusals win, "
         "the KL breaking ties. Arditi et al. also drop directions whose ablation moves the "
-        "harmless distribution by a mean KL over 0.1; no direction of this model that "
-        "removes refusals moves it that little (the aligned model puts much probability "
-        "on refusal tokens for harmless prompts too), so the KL is reported instead. The "
+        f"harmless distribution by a mean KL over 0.1; {_kl_filter(r)} The "
         f"winner: layer **{layer}**, token {token} (position {position}; norm of its "
         f"direction {r['norm']:.1f}; cosine {r['cos_api_cli']:.6f} to the one "
         "`steer train` extracted). Refusal score / KL of each candidate, and the share of "
