@@ -74,6 +74,7 @@ WEIGHTOPS_RUNS = [
     ("--calib, --bits 4", {"bits": 4, "calib": True}),
     ("--calib, --avg-bits 3.0", {"avg_bits": 3.0, "calib": True}),
     ("--calib, --avg-bits 3.95", {"avg_bits": 3.95, "calib": True}),
+    ("--calib, --bits 4, --outliers 0.005", {"bits": 4, "outliers": 0.005, "calib": True}),
 ]
 
 HQQ_RUN = r"""
