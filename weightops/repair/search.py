@@ -264,7 +264,8 @@ def search_restore(
             found, runs, used = cross_fit_depth(
                 finetuned_model, aligned_model, tokenizer, folds, score, layers=layers,
                 plan=plan, metric_drop=metric_drop, rollback_fraction=rollback_fraction,
-                budget=share, original=original, batch_size=batch_size,
+                budget=share, original=original, prior=candidates, history=trajectories,
+                threshold=threshold, batch_size=batch_size,
             )  # fmt: skip
             evaluations += used
             candidates += found
