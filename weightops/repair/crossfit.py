@@ -152,7 +152,7 @@ def cross_fit_depth(
 
             def checkpoint(step: int, fold: Fold = fold, points: dict = points, left: int = left,
                            floor: float = fold_floor, first: bool = i == 0,
-                           plain: bool = not rollback) -> bool:  # fmt: skip
+                           plain: bool = not rollback, leaders: list = leaders) -> bool:  # fmt: skip
                 nonlocal lost
                 harm, t = score(model, fold.harmful_out, fold.task_out)
                 points[step] = (harm, t)
