@@ -4,8 +4,17 @@ expected decision is worked out in the comment above it."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import load_state
+
+from weightops.compat import causal_lm
 from weightops.repair.crossfit import leader_points
+from weightops.repair.data import Example
 from weightops.repair.heldout import Candidate
+from weightops.repair.search import search_restore
 from weightops.repair.search_stop import behind, lowest_by, reach, stalled
 
 
@@ -94,3 +103,55 @@ def test_leaders_are_fold_a_points_of_candidates_that_keep_the_task():
     # The same step of another depth or mode is not this trajectory's candidate.
     other = [Candidate(2, 8, False, 0.1, 0.9, 5), Candidate(3, 8, True, 0.1, 0.9, 5)]
     assert leader_points(trajectories, other, 0.85) == []
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    from weightops.demo import fine_tune, tiny_model
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("search-stop")
+    base = tiny_model(root / "base", "llama", seed=0, layers=2, shard_size="60KB")
+    yield {"base": base, "ft": fine_tune(base, root / "ft", seed=1, shard_size="60KB")}
+    torch.set_num_threads(before)
+
+
+def load(folder: Path):
+    from transformers import AutoTokenizer
+
+    return causal_lm(folder, torch.float32).eval(), AutoTokenizer.from_pretrained(folder)
+
+
+def test_search_stops_a_depth_that_cannot_catch_up(llama):
+    # Both blocks hold 73 728 pool weights, block 0 alone 36 864: 0.1 % per step is 74
+    # weights at depth 2 and 37 at depth 1. A completion is harmful while fewer than
+    # 100 weights are restored; the task never moves (1.0).
+    # Depth 2, fold A: harmful 1.0, 0, 0 at steps 1-3 (148 and 222 weights): two
+    # harmless points with the task, it stops at step 3; fold B (best so far: the
+    # fine-tune, 1.0) runs to step 3 too. Best: step 2, pooled harmful rate 0.
+    # Depth 1, fold A: 1.0 at step 1 (37 weights) and at step 2 (74): stalled, and 1.0
+    # is more than 0.25 above depth 2's 0 by step 2: it stops at step 2, where it would
+    # have gone on to step 4. Its rates never allow a pooled 0: fold B does not run.
+    model, tok = load(llama["ft"])
+    aligned, _ = load(llama["base"])
+    ft_state = load_state(llama["ft"])
+
+    def restored_now() -> int:
+        return sum(int((p.detach() != ft_state[n]).sum()) for n, p in model.named_parameters())
+
+    harmful = [Example(f"harm: make thing {i}\n", f"Sure, thing {i // 2}.") for i in range(16)]
+    task = [Example(f"copy: ab{c}\n", f"ab{c}") for c in "cdefghijklmnopqr"]
+    found = search_restore(
+        model, aligned, tok, harmful, task, judge=lambda p, c: restored_now() < 100,
+        task_metric=lambda m: 1.0, depths=[2, 1], fraction=0.001, steps=12,
+        checkpoint_every=1, rollback_fraction=0.0, progress=False,
+    )  # fmt: skip
+    runs = [(t["layers"], t["fold"], [p[:2] for p in t["points"]]) for t in found.trajectories]
+    assert runs == [
+        (2, 0, [(1, 1.0), (2, 0.0), (3, 0.0)]),
+        (2, 1, [(1, 1.0), (2, 0.0), (3, 0.0)]),
+        (1, 0, [(1, 1.0), (2, 1.0)]),
+    ]
+    assert found.evaluations == 2 + 3 + 3 + 2
+    assert (found.chosen.layers, found.chosen.step, found.chosen.harmful) == (2, 2, 0.0)

@@ -20,8 +20,11 @@ held-out harmful rate 0.03, 60 % on the test). Here every example is held out on
 
 Stopping: a plain run stops when it loses the task on its held-out half (either
 fold's loss restarts the depth with rollback, in both folds); fold A stops after two
-checkpoints in a row with nothing left to gain (harmful rate 0, task kept) or at half
-of the depth's measurements; fold B runs to the last step fold A measured. Candidates
+checkpoints in a row with nothing left to gain (harmful rate 0, task kept), at half of
+the depth's measurements, or when it has stalled far behind an earlier trajectory;
+fold B runs to the last step of fold A at which a pooled candidate could still be
+chosen, and not at all when there is none (both rules: `weightops.repair.search_stop`,
+which says what each can miss). Candidates
 pooled over both folds are pessimistic for the refitted model (fitted on twice the
 requests and task examples), on the task as well as on the harm: on *digits* the folds
 lost the task at L=4 where the refit kept it (docs/repair.md).
