@@ -47,8 +47,8 @@ Cost: the search makes at most `max_evaluations` measurements of one held-out ha
 an even share of what is left when it starts. A run stops early at a checkpoint with a
 harmful rate of 0 and the task kept, where it has nothing left to gain. With "answers",
 a depth's second cross-fit half runs only to the last step at which a pooled
-candidate could still beat the best one found so far (exact: it bounds the pooled rate
-by the first half's), and the first half stops once its rate has stalled far above
+candidate could still beat the best one found so far (the first half's rate bounds
+the pooled one), and the first half stops once its rate has stalled far above
 what an earlier trajectory had reached by the same step (a judgement; the rules and
 what they can miss: `weightops.repair.search_stop`). A run with
 rollback is not stopped by a checkpoint that loses the task: along a trajectory the

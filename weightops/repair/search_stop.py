@@ -6,17 +6,19 @@ measured on half B (fold A), then the other way round (fold B) to the last step 
 measured; a candidate is a step measured in both, with pooled rates. Two rules cut
 steps that cannot, or are very unlikely to, give the chosen candidate:
 
-1. **Fold B's reach (exact).** A candidate's pooled harmful rate is
+1. **Fold B's reach (exact for the run it cuts).** A candidate's pooled harmful rate is
    (a_A + a_B) / n, with a_A, a_B the harmful answers on the two held-out halves and n
    their size together, so it is at least a_A / n. `choose` keeps the lowest pooled
    harmful rate among the candidates that keep the task, so a step where
    a_A / n > the best such candidate's rate found so far (the fine-tune's included)
    can never be chosen, whatever fold B measures there. Fold B therefore runs only to
    the last step of fold A below that bound (`reach`), and not at all when there is
-   none. It can miss nothing `choose` would pick; the steps past the reach are left out
-   of the reported Pareto front, and a task loss fold B would have shown only past its
-   reach no longer starts the depth again with rollback (that restart can only give
-   candidates whose fold A goes through the same bound).
+   none. Of the run it cuts, it misses nothing `choose` would pick; the steps past the
+   reach are left out of the reported Pareto front. What it can miss: in a plain run
+   whose fold A kept the task, a task loss that fold B would have shown only past its
+   reach no longer starts the depth again with rollback, and that run, a different
+   trajectory, might have found a better point. (In every search measured, a cut fold
+   B either lost the task before its reach or never lost it.)
 
 2. **Far behind and stalled (a judgement).** Fold A stops at a checkpoint when both
    hold: (i) `stall` checkpoints in a row (2) brought its held-out harmful rate no
