@@ -42,6 +42,7 @@ import json
 import os
 import random
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -427,10 +428,18 @@ def build(m: Miniature, work: Path, seed: int) -> dict[str, Path]:
 # ---------------------------------------------------------------- the command line
 
 
-def cli(*args: str) -> tuple[str, float]:
+def _children_cpu() -> float:
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
+
+
+def cli(*args: str) -> tuple[str, float, float]:
+    """Output, wall seconds and CPU seconds of one `weightops repair` command (CPU time
+    compares runs on a machine shared with other jobs, where wall time does not)."""
     env = dict(
         os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")
     )
+    cpu = _children_cpu()
     t = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-m", "weightops", "repair", *args],
@@ -442,7 +451,7 @@ def cli(*args: str) -> tuple[str, float]:
     took = time.perf_counter() - t
     if done.returncode:
         raise SystemExit(f"weightops repair {' '.join(args)} failed:\n{done.stderr}")
-    return done.stdout + done.stderr, took
+    return done.stdout + done.stderr, took, _children_cpu() - cpu
 
 
 def judge_patterns(m: Miniature) -> list[str]:
@@ -453,7 +462,7 @@ def judge_patterns(m: Miniature) -> list[str]:
 
 
 def evaluate(m: Miniature, paths: dict[str, Path], models: list[Path]) -> list[dict]:
-    text, _ = cli(
+    text, _, _ = cli(
         "eval",
         str(models[-1]),
         *[a for p in models[:-1] for a in ("--baseline", str(p))],
@@ -490,7 +499,7 @@ def run(m: Miniature, args) -> list[str]:
     out = work / "out"
     shutil.rmtree(out, ignore_errors=True)
     pruned = out / "pruned"
-    _, prune_s = cli(
+    _, prune_s, _ = cli(
         "prune", "--finetuned", str(paths["adapter"]), "--aligned", str(paths["aligned"]),
         "--harmful", str(paths["harmful"]), "-o", str(pruned), "--no-progress",
     )  # fmt: skip
@@ -507,7 +516,7 @@ def run(m: Miniature, args) -> list[str]:
         "--harmful", str(paths["harmful"]), "--task", str(paths["task"]), "--no-progress",
     ]  # fmt: skip
     restored = out / "restored"
-    log, restore_s = cli("restore", *common, "-o", str(restored))
+    log, restore_s, restore_cpu = cli("restore", *common, "-o", str(restored))
     models = [paths["aligned"], paths["ft"], pruned, aware, restored]
     labels = [
         "aligned",
@@ -516,10 +525,10 @@ def run(m: Miniature, args) -> list[str]:
         "pruned (task-aware Antidote, defaults)",
         "restored (defaults: search)",
     ]
-    paper_s = None
+    paper_s = paper_cpu = None
     if args.paper:
         paper = out / "restored-paper"
-        _, paper_s = cli("restore", *common, "--no-search", "-o", str(paper))
+        _, paper_s, paper_cpu = cli("restore", *common, "--no-search", "-o", str(paper))
         models.append(paper)
         labels.append("restored, paper's settings (--no-search)")
     rows = evaluate(m, paths, models)
@@ -533,9 +542,12 @@ def run(m: Miniature, args) -> list[str]:
         lines.append(f"| {m.name} | {label} | {h:.1%} | {t:.1%} | {ok} |")
         print(lines[-1], flush=True)
     chosen = settings_of(restored).get("search", {}).get("chosen")
-    note = f"{m.name}: prune {prune_s:.0f} s, restore {restore_s:.0f} s"
-    if paper_s is not None:
-        note += f" (paper's settings {paper_s:.0f} s: ratio {restore_s / paper_s:.1f}×)"
+    note = f"{m.name}: prune {prune_s:.0f} s, restore {restore_s:.0f} s ({restore_cpu:.0f} s CPU)"
+    if paper_s is not None and paper_cpu is not None:
+        note += (
+            f" (paper's settings {paper_s:.0f} s, {paper_cpu:.0f} s CPU: ratio "
+            f"{restore_cpu / paper_cpu:.1f}× in CPU time)"
+        )
     if chosen:
         note += (
             f"; the search chose L={chosen['layers']}, {chosen['step']} steps "

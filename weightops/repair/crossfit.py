@@ -20,8 +20,11 @@ held-out harmful rate 0.03, 60 % on the test). Here every example is held out on
 
 Stopping: a plain run stops when it loses the task on its held-out half (either
 fold's loss restarts the depth with rollback, in both folds); fold A stops after two
-checkpoints in a row with nothing left to gain (harmful rate 0, task kept) or at half
-of the depth's measurements; fold B runs to the last step fold A measured. Candidates
+checkpoints in a row with nothing left to gain (harmful rate 0, task kept), at half of
+the depth's measurements, or when it has stalled far behind an earlier trajectory;
+fold B runs to the last step of fold A at which a pooled candidate could still be
+chosen, and not at all when there is none (both rules: `weightops.repair.search_stop`,
+which says what each can miss). Candidates
 pooled over both folds are pessimistic for the refitted model (fitted on twice the
 requests and task examples), on the task as well as on the harm: on *digits* the folds
 lost the task at L=4 where the refit kept it (docs/repair.md).
@@ -36,8 +39,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from weightops.repair.heldout import Candidate, same_request
+from weightops.repair.heldout import Candidate, choose, same_request
 from weightops.repair.restore_answers import aligned_answers, restore_answers
+from weightops.repair.search_stop import behind, reach
 
 Score = Callable[[nn.Module, Sequence[Any], Sequence[Any]], tuple[float, float]]
 
@@ -87,6 +91,21 @@ def restored_count(when: dict[str, torch.Tensor], step: int) -> int:
     return sum(int(((w > 0) & (w <= step)).sum()) for w in when.values())
 
 
+def leader_points(
+    trajectories: Sequence[dict[str, Any]], candidates: Sequence[Candidate], threshold: float
+) -> list[tuple[int, float]]:
+    """(step, fold A's harmful rate) of the trajectories' fold-A checkpoints whose pooled
+    candidate keeps the task: what a later trajectory is compared with (`behind`)."""
+    kept = {(c.layers, c.step, c.rollback) for c in candidates if c.task >= threshold}
+    return [
+        (p[0], p[1])
+        for t in trajectories
+        if t["fold"] == 0
+        for p in t["points"]
+        if (t["layers"], p[0], t["rollback"]) in kept
+    ]
+
+
 def _reset(model: nn.Module, original: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -106,18 +125,28 @@ def cross_fit_depth(
     rollback_fraction: float,
     budget: int,
     original: dict[str, torch.Tensor],
+    prior: Sequence[Candidate] = (),
+    history: Sequence[dict[str, Any]] = (),
+    threshold: float = float("-inf"),
     batch_size: int = 8,
 ) -> tuple[list[Candidate], list[dict[str, Any]], int]:
     """The candidates of one depth (module docstring), its trajectories, and the
-    measurements made (at most `budget`). `model` is left at the fine-tune."""
+    measurements made (at most `budget`). `prior` and `history` are the candidates and
+    trajectories of the depths before, `threshold` the pooled task score a candidate
+    must keep: the stopping rules (`weightops.repair.search_stop`) compare with them.
+    `model` is left at the fine-tune."""
     candidates: list[Candidate] = []
     trajectories: list[dict[str, Any]] = []
     used = 0
+    held = sum(len(f.harmful_out) for f in folds)
     for rollback in (False, True):
         runs: list[dict[int, tuple[float, float]]] = []
         counts: list[dict[str, torch.Tensor]] = []
         lost = False
         last = plan["steps"]
+        known = [*prior, *candidates]
+        best = choose(known, threshold).harmful if known else float("inf")
+        leaders = leader_points([*history, *trajectories], known, threshold)
         for i, fold in enumerate(folds):
             points: dict[int, tuple[float, float]] = {}
             # Fold A takes half of what is left, so that the other folds can follow it.
@@ -126,7 +155,7 @@ def cross_fit_depth(
 
             def checkpoint(step: int, fold: Fold = fold, points: dict = points, left: int = left,
                            floor: float = fold_floor, first: bool = i == 0,
-                           plain: bool = not rollback) -> bool:  # fmt: skip
+                           plain: bool = not rollback, leaders: list = leaders) -> bool:  # fmt: skip
                 nonlocal lost
                 harm, t = score(model, fold.harmful_out, fold.task_out)
                 points[step] = (harm, t)
@@ -139,6 +168,8 @@ def cross_fit_depth(
                     and len(points) >= 2
                 ):
                     return False  # nothing left to gain
+                if first and behind([(s, p[0]) for s, p in points.items()], fold.base[0], leaders):
+                    return False  # far behind an earlier trajectory and not moving
                 return len(points) < left
 
             if left < 1 or last < 1:
@@ -159,7 +190,9 @@ def cross_fit_depth(
                 "points": [(s, *p) for s, p in points.items()],
             })  # fmt: skip
             if i == 0:
-                last = max(points, default=0)
+                # Fold B goes only as far as a candidate could still be chosen.
+                rates = {step: p[0] for step, p in points.items()}
+                last = reach(rates, len(fold.harmful_out), held, best)
         if len(runs) == len(folds):
             for step in sorted(set.intersection(*(set(r) for r in runs))):
                 harm, t = pooled(folds, [r[step] for r in runs])

@@ -45,7 +45,12 @@ the model at hand:
 Cost: the search makes at most `max_evaluations` measurements of one held-out half
 (44 for "answers", 30 for "states") in all, the fine-tune's included; each depth gets
 an even share of what is left when it starts. A run stops early at a checkpoint with a
-harmful rate of 0 and the task kept, where it has nothing left to gain. A run with
+harmful rate of 0 and the task kept, where it has nothing left to gain. With "answers",
+a depth's second cross-fit half runs only to the last step at which a pooled
+candidate could still beat the best one found so far (the first half's rate bounds
+the pooled one), and the first half stops once its rate has stalled far above
+what an earlier trajectory had reached by the same step (a judgement; the rules and
+what they can miss: `weightops.repair.search_stop`). A run with
 rollback is not stopped by a checkpoint that loses the task: along a trajectory the
 task can fall and come back as later steps restore weights the task needs less
 (docs/repair.md, *digits*). A "states" run stops being measured once its rollback run
@@ -264,7 +269,8 @@ def search_restore(
             found, runs, used = cross_fit_depth(
                 finetuned_model, aligned_model, tokenizer, folds, score, layers=layers,
                 plan=plan, metric_drop=metric_drop, rollback_fraction=rollback_fraction,
-                budget=share, original=original, batch_size=batch_size,
+                budget=share, original=original, prior=candidates, history=trajectories,
+                threshold=threshold, batch_size=batch_size,
             )  # fmt: skip
             evaluations += used
             candidates += found
