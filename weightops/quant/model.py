@@ -128,29 +128,15 @@ def quantize_model(
     if str(ckpt.config.get("model_type")) == "gpt2":
         raise QuantError("GPT-2 stores its linears as Conv1D ([in, out]); not supported yet")
     check_supported(ckpt)
-    entries: list[Entry] = []
     plan: dict[str, tuple[int, int]] = {}  # weight name -> (k4, outliers per row)
     # Blocks in increasing order, so calibration can walk through the model once.
     names = sorted(ordered_names(ckpt), key=lambda n: _layer(n))
     for name in names:
-        info = ckpt.tensors[name]
         if quantizable(ckpt, name, group_size, lm_head):
-            out_f, in_f = info.shape
+            in_f = ckpt.tensors[name].shape[1]
             n_out = round(outliers * in_f)
             k4 = in_f // group_size if bits == 4 else choose_k4(in_f, group_size, avg_bits, n_out)
             plan[name] = (k4, n_out)
-            prefix = name[: -len("weight")]
-            entries += [
-                (prefix + part, shape, dtype)
-                for part, (shape, dtype) in part_shapes(out_f, in_f, group_size, k4, n_out).items()
-            ]
-        else:
-            dtype = (
-                keep_dtype
-                if keep_dtype is not None and info.dtype.is_floating_point
-                else info.dtype
-            )
-            entries.append((name, info.shape, dtype))
     if not plan:
         raise QuantError(
             f"{ckpt.path}: no linear weight whose inputs the group size {group_size} divides"
@@ -160,6 +146,28 @@ def quantize_model(
         from weightops.quant.calibrate import read_texts
 
         texts = read_texts(calib)
+        if bits == 2:
+            from weightops.quant.allocate import calibrated_plan
+
+            plan = calibrated_plan(ckpt, texts, plan, group_size, avg_bits)
+    entries: list[Entry] = []
+    for name in names:
+        info = ckpt.tensors[name]
+        if name in plan:
+            prefix = name[: -len("weight")]
+            entries += [
+                (prefix + part, shape, dtype)
+                for part, (shape, dtype) in part_shapes(
+                    *info.shape, group_size, *plan[name]
+                ).items()
+            ]
+        else:
+            dtype = (
+                keep_dtype
+                if keep_dtype is not None and info.dtype.is_floating_point
+                else info.dtype
+            )
+            entries.append((name, info.shape, dtype))
     stats: dict[str, dict[str, Any]] = {}
     q_bits = sum(part_bits(ckpt.tensors[n].shape, group_size, *kn) for n, kn in plan.items())
     q_weights = sum(math.prod(ckpt.tensors[n].shape) for n in plan)
