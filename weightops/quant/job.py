@@ -25,6 +25,7 @@ from weightops.arch import describe
 from weightops.io.checkpoint import Checkpoint
 from weightops.io.safetensors_file import FileReader
 from weightops.io.writer import Layout, ShardWriter
+from weightops.quant.gptq import DAMP
 from weightops.quant.mixed import Packed, quantize_with_error
 
 Hessians = dict[str, torch.Tensor]
@@ -51,7 +52,12 @@ class QuantJob:
         k4, outliers = self.plan[name]
         # The error is that of what the packed form dequantizes to, without unpacking it.
         packed, err = quantize_with_error(
-            w, group_size=self.group_size, k4=k4, outliers=outliers, hessian=hessian
+            w,
+            group_size=self.group_size,
+            k4=k4,
+            outliers=outliers,
+            hessian=hessian,
+            damp=DAMP,
         )
         report = {
             "shape": list(w.shape),
