@@ -129,3 +129,34 @@ def test_sensitivity_matches_whole_model_gradients(small_llama):
         torch.testing.assert_close(
             got.importance[name].double(), sq_in[name].mean(0), rtol=1e-4, atol=1e-7
         )
+
+
+@pytest.mark.parametrize("avg_bits", [2.6, 3.3])
+def test_calibrated_plan_stays_within_the_budget(small_llama, avg_bits):
+    from weightops.io.checkpoint import Checkpoint
+    from weightops.quant.allocate import calibrated_plan
+    from weightops.quant.mixed import bits_per_weight
+
+    folder, _ = small_llama
+    ckpt = Checkpoint(folder)
+    names = [n for n in ckpt.tensors if n.endswith("proj.weight")]
+    plan = {n: (0, 0) for n in names}
+    text = "the quick brown fox jumps over the lazy dog. " * 6
+    new = calibrated_plan(ckpt, [text], plan, 64, avg_bits)
+    assert set(new) == set(plan)
+    bits = weights = 0
+    for name, (k4, outliers) in new.items():
+        out_f, in_f = ckpt.tensors[name].shape
+        assert k4 in options(in_f, 64) and outliers == 0
+        bits += out_f * in_f * bits_per_weight(in_f, 64, k4)
+        weights += out_f * in_f
+    assert bits / weights <= avg_bits
+    # Every 4-bit group lowers the error of these random weights: what is left of the
+    # budget cannot pay for one more step (2 more bits for 64 weights in every row) of
+    # any matrix that has room for it.
+    steps = [
+        ckpt.tensors[n].shape[0] * 64 * 2 * (options(ckpt.tensors[n].shape[1], 64)[1])
+        for n, (k4, _) in new.items()
+        if k4 < options(ckpt.tensors[n].shape[1], 64)[-1]
+    ]
+    assert not steps or avg_bits * weights - bits < min(steps)
