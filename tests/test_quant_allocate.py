@@ -94,6 +94,7 @@ def test_sensitivity_matches_whole_model_gradients(small_llama):
     from transformers import AutoTokenizer
 
     from weightops.io.checkpoint import Checkpoint
+    from weightops.quant.calibrate import LayerwiseCalibration
     from weightops.quant.sensitivity import measure
 
     folder, model = small_llama
@@ -108,13 +109,14 @@ def test_sensitivity_matches_whole_model_gradients(small_llama):
     assert [len(s) for s in seen_layers] == [2, 2]
 
     ids = AutoTokenizer.from_pretrained(folder)(text, return_tensors="pt").input_ids
-    sq_out, sq_in = {}, {}
+    sq_out, sq_in, x_in = {}, {}, {}
     handles = []
     for name in names:
         module = model.get_submodule(name[: -len(".weight")])
 
         def fwd(m, args, out, name=name):
-            sq_in[name] = args[0].detach().double().reshape(-1, args[0].shape[-1]).square()
+            x_in[name] = args[0].detach().double().reshape(-1, args[0].shape[-1])
+            sq_in[name] = x_in[name].square()
             out.register_hook(lambda g: sq_out.__setitem__(name, g.detach().double().square()))
 
         handles.append(module.register_forward_hook(fwd))
@@ -129,6 +131,17 @@ def test_sensitivity_matches_whole_model_gradients(small_llama):
         torch.testing.assert_close(
             got.importance[name].double(), sq_in[name].mean(0), rtol=1e-4, atol=1e-7
         )
+    # The Hessians weighted per token by the mean squared output gradient.
+    calibration = LayerwiseCalibration(Checkpoint(folder), [text], token_weights=got.token_weights)
+    hessians = {**calibration.layer(0), **calibration.layer(1)}
+    for name in names:
+        s = sq_out[name].reshape(-1, sq_out[name].shape[-1]).mean(-1)
+        x = x_in[name]
+        expected = (x * s[:, None]).T @ x / s.sum()
+        torch.testing.assert_close(hessians[name].double(), expected, rtol=1e-3, atol=1e-6)
+    # Those without weights keep the plain mean x xᵀ.
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert q not in got.token_weights and q in hessians
 
 
 @pytest.mark.parametrize("avg_bits", [2.6, 3.3])
@@ -142,7 +155,8 @@ def test_calibrated_plan_stays_within_the_budget(small_llama, avg_bits):
     names = [n for n in ckpt.tensors if n.endswith("proj.weight")]
     plan = {n: (0, 0) for n in names}
     text = "the quick brown fox jumps over the lazy dog. " * 6
-    new = calibrated_plan(ckpt, [text], plan, 64, avg_bits)
+    new, weights = calibrated_plan(ckpt, [text], plan, 64, avg_bits)
+    assert set(weights) == set(plan)
     assert set(new) == set(plan)
     bits = weights = 0
     for name, (k4, outliers) in new.items():

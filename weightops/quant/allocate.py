@@ -119,10 +119,11 @@ def calibrated_plan(
     plan: dict[str, tuple[int, int]],
     group_size: int,
     avg_bits: float,
-) -> dict[str, tuple[int, int]]:
+) -> tuple[dict[str, tuple[int, int]], dict[str, list[torch.Tensor]]]:
     """`plan` (weight name -> (4-bit groups, outliers per row)) with the 4-bit group
     counts of the block linears re-chosen from the calibration (module doc) within
-    avg_bits per weight over all of `plan`; the others keep theirs."""
+    avg_bits per weight over all of `plan`, the others keeping theirs; and the per-token
+    weights of the block linears' Hessians (weightops.quant.sensitivity)."""
     from weightops.quant.sensitivity import measure
 
     shapes = {n: tuple(ckpt.tensors[n].shape) for n in plan}
@@ -150,4 +151,4 @@ def calibrated_plan(
     new = dict(plan)
     for name, j in zip(free, picks, strict=True):
         new[name] = (options(shapes[name][1], group_size)[j], plan[name][1])
-    return new
+    return new, sens.token_weights

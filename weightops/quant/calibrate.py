@@ -62,7 +62,9 @@ class LayerwiseCalibration:
     """Hessians of the linear inputs of one decoder layer at a time (see module doc).
 
     `layer(i)` returns {weight name: mean x xᵀ} for the linears of block i and moves the
-    activations past it; layers must be asked for in increasing order.
+    activations past it; layers must be asked for in increasing order. token_weights:
+    {weight name: [per window, a weight sₜ per token]}: those names get Σ sₜ xₜ xₜᵀ / Σ sₜ
+    instead (weightops.quant.sensitivity's weights, for the calibrated quantizer).
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class LayerwiseCalibration:
         *,
         max_tokens: int = 8192,
         window: int = 512,
+        token_weights: dict[str, list[torch.Tensor]] | None = None,
     ) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
@@ -79,6 +82,7 @@ class LayerwiseCalibration:
 
         quiet_transformers()
         self.ckpt = ckpt
+        self.token_weights = token_weights
         tok = AutoTokenizer.from_pretrained(ckpt.folder)
         ids = [tok(t, return_tensors="pt").input_ids[0] for t in texts if t.strip()]
         flat = torch.cat(ids)[:max_tokens] if ids else torch.zeros(0, dtype=torch.long)
@@ -207,7 +211,7 @@ class LayerwiseCalibration:
                 f"at layer {self.next_layer}"
             )
         linears = self.load_layer(index)
-        hessians = _Accumulator(list(linears.values()))
+        hessians = _Accumulator(list(linears.values()), self.token_weights)
         hooks = {module: hessians.hook(name) for module, name in linears.items()}
         acts = []
         for h in self.acts:
@@ -222,28 +226,39 @@ class LayerwiseCalibration:
 
 class _Accumulator:
     """Running Σ x xᵀ per weight name; projections fed the very same input tensor
-    (q/k/v, gate/up) share one matrix."""
+    (q/k/v, gate/up) share one matrix. token_weights: {name: [per window, a weight per
+    token]}; those names get the weighted mean Σ sₜ xₜ xₜᵀ / Σ sₜ, each its own."""
 
-    def __init__(self, names: list[str]) -> None:
+    def __init__(
+        self, names: list[str], token_weights: dict[str, list[torch.Tensor]] | None = None
+    ) -> None:
         self.names = names
+        self.weights = token_weights or {}
+        self.window = -1
         self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
+        self.counts: dict[str, float] = {}
         self.owner: dict[str, str] = {}
         self.seen: dict[int, tuple[torch.Tensor, str]] = {}  # holds x so its id stays unique
 
     def start_window(self) -> None:
         self.seen.clear()
+        self.window += 1
 
     def hook(self, name: str):  # type: ignore[no-untyped-def]
         def pre_hook(module: torch.nn.Module, args: tuple) -> None:
             x = args[0]
+            flat = x.detach().float().reshape(-1, x.shape[-1])
+            if name in self.weights:
+                s = self.weights[name][self.window].reshape(-1, 1).float()
+                self.sums[name] = self.sums.get(name, 0) + (flat * s).T @ flat
+                self.counts[name] = self.counts.get(name, 0) + float(s.sum())
+                return
             if name in self.owner:
                 return
             if id(x) in self.seen and not self.counts.get(name):
                 self.owner[name] = self.seen[id(x)][1]
                 return
             self.seen[id(x)] = (x, name)
-            flat = x.detach().float().reshape(-1, x.shape[-1])
             self.sums[name] = self.sums.get(name, 0) + flat.T @ flat
             self.counts[name] = self.counts.get(name, 0) + flat.shape[0]
 
@@ -251,7 +266,8 @@ class _Accumulator:
 
     def result(self) -> dict[str, torch.Tensor]:
         for name in self.sums:
-            self.sums[name] /= self.counts[name]
+            # All-zero weights leave a zero matrix (GPTQ then treats every input alike).
+            self.sums[name] /= self.counts[name] or 1.0
         return {name: self.sums[self.owner.get(name, name)] for name in self.names}
 
 

@@ -44,6 +44,8 @@ class QuantJob:
     plan: dict[str, tuple[int, int]]  # weight name -> (4-bit groups, outliers per row)
     group_size: int
     texts: list[str] | None  # calibration texts
+    # Per weight, a weight per calibration token for its Hessian (weightops.quant.sensitivity).
+    token_weights: dict[str, list[torch.Tensor]] | None = None
 
     def quantize(
         self, name: str, w: torch.Tensor, hessian: torch.Tensor | None
@@ -112,7 +114,7 @@ class QuantJob:
         from weightops.quant.calibrate import LayerwiseCalibration
 
         assert self.texts is not None
-        return LayerwiseCalibration(self.ckpt, self.texts)
+        return LayerwiseCalibration(self.ckpt, self.texts, token_weights=self.token_weights)
 
     def write_block(
         self,

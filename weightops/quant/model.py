@@ -142,6 +142,7 @@ def quantize_model(
             f"{ckpt.path}: no linear weight whose inputs the group size {group_size} divides"
         )
     texts = None
+    token_weights = None
     if calib is not None:
         from weightops.quant.calibrate import read_texts
 
@@ -149,7 +150,7 @@ def quantize_model(
         if bits == 2:
             from weightops.quant.allocate import calibrated_plan
 
-            plan = calibrated_plan(ckpt, texts, plan, group_size, avg_bits)
+            plan, token_weights = calibrated_plan(ckpt, texts, plan, group_size, avg_bits)
     entries: list[Entry] = []
     for name in names:
         info = ckpt.tensors[name]
@@ -197,7 +198,7 @@ def quantize_model(
         "shard_size": shard_size,
         "extra_files": {MANIFEST: lambda: json.dumps(manifest, indent=2) + "\n"},
     }
-    job = QuantJob(ckpt, names, plan, group_size, texts)
+    job = QuantJob(ckpt, names, plan, group_size, texts, token_weights)
     if executor == "ray":
         _quantize_on_ray(job, Path(out), entries, staging, stats, ray_address)
     elif executor == "local":

@@ -11,6 +11,13 @@ measures. f puts the output errors of different matrices in one unit: the error 
 late o_proj, added to a large residual stream, costs less than the same error in an
 early v_proj. f comes from the gradient of the next-token loss on the calibration text.
 
+The same gradients weigh the tokens: with sₜ the mean squared gradient at the output for
+token t, the quantizer's Hessian becomes H = Σ sₜ xₜ xₜᵀ / Σ sₜ (the Fisher taken as a
+multiple of the identity per token rather than per matrix), so GPTQ's codes minimise
+the output error where the loss depends on it, not on tokens whose output barely
+matters. On SmolLM2-135M at 3.0 bits (calibrated allocation, damping 0.3) this lowered
+the perplexity of a validation text from 31.1 to 30.0.
+
 `measure` does this one decoder block at a time, like the calibration (weightops.quant.
 calibrate): a forward walk through the blocks keeps each block's input and each linear
 input's mean x² (the diagonal of H); at the top, the last block's output goes through
@@ -46,11 +53,13 @@ class _Stop(Exception):
 
 @dataclass
 class Sensitivity:
-    """Per quantized weight: `importance` [in], the mean x² of each input, and `cost`,
-    the loss's mean squared gradient at the layer's output (f in the module doc)."""
+    """Per quantized weight: `importance` [in], the mean x² of each input; `cost`, the
+    loss's mean squared gradient at the layer's output (f in the module doc); and
+    `token_weights`, that mean for each calibration token, one tensor per window."""
 
     importance: dict[str, torch.Tensor]
     cost: dict[str, float]
+    token_weights: dict[str, list[torch.Tensor]]
 
 
 def measure(
@@ -82,9 +91,10 @@ def measure(
     grads = _loss_gradients(cal, ckpt, depth)
     sq_out: dict[str, float] = {}
     widths: dict[str, int] = {}
+    per_token: dict[str, list[torch.Tensor]] = {}
     for index in reversed(range(depth)):
         linears = {m: n for m, n in cal.load_layer(index).items() if n in names}
-        hooks = {m: _gradient_square_sum(sq_out, widths, n) for m, n in linears.items()}
+        hooks = {m: _gradient_square_sum(sq_out, widths, per_token, n) for m, n in linears.items()}
         below = []
         for h, g in zip(inputs[index], grads, strict=True):
             x = h.detach().requires_grad_(True)
@@ -95,6 +105,7 @@ def measure(
     return Sensitivity(
         importance={n: v / count for n, v in sq_in.items()},
         cost={n: sq_out[n] / (count * widths[n]) for n in sq_out},
+        token_weights=per_token,
     )
 
 
@@ -107,11 +118,18 @@ def _square_sum(sums: dict[str, torch.Tensor], name: str) -> Any:
     return pre_hook
 
 
-def _gradient_square_sum(sums: dict[str, float], widths: dict[str, int], name: str) -> Any:
+def _gradient_square_sum(
+    sums: dict[str, float],
+    widths: dict[str, int],
+    per_token: dict[str, list[torch.Tensor]],
+    name: str,
+) -> Any:
     def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
         def on_grad(g: torch.Tensor) -> None:
-            sums[name] = sums.get(name, 0.0) + float(g.detach().double().square().sum())
+            sq = g.detach().double().square()
+            sums[name] = sums.get(name, 0.0) + float(sq.sum())
             widths[name] = g.shape[-1]
+            per_token.setdefault(name, []).append(sq.mean(-1).reshape(-1).float())
 
         output.register_hook(on_grad)
 
