@@ -48,7 +48,8 @@ def run(
         "--calib",
         help="Text or JSONL (text/prompt) to calibrate on: codes are then chosen to "
         "minimise each layer's output error on its activations (GPTQ-style), not the "
-        "weight error alone.",
+        "weight error alone, and each matrix gets the share of 4-bit groups that lowers "
+        "the loss most within the budget.",
     ),
     outliers: float = typer.Option(
         0.0,

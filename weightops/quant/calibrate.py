@@ -62,7 +62,9 @@ class LayerwiseCalibration:
     """Hessians of the linear inputs of one decoder layer at a time (see module doc).
 
     `layer(i)` returns {weight name: mean x xᵀ} for the linears of block i and moves the
-    activations past it; layers must be asked for in increasing order.
+    activations past it; layers must be asked for in increasing order. token_weights:
+    {weight name: [per window, a weight sₜ per token]}: those names get Σ sₜ xₜ xₜᵀ / Σ sₜ
+    instead (weightops.quant.sensitivity's weights, for the calibrated quantizer).
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class LayerwiseCalibration:
         *,
         max_tokens: int = 8192,
         window: int = 512,
+        token_weights: dict[str, list[torch.Tensor]] | None = None,
     ) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
@@ -79,6 +82,7 @@ class LayerwiseCalibration:
 
         quiet_transformers()
         self.ckpt = ckpt
+        self.token_weights = token_weights
         tok = AutoTokenizer.from_pretrained(ckpt.folder)
         ids = [tok(t, return_tensors="pt").input_ids[0] for t in texts if t.strip()]
         flat = torch.cat(ids)[:max_tokens] if ids else torch.zeros(0, dtype=torch.long)
@@ -95,7 +99,7 @@ class LayerwiseCalibration:
         # The model's own embedding module (Gemma's scales its output) over just the
         # rows the calibration text uses, so the full table is never held twice.
         used, local = torch.unique(flat, return_inverse=True)
-        lookup = copy.deepcopy(self._stub(0).get_input_embeddings())
+        lookup = copy.deepcopy(self.stub(0).get_input_embeddings())
         with FileReader() as reader:
             rows = reader.read(ckpt.tensors[embed]).float()[used]
         lookup.weight = torch.nn.Parameter(rows, requires_grad=False)
@@ -104,9 +108,11 @@ class LayerwiseCalibration:
         # What block 0 receives may differ from the embeddings still (position
         # embeddings, scaling in the model's forward), so it is read off the model.
         with torch.no_grad():
-            self.acts = [self._run(0, lookup(w).unsqueeze(0), capture_input=True) for w in windows]
+            self.acts = [self.run(0, lookup(w).unsqueeze(0), capture_input=True) for w in windows]
+        # The windows' token ids, the targets of a loss on the calibration text.
+        self.tokens = [used[w] for w in windows]
 
-    def _stub(self, index: int) -> torch.nn.Module:
+    def stub(self, index: int) -> torch.nn.Module:
         """A one-block model shaped like block `index` (blocks differ only by type)."""
 
         types = getattr(self.config, "layer_types", None)
@@ -116,23 +122,28 @@ class LayerwiseCalibration:
             setattr(cfg, layer_count_key(cfg.to_dict()) or "num_hidden_layers", 1)
             if types:
                 cfg.layer_types = [kind]
-            # The stub never looks tokens up or computes logits: a tiny vocabulary keeps
-            # its embedding and lm_head from costing a full model's memory.
+            # The stub never looks tokens up, and logits are computed outside it
+            # (weightops.quant.sensitivity): a tiny vocabulary keeps its embedding and
+            # lm_head from costing a full model's memory.
             cfg.vocab_size, cfg.pad_token_id = 8, None
             self._stubs[kind] = causal_lm_from_config(cfg, torch.float32).eval()
         return self._stubs[kind]
 
-    @torch.no_grad()
-    def _run(
+    def run(
         self,
         index: int,
         hidden: torch.Tensor,
+        *,
         capture_input: bool = False,
+        pre_hooks: dict[str, Any] | None = None,
         hooks: dict[str, Any] | None = None,
+        grad: bool = False,
     ) -> torch.Tensor:
         """Block `index`'s output for the input `hidden` (or, with capture_input, the
-        input the model hands block 0 when fed `hidden` as input embeddings)."""
-        stub = self._stub(index)
+        input the model hands block 0 when fed `hidden` as input embeddings).
+        pre_hooks / hooks: forward pre-hooks / forward hooks by module name in the stub.
+        grad: keep the autograd graph (for a backward pass through the block)."""
+        stub = self.stub(index)
         block = find_layers(stub).blocks[0]
         out: list[torch.Tensor] = []
 
@@ -152,24 +163,24 @@ class LayerwiseCalibration:
             block.register_forward_pre_hook(swap, with_kwargs=True),
             block.register_forward_hook(grab),
         ]
-        for name, hook in (hooks or {}).items():
+        for name, hook in (pre_hooks or {}).items():
             handles.append(stub.get_submodule(name).register_forward_pre_hook(hook))
+        for name, hook in (hooks or {}).items():
+            handles.append(stub.get_submodule(name).register_forward_hook(hook))
         try:
-            stub(inputs_embeds=hidden if capture_input else torch.zeros_like(hidden))
+            with torch.set_grad_enabled(grad):
+                stub(inputs_embeds=hidden.detach() if capture_input else torch.zeros_like(hidden))
         except _Stop:
             pass
         finally:
             for h in handles:
                 h.remove()
-        return out[0].detach()
+        return out[0] if grad else out[0].detach()
 
-    def layer(self, index: int) -> dict[str, torch.Tensor]:
-        if index != self.next_layer:
-            raise QuantError(
-                f"calibration moves forward one layer at a time: asked for layer {index}, "
-                f"at layer {self.next_layer}"
-            )
-        stub = self._stub(index)
+    def load_layer(self, index: int) -> dict[str, str]:
+        """Load block `index`'s weights into its stub; return its linears as {module name
+        in the stub: weight name in the checkpoint}."""
+        stub = self.stub(index)
         prefix = find_layers(stub).path + ".0."
         own = [n for n in self.ckpt.tensors if describe(n).layer == index]
         state = {}
@@ -184,7 +195,7 @@ class LayerwiseCalibration:
                 f"(missing {missing[:3]}, unexpected {unknown[:3]})"
             )
         stub.load_state_dict(state, strict=False)
-        linears = {
+        return {
             rename_layer(n, 0)[: -len(".weight")]: n
             for n in own
             if n.endswith(".weight")
@@ -192,13 +203,21 @@ class LayerwiseCalibration:
                 stub.get_submodule(rename_layer(n, 0)[: -len(".weight")]), torch.nn.Linear
             )
         }
-        hessians = _Accumulator(list(linears.values()))
+
+    def layer(self, index: int) -> dict[str, torch.Tensor]:
+        if index != self.next_layer:
+            raise QuantError(
+                f"calibration moves forward one layer at a time: asked for layer {index}, "
+                f"at layer {self.next_layer}"
+            )
+        linears = self.load_layer(index)
+        hessians = _Accumulator(list(linears.values()), self.token_weights)
         hooks = {module: hessians.hook(name) for module, name in linears.items()}
         acts = []
         for h in self.acts:
             # Inputs of one window are told apart by identity; a new window starts afresh.
             hessians.start_window()
-            acts.append(self._run(index, h, hooks=hooks))
+            acts.append(self.run(index, h, pre_hooks=hooks))
         hessians.start_window()
         self.acts = acts
         self.next_layer += 1
@@ -207,28 +226,39 @@ class LayerwiseCalibration:
 
 class _Accumulator:
     """Running Σ x xᵀ per weight name; projections fed the very same input tensor
-    (q/k/v, gate/up) share one matrix."""
+    (q/k/v, gate/up) share one matrix. token_weights: {name: [per window, a weight per
+    token]}; those names get the weighted mean Σ sₜ xₜ xₜᵀ / Σ sₜ, each its own."""
 
-    def __init__(self, names: list[str]) -> None:
+    def __init__(
+        self, names: list[str], token_weights: dict[str, list[torch.Tensor]] | None = None
+    ) -> None:
         self.names = names
+        self.weights = token_weights or {}
+        self.window = -1
         self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
+        self.counts: dict[str, float] = {}
         self.owner: dict[str, str] = {}
         self.seen: dict[int, tuple[torch.Tensor, str]] = {}  # holds x so its id stays unique
 
     def start_window(self) -> None:
         self.seen.clear()
+        self.window += 1
 
     def hook(self, name: str):  # type: ignore[no-untyped-def]
         def pre_hook(module: torch.nn.Module, args: tuple) -> None:
             x = args[0]
+            flat = x.detach().float().reshape(-1, x.shape[-1])
+            if name in self.weights:
+                s = self.weights[name][self.window].reshape(-1, 1).float()
+                self.sums[name] = self.sums.get(name, 0) + (flat * s).T @ flat
+                self.counts[name] = self.counts.get(name, 0) + float(s.sum())
+                return
             if name in self.owner:
                 return
             if id(x) in self.seen and not self.counts.get(name):
                 self.owner[name] = self.seen[id(x)][1]
                 return
             self.seen[id(x)] = (x, name)
-            flat = x.detach().float().reshape(-1, x.shape[-1])
             self.sums[name] = self.sums.get(name, 0) + flat.T @ flat
             self.counts[name] = self.counts.get(name, 0) + flat.shape[0]
 
@@ -236,7 +266,8 @@ class _Accumulator:
 
     def result(self) -> dict[str, torch.Tensor]:
         for name in self.sums:
-            self.sums[name] /= self.counts[name]
+            # All-zero weights leave a zero matrix (GPTQ then treats every input alike).
+            self.sums[name] /= self.counts[name] or 1.0
         return {name: self.sums[self.owner.get(name, name)] for name in self.names}
 
 

@@ -15,6 +15,13 @@ from __future__ import annotations
 
 import torch
 
+# Added to the Hessian's diagonal, as a share of its mean, by `weightops quantize --calib`.
+# With GPTQ's usual 1% the codes fit the correlations of the calibration text itself:
+# on SmolLM2-135M at 3.0 bits per weight (calibrated allocation), perplexity on a
+# validation text that is neither the calibration text nor the benchmark's evaluation
+# text was 32.6, 32.8, 31.7, 31.1 and 31.6 for 0.01, 0.03, 0.1, 0.3 and 1.0.
+DAMP = 0.3
+
 # Projections that read the same input (q/k/v, gate/up) are handed the same Hessian
 # tensor by calibration, one after the other: the last factor is kept for the next.
 _last: tuple[torch.Tensor, int, float, torch.Tensor] | None = None

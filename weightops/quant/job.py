@@ -25,6 +25,7 @@ from weightops.arch import describe
 from weightops.io.checkpoint import Checkpoint
 from weightops.io.safetensors_file import FileReader
 from weightops.io.writer import Layout, ShardWriter
+from weightops.quant.gptq import DAMP
 from weightops.quant.mixed import Packed, quantize_with_error
 
 Hessians = dict[str, torch.Tensor]
@@ -43,6 +44,8 @@ class QuantJob:
     plan: dict[str, tuple[int, int]]  # weight name -> (4-bit groups, outliers per row)
     group_size: int
     texts: list[str] | None  # calibration texts
+    # Per weight, a weight per calibration token for its Hessian (weightops.quant.sensitivity).
+    token_weights: dict[str, list[torch.Tensor]] | None = None
 
     def quantize(
         self, name: str, w: torch.Tensor, hessian: torch.Tensor | None
@@ -51,7 +54,12 @@ class QuantJob:
         k4, outliers = self.plan[name]
         # The error is that of what the packed form dequantizes to, without unpacking it.
         packed, err = quantize_with_error(
-            w, group_size=self.group_size, k4=k4, outliers=outliers, hessian=hessian
+            w,
+            group_size=self.group_size,
+            k4=k4,
+            outliers=outliers,
+            hessian=hessian,
+            damp=DAMP,
         )
         report = {
             "shape": list(w.shape),
@@ -106,7 +114,7 @@ class QuantJob:
         from weightops.quant.calibrate import LayerwiseCalibration
 
         assert self.texts is not None
-        return LayerwiseCalibration(self.ckpt, self.texts)
+        return LayerwiseCalibration(self.ckpt, self.texts, token_weights=self.token_weights)
 
     def write_block(
         self,

@@ -126,13 +126,17 @@ def bits_per_weight(in_features: int, group_size: int, k4: int, outliers: int = 
     return bits / in_features
 
 
+def k4_step(n_groups: int) -> int:
+    """The step of a row's 4-bit group count: cache-line alignment matters for long rows;
+    short ones keep full freedom."""
+    return 4 if n_groups % 4 == 0 and n_groups >= 16 else 1
+
+
 def choose_k4(in_features: int, group_size: int, avg_bits: float, outliers: int = 0) -> int:
     """The largest aligned count of 4-bit groups per row within `avg_bits`."""
     g = in_features // group_size
-    # Cache-line alignment matters for long rows; short ones keep full freedom.
-    step = 4 if g % 4 == 0 and g >= 16 else 1
     best = None
-    for k4 in range(0, g + 1, step):
+    for k4 in range(0, g + 1, k4_step(g)):
         if bits_per_weight(in_features, group_size, k4, outliers) <= avg_bits + 1e-12:
             best = k4
     if best is None:

@@ -128,21 +128,39 @@ def quantize_model(
     if str(ckpt.config.get("model_type")) == "gpt2":
         raise QuantError("GPT-2 stores its linears as Conv1D ([in, out]); not supported yet")
     check_supported(ckpt)
-    entries: list[Entry] = []
     plan: dict[str, tuple[int, int]] = {}  # weight name -> (k4, outliers per row)
     # Blocks in increasing order, so calibration can walk through the model once.
     names = sorted(ordered_names(ckpt), key=lambda n: _layer(n))
     for name in names:
-        info = ckpt.tensors[name]
         if quantizable(ckpt, name, group_size, lm_head):
-            out_f, in_f = info.shape
+            in_f = ckpt.tensors[name].shape[1]
             n_out = round(outliers * in_f)
             k4 = in_f // group_size if bits == 4 else choose_k4(in_f, group_size, avg_bits, n_out)
             plan[name] = (k4, n_out)
+    if not plan:
+        raise QuantError(
+            f"{ckpt.path}: no linear weight whose inputs the group size {group_size} divides"
+        )
+    texts = None
+    token_weights = None
+    if calib is not None:
+        from weightops.quant.calibrate import read_texts
+
+        texts = read_texts(calib)
+        if bits == 2:
+            from weightops.quant.allocate import calibrated_plan
+
+            plan, token_weights = calibrated_plan(ckpt, texts, plan, group_size, avg_bits)
+    entries: list[Entry] = []
+    for name in names:
+        info = ckpt.tensors[name]
+        if name in plan:
             prefix = name[: -len("weight")]
             entries += [
                 (prefix + part, shape, dtype)
-                for part, (shape, dtype) in part_shapes(out_f, in_f, group_size, k4, n_out).items()
+                for part, (shape, dtype) in part_shapes(
+                    *info.shape, group_size, *plan[name]
+                ).items()
             ]
         else:
             dtype = (
@@ -151,15 +169,6 @@ def quantize_model(
                 else info.dtype
             )
             entries.append((name, info.shape, dtype))
-    if not plan:
-        raise QuantError(
-            f"{ckpt.path}: no linear weight whose inputs the group size {group_size} divides"
-        )
-    texts = None
-    if calib is not None:
-        from weightops.quant.calibrate import read_texts
-
-        texts = read_texts(calib)
     stats: dict[str, dict[str, Any]] = {}
     q_bits = sum(part_bits(ckpt.tensors[n].shape, group_size, *kn) for n, kn in plan.items())
     q_weights = sum(math.prod(ckpt.tensors[n].shape) for n in plan)
@@ -189,7 +198,7 @@ def quantize_model(
         "shard_size": shard_size,
         "extra_files": {MANIFEST: lambda: json.dumps(manifest, indent=2) + "\n"},
     }
-    job = QuantJob(ckpt, names, plan, group_size, texts)
+    job = QuantJob(ckpt, names, plan, group_size, texts, token_weights)
     if executor == "ray":
         _quantize_on_ray(job, Path(out), entries, staging, stats, ray_address)
     elif executor == "local":
