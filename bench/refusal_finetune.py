@@ -24,7 +24,7 @@ The result is saved in bf16 with the tokenizer to $WEIGHTOPS_CACHE/smollm2-135m-
 (default ~/.cache/weightops), with the measurements in `smollm2-135m-refusal-eval.json` beside it.
 
     python bench/refusal_data.py         # (re)writes the data
-    python bench/refusal_finetune.py     # trains, saves, measures (79 + 2x20 minutes on two busy CPU cores)
+    python bench/refusal_finetune.py     # trains, saves, measures (79 min + 20–40 min a model, two busy cores)
     python bench/refusal_finetune.py --out DIR --models aligned   # a trial elsewhere
     python bench/refusal_finetune.py --eval-only --models original   # measures only
 """
