@@ -208,8 +208,9 @@ def finetune(aligned: Path, out: Path, args) -> dict:
     return record
 
 
-def repair(step: str, paths: dict[str, Path], out: Path) -> tuple[list[str], float]:
-    """Run one repair through the command line into `out`; (command, seconds)."""
+def repair(step: str, paths: dict[str, Path], out: Path) -> tuple[list[str], float, float]:
+    """Run one repair through the command line into `out`; (command, wall seconds, CPU
+    seconds)."""
     base = ["--finetuned", str(paths["ft"]), "--aligned", str(paths["aligned"])]
     base += ["--harmful", str(paths["harmful"])]
     args = {
@@ -220,10 +221,10 @@ def repair(step: str, paths: dict[str, Path], out: Path) -> tuple[list[str], flo
     }[step]
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    log, seconds = cli(*args, "-o", str(staging), "--no-progress")
+    log, seconds, cpu = cli(*args, "-o", str(staging), "--no-progress")
     print(log.strip(), flush=True)
     staging.rename(out)
-    return ["weightops", "repair", *args, "-o", "OUT"], seconds
+    return ["weightops", "repair", *args, "-o", "OUT"], seconds, cpu
 
 
 def measure(key: str, folder: Path, paths: dict[str, Path], results: Path) -> dict:
@@ -232,7 +233,7 @@ def measure(key: str, folder: Path, paths: dict[str, Path], results: Path) -> di
     path = results / f"{key}.json"
     got = json.loads(path.read_text()) if path.exists() else {}
     if "harmful_rate" not in got:
-        text, seconds = cli(
+        text, seconds, _ = cli(
             "eval", str(folder), "--harmful", str(paths["harmful_test"]), "--task",
             str(paths["task_test"]), "--max-new-tokens", str(EVAL_TOKENS), "--json",
         )  # fmt: skip
@@ -346,8 +347,10 @@ def main(argv: list[str] | None = None) -> None:
         out = paths["out"] / step
         result = work / "results" / f"{step}.json"
         if not (out / "config.json").exists():
-            cmd, seconds = repair(step, paths, out)
-            result.write_text(json.dumps({"command": _shorten(cmd, paths), "seconds": seconds}))
+            cmd, seconds, cpu = repair(step, paths, out)
+            result.write_text(
+                json.dumps({"command": _shorten(cmd, paths), "seconds": seconds, "cpu": cpu})
+            )
         measure(step, out, paths, work / "results")
     if not args.no_doc:
         body = report(work, paths, aligned if args.aligned else None, args.every)
