@@ -33,7 +33,7 @@ import torch
 
 from weightops.arch import describe
 from weightops.io.checkpoint import Checkpoint
-from weightops.quant.grids import CLIP_GRID, choose_grids
+from weightops.quant.grids import CLIP_GRID, choose_grids, sq_error
 from weightops.quant.mixed import QuantError, bits_per_weight, k4_step
 
 # The dynamic programme's table has this many budget units at most; finer budgets are
@@ -64,9 +64,7 @@ def error_curve(
     h = importance.float().clamp_min(0).reshape(g, group_size)
     fit = weight.float().reshape(out_f, g, group_size)
     _, s, lo = choose_grids(fit, h, 0, CLIP_GRID, True)
-    s, lo = s[..., None], lo[..., None]
-    err2 = (fit - lo).div_(s).round_().clamp_(0, 3).mul_(s).add_(lo).sub_(fit).square_()
-    err2 = err2.mul_(h).sum(-1)
+    err2 = sq_error(fit, h, s, lo, 3)
     # A 4-bit grid over the group's range leaves about its rounding noise, step²/12.
     step = (fit.amax(-1) - fit.amin(-1)) / 15
     err4 = step.square_().mul_(h.sum(-1) / 12)

@@ -47,7 +47,7 @@ CLIP4 = (0.95,)
 REFINE_STEPS_4 = 2
 
 
-def _sq_error(
+def sq_error(
     groups: torch.Tensor, h: torch.Tensor | None, s: torch.Tensor, lo: torch.Tensor, levels: int
 ) -> torch.Tensor:
     """Weighted squared error per group of rounding to the grid (s, lo)."""
@@ -85,7 +85,7 @@ def _grid(
         s = ((hi - lo) / levels).clamp_min(1e-12)
         if len(clips) == 1:
             return s, lo
-        err = _sq_error(groups, h, s, lo, levels)
+        err = sq_error(groups, h, s, lo, levels)
         if best:
             better = err < best[0]
             err, s, lo = (
@@ -122,7 +122,7 @@ def _refine_with_error(
     already has (no pass over the weights). totals: each group's Σh, Σhg and Σhg², if
     known."""
     if not steps:
-        return s, lo, _sq_error(groups, h, s, lo, 2**bits - 1)
+        return s, lo, sq_error(groups, h, s, lo, 2**bits - 1)
     lead = groups.shape[:-1]
     # Σh, Σhg, Σhg² (taken in the first step's pass), then Σhq², Σhq, Σhqg per step.
     c, e, g2, a, b, d = groups.new_empty(6, *lead).unbind(0)
