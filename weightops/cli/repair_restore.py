@@ -117,11 +117,11 @@ def restore(
     By default (with 16 or more harmful and task examples) the settings are
     chosen automatically instead, by cross-fitting on two halves of each file
     (harmful prompts split by request): the aligned model answers one half's
-    harmful prompts (its refusals), and each step restores the 0.2% of the
+    harmful prompts (its refusals), and each step restores the 0.4% of the
     decoder's weights whose aligned values most raise the likelihood of those
     answers, for most requests alike, without raising the task's loss; one such
-    trajectory on all blocks and one on the first half (up to 40 steps) are fitted
-    on each half and measured on the other every 4 steps (44 measurements at most;
+    trajectory on all blocks and one on the first half (up to 20 steps) are fitted
+    on each half and measured on the other every 2 steps (44 measurements at most;
     a trajectory that loses the task starts again with rollback, as in the paper,
     and is then measured through any dip in the task). Of the points measured in
     both halves, the one with the lowest harmful rate over both whose task score

@@ -19,8 +19,8 @@ the model at hand:
    nearly the same path in more, smaller steps. The objective (`objective`):
    - "answers" (default): `weightops.repair.restore_answers`, which restores by the
      likelihood of the aligned model's own answers to the harmful prompts against the
-     task's loss; depths: all blocks, then half; 0.2 % per step, up to 40 steps,
-     checkpoints every 4. The search cross-fits (`weightops.repair.crossfit`): each
+     task's loss; depths: all blocks, then half; 0.4 % per step, up to 20 steps,
+     checkpoints every 2. The search cross-fits (`weightops.repair.crossfit`): each
      depth runs one trajectory fitted on each half and measured on the other, a
      candidate's rates are pooled over both halves (every example is held out once),
      and the written model is restored on all the examples with the chosen depth and
@@ -91,7 +91,7 @@ MIN_EXAMPLES = 16
 # and the held-out measurements one search may make, the fine-tune's included (each:
 # one held-out half of the harmful prompts and task examples): the cap on its cost.
 OBJECTIVES: dict[str, dict[str, Any]] = {
-    "answers": {"depths": (1.0, 0.5), "fraction": 0.002, "steps": 40, "every": 4,
+    "answers": {"depths": (1.0, 0.5), "fraction": 0.004, "steps": 20, "every": 2,
                 "evaluations": 44, "agreement": True},
     "states": {"depths": (1.0, 2 / 3, 1 / 3), "fraction": 0.005, "steps": 20, "every": 4,
                "evaluations": 30},
