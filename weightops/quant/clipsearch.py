@@ -114,8 +114,9 @@ def _search_chunk(
         # the middle, on the cell edges counted from the other end): the key is the
         # cell, the weights beyond the last threshold sharing the outermost ones. A
         # weight on a threshold is as far from both levels, so either side of it gives
-        # it the same error.
-        key = torch.floor(v, out=scratch("search_key", shape, g.dtype)).clamp_(0, 2 * cells - 1)
+        # it the same error. Clamped to [0, 2·cells − 1] first, the conversion to an
+        # integer (which truncates) is the floor.
+        key = torch.clamp(v, 0, 2 * cells - 1, out=scratch("search_key", shape, g.dtype))
         idx = scratch("search_idx", shape, torch.int64).copy_(key)
         h_b = importance_rows(h, groups, rows)
         if h_b is None:

@@ -202,7 +202,8 @@ def quantize_model(
     if executor == "ray":
         _quantize_on_ray(job, Path(out), entries, staging, stats, ray_address)
     elif executor == "local":
-        write_model(ckpt, Path(out), entries, job.producer(stats), **staging)
+        order = [ckpt.tensors[n] for n in names]
+        write_model(ckpt, Path(out), entries, job.producer(stats), order, **staging)
     else:
         raise QuantError(f"--executor {executor}: unknown executor", hint="use local or ray")
     return manifest
