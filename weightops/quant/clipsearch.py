@@ -109,7 +109,8 @@ def _search_chunk(
         g = groups[rows]
         shape = tuple(g.shape)
         v = torch.sub(g, mid[rows][..., None], out=scratch("search_v", shape, g.dtype))
-        v.mul_(scale[rows][..., None]).add_(cells)
+        # A Python int would be converted to a tensor for each block; a float is not.
+        v.mul_(scale[rows][..., None]).add_(float(cells))
         # The thresholds 2c/3 of x = |g − m|/r fall on integers of |v' − cells| (below
         # the middle, on the cell edges counted from the other end): the key is the
         # cell, the weights beyond the last threshold sharing the outermost ones. A
@@ -137,8 +138,9 @@ def _search_chunk(
     prefix = _key_prefix_map(tuple(clips)).to(flat.dtype)
     upto = (flat.reshape(-1, 2 * cells) @ prefix).reshape(-1, 2, 2, n + 1)
     total = upto[..., n]  # [groups, (Σh, Σhv'), (below, above)]
-    c = total[:, 0].sum(-1)
-    sv = total[:, 1].sum(-1)
+    # Two terms added (a reduction over a dimension of 2 costs several times more).
+    c = total[:, 0, 0] + total[:, 0, 1]
+    sv = total[:, 1, 0] + total[:, 1, 1]
     # Σh·v², v = v' − cells, in units of r²·k²; Σhg and Σhg² from the same sums.
     quad_v = quad - (2 * cells) * sv + (cells * cells) * c
     err_all = torch.addmm(
