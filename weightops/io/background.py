@@ -1,5 +1,5 @@
-"""Reads and writes on background threads, so that computing one tensor overlaps reading
-the next and writing the last (pread and pwrite release the GIL)."""
+"""Writes handed to one background thread, so that computing the next tensor overlaps
+writing the last one (the write releases the GIL in pwrite)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from weightops.io.safetensors_file import FileReader, TensorInfo
 from weightops.io.writer import ShardWriter
 
 # Bytes of finished tensors that may wait for the disk at once.
 PENDING_BYTES = 64 * 2**20
-# Bytes of source tensors read ahead of the one in use.
-READ_AHEAD_BYTES = 64 * 2**20
 
 
 class BackgroundWrites:
@@ -49,54 +46,6 @@ class BackgroundWrites:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> BackgroundWrites:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class ReadAhead:
-    """Reads `order` (the tensors the caller will ask for, in that order) on a thread of
-    its own, at most READ_AHEAD_BYTES ahead of the caller, the next one always (a
-    tensor larger than the budget is read alone). `read` has FileReader's signature: a
-    tensor of the order is handed over (those skipped before it are dropped), anything
-    else is read at once. A read's error is raised by the `read` that asks for it."""
-
-    def __init__(self, reader: FileReader, order: list[TensorInfo]) -> None:
-        self.reader = reader
-        self._order = collections.deque(order)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightops-read")
-        self._pending: collections.deque[tuple[TensorInfo, Future[torch.Tensor]]] = (
-            collections.deque()
-        )
-        self._fill()
-
-    def _fill(self) -> None:
-        held = sum(info.nbytes for info, _ in self._pending)
-        while self._order and (
-            not self._pending or held + self._order[0].nbytes <= READ_AHEAD_BYTES
-        ):
-            info = self._order.popleft()
-            self._pending.append((info, self._pool.submit(self.reader.read, info)))
-            held += info.nbytes
-
-    def read(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        if rows is None and any(info == queued for queued, _ in self._pending):
-            while True:
-                queued, future = self._pending.popleft()
-                if queued == info:
-                    break
-                future.cancel()
-            self._fill()
-            return future.result()
-        return self.reader.read(info, rows)
-
-    def close(self) -> None:
-        """Stop: reads not started are dropped, the one running is waited for."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        self._pending.clear()
-
-    def __enter__(self) -> ReadAhead:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -18,9 +18,9 @@ import torch
 
 from weightops import __version__
 from weightops.io import sidefiles
-from weightops.io.background import BackgroundWrites, ReadAhead
+from weightops.io.background import BackgroundWrites
 from weightops.io.checkpoint import Checkpoint
-from weightops.io.safetensors_file import FileReader, TensorInfo
+from weightops.io.safetensors_file import FileReader
 from weightops.io.writer import (
     Layout,
     ShardWriter,
@@ -93,14 +93,12 @@ def write_model(
     source: Checkpoint,
     out: Path,
     entries: list[Entry],
-    produce: Callable[[str, FileReader | ReadAhead], torch.Tensor],
-    read_order: list[TensorInfo] | None = None,
+    produce: Callable[[str, FileReader], torch.Tensor],
     **staging: Any,
 ) -> Path:
     """Write a checkpoint folder whose tensors are `entries` (name, shape, dtype), in
     that order, each made by produce(name, reader) when its turn comes; the rest as
-    `staged_model` (keyword arguments) says. read_order: the source tensors produce
-    reads, in order, to be read ahead while it computes."""
+    `staged_model` (keyword arguments) says."""
     with staged_model(source, out, entries, **staging) as (folder, layout):
         writer = ShardWriter(folder, layout, display=out)
         try:
@@ -108,11 +106,7 @@ def write_model(
             # PENDING_BYTES of them (weightops.io.background) beyond the oldest. The
             # count is loose because a quantized matrix is six small tensors: with two
             # at most, quantizing SmolLM2-135M waited 0.4–0.6 s on its 1322 writes.
-            with (
-                FileReader() as files,
-                ReadAhead(files, read_order or []) as reader,
-                BackgroundWrites(writer, depth=64) as writes,
-            ):
+            with FileReader() as reader, BackgroundWrites(writer, depth=64) as writes:
                 for name, shape, dtype in entries:
                     result = produce(name, reader)
                     if tuple(result.shape) != tuple(shape):

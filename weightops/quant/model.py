@@ -202,8 +202,7 @@ def quantize_model(
     if executor == "ray":
         _quantize_on_ray(job, Path(out), entries, staging, stats, ray_address)
     elif executor == "local":
-        order = [ckpt.tensors[n] for n in names]
-        write_model(ckpt, Path(out), entries, job.producer(stats), order, **staging)
+        write_model(ckpt, Path(out), entries, job.producer(stats), **staging)
     else:
         raise QuantError(f"--executor {executor}: unknown executor", hint="use local or ray")
     return manifest
