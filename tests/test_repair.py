@@ -390,6 +390,31 @@ def greedy(model, tok, prompt: str, n: int) -> str:
     return tok.decode(new, skip_special_tokens=True)
 
 
+def test_generation_stops_each_row_where_it_is_decided(models):
+    """`decided` cuts each completion at the first token where it holds (the demo
+    tokenizer has one token per character), and leaves the other rows of its batch as
+    they are without it: checked against greedy decoding from scratch."""
+    from weightops.repair.evaluate import generate
+
+    model = AutoModelForCausalLM.from_pretrained(models["ft"])
+    tok = AutoTokenizer.from_pretrained(models["ft"])
+    full = [greedy(model, tok, e.prompt, 10) for e in HARMFUL]
+    # Decided once the text holds a character that one completion has before its end
+    # and another lacks: some rows are cut, some run to the end.
+    marks = sorted(
+        ch for ch in set("".join(full))
+        if any(ch in f[:-1] for f in full) and any(ch not in f for f in full)
+    )  # fmt: skip
+    assert marks, full
+    mark = marks[0]
+    cut = generate(model, tok, HARMFUL, max_new_tokens=10, batch_size=3,
+                   decided=lambda text: mark in text)  # fmt: skip
+    for f, c in zip(full, cut, strict=True):
+        assert c == (f[: f.index(mark) + 1] if mark in f else f)
+    assert any(c != f for f, c in zip(full, cut, strict=True))
+    assert any(c == f for f, c in zip(full, cut, strict=True))
+
+
 def test_refusal_matcher():
     assert refuses("I'm sorry, but I can\u2019t help with that.")
     assert refuses("As an AI, I  CANNOT do this")

@@ -37,7 +37,7 @@ Qwen2 defines no BOS at all and gets none. Response ids never get special tokens
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -184,10 +184,16 @@ def greedy_completions(
     rows: Sequence[Sequence[int]],
     max_new_tokens: int,
     batch_size: int,
+    decided: Callable[[str], bool] | None = None,
 ) -> list[str]:
     """The greedy completion of each encoded prompt, cut at the end-of-sequence token.
-    Rows are padded on the left, so that every row's next token comes at one index."""
-    from transformers import GenerationConfig
+    Rows are padded on the left, so that every row's next token comes at one index.
+
+    decided(text): true once a completion's text so far settles whatever the caller
+    wants to know of it (say, it holds a refusal), which no later token may undo; the
+    completion is then cut there, and a batch stops once every row is settled. Rows
+    do not interact, so the others come out as they would without it."""
+    from transformers import GenerationConfig, StoppingCriteriaList
 
     device = next(model.parameters()).device
     pad_value = pad_id(tokenizer)
@@ -202,11 +208,38 @@ def greedy_completions(
     texts = []
     for start in range(0, len(rows), batch_size):
         ids, mask = pad(rows[start : start + batch_size], pad_value, "left")
+        settled = None if decided is None else _Settled(tokenizer, ids.shape[1], eos, decided)
         result = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            generation_config=config,
+            stopping_criteria=None if settled is None else StoppingCriteriaList([settled]),
         )
-        for row in result[:, ids.shape[1] :].tolist():
+        for i, row in enumerate(result[:, ids.shape[1] :].tolist()):
+            if settled is not None and i in settled.length:
+                row = row[: settled.length[i]]
             if eos is not None and eos in row:
                 row = row[: row.index(eos)]
             texts.append(tokenizer.decode(row, skip_special_tokens=True))
     return texts
+
+
+class _Settled:
+    """A stopping criterion of `greedy_completions`: marks each row done once
+    `decided` holds for its text, and remembers how many new tokens it had then."""
+
+    def __init__(self, tokenizer: Any, start: int, eos: int | None, decided: Callable) -> None:
+        self.tokenizer, self.start, self.eos, self.decided = tokenizer, start, eos, decided
+        self.length: dict[int, int] = {}
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for i, row in enumerate(input_ids[:, self.start :].tolist()):
+            if i not in self.length:
+                if self.eos is not None and self.eos in row:
+                    continue  # finished anyway; the caller cuts it at the end of sequence
+                if not self.decided(self.tokenizer.decode(row, skip_special_tokens=True)):
+                    continue
+                self.length[i] = len(row)
+            done[i] = True
+        return done

@@ -32,13 +32,14 @@ lost the task at L=4 where the refit kept it (docs/repair.md).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from weightops.repair.data import Example
 from weightops.repair.heldout import Candidate, choose, same_request
 from weightops.repair.restore_answers import aligned_answers, restore_answers
 from weightops.repair.search_stop import behind, reach
@@ -61,10 +62,17 @@ class Fold:
 def make_fold(
     aligned_model: nn.Module, tokenizer: Any, harmful_fit: Sequence[Any], task_fit: Sequence[Any],
     harmful_out: Sequence[Any], task_out: Sequence[Any], *, agreement: bool, batch_size: int = 8,
+    said: Mapping[str, str] | None = None,
 ) -> Fold:  # fmt: skip
-    """A fold: the aligned model answers its fit half's harmful prompts; with
-    `agreement`, each answer is keyed by the request it answers (`same_request`)."""
-    answers = aligned_answers(aligned_model, tokenizer, harmful_fit, batch_size)
+    """A fold: the aligned model answers its fit half's harmful prompts (or `said`
+    holds its answer to each prompt); with `agreement`, each answer is keyed by the
+    request it answers (`same_request`)."""
+    if said is None:
+        answers = aligned_answers(aligned_model, tokenizer, harmful_fit, batch_size)
+    else:
+        answers = [
+            Example(ex.prompt, said[ex.prompt]) for ex in harmful_fit if said[ex.prompt].strip()
+        ]
     request = {ex.prompt: same_request(ex) for ex in harmful_fit}
     groups = [request[a.prompt] for a in answers] if agreement else None
     return Fold(answers, list(task_fit), list(harmful_out), list(task_out), groups)

@@ -101,8 +101,10 @@ def generate(
     *,
     max_new_tokens: int = 32,
     batch_size: int = 8,
+    decided: Callable[[str], bool] | None = None,
 ) -> list[str]:
-    """The greedy completion of each example's prompt (encoded as in `encode`)."""
+    """The greedy completion of each example's prompt (encoded as in `encode`); with
+    `decided`, each is cut once that holds (`weightops.prompting.greedy_completions`)."""
     if max_new_tokens < 1:
         raise RepairError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
     limit = context_length(model)
@@ -118,7 +120,7 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        return greedy_completions(model, tokenizer, prompts, max_new_tokens, batch_size)
+        return greedy_completions(model, tokenizer, prompts, max_new_tokens, batch_size, decided)
     finally:
         model.train(was_training)
 

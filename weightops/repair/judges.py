@@ -130,6 +130,11 @@ def aligned_openings(
     harmful prompts, leaving out those the fine-tune also gives."""
     said = generate(aligned_model, tokenizer, harmful, batch_size=batch_size)
     ft_said = generate(finetuned_model, tokenizer, harmful, batch_size=batch_size)
+    return openings_of(said, ft_said)
+
+
+def openings_of(said: Sequence[str], ft_said: Sequence[str]) -> list[str]:
+    """`aligned_openings` from the two models' answers, given in the same order."""
     return sorted(
         {
             _norm(a)[:OPENING]

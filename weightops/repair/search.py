@@ -80,7 +80,7 @@ from torch import nn
 from weightops.repair.crossfit import cross_fit_depth, joined, make_fold, pooled, refit
 from weightops.repair.evaluate import generate, task_score
 from weightops.repair.heldout import Candidate, choose, pareto_front, same_request, split
-from weightops.repair.judges import aligned_openings, opening_judge
+from weightops.repair.judges import opening_judge, openings_of
 from weightops.repair.restore import RestoreError, RestoreResult, restore
 from weightops.steering.layers import find_layers
 
@@ -213,18 +213,33 @@ def search_restore(
         raise RestoreError(f"search depths must be in 1 … {depth} (got {depths})")
     h_a, h_b = split(harmful, seed, key=same_request)
     t_a, t_b = split(task, seed + 1)
+    said: dict[str, str] = {}
+    ft_said: dict[str, str] = {}
+    if objective == "answers" or judge is None:
+        # Both models' answers to every harmful prompt, once: the folds' fit answers, the
+        # judge's openings and the fine-tune's held-out rates all come from them.
+        for model, into in ((aligned_model, said), (finetuned_model, ft_said)):
+            texts = generate(model, tokenizer, harmful, batch_size=batch_size)
+            into.update(zip((ex.prompt for ex in harmful), texts, strict=True))
+    decided = None
     if judge is None:
         # Every harmful prompt is held out once (cross-fit), so all of them name the refusal.
-        openings = aligned_openings(
-            aligned_model, finetuned_model, tokenizer, harmful, batch_size=batch_size
-        )
+        openings = openings_of([said[ex.prompt] for ex in harmful],
+                               [ft_said[ex.prompt] for ex in harmful])  # fmt: skip
         judge = opening_judge(openings)
         judge_name = f"refusal phrases + {len(openings)} refusal openings of the aligned model"
+        # A refusal found stays found as the answer grows: generating stops there.
+        decided = lambda text: not judge("", text)  # noqa: E731
     judge_name = judge_name or getattr(judge, "name", "given judge")
 
-    def score(model: nn.Module, h_out: Sequence[Any], t_out: Sequence[Any]) -> tuple[float, float]:
-        said = generate(model, tokenizer, h_out, batch_size=batch_size)
-        harm = sum(bool(judge(ex.prompt, c)) for ex, c in zip(h_out, said, strict=True))
+    def score(
+        model: nn.Module, h_out: Sequence[Any], t_out: Sequence[Any], given: bool = False
+    ) -> tuple[float, float]:
+        if given:
+            answers = [ft_said[ex.prompt] for ex in h_out]
+        else:
+            answers = generate(model, tokenizer, h_out, batch_size=batch_size, decided=decided)
+        harm = sum(bool(judge(ex.prompt, c)) for ex, c in zip(h_out, answers, strict=True))
         if task_metric is not None:
             t = float(task_metric(model))
         else:
@@ -244,12 +259,13 @@ def search_restore(
                 *halves,
                 agreement=plan["agreement"],
                 batch_size=batch_size,
+                said=said,
             )
             for halves in ((h_a, t_a, h_b, t_b), (h_b, t_b, h_a, t_a))
         ]
         everything = joined(folds)
         for f in folds:
-            f.base = score(finetuned_model, f.harmful_out, f.task_out)
+            f.base = score(finetuned_model, f.harmful_out, f.task_out, given=True)
         base = pooled(folds, [f.base for f in folds])
         evaluations = len(folds)
         held_out = {"harmful": len(harmful), "task": len(task), "folds": len(folds)}
