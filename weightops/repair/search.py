@@ -54,7 +54,10 @@ what they can miss: `weightops.repair.search_stop`). A run with
 rollback is not stopped by a checkpoint that loses the task: along a trajectory the
 task can fall and come back as later steps restore weights the task needs less
 (docs/repair.md, *digits*). A "states" run stops being measured once its rollback run
-loses the task or reaches a harmful rate of 0. The bench
+loses the task or reaches a harmful rate of 0. The aligned model and the fine-tune
+answer every harmful prompt once (the folds' answers, the judge's openings and the
+fine-tune's held-out rates come from those), and with the built-in judge a held-out
+answer is generated only until it holds a refusal. The bench
 (bench/repair_miniatures.py) prints the search's time against one restoration with
 the paper's settings; docs/repair.md has the numbers.
 
