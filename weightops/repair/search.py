@@ -227,8 +227,8 @@ def search_restore(
     decided = None
     if judge is None:
         # Every harmful prompt is held out once (cross-fit), so all of them name the refusal.
-        openings = openings_of([said[ex.prompt] for ex in harmful],
-                               [ft_said[ex.prompt] for ex in harmful])  # fmt: skip
+        prompts = [ex.prompt for ex in harmful]
+        openings = openings_of([said[p] for p in prompts], [ft_said[p] for p in prompts])
         judge = opening_judge(openings)
         judge_name = f"refusal phrases + {len(openings)} refusal openings of the aligned model"
         # A refusal found stays found as the answer grows: generating stops there.
