@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from weightops.quant import allocate as alloc
-from weightops.quant.allocate import allocate, error_curve, matrix_bits, options
+from weightops.quant.allocate import allocate, error_curve, options
+from weightops.quant.model import part_bits
 
 
 def test_allocation_of_a_hand_worked_case():
@@ -64,11 +65,11 @@ def test_allocation_below_the_floor_is_refused():
         allocate([[(5, 1.0)], [(5, 1.0)]], 9)
 
 
-def test_matrix_bits_count_every_stored_part():
+def test_part_bits_count_every_stored_part():
     # A row of 1024 inputs in groups of 64: 16 groups, 4 of them 4-bit, 3 outliers of a
     # 16-bit index and a 16-bit value: codes, scale + zero bytes, map, super-scales.
     row = 2 * 12 * 64 + 4 * 4 * 64 + 16 * 16 + 8 * 2 + 32 + 3 * 32
-    assert matrix_bits((5, 1024), 64, 4, 3) == 5 * row
+    assert part_bits((5, 1024), 64, 4, 3) == 5 * row
     assert options(1024, 64) == [0, 4, 8, 12, 16]
     assert options(576, 64) == list(range(10))
 

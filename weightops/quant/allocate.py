@@ -34,7 +34,8 @@ import torch
 from weightops.arch import describe
 from weightops.io.checkpoint import Checkpoint
 from weightops.quant.grids import CLIP_GRID, choose_grids, sq_error
-from weightops.quant.mixed import QuantError, bits_per_weight, k4_step
+from weightops.quant.mixed import QuantError, k4_step
+from weightops.quant.model import part_bits
 
 # The dynamic programme's table has this many budget units at most; finer budgets are
 # counted in coarser units, each option's bits rounded up, so the budget still holds.
@@ -45,12 +46,6 @@ def options(in_features: int, group_size: int) -> list[int]:
     """The aligned 4-bit group counts a row of `in_features` may have."""
     g = in_features // group_size
     return list(range(0, g + 1, k4_step(g)))
-
-
-def matrix_bits(shape: tuple[int, int], group_size: int, k4: int, outliers: int = 0) -> int:
-    """Every stored bit of a [out, in] matrix with k4 4-bit groups per row."""
-    out_f, in_f = shape
-    return out_f * round(bits_per_weight(in_f, group_size, k4, outliers) * in_f)
 
 
 @torch.no_grad()
@@ -140,10 +135,10 @@ def calibrated_plan(
     sens = measure(ckpt, texts, blocks, on_layer)
     free = sorted(n for n in blocks if n in curves and n in sens.cost)
     weights = sum(math.prod(s) for s in shapes.values())
-    fixed = sum(matrix_bits(shapes[n], group_size, *plan[n]) for n in plan if n not in free)
+    fixed = sum(part_bits(shapes[n], group_size, *plan[n]) for n in plan if n not in free)
     choices = [
         [
-            (matrix_bits(shapes[n], group_size, k, plan[n][1]), sens.cost[n] * err)
+            (part_bits(shapes[n], group_size, k, plan[n][1]), sens.cost[n] * err)
             for k, err in zip(options(shapes[n][1], group_size), curves[n], strict=True)
         ]
         for n in free
