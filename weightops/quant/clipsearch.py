@@ -132,36 +132,22 @@ def _search_chunk(
     if h is None:
         quad.square_()
     flat = sums.reshape(-1, 4 * cells)
-    quad = quad.reshape(-1)
-    # Per group, (Σh, Σhv') per side over the keys of buckets up to each threshold:
-    # one matrix product, whose last column is the side's total.
-    prefix = _key_prefix_map(tuple(clips)).to(flat.dtype)
-    upto = (flat.reshape(-1, 2 * cells) @ prefix).reshape(-1, 2, 2, n + 1)
-    total = upto[..., n]  # [groups, (Σh, Σhv'), (below, above)]
-    # Two terms added (a reduction over a dimension of 2 costs several times more).
-    c = total[:, 0, 0] + total[:, 0, 1]
-    sv = total[:, 1, 0] + total[:, 1, 1]
+    # One matrix product gives, per group, each factor's error less its quadratic term,
+    # Σh and Σhv' over all keys, and for each factor the sums Σhq², Σhq and Σhq·v of the
+    # codes it gives (_key_map).
+    out = flat @ _key_map(tuple(clips)).to(flat.dtype)
+    c, sv = out[:, n], out[:, n + 1]
     # Σh·v², v = v' − cells, in units of r²·k²; Σhg and Σhg² from the same sums.
-    quad_v = quad - (2 * cells) * sv + (cells * cells) * c
-    err_all = torch.addmm(
-        quad_v[None] / (k * k), _key_error_map(tuple(clips)).to(flat.dtype), flat.T
-    )
-    best = _first_argmin(err_all)
+    quad_v = quad.reshape(-1) - (2 * cells) * sv + (cells * cells) * c
+    err_all = torch.add(out[:, :n], (quad_v / (k * k))[:, None])
+    best = _first_argmin(err_all.T)
     factor = groups.new_tensor(clips)[best]
-    err_best = err_all.gather(0, best[None]).reshape(-1) if need_error else torch.zeros_like(c)
-    # The first refinement step: codes 1, 0 inside and outside the chosen threshold
-    # below the middle, 2, 3 above it, so their sums are sums over keys.
-    t = torch.tensor([sorted(clips).index(x) for x in clips])[best]
-    part = upto.gather(-1, t[:, None, None, None].expand(-1, 2, 2, 1)).squeeze(-1)
-    n1, n2 = part[:, 0].unbind(-1)
-    n3 = total[:, 0, 1] - n2
-    # Σh·v over each code's weights: Σh·v' less cells·Σh.
-    v1, v2 = (part[:, 1] - cells * part[:, 0]).unbind(-1)
-    v3 = total[:, 1, 1] - cells * total[:, 0, 1] - v2
+    err_best = err_all.gather(1, best[:, None]).reshape(-1) if need_error else torch.zeros_like(c)
+    # The first refinement step on the chosen grid, from its codes' sums.
+    chosen = out[:, n + 2 :].view(-1, 3, n).gather(2, best[:, None, None].expand(-1, 3, 1))
+    a, b, qv = chosen.squeeze(2).unbind(1)
     mid_f, r_k = mid.reshape(-1), r.reshape(-1) / k
-    a = n1 + 4 * n2 + 9 * n3
-    b = n1 + 2 * n2 + 3 * n3
-    d = mid_f * b + r_k * (v1 + 2 * v2 + 3 * v3)
+    d = mid_f * b + r_k * qv
     sum_v = sv - cells * c
     e = mid_f * c + r_k * sum_v
     g2 = mid_f * mid_f * c + 2 * mid_f * r_k * sum_v + r_k * r_k * quad_v
@@ -199,15 +185,26 @@ def _key_buckets(clips: tuple[float, ...]) -> torch.Tensor:
 
 
 @functools.cache
-def _key_prefix_map(clips: tuple[float, ...]) -> torch.Tensor:
-    """[2·cells, 2·(n + 1)]: column (side, t) sums the keys of that side in buckets ≤ t."""
+def _key_map(clips: tuple[float, ...]) -> torch.Tensor:
+    """[4·cells, 4n + 2]: from a group's per-key sums (Σh per key, then Σh·v' per key),
+    the columns: each factor's error less its quadratic term (`_key_error_map`), Σh and
+    Σh·v' over all keys, then per factor Σhq², Σhq and Σhq·v (v = v' − cells) of its
+    codes: 1 or 0 below the middle, inside or outside its threshold, 2 or 3 above."""
     n, _, off = _key_layout(clips)
-    cells = n - off + 1
-    bucket = _key_buckets(clips)  # [side, cell]
-    m = torch.zeros(2, cells, 2, n + 1)
-    for side in range(2):
-        m[side, :, side] = (bucket[side][:, None] <= torch.arange(n + 1)).float()
-    return m.reshape(2 * cells, 2 * (n + 1))
+    keys = 2 * (n - off + 1)
+    m = torch.zeros(2, keys, 4 * n + 2)
+    m[:, :, :n] = _key_error_map(clips).T.reshape(2, keys, n)
+    m[0, :, n] = m[1, :, n + 1] = 1
+    bucket = _key_buckets(clips).reshape(-1)  # [key]
+    asc = sorted(clips)
+    for j, c in enumerate(clips):
+        inside = (bucket <= asc.index(c)).float()
+        code = torch.cat([inside[: keys // 2], 3 - inside[keys // 2 :]])
+        m[0, :, n + 2 + j] = code * code
+        m[0, :, 2 * n + 2 + j] = code
+        m[0, :, 3 * n + 2 + j] = -(keys // 2) * code
+        m[1, :, 3 * n + 2 + j] = code
+    return m.reshape(2 * keys, 4 * n + 2)
 
 
 @functools.cache

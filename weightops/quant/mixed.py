@@ -115,6 +115,11 @@ class Packed:
     def bits_per_weight(self) -> float:
         return self.bits / (self.shape[0] * self.shape[1])
 
+    def rows(self, r0: int, r1: int) -> Packed:
+        """Rows [r0, r1) of the matrix: every part is stored row by row."""
+        parts = {n: t[r0:r1] for n, t in self.parts().items()}
+        return Packed((r1 - r0, self.shape[1]), self.group_size, self.k4, **parts)
+
 
 def bits_per_weight(in_features: int, group_size: int, k4: int, outliers: int = 0) -> float:
     """Stored bits per weight of a row with k4 4-bit groups and `outliers` fp16 outliers,
@@ -167,14 +172,30 @@ def _check(weight: torch.Tensor, group_size: int) -> None:
 def quantize(weight: torch.Tensor, **options: Any) -> Packed:
     """Quantize `weight` [out, in] to mixed 2/4-bit groups; the options and what they do
     are those of `quantize_with_reference`, which also returns the dequantized matrix."""
-    return _quantize(weight, False, **options)[0]
+    return _quantize([weight], False, **options)[0]
 
 
 def quantize_with_error(weight: torch.Tensor, **options: Any) -> tuple[Packed, float]:
     """`quantize`, and the relative error ‖Ŵ − W‖ / ‖W‖ (Frobenius) of the matrix Ŵ the
     packed form dequantizes to, summed row block by row block without building Ŵ."""
-    packed, _, err = _quantize(weight, False, **options)
-    return packed, err
+    return quantize_together([weight], **options)[0]
+
+
+def quantize_together(
+    weights: list[torch.Tensor], **options: Any
+) -> list[tuple[Packed, float]]:
+    """`quantize_with_error` for matrices with the same number of inputs, quantized as
+    the one matrix of their stacked rows. Every step but GPTQ's is per row, so each comes
+    out as it would alone (a Hessian belongs to one matrix); the quantizer's fixed cost
+    per call, a few hundred operations on per-group values, is paid once for them all."""
+    packed, _, err, w_sq = _quantize(weights, False, **options)
+    out, r0 = [], 0
+    for w in weights:
+        r1 = r0 + w.shape[0]
+        rel = math.sqrt(float(err[r0:r1].sum()) / max(float(w_sq[r0:r1].sum()), 1e-60))
+        out.append((packed.rows(r0, r1), rel))
+        r0 = r1
+    return out
 
 
 def quantize_with_reference(weight: torch.Tensor, **options: Any) -> tuple[Packed, torch.Tensor]:
@@ -192,13 +213,35 @@ def quantize_with_reference(weight: torch.Tensor, **options: Any) -> tuple[Packe
     what each buys). outliers: fp16 outliers kept per row. damp: added to the Hessian's
     diagonal, as a share of its mean, before inverting it. act_order: with a Hessian,
     feed the error back in order of decreasing Hessian diagonal (GPTQ's act-order)."""
-    packed, reference, _ = _quantize(weight, True, **options)
+    packed, reference, _, _ = _quantize([weight], True, **options)
     assert reference is not None
     return packed, reference
 
 
+def _stack(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
+    """The matrices' rows as one float32 [rows, groups, group_size] tensor."""
+    if not weights:
+        raise QuantError("no matrix to quantize")
+    for weight in weights:
+        _check(weight, group_size)
+    in_f = weights[0].shape[1]
+    if any(w.shape[1] != in_f for w in weights):
+        shapes = ", ".join(str(list(w.shape)) for w in weights)
+        raise QuantError(f"matrices quantized together need the same inputs, got {shapes}")
+    if len(weights) == 1 and weights[0].dtype == torch.float32:
+        return weights[0].detach().reshape(-1, in_f // group_size, group_size)
+    # Into memory every matrix reuses (weightops.quant.blocks): a fresh float32 copy
+    # of each would be new pages for the kernel to map.
+    w = scratch("weight", (sum(w.shape[0] for w in weights), in_f // group_size, group_size))
+    r0 = 0
+    for weight in weights:
+        w[r0 : r0 + weight.shape[0]].view(-1, in_f).copy_(weight.detach())
+        r0 += weight.shape[0]
+    return w
+
+
 def _quantize(
-    weight: torch.Tensor,
+    weights: list[torch.Tensor],
     want_reference: bool,
     *,
     group_size: int = 64,
@@ -211,18 +254,21 @@ def _quantize(
     outliers: int = 0,
     damp: float = 0.01,
     act_order: bool = True,
-) -> tuple[Packed, torch.Tensor | None, float]:
-    """(packed, dequantized matrix if wanted, relative error): `quantize_with_reference`."""
-    _check(weight, group_size)
+) -> tuple[Packed, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(packed, dequantized matrix if wanted, squared error and squared norm per row in
+    float64) of the stacked rows of `weights`: `quantize_with_reference`."""
+    w = _stack(weights, group_size)
     clips = CLIP_GRID if clip else (1.0,)
-    out_f, in_f = weight.shape
-    n_groups = in_f // group_size
+    out_f, n_groups, _ = w.shape
+    in_f = n_groups * group_size
     if not 0 <= outliers <= in_f:
         raise QuantError(f"{outliers} outliers per row is outside 0 … {in_f}")
     if k4 is None:
         k4 = choose_k4(in_f, group_size, avg_bits, outliers)
     if not 0 <= k4 <= n_groups:
         raise QuantError(f"k4 = {k4} is outside 0 … {n_groups} groups per row")
+    if hessian is not None and len(weights) != 1:
+        raise QuantError("a Hessian belongs to one matrix: quantize the others apart")
     if hessian is not None and hessian.shape != (in_f, in_f):
         raise QuantError(f"hessian has shape {list(hessian.shape)}, expected [{in_f}, {in_f}]")
     if importance is None and hessian is not None:
@@ -234,11 +280,6 @@ def _quantize(
             raise QuantError(f"importance has shape {list(h.shape)}, expected [{in_f}]")
         h = h.reshape(n_groups, group_size)
     parts = rows.empty_parts(out_f, in_f, group_size, k4, outliers)
-    w = weight.detach().reshape(out_f, n_groups, group_size)
-    if w.dtype != torch.float32:
-        # Into memory every matrix reuses (weightops.quant.blocks): a fresh float32 copy
-        # of each would be new pages for the kernel to map.
-        w = scratch("weight", tuple(w.shape)).copy_(w)
     fit, outlier = w, None
     if outliers:
         if not torch.isfinite(w).all():
@@ -273,7 +314,7 @@ def _quantize(
         )
         codes = codes.reshape(w.shape)
         torch.mul(codes, s_deq[..., None], out=reference.view(w.shape)).add_(lo_deq[..., None])
-        w_sq = float(torch.linalg.vector_norm(w).square())
+        w_sq = torch.linalg.vector_norm(w, dim=(-2, -1), dtype=torch.float64).square_()
     else:
         codes, sq_err, w_sq = rows.round_codes(w, is4, s_deq, lo_deq, reference)
         seen = w
@@ -281,9 +322,10 @@ def _quantize(
     if outlier is not None:
         rows.store_outliers(parts, outlier, seen, reference)
     if reference is not None:
-        sq_err = float(torch.linalg.vector_norm(reference - w.reshape(out_f, in_f)).square())
+        diff = reference - w.reshape(out_f, in_f)
+        sq_err = torch.linalg.vector_norm(diff, dim=-1, dtype=torch.float64).square_()
     packed = Packed(shape=(out_f, in_f), group_size=group_size, k4=k4, **parts)
-    return packed, reference if want_reference else None, math.sqrt(sq_err / max(w_sq, 1e-60))
+    return packed, reference if want_reference else None, sq_err, w_sq
 
 
 def dequantize(p: Packed) -> torch.Tensor:

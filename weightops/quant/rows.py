@@ -78,11 +78,12 @@ def round_codes(
     s: torch.Tensor,
     lo: torch.Tensor,
     reference: torch.Tensor | None,
-) -> tuple[torch.Tensor, float, float]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Each weight of w [rows, G, group_size] rounded to its group's grid, row block by
-    row block: the codes (uint8, same shape, in memory the next call reuses), the squared
-    error of what they dequantize to, and Σw². With `reference` ([rows, in]) the
-    dequantized weights go there instead, and the error is left to the caller (0.0)."""
+    row block: the codes (uint8, same shape, in memory the next call reuses), and per row
+    in float64 the squared error of what they dequantize to and Σw². With `reference`
+    ([rows, in]) the dequantized weights go there instead, and the error is left to the
+    caller (None)."""
     codes = scratch("codes", tuple(w.shape), torch.uint8)
     top = torch.where(is4, 15.0, 3.0)
     err, norm = w.new_empty(2, *w.shape[:-1]).unbind(0)
@@ -102,10 +103,10 @@ def round_codes(
         else:
             # q·s + lo − g = (q − t)·s: the error in steps, scaled per group below.
             torch.linalg.vector_norm(t.sub_(q), dim=-1, out=err[rows])
-    w_sq = float(norm.square_().sum(dtype=torch.float64))
+    w_sq = norm.square_().sum(-1, dtype=torch.float64)
     if ref is not None:
-        return codes, 0.0, w_sq
-    return codes, float(err.mul_(s).square_().sum(dtype=torch.float64)), w_sq
+        return codes, None, w_sq
+    return codes, err.mul_(s).square_().sum(-1, dtype=torch.float64), w_sq
 
 
 def store_codes(parts: dict[str, torch.Tensor], codes: torch.Tensor, is4: torch.Tensor) -> None:
