@@ -125,3 +125,25 @@ def test_scratch_memory_is_reused_by_name_and_dtype():
     assert grown.shape == (64, 64)
     ones = blocks.ones((3, 5))
     assert torch.equal(ones, torch.ones(3, 5))
+
+
+@pytest.mark.parametrize("options", [{}, {"outliers": 2}, {"k4": 0}, {"k4": 6}])
+def test_matrices_quantized_together_come_out_as_alone(options):
+    weights = [_weight(5, 384, 11), _weight(12, 384, 12).bfloat16(), _weight(1, 384, 13)]
+    together = mixed.quantize_together(weights, **options)
+    for w, (packed, err) in zip(weights, together, strict=True):
+        alone, alone_err = mixed.quantize_with_error(w, **options)
+        assert packed.shape == alone.shape == tuple(w.shape)
+        assert packed.parts().keys() == alone.parts().keys()
+        for name, part in alone.parts().items():
+            assert torch.equal(packed.parts()[name], part), name
+        assert err == pytest.approx(alone_err, rel=1e-9)
+
+
+def test_matrices_quantized_together_need_the_same_inputs_and_no_hessian():
+    with pytest.raises(mixed.QuantError, match="same inputs"):
+        mixed.quantize_together([_weight(4, 384, 1), _weight(4, 256, 2)])
+    with pytest.raises(mixed.QuantError, match="one matrix"):
+        mixed.quantize_together([_weight(4, 384, 1)] * 2, hessian=torch.eye(384))
+    with pytest.raises(mixed.QuantError, match="no matrix"):
+        mixed.quantize_together([])

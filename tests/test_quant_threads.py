@@ -71,3 +71,28 @@ def test_the_cli_threads_option_gives_the_same_model_and_restores_torch(
     assert r.exit_code == 0, r.output
     assert torch.get_num_threads() == 1
     assert folder_bytes(tmp_path / "lib") == folder_bytes(tmp_path / "cli")
+
+
+def test_matrices_quantized_together_write_the_bytes_of_each_alone(
+    small_llama, tmp_path, monkeypatch
+):
+    from weightops.quant import job
+
+    sizes: list[int] = []
+    together = job.quantize_together
+
+    def counted(weights, **options):
+        sizes.append(len(weights))
+        return together(weights, **options)
+
+    monkeypatch.setattr(job, "quantize_together", counted)
+    quantize_model(small_llama[0], tmp_path / "together")
+    assert max(sizes) > 1
+    monkeypatch.setattr(job, "BATCH_VALUES", 0)
+    sizes.clear()
+    quantize_model(small_llama[0], tmp_path / "alone")
+    assert set(sizes) == {1}
+    together_bytes = folder_bytes(tmp_path / "together")
+    alone_bytes = folder_bytes(tmp_path / "alone")
+    assert together_bytes.keys() == alone_bytes.keys()
+    assert all(together_bytes[k] == alone_bytes[k] for k in together_bytes)
