@@ -186,16 +186,26 @@ class FileReader:
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
 
-    def read(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def read(
+        self,
+        info: TensorInfo,
+        rows: tuple[int, int] | None = None,
+        into: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Return a fresh CPU tensor with the stored dtype: the whole tensor, or rows
-        [r0, r1) of its first dimension (contiguous bytes in the file)."""
+        [r0, r1) of its first dimension (contiguous bytes in the file). `into`: a uint8
+        tensor of exactly those bytes to read into instead (memory already mapped, for
+        a caller that reuses it), which the result is a view of."""
         start, shape = info.start, info.shape
         if rows is not None:
             r0, r1 = rows
             row_bytes = info.nbytes // shape[0]
             start += r0 * row_bytes
             shape = (r1 - r0, *shape[1:])
-        out = torch.empty(shape, dtype=info.dtype)
+        if into is None:
+            out = torch.empty(shape, dtype=info.dtype)
+        else:
+            out = into.view(info.dtype).view(shape)
         nbytes = out.numel() * out.element_size()
         if nbytes == 0:
             return out

@@ -42,12 +42,24 @@ def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float3
     """A tensor of `shape` and `dtype` holding arbitrary values, whose memory every later
     call with the same name and dtype in this thread reuses: a caller must be done with
     it before calling again, and must not return it."""
+    # The views handed out are kept by shape too: a pass asks for the same few shapes
+    # once per row block, and making a view costs more than looking one up.
+    views: dict[tuple[str, torch.dtype, tuple[int, ...]], torch.Tensor]
+    views = _local.__dict__.setdefault("views", {})
+    view = views.get((name, dtype, shape))
+    # (A view an `out=` argument resized no longer has its shape: made again.)
+    if view is not None and view.shape == shape:
+        return view
     pool: dict[tuple[str, torch.dtype], torch.Tensor] = _local.__dict__.setdefault("pool", {})
     numel = math.prod(shape)
     buf = pool.get((name, dtype))
     if buf is None or buf.numel() < numel:
         buf = pool[name, dtype] = torch.empty(numel, dtype=dtype)
-    return buf[:numel].view(shape)
+        # Views of the smaller buffer would keep it alive and stop sharing memory.
+        for key in [k for k in views if k[:2] == (name, dtype)]:
+            del views[key]
+    view = views[name, dtype, shape] = buf[:numel].view(shape)
+    return view
 
 
 def ones(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:

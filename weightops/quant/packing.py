@@ -2,11 +2,15 @@
 
 Codes are packed little end first: code i of a 32-bit word sits at bits [b·i, b·(i+1)).
 
-The codes arrive one per byte. Four bytes read as one little-endian int32 hold four codes
-at bits 0, 8, 16 and 24; two shift-or-mask steps slide them together (to bits 0, b, 2b,
-3b), which leaves 8 bits of 2-bit codes or 16 bits of 4-bit codes per four codes, and
-those, read back in memory order, are the packed words: a handful of integer operations on
-a quarter of the codes instead of a shift and a sum per code.
+The codes arrive one per byte, and one multiplication gathers them. At 2 bits, four
+bytes read as a little-endian int32 hold codes c0…c3 at bits 0, 8, 16 and 24; times
+2²⁴ + 2¹⁸ + 2¹² + 2⁶, code ci lands at bit 24 + 2i, and every other product term at a bit
+of its own below 24 or past 31 (the product wraps), so the top byte is the packed byte
+c0 | c1<<2 | c2<<4 | c3<<6 with no carries. At 4 bits, two bytes read as an int16 hold c0
+and c1 at bits 0 and 8; times 17, bits 4…11 hold c0 | c1<<4. A shift and a narrowing
+conversion then leave the packed bytes, in memory order the packed words: three integer
+operations per four or two codes, where shifting each code into place took a shift and
+a sum per code.
 """
 
 from __future__ import annotations
@@ -25,16 +29,13 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     c = codes.to(torch.uint8).reshape(rows, -1).contiguous()
     if not _LITTLE_ENDIAN:
         return _pack_by_sum(c, bits)
-    x = c.view(torch.int32)  # four codes, one per byte
+    # A narrowing conversion keeps the low bits, whatever the sign the product wrapped to.
     if bits == 2:
-        x = (x | (x >> 6)).bitwise_and_(0x000F000F)
-        x = (x | (x >> 12)).bitwise_and_(0xFF)
+        x = c.view(torch.int32).mul(0x01041040).bitwise_right_shift_(24)
         return x.to(torch.uint8).view(torch.int32)
     if bits == 4:
-        x = (x | (x >> 4)).bitwise_and_(0x00FF00FF)
-        x = (x | (x >> 8)).bitwise_and_(0xFFFF)
-        # int32 -> int16 keeps the low 16 bits: the bit pattern, whatever its sign.
-        return x.to(torch.int16).view(torch.int32)
+        x = c.view(torch.int16).mul(17).bitwise_right_shift_(4)
+        return x.to(torch.uint8).view(torch.int32)
     return _pack_by_sum(c, bits)
 
 
