@@ -96,3 +96,57 @@ def test_matrices_quantized_together_write_the_bytes_of_each_alone(
     alone_bytes = folder_bytes(tmp_path / "alone")
     assert together_bytes.keys() == alone_bytes.keys()
     assert all(together_bytes[k] == alone_bytes[k] for k in together_bytes)
+
+
+def _reading_threads(monkeypatch, cores: int) -> list[str]:
+    """Make torch's threads leave `cores - 1` cores free; record which threads read."""
+    import threading
+
+    from weightops.quant import job
+
+    monkeypatch.setattr(job.os, "cpu_count", lambda: cores)
+    names: list[str] = []
+    read_batch = job.QuantJob.read_batch
+
+    def recorded(self, *args, **kwargs):
+        names.append(threading.current_thread().name)
+        return read_batch(self, *args, **kwargs)
+
+    monkeypatch.setattr(job.QuantJob, "read_batch", recorded)
+    return names
+
+
+def test_reading_ahead_on_a_free_core_writes_the_same_bytes(
+    small_llama, tmp_path, monkeypatch, threads
+):
+    threads(1)
+    names = _reading_threads(monkeypatch, 4)
+    quantize_model(small_llama[0], tmp_path / "ahead")
+    assert any(n.startswith("weightops-read") for n in names)
+    names.clear()
+    monkeypatch.setattr("weightops.quant.job.os.cpu_count", lambda: 1)
+    quantize_model(small_llama[0], tmp_path / "inline")
+    assert names and not any(n.startswith("weightops-read") for n in names)
+    assert folder_bytes(tmp_path / "ahead") == folder_bytes(tmp_path / "inline")
+
+
+def test_a_read_that_fails_ahead_fails_the_run_cleanly(
+    small_llama, tmp_path, monkeypatch, threads
+):
+    from weightops.errors import CheckpointError
+    from weightops.io.safetensors_file import FileReader
+
+    threads(1)
+    names = _reading_threads(monkeypatch, 4)
+    read = FileReader.read
+
+    def failing(self, info, *args, **kwargs):
+        if info.name == "model.layers.1.mlp.down_proj.weight":
+            raise CheckpointError(f"{info.path}: reading {info.name!r} failed: injected")
+        return read(self, info, *args, **kwargs)
+
+    monkeypatch.setattr(FileReader, "read", failing)
+    with pytest.raises(CheckpointError, match="injected"):
+        quantize_model(small_llama[0], tmp_path / "q")
+    assert any(n.startswith("weightops-read") for n in names)
+    assert not (tmp_path / "q").exists()

@@ -14,8 +14,11 @@ the same bytes however it is spread.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,15 +106,35 @@ class QuantJob:
             out[name] = packed, report
         return out
 
-    def producer(self, stats: dict[str, dict[str, Any]]) -> Callable[[str, Any], torch.Tensor]:
+    @contextlib.contextmanager
+    def producer(
+        self, stats: dict[str, dict[str, Any]]
+    ) -> Iterator[Callable[[str, FileReader], torch.Tensor]]:
         """produce(name, reader) for weightops.io.rewrite.write_model, output name by
         output name in block order; the calibration (if any) starts now, so a bad text
-        fails before anything is written."""
+        fails before anything is written. While torch leaves a core free, the next
+        batch is read on a thread of its own as this one is quantized: reading is a
+        tenth of the run at one thread, in the kernel's copy from the page cache."""
         calibration = self.start_calibration() if self.texts is not None else None
         hessians: Hessians = {}
         # The packed weights of the batch being written, and the parts each has left.
         current: dict[str, Packed] = {}
         left: dict[str, set[str]] = {}
+        order = [b for n, b in self.batches.items() if b[0] == n]
+        position = {b[0]: i for i, b in enumerate(order)}
+        spare_core = torch.get_num_threads() < (os.cpu_count() or 1)
+        ahead: dict[int, Future[list[torch.Tensor]]] = {}
+
+        def weights_of(i: int, reader: FileReader) -> list[torch.Tensor]:
+            # Two buffers take turns: the batch being quantized and the one read next.
+            future = ahead.pop(i, None)
+            if future is not None:
+                weights = future.result()
+            else:
+                weights = self.read_batch(reader, order[i], i % 2 if pool else 0)
+            if pool is not None and i + 1 < len(order):
+                ahead[i + 1] = pool.submit(self.read_batch, reader, order[i + 1], (i + 1) % 2)
+            return weights
 
         def produce(name: str, reader: FileReader) -> torch.Tensor:
             if name in self.ckpt.tensors:
@@ -126,7 +149,7 @@ class QuantJob:
                         hessians.clear()
                         hessians.update(calibration.layer(calibration.next_layer))
                 batch = self.batches[weight]
-                weights = self.read_batch(reader, batch)
+                weights = weights_of(position[batch[0]], reader)
                 for n, (packed, stats[n]) in self.quantize(
                     batch, weights, hessians.pop(weight, None)
                 ).items():
@@ -137,11 +160,23 @@ class QuantJob:
                 return getattr(current.pop(weight), part)
             return getattr(current[weight], part)
 
-        return produce
+        pool = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightops-read")
+            if spare_core
+            else None
+        )
+        try:
+            yield produce
+        finally:
+            if pool is not None:
+                # A read under way finishes first: its reader is closed after this.
+                pool.shutdown(wait=True, cancel_futures=True)
 
-    def read_batch(self, reader: FileReader, batch: list[str]) -> list[torch.Tensor]:
+    def read_batch(
+        self, reader: FileReader, batch: list[str], slot: int = 0
+    ) -> list[torch.Tensor]:
         """A batch's weights in their stored dtype, read into memory every batch reuses
-        (weightops.quant.blocks.scratch): the quantizer converts them into one float32
+        (weightops.quant.blocks.scratch, buffer `slot` of this thread): the quantizer converts them into one float32
         copy and keeps nothing of them, and reading into fresh memory took twice as
         long, the kernel mapping and zeroing each new page first."""
         infos = [self.ckpt.tensors[n] for n in batch]
@@ -149,7 +184,7 @@ class QuantJob:
         starts = [0]
         for info in infos:
             starts.append(starts[-1] + -(-info.nbytes // 64) * 64)
-        buf = scratch("read", (starts[-1],), torch.uint8)
+        buf = scratch(f"read{slot}", (starts[-1],), torch.uint8)
         return [
             reader.read(info, into=buf[start : start + info.nbytes])
             for info, start in zip(infos, starts, strict=False)

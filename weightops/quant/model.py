@@ -202,7 +202,8 @@ def quantize_model(
     if executor == "ray":
         _quantize_on_ray(job, Path(out), entries, staging, stats, ray_address)
     elif executor == "local":
-        write_model(ckpt, Path(out), entries, job.producer(stats), **staging)
+        with job.producer(stats) as produce:
+            write_model(ckpt, Path(out), entries, produce, **staging)
     else:
         raise QuantError(f"--executor {executor}: unknown executor", hint="use local or ray")
     return manifest
