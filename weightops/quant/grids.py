@@ -168,13 +168,19 @@ def _refine_with_error(
 
 
 def choose_grids(
-    fit: torch.Tensor, h: torch.Tensor | None, k4: int, clips: tuple[float, ...], refine: bool
+    fit: torch.Tensor,
+    h: torch.Tensor | None,
+    k4: int,
+    clips: tuple[float, ...],
+    refine: bool,
+    extremes: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For rows of groups [rows, G, group_size]: which groups are 4-bit (the k4 per row
     where 4 bits remove the most error) and every group's (s, lo) at its width.
-    Raises ValueError if a weight is NaN or infinite."""
+    extremes: the groups' (min, max), if known. Raises ValueError if a weight is NaN or
+    infinite."""
     rows, n_groups, group_size = fit.shape
-    extremes = _extremes(fit)
+    extremes = extremes or _extremes(fit)
     # NaN and infinities reach the groups' extremes: checked there, not in a pass of its own.
     if not all(bool(torch.isfinite(t).all()) for t in extremes):
         raise ValueError("the weight has NaN or Inf entries")

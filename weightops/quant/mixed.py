@@ -66,7 +66,8 @@ import torch
 
 from weightops.errors import WeightopsError
 from weightops.quant import rows
-from weightops.quant.blocks import scratch
+from weightops.quant.blocks import row_blocks, scratch
+from weightops.quant.clipsearch import group_extremes
 from weightops.quant.gptq import gptq_codes
 from weightops.quant.grids import CLIP_GRID, choose_grids
 from weightops.quant.packing import unpack_bits as _unpack_bits
@@ -218,8 +219,11 @@ def quantize_with_reference(weight: torch.Tensor, **options: Any) -> tuple[Packe
     return packed, reference
 
 
-def _stack(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
-    """The matrices' rows as one float32 [rows, groups, group_size] tensor."""
+def _stack(
+    weights: list[torch.Tensor], group_size: int
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """The matrices' rows as one float32 [rows, groups, group_size] tensor, and its
+    groups' (min, max), taken from each row block while it is in cache."""
     if not weights:
         raise QuantError("no matrix to quantize")
     for weight in weights:
@@ -229,15 +233,22 @@ def _stack(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
         shapes = ", ".join(str(list(w.shape)) for w in weights)
         raise QuantError(f"matrices quantized together need the same inputs, got {shapes}")
     if len(weights) == 1 and weights[0].dtype == torch.float32:
-        return weights[0].detach().reshape(-1, in_f // group_size, group_size)
+        w = weights[0].detach().reshape(-1, in_f // group_size, group_size)
+        return w, group_extremes(w)
     # Into memory every matrix reuses (weightops.quant.blocks): a fresh float32 copy
     # of each would be new pages for the kernel to map.
     w = scratch("weight", (sum(w.shape[0] for w in weights), in_f // group_size, group_size))
+    lo, hi = w.new_empty(2, *w.shape[:-1]).unbind(0)
     r0 = 0
     for weight in weights:
-        w[r0 : r0 + weight.shape[0]].view(-1, in_f).copy_(weight.detach())
+        source = weight.detach().reshape(-1, *w.shape[1:])
+        for block in row_blocks(source):
+            at = slice(r0 + block.start, r0 + block.stop)
+            w[at].copy_(source[block])
+            torch.amin(w[at], -1, out=lo[at])
+            torch.amax(w[at], -1, out=hi[at])
         r0 += weight.shape[0]
-    return w
+    return w, (lo, hi)
 
 
 def _quantize(
@@ -257,7 +268,7 @@ def _quantize(
 ) -> tuple[Packed, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """(packed, dequantized matrix if wanted, squared error and squared norm per row in
     float64) of the stacked rows of `weights`: `quantize_with_reference`."""
-    w = _stack(weights, group_size)
+    w, extremes = _stack(weights, group_size)
     clips = CLIP_GRID if clip else (1.0,)
     out_f, n_groups, _ = w.shape
     in_f = n_groups * group_size
@@ -292,7 +303,7 @@ def _quantize(
         rest = (w * keep).sum(-1, keepdim=True) / keep.sum(-1, keepdim=True).clamp_min(1)
         fit = torch.where(keep, w, rest)
     try:
-        is4, s, lo = choose_grids(fit, h, k4, clips, refine)
+        is4, s, lo = choose_grids(fit, h, k4, clips, refine, extremes if fit is w else None)
     except ValueError as e:
         raise QuantError(str(e)) from None
     # Final scales for each group's chosen width, stored two-level, then the codes.
