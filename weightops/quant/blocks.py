@@ -12,7 +12,9 @@ The working tensors are kept here, by name and per thread: allocated afresh for 
 block, each would be a new run of pages that the kernel maps and zeroes, which costs
 about as much as the arithmetic done in it. The pool holds each name's largest size so
 far for the life of the process: a few blocks, plus the float32 copy and the one-byte
-codes of the largest matrix quantized (weightops.quant.mixed, weightops.quant.rows).
+codes of the largest batch of matrices quantized together (weightops.quant.mixed,
+weightops.quant.rows), and the stored bytes of the largest batch read (two buffers when
+the next batch is read ahead, weightops.quant.job).
 """
 
 from __future__ import annotations
