@@ -104,7 +104,7 @@ def _reading_threads(monkeypatch, cores: int) -> list[str]:
 
     from weightops.quant import job
 
-    monkeypatch.setattr(job.os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(job, "available_cores", lambda: cores)
     names: list[str] = []
     read_batch = job.QuantJob.read_batch
 
@@ -124,15 +124,13 @@ def test_reading_ahead_on_a_free_core_writes_the_same_bytes(
     quantize_model(small_llama[0], tmp_path / "ahead")
     assert any(n.startswith("weightops-read") for n in names)
     names.clear()
-    monkeypatch.setattr("weightops.quant.job.os.cpu_count", lambda: 1)
+    monkeypatch.setattr("weightops.quant.job.available_cores", lambda: 1)
     quantize_model(small_llama[0], tmp_path / "inline")
     assert names and not any(n.startswith("weightops-read") for n in names)
     assert folder_bytes(tmp_path / "ahead") == folder_bytes(tmp_path / "inline")
 
 
-def test_a_read_that_fails_ahead_fails_the_run_cleanly(
-    small_llama, tmp_path, monkeypatch, threads
-):
+def test_a_read_that_fails_ahead_fails_the_run_cleanly(small_llama, tmp_path, monkeypatch, threads):
     from weightops.errors import CheckpointError
     from weightops.io.safetensors_file import FileReader
 

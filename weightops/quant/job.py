@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from weightops.io.writer import Layout, ShardWriter
 from weightops.quant.blocks import scratch
 from weightops.quant.gptq import DAMP
 from weightops.quant.mixed import Packed, quantize_together
+from weightops.threads import available_cores
 
 Hessians = dict[str, torch.Tensor]
 
@@ -71,9 +71,13 @@ class QuantJob:
             shape = self.ckpt.tensors[name].shape
             key = (layer_of(name), shape[1], self.plan[name])
             batch = open_batches.get(key)
-            if self.texts is not None or batch is None or (
-                sum(math.prod(self.ckpt.tensors[n].shape) for n in batch) + math.prod(shape)
-                > BATCH_VALUES
+            if (
+                self.texts is not None
+                or batch is None
+                or (
+                    sum(math.prod(self.ckpt.tensors[n].shape) for n in batch) + math.prod(shape)
+                    > BATCH_VALUES
+                )
             ):
                 batch = open_batches[key] = []
             batch.append(name)
@@ -122,7 +126,7 @@ class QuantJob:
         left: dict[str, set[str]] = {}
         order = [b for n, b in self.batches.items() if b[0] == n]
         position = {b[0]: i for i, b in enumerate(order)}
-        spare_core = torch.get_num_threads() < (os.cpu_count() or 1)
+        spare_core = torch.get_num_threads() < available_cores()
         ahead: dict[int, Future[list[torch.Tensor]]] = {}
 
         def weights_of(i: int, reader: FileReader) -> list[torch.Tensor]:
@@ -172,9 +176,7 @@ class QuantJob:
                 # A read under way finishes first: its reader is closed after this.
                 pool.shutdown(wait=True, cancel_futures=True)
 
-    def read_batch(
-        self, reader: FileReader, batch: list[str], slot: int = 0
-    ) -> list[torch.Tensor]:
+    def read_batch(self, reader: FileReader, batch: list[str], slot: int = 0) -> list[torch.Tensor]:
         """A batch's weights in their stored dtype, read into memory every batch reuses
         (weightops.quant.blocks.scratch, buffer `slot` of this thread): the quantizer converts them into one float32
         copy and keeps nothing of them, and reading into fresh memory took twice as

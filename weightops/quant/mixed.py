@@ -182,9 +182,7 @@ def quantize_with_error(weight: torch.Tensor, **options: Any) -> tuple[Packed, f
     return quantize_together([weight], **options)[0]
 
 
-def quantize_together(
-    weights: list[torch.Tensor], **options: Any
-) -> list[tuple[Packed, float]]:
+def quantize_together(weights: list[torch.Tensor], **options: Any) -> list[tuple[Packed, float]]:
     """`quantize_with_error` for matrices with the same number of inputs, quantized as
     the one matrix of their stacked rows. Every step but GPTQ's is per row, so each comes
     out as it would alone (a Hessian belongs to one matrix); the quantizer's fixed cost
