@@ -38,19 +38,22 @@ def test_threads_write_the_bytes_of_one_thread(small_llama, tmp_path, threads):
     assert all(one[k] == three[k] for k in one)
 
 
+# The last block's last linear (after most of the output is written), and one
+# quantized together with the block's other matrices of the same inputs.
+@pytest.mark.parametrize(
+    "name", ["model.layers.1.mlp.down_proj.weight", "model.layers.1.self_attn.k_proj.weight"]
+)
 def test_a_bad_weight_late_in_the_model_fails_the_run_and_writes_nothing(
-    small_llama, tmp_path, threads
+    small_llama, tmp_path, threads, name
 ):
     folder = tmp_path / "bad"
     shutil.copytree(small_llama[0], folder)
     shard = next(folder.glob("*.safetensors"))
     state = load_file(shard)
-    # The last block's last linear: after most of the output is written.
-    name = "model.layers.1.mlp.down_proj.weight"
     state[name][3, 5] = float("nan")
     save_file(state, shard, metadata={"format": "pt"})
     threads(2)
-    with pytest.raises(QuantError, match="NaN"):
+    with pytest.raises(QuantError, match=rf"^{name}: .*NaN"):
         quantize_model(folder, tmp_path / "q")
     assert not (tmp_path / "q").exists()
     assert torch.get_num_threads() == 2

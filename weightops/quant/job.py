@@ -30,7 +30,7 @@ from weightops.io.safetensors_file import FileReader
 from weightops.io.writer import Layout, ShardWriter
 from weightops.quant.blocks import scratch
 from weightops.quant.gptq import DAMP
-from weightops.quant.mixed import Packed, quantize_together
+from weightops.quant.mixed import Packed, QuantError, quantize_together
 from weightops.threads import available_cores
 
 Hessians = dict[str, torch.Tensor]
@@ -90,14 +90,19 @@ class QuantJob:
         of the manifest."""
         k4, outliers = self.plan[names[0]]
         # The error is that of what the packed form dequantizes to, without unpacking it.
-        results = quantize_together(
-            weights,
-            group_size=self.group_size,
-            k4=k4,
-            outliers=outliers,
-            hessian=hessian,
-            damp=DAMP,
-        )
+        try:
+            results = quantize_together(
+                weights,
+                group_size=self.group_size,
+                k4=k4,
+                outliers=outliers,
+                hessian=hessian,
+                damp=DAMP,
+            )
+        except QuantError as e:
+            # Named here: the quantizer sees one stacked matrix, not the batch's tensors.
+            bad = [n for n, w in zip(names, weights, strict=True) if not torch.isfinite(w).all()]
+            raise QuantError(f"{', '.join(bad or names)}: {e.message}", hint=e.hint) from None
         out = {}
         for name, w, (packed, err) in zip(names, weights, results, strict=True):
             report = {
