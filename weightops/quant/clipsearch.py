@@ -27,7 +27,7 @@ import torch
 from weightops.quant.blocks import ones, row_blocks, scratch
 
 # Rows of the clip search's per-key sums held at once, in weight values (their sums take
-# 48 MB); fewer, larger chunks spend less on the few dozen operations per chunk: on
+# 12 MB); fewer, larger chunks spend less on the few dozen operations per chunk: on
 # SmolLM2-135M, 1 << 22 took 0.95 of the time of 1 << 20.
 CHUNK_VALUES = 1 << 22
 

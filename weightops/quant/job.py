@@ -131,7 +131,11 @@ class QuantJob:
         left: dict[str, set[str]] = {}
         order = [b for n, b in self.batches.items() if b[0] == n]
         position = {b[0]: i for i, b in enumerate(order)}
-        spare_core = torch.get_num_threads() < available_cores()
+        pool = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightops-read")
+            if torch.get_num_threads() < available_cores()
+            else None
+        )
         ahead: dict[int, Future[list[torch.Tensor]]] = {}
 
         def weights_of(i: int, reader: FileReader) -> list[torch.Tensor]:
@@ -169,11 +173,6 @@ class QuantJob:
                 return getattr(current.pop(weight), part)
             return getattr(current[weight], part)
 
-        pool = (
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightops-read")
-            if spare_core
-            else None
-        )
         try:
             yield produce
         finally:
@@ -183,9 +182,10 @@ class QuantJob:
 
     def read_batch(self, reader: FileReader, batch: list[str], slot: int = 0) -> list[torch.Tensor]:
         """A batch's weights in their stored dtype, read into memory every batch reuses
-        (weightops.quant.blocks.scratch, buffer `slot` of this thread): the quantizer converts them into one float32
-        copy and keeps nothing of them, and reading into fresh memory took twice as
-        long, the kernel mapping and zeroing each new page first."""
+        (weightops.quant.blocks.scratch, buffer `slot` of this thread): the quantizer
+        converts them into one float32 copy and keeps nothing of them, and reading into
+        fresh memory took twice as long, the kernel mapping and zeroing each new page
+        first."""
         infos = [self.ckpt.tensors[n] for n in batch]
         # Each tensor starts on a 64-byte boundary, whatever its dtype.
         starts = [0]
@@ -194,7 +194,7 @@ class QuantJob:
         buf = scratch(f"read{slot}", (starts[-1],), torch.uint8)
         return [
             reader.read(info, into=buf[start : start + info.nbytes])
-            for info, start in zip(infos, starts, strict=False)
+            for info, start in zip(infos, starts[:-1], strict=True)
         ]
 
     def blocks(self) -> list[tuple[int, list[str]]]:
