@@ -20,7 +20,7 @@ def test_packing_from_bytes_equals_the_shift_and_sum_fallback(monkeypatch, bits)
     codes = torch.randint(0, 2**bits, (9, 192), generator=g)
     codes[3] = 2**bits - 1  # every word's sign bit set
     fast = packing.pack_codes(codes.float(), bits)
-    monkeypatch.setattr(packing, "_LITTLE_ENDIAN", False)
+    monkeypatch.setattr(packing, "LITTLE_ENDIAN", False)
     slow = packing.pack_codes(codes, bits)
     assert fast.dtype == slow.dtype == torch.int32
     assert torch.equal(fast, slow)

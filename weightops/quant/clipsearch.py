@@ -24,6 +24,7 @@ import itertools
 
 import torch
 
+from weightops.quant import native
 from weightops.quant.blocks import ones, row_blocks, scratch
 
 # Rows of the clip search's per-key sums held at once, in weight values (their sums take
@@ -41,6 +42,9 @@ def importance_rows(
 
 def group_extremes(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     lo, hi = groups.new_empty(groups.shape[:-1]), groups.new_empty(groups.shape[:-1])
+    if native.ready(groups):
+        native.run("wo_extremes", lo.numel(), groups, lo, hi, groups.shape[-1])
+        return lo, hi
     for rows in row_blocks(groups):
         torch.amin(groups[rows], -1, out=lo[rows])
         torch.amax(groups[rows], -1, out=hi[rows])
@@ -82,6 +86,16 @@ def search_2bit(
     lo0, hi0 = extremes or group_extremes(groups)
     lead = groups.shape[:-1]
     out = groups.new_zeros(7, *lead)
+    n, k, off = _key_layout(clips)
+    if h is None and _native_search(clips) and native.ready(groups):
+        # All of it in one fused pass per group (native.c), split over the threads.
+        lo0, hi0 = lo0.contiguous(), hi0.contiguous()
+        native.run(
+            "wo_search_2bit", lo0.numel(), groups, lo0, hi0, *_native_maps(tuple(clips)),
+            groups.new_tensor(clips), n, k, float(n - off + 1), 2 * (n - off + 1),
+            int(need_error), *out, groups.shape[-1],
+        )  # fmt: skip
+        return tuple(out.unbind(0))
     # The key sums take 0.7 values per weight: made and used a chunk of rows at a time.
     for rows in row_blocks(groups, CHUNK_VALUES):
         h_rows = importance_rows(h, groups, rows)
@@ -105,8 +119,44 @@ def _search_chunk(
     scale = torch.where(r > 0, k / r, torch.zeros_like(r))
     lead = groups.shape[:-1]
     # Per group and key: Σh and Σh·v', where v' = (g − m)·k/r + cells, and Σh·v'².
-    sums = scratch("search_sums", (*lead, 2, 2 * cells), groups.dtype).zero_()
     quad = groups.new_empty(lead)
+    sums = _torch_sums(groups, h, mid, scale, cells, quad)
+    flat = sums.reshape(-1, 4 * cells)
+    # One matrix product gives, per group, each factor's error less its quadratic term,
+    # Σh and Σhv' over all keys, and for each factor the sums Σhq², Σhq and Σhq·v of the
+    # codes it gives (_key_map).
+    out = flat @ _key_map(tuple(clips)).to(flat.dtype)
+    c, sv = out[:, n], out[:, n + 1]
+    # Σh·v², v = v' − cells, in units of r²·k²; Σhg and Σhg² from the same sums.
+    quad_v = quad.reshape(-1) - (2 * cells) * sv + (cells * cells) * c
+    err_all = torch.add(out[:, :n], (quad_v / (k * k))[:, None])
+    best = _first_argmin(err_all.T)
+    factor = groups.new_tensor(clips)[best]
+    err_best = err_all.gather(1, best[:, None]).reshape(-1) if need_error else torch.zeros_like(c)
+    # The first refinement step on the chosen grid, from its codes' sums.
+    chosen = out[:, n + 2 :].view(-1, 3, n).gather(2, best[:, None, None].expand(-1, 3, 1))
+    a, b, qv = chosen.squeeze(2).unbind(1)
+    mid_f, r_k = mid.reshape(-1), r.reshape(-1) / k
+    d = mid_f * b + r_k * qv
+    sum_v = sv - cells * c
+    e = mid_f * c + r_k * sum_v
+    g2 = mid_f * mid_f * c + 2 * mid_f * r_k * sum_v + r_k * r_k * quad_v
+    rc = r.reshape(-1) * factor
+    s, lo = solve_line(a, b, d, c, e, (rc * (2 / 3)).clamp_min_(1e-12), mid_f - rc)
+    return factor, err_best, s, lo, c, e, g2
+
+
+def _torch_sums(
+    groups: torch.Tensor,
+    h: torch.Tensor | None,
+    mid: torch.Tensor,
+    scale: torch.Tensor,
+    cells: int,
+    quad: torch.Tensor,
+) -> torch.Tensor:
+    """`_search_chunk`'s per-key sums [*lead, 2, 2·cells] in torch, row block by row
+    block; Σh·v'² into quad."""
+    sums = scratch("search_sums", (*groups.shape[:-1], 2, 2 * cells), groups.dtype).zero_()
     for rows in row_blocks(groups):
         g = groups[rows]
         shape = tuple(g.shape)
@@ -133,29 +183,27 @@ def _search_chunk(
             torch.sum(hv.mul_(v), -1, out=quad[rows])
     if h is None:
         quad.square_()
-    flat = sums.reshape(-1, 4 * cells)
-    # One matrix product gives, per group, each factor's error less its quadratic term,
-    # Σh and Σhv' over all keys, and for each factor the sums Σhq², Σhq and Σhq·v of the
-    # codes it gives (_key_map).
-    out = flat @ _key_map(tuple(clips)).to(flat.dtype)
-    c, sv = out[:, n], out[:, n + 1]
-    # Σh·v², v = v' − cells, in units of r²·k²; Σhg and Σhg² from the same sums.
-    quad_v = quad.reshape(-1) - (2 * cells) * sv + (cells * cells) * c
-    err_all = torch.add(out[:, :n], (quad_v / (k * k))[:, None])
-    best = _first_argmin(err_all.T)
-    factor = groups.new_tensor(clips)[best]
-    err_best = err_all.gather(1, best[:, None]).reshape(-1) if need_error else torch.zeros_like(c)
-    # The first refinement step on the chosen grid, from its codes' sums.
-    chosen = out[:, n + 2 :].view(-1, 3, n).gather(2, best[:, None, None].expand(-1, 3, 1))
-    a, b, qv = chosen.squeeze(2).unbind(1)
-    mid_f, r_k = mid.reshape(-1), r.reshape(-1) / k
-    d = mid_f * b + r_k * qv
-    sum_v = sv - cells * c
-    e = mid_f * c + r_k * sum_v
-    g2 = mid_f * mid_f * c + 2 * mid_f * r_k * sum_v + r_k * r_k * quad_v
-    rc = r.reshape(-1) * factor
-    s, lo = solve_line(a, b, d, c, e, (rc * (2 / 3)).clamp_min_(1e-12), mid_f - rc)
-    return factor, err_best, s, lo, c, e, g2
+    return sums
+
+
+def _native_search(clips: tuple[float, ...]) -> bool:
+    """Whether native.c's search has room for these factors and their keys."""
+    n, _, off = _key_layout(clips)
+    return 2 * (n - off + 1) <= native.MAX_KEYS and n <= native.MAX_FACTORS
+
+
+@functools.cache
+def _native_maps(clips: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """_key_map as wo_search_2bit reads it: the error columns [keys, MAX_FACTORS], and
+    every column as a row [4n + 2, keys rounded up to MAX_FACTORS], zero-padded."""
+    m = _key_map(clips)
+    n, lanes = len(clips), native.MAX_FACTORS
+    width = -(-m.shape[0] // lanes) * lanes
+    map_err = torch.zeros(m.shape[0], lanes)
+    map_err[:, :n] = m[:, :n]
+    map_t = torch.zeros(m.shape[1], width)
+    map_t[:, : m.shape[0]] = m.T
+    return map_err, map_t
 
 
 @functools.cache

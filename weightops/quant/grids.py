@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import torch
 
+from weightops.quant import native
 from weightops.quant.blocks import row_blocks, scratch
 from weightops.quant.clipsearch import group_extremes as _extremes
 from weightops.quant.clipsearch import importance_rows as _rows
@@ -132,6 +133,18 @@ def _refine_with_error(
         c.fill_(groups.shape[-1])
     for step in range(steps):
         first = not step and totals is None
+        if h is None and not first and native.ready(groups):
+            # This step and the rest, each fused with its error (native.c).
+            dense = torch.contiguous_format
+            s, lo = s.clone(memory_format=dense), lo.clone(memory_format=dense)
+            err = torch.empty_like(s)
+            sums = [t.contiguous() for t in (c, e, g2)]
+            for _ in range(steps - step):
+                native.run(
+                    "wo_refine_step", s.numel(), groups, s, lo, *sums, float(2**bits - 1),
+                    err, groups.shape[-1],
+                )  # fmt: skip
+            return s, lo, err
         inv = 1 / s
         lo_inv = lo * inv
         for rows in row_blocks(groups):
@@ -181,8 +194,9 @@ def choose_grids(
     infinite."""
     rows, n_groups, group_size = fit.shape
     extremes = extremes or _extremes(fit)
-    # NaN and infinities reach the groups' extremes: checked there, not in a pass of its own.
-    if not all(bool(torch.isfinite(t).all()) for t in extremes):
+    # NaN and infinities reach the groups' extremes, and from them the least minimum or
+    # the largest maximum (amin and amax keep a NaN): two reductions, no pass of its own.
+    if not bool(torch.isfinite(torch.stack([extremes[0].amin(), extremes[1].amax()])).all()):
         raise ValueError("the weight has NaN or Inf entries")
     is4 = torch.zeros(rows, n_groups, dtype=torch.bool)
     if k4 == n_groups:
@@ -206,12 +220,19 @@ def choose_grids(
     weight = group_size if h is None else h.sum(-1).expand_as(r)
     gain = err2.sub_((r * r).mul_(weight).mul_((2 / 15) ** 2 / 12))
     is4.scatter_(1, gain.topk(k4, dim=1).indices, True)
-    f4 = fit.reshape(-1, group_size).index_select(0, is4.reshape(-1).nonzero().squeeze(1))
+    # The 4-bit groups' flat positions, in row-major order, found once for every gather.
+    at4 = is4.reshape(-1).nonzero().squeeze(1)
+
+    def pick(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1).index_select(0, at4)
+
+    f4 = fit.reshape(-1, group_size).index_select(0, at4)
     h4 = None if h is None else h.expand_as(fit)[is4]
-    ext4 = (extremes[0][is4], extremes[1][is4])
-    s4, lo4 = _grid(f4, h4, 4, CLIP4 if clips == CLIP_GRID else clips, ext4)
+    s4, lo4 = _grid(f4, h4, 4, CLIP4 if clips == CLIP_GRID else clips, tuple(map(pick, extremes)))
     if refine:
-        totals4 = tuple(t.reshape(is4.shape)[is4] for t in totals)
+        totals4 = tuple(map(pick, totals))
         s4, lo4, _ = _refine_with_error(f4, h4, s4, lo4, 4, REFINE_STEPS_4, totals4)
-    s[is4], lo[is4] = s4, lo4
+    s, lo = s.contiguous(), lo.contiguous()
+    s.view(-1).index_copy_(0, at4, s4)
+    lo.view(-1).index_copy_(0, at4, lo4)
     return is4, s, lo

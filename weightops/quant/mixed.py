@@ -58,6 +58,7 @@ Codes are packed little end first: code i of a word sits at bits [b·i, b·(i+1)
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -65,7 +66,7 @@ from typing import Any
 import torch
 
 from weightops.errors import WeightopsError
-from weightops.quant import rows
+from weightops.quant import native, rows
 from weightops.quant.blocks import row_blocks, scratch
 from weightops.quant.clipsearch import group_extremes
 from weightops.quant.gptq import gptq_codes
@@ -240,6 +241,11 @@ def _stack(
     r0 = 0
     for weight in weights:
         source = weight.detach().reshape(-1, *w.shape[1:])
+        if native.ready(source, torch.bfloat16):
+            at = slice(r0, r0 + source.shape[0])
+            native.run("wo_stack_bf16", lo[at].numel(), source, w[at], lo[at], hi[at], group_size)
+            r0 += weight.shape[0]
+            continue
         for block in row_blocks(source):
             at = slice(r0 + block.start, r0 + block.stop)
             w[at].copy_(source[block])
@@ -250,6 +256,16 @@ def _stack(
 
 
 def _quantize(
+    weights: list[torch.Tensor], want_reference: bool, **options: Any
+) -> tuple[Packed, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """`_quantize_on`, with torch's threads set aside for the native kernels where they
+    do the passes over the weights (without a Hessian or importance: weightops.quant.native)."""
+    plain = options.get("hessian") is None and options.get("importance") is None
+    with native.torch_aside() if plain and native.library() else contextlib.nullcontext():
+        return _quantize_on(weights, want_reference, **options)
+
+
+def _quantize_on(
     weights: list[torch.Tensor],
     want_reference: bool,
     *,
@@ -325,9 +341,14 @@ def _quantize(
         torch.mul(codes, s_deq[..., None], out=reference.view(w.shape)).add_(lo_deq[..., None])
         w_sq = torch.linalg.vector_norm(w, dim=(-2, -1), dtype=torch.float64).square_()
     else:
-        codes, sq_err, w_sq = rows.round_codes(w, is4, s_deq, lo_deq, reference)
         seen = w
-    rows.store_codes(parts, codes, is4)
+        packed_now = rows.round_packed(parts, w, is4, s_deq, lo_deq) if reference is None else None
+        if packed_now is not None:
+            codes, (sq_err, w_sq) = None, packed_now
+        else:
+            codes, sq_err, w_sq = rows.round_codes(w, is4, s_deq, lo_deq, reference)
+    if codes is not None:
+        rows.store_codes(parts, codes, is4)
     if outlier is not None:
         rows.store_outliers(parts, outlier, seen, reference)
     if reference is not None:

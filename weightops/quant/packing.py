@@ -20,14 +20,14 @@ import sys
 
 import torch
 
-_LITTLE_ENDIAN = sys.byteorder == "little"
+LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """[rows, n] codes < 2^bits (whole numbers of any dtype) -> int32 [rows, n·bits/32]."""
     rows = codes.shape[0]
     c = codes.to(torch.uint8).reshape(rows, -1).contiguous()
-    if not _LITTLE_ENDIAN:
+    if not LITTLE_ENDIAN:
         return _pack_by_sum(c, bits)
     # A narrowing conversion keeps the low bits, whatever the sign the product wrapped to.
     if bits == 2:

@@ -9,8 +9,9 @@ import math
 
 import torch
 
+from weightops.quant import native
 from weightops.quant.blocks import row_blocks, scratch
-from weightops.quant.packing import pack_bits, pack_codes
+from weightops.quant.packing import LITTLE_ENDIAN, pack_bits, pack_codes
 
 
 def index_dtype(in_features: int) -> torch.dtype:
@@ -107,6 +108,29 @@ def round_codes(
     if ref is not None:
         return codes, None, w_sq
     return codes, err.mul_(s).square_().sum(-1, dtype=torch.float64), w_sq
+
+
+def round_packed(
+    parts: dict[str, torch.Tensor],
+    w: torch.Tensor,
+    is4: torch.Tensor,
+    s: torch.Tensor,
+    lo: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`round_codes` and `store_codes` in one native pass (native.c's wo_round_pack), the
+    codes packed as they are rounded: per row in float64 the squared error and Σw². None
+    where the kernels are not at hand or do not take this group size."""
+    rows, n_groups, group_size = w.shape
+    if not (LITTLE_ENDIAN and group_size in native.PACK_GROUP_SIZES and native.ready(w)):
+        return None
+    k4 = parts["q4"].shape[1] * 8 // group_size
+    err, norm = w.new_empty(2, rows, n_groups).unbind(0)
+    s, lo = s.contiguous(), lo.contiguous()
+    q2, q4 = (parts[f"q{b}"].view(torch.uint8) for b in (2, 4))
+    native.run("wo_round_pack", rows, w, s, lo, is4.contiguous(), q2, q4, err, norm,
+               n_groups, k4, group_size)  # fmt: skip
+    # The error comes in steps of each group's grid, squared: scaled to weights here.
+    return err.mul_(s).mul_(s).sum(-1, dtype=torch.float64), norm.sum(-1, dtype=torch.float64)
 
 
 def store_codes(parts: dict[str, torch.Tensor], codes: torch.Tensor, is4: torch.Tensor) -> None:
