@@ -1,8 +1,8 @@
 /* Fused passes of the mixed 2/4-bit quantizer over a matrix's groups (weightops.quant.native).
 
-Each function reads the groups [g0, g1) of `gs` float32 weights once and leaves per-group
-values; the Python side splits a matrix's groups over threads and solves the per-group
-values with torch.
+Each function reads the groups [g0, g1) (or rows [r0, r1)) of `gs` float32 weights once
+and leaves per-group values; the Python side splits a matrix's groups over threads. The
+group size is a multiple of LANES, at most 1024 (weightops.quant.native.GROUP_SIZES).
 
 Written with the compiler's vector types (GCC and Clang) rather than left to its
 auto-vectoriser: with strict float semantics, which keep each weight's arithmetic that of
@@ -46,13 +46,6 @@ static inline vf round_even(vf x) {
     return (x + magic) - magic;
 }
 
-static inline float round_even1(float x) { return (x + 12582912.0f) - 12582912.0f; }
-
-static inline float clamp1(float x, float lo, float hi) {
-    x = x < lo ? lo : x;
-    return x > hi ? hi : x;
-}
-
 static inline float total(vf acc) {
     float t = 0;
     for (int l = 0; l < LANES; l++) t += acc[l];
@@ -64,8 +57,7 @@ static inline float total(vf acc) {
 static void extremes(const float *x, int64_t gs, float *lo, float *hi) {
     vf a = splat(x[0]), b = a;
     vi nan = {0};
-    int64_t j = 0;
-    for (; j + LANES <= gs; j += LANES) {
+    for (int64_t j = 0; j < gs; j += LANES) {
         vf v = load(x + j);
         a = pick(v < a, v, a);
         b = pick(v > b, v, b);
@@ -78,11 +70,6 @@ static void extremes(const float *x, int64_t gs, float *lo, float *hi) {
         mx = b[l] > mx ? b[l] : mx;
         bad |= nan[l];
     }
-    for (; j < gs; j++) {
-        mn = x[j] < mn ? x[j] : mn;
-        mx = x[j] > mx ? x[j] : mx;
-        bad |= x[j] != x[j];
-    }
     *lo = bad ? NAN : mn;
     *hi = bad ? NAN : mx;
 }
@@ -93,16 +80,11 @@ void wo_stack_bf16(const uint16_t *src, float *dst, float *lo, float *hi, int64_
     for (int64_t g = g0; g < g1; g++) {
         const uint16_t *s = src + g * gs;
         float *d = dst + g * gs;
-        int64_t j = 0;
-        for (; j + LANES <= gs; j += LANES) {
+        for (int64_t j = 0; j < gs; j += LANES) {
             vh half;
             memcpy(&half, s + j, sizeof half);
             vu bits = __builtin_convertvector(half, vu) << 16;
             memcpy(d + j, &bits, sizeof bits);
-        }
-        for (; j < gs; j++) {
-            uint32_t bits = (uint32_t)s[j] << 16;
-            memcpy(d + j, &bits, 4);
         }
         extremes(d, gs, lo + g, hi + g);
     }
@@ -131,8 +113,7 @@ static void search_sums(const float *w, const float *mid, const float *scale, fl
         const float m = mid[g], k = scale[g];
         vf acc = {0};
         memset(hist, 0, 8 * keys * sizeof(float));
-        int64_t j = 0;
-        for (; j + LANES <= gs; j += LANES) {
+        for (int64_t j = 0; j < gs; j += LANES) {
             vf v = (load(x + j) - m) * k + cells;
             vi key = __builtin_convertvector(clamp(v, splat(0), splat(top)), vi);
             acc += v * v;
@@ -144,18 +125,10 @@ static void search_sums(const float *w, const float *mid, const float *scale, fl
                 h[keys] += vs[l];
             }
         }
-        float tail = 0;
-        for (; j < gs; j++) {
-            float v = (x[j] - m) * k + cells;
-            int32_t key = (int32_t)clamp1(v, 0, top);
-            tail += v * v;
-            hist[key] += 1;
-            hist[keys + key] += v;
-        }
         float *out = sums + g * 2 * keys;
         for (int64_t i = 0; i < 2 * keys; i++)
             out[i] = (hist[i] + hist[2 * keys + i]) + (hist[4 * keys + i] + hist[6 * keys + i]);
-        quad[g] = total(acc) + tail;
+        quad[g] = total(acc);
     }
 }
 
@@ -248,22 +221,14 @@ void wo_refine_step(const float *w, float *s, float *lo, const float *c, const f
         const float *x = w + g * gs;
         const float i = 1 / s[g], l = lo[g] * i;
         vf sa = {0}, sb = {0}, sd = {0};
-        int64_t j = 0;
-        for (; j + LANES <= gs; j += LANES) {
+        for (int64_t j = 0; j < gs; j += LANES) {
             vf v = load(x + j);
             vf q = clamp(round_even(v * i - l), zero, vtop);
             sa += q * q;
             sb += q;
             sd += q * v;
         }
-        float ta = 0, tb = 0, td = 0;
-        for (; j < gs; j++) {
-            float q = clamp1(round_even1(x[j] * i - l), 0, top);
-            ta += q * q;
-            tb += q;
-            td += q * x[j];
-        }
-        const float a = total(sa) + ta, b = total(sb) + tb, d = total(sd) + td;
+        const float a = total(sa), b = total(sb), d = total(sd);
         float s_g = s[g], lo_g = lo[g];
         solve_line(a, b, d, c[g], e[g], &s_g, &lo_g);
         s[g] = s_g;
@@ -279,7 +244,7 @@ void wo_refine_step(const float *w, float *s, float *lo, const float *c, const f
    t = (x − lo)/s, top 15 in the groups is4 marks and 3 in the others, packed little end
    first into the row's 2-bit part (q2, (groups − k4)·gs/4 bytes a row) or 4-bit part
    (q4, k4·gs/2 bytes a row) in group order; per group Σ(t − code)² (the error in steps
-   of the grid) and Σx². gs is a multiple of LANES. */
+   of the grid) and Σx². */
 void wo_round_pack(const float *w, const float *s, const float *lo, const uint8_t *is4,
                    uint8_t *q2, uint8_t *q4, float *err, float *norm, int64_t groups,
                    int64_t k4, int64_t gs, int64_t r0, int64_t r1) {

@@ -50,8 +50,9 @@ FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-std=
 MAX_KEYS = 64
 # and this many clip factors (one vector's lanes, native.c's LANES).
 MAX_FACTORS = 8
-# wo_round_pack's group sizes: whole vectors, up to its buffer of codes.
-PACK_GROUP_SIZES = range(8, 1025, 8)
+# The group sizes the kernels take: whole vectors (native.c's LANES), up to the buffer of
+# codes in wo_round_pack.
+GROUP_SIZES = range(8, 1025, 8)
 
 _I64, _F32 = ctypes.c_int64, ctypes.c_float
 _P = ctypes.c_void_p
@@ -134,9 +135,17 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-def ready(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> bool:
-    """Whether the kernels are at hand and take t: contiguous, of `dtype`, on the CPU."""
-    return t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous() and bool(library())
+def ready(groups: torch.Tensor, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the kernels are at hand and take `groups` [..., group size]: contiguous,
+    of `dtype`, on the CPU, groups of a size in GROUP_SIZES."""
+    return (
+        groups.dtype == dtype
+        and groups.device.type == "cpu"
+        and groups.dim() > 0
+        and groups.shape[-1] in GROUP_SIZES
+        and groups.is_contiguous()
+        and library() is not None
+    )
 
 
 @functools.cache

@@ -121,7 +121,7 @@ def round_packed(
     codes packed as they are rounded: per row in float64 the squared error and Σw². None
     where the kernels are not at hand or do not take this group size."""
     rows, n_groups, group_size = w.shape
-    if not (LITTLE_ENDIAN and group_size in native.PACK_GROUP_SIZES and native.ready(w)):
+    if not (LITTLE_ENDIAN and native.ready(w)):
         return None
     k4 = parts["q4"].shape[1] * 8 // group_size
     err, norm = w.new_empty(2, rows, n_groups).unbind(0)
