@@ -87,8 +87,8 @@ def test_clip_search_agrees_with_torch(gs, torch_path):
     ref_err = slow[1][same]
     assert torch.allclose(err[same], ref_err, rtol=1e-3, atol=1e-4 * float(ref_err.max()))
     assert torch.allclose(e, slow[5], atol=1e-6 * gs) and torch.allclose(g2, slow[6], rtol=1e-4)
-    # Every factor fits the constant group without error: the tie goes to the first.
-    assert factor[0, 0] == grids.CLIP2[0] == slow[0][0, 0]
+    # The degenerate groups (no range; two values) choose as torch does.
+    assert factor[0, 0] == slow[0][0, 0] and factor[1, 1] == slow[0][1, 1]
     # The constant group keeps a grid of positive step through its value.
     assert s[0, 0] > 0 and torch.isclose(lo[0, 0], torch.tensor(0.25))
 
