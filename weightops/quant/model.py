@@ -225,8 +225,8 @@ def _quantize_on_ray(
         raise QuantError(
             "--executor ray: Ray is not installed", hint="pip install 'weightops[ray]'"
         ) from None
-    with staged_model(job.ckpt, out, entries, **staging) as (folder, layout):
-        stats.update(quantize_on_ray(job, folder, layout, entries, out, address))
+    with staged_model(job.ckpt, out, entries, **staging) as staged:
+        stats.update(quantize_on_ray(job, staged.path, staged.layout, entries, out, address))
 
 
 def _layer(name: str) -> int:
