@@ -94,42 +94,35 @@ void wo_extremes(const float *w, float *lo, float *hi, int64_t gs, int64_t g0, i
     for (int64_t g = g0; g < g1; g++) extremes(w + g * gs, gs, lo + g, hi + g);
 }
 
-/* The 2-bit clip search's per-key sums (weightops.quant.clipsearch, h absent): with
-   v = (x − mid)·scale + cells and the key ⌊v⌋ clamped to [0, keys − 1], per group and
-   key the count and Σv (sums: [group][2][keys]), and Σv² per group (quad). The keys are
-   taken a vector at a time, then added into four histograms in turn: consecutive weights
-   mostly share a key, and with one histogram each add would wait for the last one's
-   store. keys ≤ 64. */
-static void search_sums(const float *w, const float *mid, const float *scale, float cells,
-                    int64_t keys, float *sums, float *quad, int64_t gs, int64_t g0,
-                    int64_t g1) {
+/* A group's per-key sums for the 2-bit clip search (weightops.quant.clipsearch, h
+   absent): with v = (x − mid)·scale + cells and the key ⌊v⌋ clamped to [0, keys − 1],
+   each key's count and Σv (sums: [2][keys]), and Σv² (returned). The keys are taken a
+   vector at a time, then added into four histograms in turn: consecutive weights mostly
+   share a key, and with one histogram each add would wait for the last one's store.
+   keys ≤ 64. */
+static float search_sums(const float *x, float mid, float scale, float cells, int64_t keys,
+                         float *sums, int64_t gs) {
     const float top = (float)(keys - 1);
     /* Histogram i's counts at [2i·keys, (2i + 1)·keys), its sums of v after them. */
-    float hist[8 * 64];
-    float vs[LANES];
+    float hist[8 * 64], vs[LANES];
     int32_t ks[LANES];
-    for (int64_t g = g0; g < g1; g++) {
-        const float *x = w + g * gs;
-        const float m = mid[g], k = scale[g];
-        vf acc = {0};
-        memset(hist, 0, 8 * keys * sizeof(float));
-        for (int64_t j = 0; j < gs; j += LANES) {
-            vf v = (load(x + j) - m) * k + cells;
-            vi key = __builtin_convertvector(clamp(v, splat(0), splat(top)), vi);
-            acc += v * v;
-            memcpy(vs, &v, sizeof v);
-            memcpy(ks, &key, sizeof key);
-            for (int l = 0; l < LANES; l++) {
-                float *h = hist + 2 * (l & 3) * keys + ks[l];
-                h[0] += 1;
-                h[keys] += vs[l];
-            }
+    vf acc = {0};
+    memset(hist, 0, 8 * keys * sizeof(float));
+    for (int64_t j = 0; j < gs; j += LANES) {
+        vf v = (load(x + j) - mid) * scale + cells;
+        vi key = __builtin_convertvector(clamp(v, splat(0), splat(top)), vi);
+        acc += v * v;
+        memcpy(vs, &v, sizeof v);
+        memcpy(ks, &key, sizeof key);
+        for (int l = 0; l < LANES; l++) {
+            float *h = hist + 2 * (l & 3) * keys + ks[l];
+            h[0] += 1;
+            h[keys] += vs[l];
         }
-        float *out = sums + g * 2 * keys;
-        for (int64_t i = 0; i < 2 * keys; i++)
-            out[i] = (hist[i] + hist[2 * keys + i]) + (hist[4 * keys + i] + hist[6 * keys + i]);
-        quad[g] = total(acc);
     }
+    for (int64_t i = 0; i < 2 * keys; i++)
+        sums[i] = (hist[i] + hist[2 * keys + i]) + (hist[4 * keys + i] + hist[6 * keys + i]);
+    return total(acc);
 }
 
 /* The weighted least-squares line through a group's (code, weight) pairs: clipsearch's
@@ -152,23 +145,24 @@ static inline float dot(const float *x, const float *y, int64_t len) {
 }
 
 /* The whole 2-bit clip search of weightops.quant.clipsearch for h absent, per group:
-   the per-key sums as in search_sums, each factor's error from them (map_err, [K][LANES]:
-   column j factor j's coefficients, n ≤ LANES), the first factor of least error (values
-   equal to 2⁻¹⁸ relative count as ties, as in _first_argmin), and the first least-squares
-   step on its grid from its codes' sums (map_t, [4n + 2][K]: the key map's columns, each
-   as a row). K = 2·keys rounded up to LANES, the rows zero past 2·keys. Per group out:
-   factor, error (need_error, else 0), s, lo, Σ1, Σx and Σx², each an array of groups. */
+   the per-key sums as in search_sums, each factor's error from them (map_err,
+   [2·keys][LANES]: column j factor j's coefficients, n ≤ LANES), the first factor of
+   least error (values equal to 2⁻¹⁸ relative count as ties, as in _first_argmin), and
+   the first least-squares step on its grid from its codes' sums (map_t, [4n + 2][K]: the
+   key map's columns, each as a row, K = 2·keys rounded up to LANES, zero past 2·keys).
+   Per group out: factor, error (need_error, else 0), s, lo, Σ1, Σx and Σx², each an
+   array of groups. */
 void wo_search_2bit(const float *w, const float *lo0, const float *hi0, const float *map_err,
                     const float *map_t, const float *clips, int64_t n, float k, float cells,
                     int64_t keys, int64_t need_error, float *factor, float *err, float *s,
                     float *lo, float *c_out, float *e_out, float *g2_out, int64_t gs,
                     int64_t g0, int64_t g1) {
     const int64_t width = (2 * keys + LANES - 1) / LANES * LANES;
-    float sums[2 * 64] = {0}, quad;
+    float sums[2 * 64] = {0};
     for (int64_t g = g0; g < g1; g++) {
         const float mid = (lo0[g] + hi0[g]) * 0.5f, r = (hi0[g] - lo0[g]) * 0.5f;
         const float scale = r > 0 ? k / r : 0;
-        search_sums(w + g * gs, &mid, &scale, cells, keys, sums, &quad, gs, 0, 1);
+        const float quad = search_sums(w + g * gs, mid, scale, cells, keys, sums, gs);
         vf errs = {0};
         for (int64_t i = 0; i < 2 * keys; i++) errs += sums[i] * load(map_err + i * LANES);
         const float c = dot(sums, map_t + n * width, width);
