@@ -212,3 +212,22 @@ def test_concurrent_first_builds_leave_one_whole_library(monkeypatch, tmp_path):
     lib = ctypes.CDLL(str(paths[0]))
     assert hasattr(lib, "wo_search_2bit")
     assert native._compile(compiler) == paths[0]  # built once, then found
+
+
+@pytest.mark.parametrize(
+    ("options", "aside"),
+    [({}, True), ({"outliers": 2, "k4": 0}, False), ({"importance": torch.ones(1024)}, False)],
+)
+def test_torch_keeps_its_threads_where_the_kernels_leave_the_work_to_it(
+    options, aside, monkeypatch
+):
+    entered = []
+    real = native.torch_aside
+
+    def spy():
+        entered.append(True)
+        return real()
+
+    monkeypatch.setattr(native, "torch_aside", spy)
+    mixed.quantize_together([torch.randn(32, 1024)], **options)
+    assert bool(entered) == aside

@@ -259,8 +259,10 @@ def _quantize(
     weights: list[torch.Tensor], want_reference: bool, **options: Any
 ) -> tuple[Packed, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """`_quantize_on`, with torch's threads set aside for the native kernels where they
-    do the passes over the weights (without a Hessian or importance: weightops.quant.native)."""
-    plain = options.get("hessian") is None and options.get("importance") is None
+    do the passes over the weights: without a Hessian, importance or outliers (each of
+    which weighs the weights, a case the kernels leave to torch; weightops.quant.native)."""
+    plain = all(options.get(key) is None for key in ("hessian", "importance"))
+    plain = plain and not options.get("outliers")
     with native.torch_aside() if plain and native.library() else contextlib.nullcontext():
         return _quantize_on(weights, want_reference, **options)
 

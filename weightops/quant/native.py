@@ -3,8 +3,9 @@ compiler is at hand; the torch code of each pass stays the fallback and the refe
 
 A pass in torch is a few operations per row block, each of which reads and writes the
 whole block (weightops.quant.blocks); in C it is one loop that reads each group once and
-keeps its sums in registers. On SmolLM2-135M at the default setting that takes the
-quantizer's passes from about 1.2 s to about 0.3 s on one core (BENCHMARKS.md).
+keeps its sums in registers. A whole quantization of SmolLM2-135M at the default setting
+takes 0.9 s with them and 1.7 s without at one thread, 0.8 s and 1.3 s at two (fresh
+processes, WEIGHTOPS_NATIVE=0 against the default; docs/quant.md).
 
 The library is compiled on first use with the system's C compiler (`CC`, else `cc`) into
 the user's cache (`$XDG_CACHE_HOME/weightops/native`, else ~/.cache/weightops/native),
@@ -124,7 +125,7 @@ def library() -> ctypes.CDLL | None:
         detail = getattr(e, "stderr", None) or str(e)
         warnings.warn(
             f"weightops: the quantizer's native kernels did not build ({detail.strip()[:300]}); "
-            "quantizing with torch alone, several times slower",
+            "quantizing with torch alone, about twice as slow",
             RuntimeWarning,
             stacklevel=2,
         )
