@@ -184,11 +184,12 @@ def run(name: str, groups: int, *args: torch.Tensor | float | int) -> None:
         raise ValueError(f"{name}: the native kernels take contiguous tensors only")
     ptrs = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
     threads = getattr(_local, "threads", None) or torch.get_num_threads()
+    # Fewer than 256 groups a thread (16 K weights at 64) is less work than handing it over.
     threads = min(threads, max(1, groups // 256))
-    if threads == 1:
-        fn(*ptrs, 0, groups)
-        return
     bounds = [groups * i // threads for i in range(threads + 1)]
-    jobs = [_pool(threads).submit(fn, *ptrs, g0, g1) for g0, g1 in itertools.pairwise(bounds)]
+    ranges = list(itertools.pairwise(bounds))
+    jobs = [_pool(threads).submit(fn, *ptrs, g0, g1) for g0, g1 in ranges[1:]]
+    # The calling thread takes the first range itself.
+    fn(*ptrs, *ranges[0])
     for job in jobs:
         job.result()
