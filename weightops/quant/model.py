@@ -226,6 +226,8 @@ def _quantize_on_ray(
             "--executor ray: Ray is not installed", hint="pip install 'weightops[ray]'"
         ) from None
     with staged_model(job.ckpt, out, entries, **staging) as staged:
+        # The cluster's work is not watched as it goes: a bad side file fails it before.
+        staged.side_files.result()
         stats.update(quantize_on_ray(job, staged.path, staged.layout, entries, out, address))
 
 
