@@ -74,7 +74,11 @@ def run(
 ) -> None:
     """Quantize every linear weight of the decoder blocks to 2-bit groups, the groups
     that gain most from it to 4 bits (the same number in every row), within the
-    average bit budget; embeddings, norms and lm_head stay 16-bit."""
+    average bit budget; embeddings, norms and lm_head stay 16-bit.
+
+    Without --calib or --outliers the passes over the weights run in C, compiled on first use with
+    the system's C compiler (cc, or $CC) into ~/.cache/weightops/native; without one,
+    or with WEIGHTOPS_NATIVE=0, they run in torch, about twice as slow."""
     size = parse_size(shard_size)
     with user_errors():
         from weightops.quant.model import quantize_model
