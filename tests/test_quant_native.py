@@ -231,3 +231,12 @@ def test_torch_keeps_its_threads_where_the_kernels_leave_the_work_to_it(
     monkeypatch.setattr(native, "torch_aside", spy)
     mixed.quantize_together([torch.randn(32, 1024)], **options)
     assert bool(entered) == aside
+
+
+def test_a_damaged_cached_library_is_built_again(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    compiler = [shutil.which("cc") or "gcc"]
+    path = native._compile(compiler)
+    path.write_bytes(b"not a shared library")
+    lib = native._load(compiler)
+    assert hasattr(lib, "wo_round_pack") and path.read_bytes() != b"not a shared library"

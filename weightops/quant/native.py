@@ -109,6 +109,17 @@ def _compile(compiler: list[str]) -> Path:
     return target
 
 
+def _load(compiler: list[str]) -> ctypes.CDLL:
+    """The library, built if needed; a cached file that does not load (damaged after it
+    was written) is built again once."""
+    path = _compile(compiler)
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError:
+        path.unlink(missing_ok=True)
+        return ctypes.CDLL(str(_compile(compiler)))
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None where they cannot be had (no compiler, a failed
@@ -120,7 +131,7 @@ def library() -> ctypes.CDLL | None:
     if not shutil.which(compiler[0]):
         return None
     try:
-        lib = ctypes.CDLL(str(_compile(compiler)))
+        lib = _load(compiler)
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", None) or str(e)
         warnings.warn(
