@@ -116,7 +116,10 @@ def _search_chunk(
     mid, r = (lo0 + hi0) * 0.5, (hi0 - lo0) * 0.5
     n, k, off = _key_layout(clips)
     cells = n - off + 1
-    scale = torch.where(r > 0, k / r, torch.zeros_like(r))
+    # A group without range, or one so narrow (denormal) that k/r overflows, has every
+    # weight at the middle: an infinite scale would make (g − m)·k/r NaN there.
+    scale = k / r
+    scale = torch.where(torch.isfinite(scale), scale, torch.zeros_like(r))
     lead = groups.shape[:-1]
     # Per group and key: Σh and Σh·v', where v' = (g − m)·k/r + cells, and Σh·v'².
     quad = groups.new_empty(lead)

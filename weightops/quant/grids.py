@@ -196,8 +196,15 @@ def choose_grids(
     extremes = extremes or _extremes(fit)
     # NaN and infinities reach the groups' extremes, and from them the least minimum or
     # the largest maximum (amin and amax keep a NaN): two reductions, no pass of its own.
-    if not bool(torch.isfinite(torch.stack([extremes[0].amin(), extremes[1].amax()])).all()):
+    lo, hi = extremes
+    if not bool(torch.isfinite(torch.stack([lo.amin(), hi.amax()])).all()):
         raise ValueError("the weight has NaN or Inf entries")
+    # A group's middle and half-range must be float32 numbers too.
+    if not bool(torch.isfinite(torch.stack([(hi - lo).amax(), (hi + lo).abs().amax()])).all()):
+        raise ValueError(
+            "the weight has values too large to quantize: a group's range passes the "
+            "float32 limit (3.4e38)"
+        )
     is4 = torch.zeros(rows, n_groups, dtype=torch.bool)
     if k4 == n_groups:
         s, lo = _grid(fit, h, 4, clips, extremes)

@@ -324,6 +324,11 @@ def _quantize_on(
         raise QuantError(str(e)) from None
     # Final scales for each group's chosen width, stored two-level, then the codes.
     s_deq, lo_deq = rows.store_grids(parts, is4, s, lo)
+    if not bool(torch.isfinite(parts["super"]).all()):
+        raise QuantError(
+            "the weight has values too large for the packed format: a row's fp16 "
+            "super-scale overflows (|w| above about 1e7)"
+        )
     reference = None
     if want_reference or hessian is not None or outlier is not None:
         reference = torch.empty(out_f, in_f)

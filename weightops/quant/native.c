@@ -12,6 +12,7 @@ the clamps compile to branches that mispredict on real weights. Compiled with
 A group's sums are taken in LANES interleaved partial sums (weight j in lane j mod LANES)
 added up in a fixed order; only that order differs from torch's reductions.
 */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -110,7 +111,9 @@ static float search_sums(const float *x, float mid, float scale, float cells, in
     memset(hist, 0, 8 * keys * sizeof(float));
     for (int64_t j = 0; j < gs; j += LANES) {
         vf v = (load(x + j) - mid) * scale + cells;
-        vi key = __builtin_convertvector(clamp(v, splat(0), splat(top)), vi);
+        /* v ≥ 0 is false for NaN, so even a NaN lands on a key inside the histogram. */
+        vf inside = pick(v >= 0, v, splat(0));
+        vi key = __builtin_convertvector(pick(inside > top, splat(top), inside), vi);
         acc += v * v;
         memcpy(vs, &v, sizeof v);
         memcpy(ks, &key, sizeof key);
@@ -161,7 +164,8 @@ void wo_search_2bit(const float *w, const float *lo0, const float *hi0, const fl
     float sums[2 * 64] = {0};
     for (int64_t g = g0; g < g1; g++) {
         const float mid = (lo0[g] + hi0[g]) * 0.5f, r = (hi0[g] - lo0[g]) * 0.5f;
-        const float scale = r > 0 ? k / r : 0;
+        /* No range, or a denormal one that overflows k/r: every weight at the middle. */
+        const float ratio = k / r, scale = ratio <= FLT_MAX ? ratio : 0;
         const float quad = search_sums(w + g * gs, mid, scale, cells, keys, sums, gs);
         vf errs = {0};
         for (int64_t i = 0; i < 2 * keys; i++) errs += sums[i] * load(map_err + i * LANES);
