@@ -13,6 +13,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from weightops.quant import clipsearch, grids, mixed, native, rows
 
@@ -268,3 +270,37 @@ def test_values_the_format_cannot_hold_are_refused(path, value, match, torch_pat
     w[1, 0], w[1, 1] = value, -value
     with pytest.raises(mixed.QuantError, match=match):
         mixed.quantize_together([w])
+
+
+# Any float32 (NaN, infinities, denormals, the largest finite values), or a few values
+# repeated, so that groups are constant, two-valued or hold their exact middle.
+_values = st.floats(width=32) | st.sampled_from([0.0, 1e-40, 5e-41, -1e-40, 1.0, -1.0, 0.5])
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    rows_=st.integers(1, 4),
+    groups=st.integers(1, 2),
+    data=st.data(),
+)
+def test_any_float_weight_is_quantized_or_refused_alike_on_both_paths(
+    rows_, groups, data, monkeypatch
+):
+    cols = 64 * groups
+    values = data.draw(st.lists(_values, min_size=rows_ * cols, max_size=rows_ * cols))
+    w = torch.tensor(values, dtype=torch.float32).reshape(rows_, cols)
+    outcome = {}
+    for path in ("native", "torch"):
+        if path == "torch":
+            monkeypatch.setattr(native, "library", lambda: None)
+        try:
+            packed, err = mixed.quantize_together([w])[0]
+        except mixed.QuantError as e:
+            outcome[path] = str(e)
+            continue
+        deq = mixed.dequantize(packed)
+        assert torch.isfinite(deq).all() and err == err  # err is not NaN
+        outcome[path] = "ok"
+    assert outcome["native"] == outcome["torch"]
