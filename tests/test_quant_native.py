@@ -283,14 +283,15 @@ _values = st.floats(width=32) | st.sampled_from([0.0, 1e-40, 5e-41, -1e-40, 1.0,
 @given(
     rows_=st.integers(1, 4),
     groups=st.integers(1, 2),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
     data=st.data(),
 )
 def test_any_float_weight_is_quantized_or_refused_alike_on_both_paths(
-    rows_, groups, data, monkeypatch
+    rows_, groups, dtype, data, monkeypatch
 ):
     cols = 64 * groups
     values = data.draw(st.lists(_values, min_size=rows_ * cols, max_size=rows_ * cols))
-    w = torch.tensor(values, dtype=torch.float32).reshape(rows_, cols)
+    w = torch.tensor(values, dtype=torch.float32).reshape(rows_, cols).to(dtype)
     outcome = {}
     for path in ("native", "torch"):
         if path == "torch":
