@@ -168,15 +168,17 @@ def staged_model(
         "weightops_settings": json.dumps(settings),
     }
     staging = StagingFolder(out, force=force, inputs=[source.path])
-    side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightops-side")
     try:
         staging.create()
         layout = plan_layout(entries, shard_size, metadata, single_file)
         staging.check_space(layout.total_bytes)
         config = {**source.config, **(config_updates or {})}
-        copy = side.submit(_copy_side_files, source, staging.path, config)
-        yield Staged(staging.path, layout, copy)
-        copy.result()
+        # Leaving the block waits for the copy, also on a failure: the folder is never
+        # removed from under it.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="weightops-side") as side:
+            copy = side.submit(_copy_side_files, source, staging.path, config)
+            yield Staged(staging.path, layout, copy)
+            copy.result()
         write_index(
             staging.path, layout, sum(layout.shard_sizes) - sum(8 + len(h) for h in layout.headers)
         )
@@ -195,15 +197,12 @@ def staged_model(
         )
         check_unchanged(source.stamps)
         staging.commit()
-    except BaseException as e:
-        # The copy ends before its folder goes.
-        side.shutdown(wait=True)
+    except OSError as e:
         staging.discard()
-        if isinstance(e, OSError):
-            raise disk_error(out, e) from e
+        raise disk_error(out, e) from e
+    except BaseException:
+        staging.discard()
         raise
-    finally:
-        side.shutdown(wait=True)
 
 
 def _copy_side_files(source: Checkpoint, folder: Path, config: dict[str, Any]) -> None:

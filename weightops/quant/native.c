@@ -34,9 +34,11 @@ static inline vf splat(float x) { return (vf){0} + x; }
 
 static inline vf pick(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
 
-/* clamp(x, lo, hi) as torch computes it for finite x: min(max(x, lo), hi). */
+/* clamp(x, lo, hi) as torch computes it for finite x: min(max(x, lo), hi). A NaN goes
+   to lo (x ≥ lo is false for it), so whatever is indexed or converted by the result
+   stays in range. */
 static inline vf clamp(vf x, vf lo, vf hi) {
-    x = pick(x < lo, lo, x);
+    x = pick(x >= lo, x, lo);
     return pick(x > hi, hi, x);
 }
 
@@ -111,9 +113,7 @@ static float search_sums(const float *x, float mid, float scale, float cells, in
     memset(hist, 0, 8 * keys * sizeof(float));
     for (int64_t j = 0; j < gs; j += LANES) {
         vf v = (load(x + j) - mid) * scale + cells;
-        /* v ≥ 0 is false for NaN, so even a NaN lands on a key inside the histogram. */
-        vf inside = pick(v >= 0, v, splat(0));
-        vi key = __builtin_convertvector(pick(inside > top, splat(top), inside), vi);
+        vi key = __builtin_convertvector(clamp(v, splat(0), splat(top)), vi);
         acc += v * v;
         memcpy(vs, &v, sizeof v);
         memcpy(ks, &key, sizeof key);
